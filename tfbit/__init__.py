@@ -1,0 +1,12 @@
+"""tfbit: BiT (Big Transfer) ResNetV2 models as Keras 3 / TensorFlow, numerically identical to
+Hugging Face transformers' BiT."""
+
+from tfbit.checkpoint import CheckpointError
+from tfbit.config import BitConfig
+from tfbit.layers import DropPath, GroupNormActivation, StemMaxPool, WSConv2D
+from tfbit.models import BitBackbone, BitForImageClassification, BitModel
+
+__version__ = "0.1.0"
+
+__all__ = ["BitConfig", "BitModel", "BitForImageClassification", "BitBackbone", "CheckpointError",
+           "WSConv2D", "GroupNormActivation", "StemMaxPool", "DropPath"]

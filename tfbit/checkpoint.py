@@ -1,0 +1,96 @@
+"""Assign a foreign checkpoint (a flat {key: array} dict) to a tfbit model through a mapping table.
+
+A table is a list of `(source_regex, target_template, transform)`: the regex matches a whole
+source key, its named groups `s` (stage) and `u` (unit) are converted to tfbit's 1-based
+numbering, and the template names the Keras weight (`stage{s}_unit{u}_conv1/kernel`).
+Every key is either used or reported, every model weight is either filled or reported.
+"""
+
+import re
+
+import numpy as np
+
+TRANSFORMS = {
+    None: lambda a: a,
+    "oihw_to_hwio": lambda a: np.transpose(a, (2, 3, 1, 0)),      # torch conv kernel
+    "linear": lambda a: np.transpose(a),                          # torch Linear (out, in)
+    "conv1x1_to_linear": lambda a: a.reshape(a.shape[-2:]),        # (1, 1, in, out) head
+    "oi11_to_linear": lambda a: np.transpose(a.reshape(a.shape[:2])),  # (out, in, 1, 1) head
+}
+
+_LIST_LIMIT = 8
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names every offending key."""
+
+
+def _listing(title, items):
+    items = list(items)
+    shown = "\n".join(f"    {item}" for item in items[:_LIST_LIMIT])
+    more = f"\n    ... and {len(items) - _LIST_LIMIT} more" if len(items) > _LIST_LIMIT else ""
+    return f"  {title} ({len(items)}):\n{shown}{more}"
+
+
+def map_keys(keys, table, index_base=0):
+    """Return ({source_key: (target, transform)}, [unmapped keys])."""
+    compiled = [(re.compile(pattern), template, transform) for pattern, template, transform in table]
+    mapped, unmapped = {}, []
+    for key in keys:
+        for pattern, template, transform in compiled:
+            m = pattern.fullmatch(key)
+            if m:
+                groups = {k: (int(v) + 1 - index_base if k in ("s", "u") else v)
+                          for k, v in m.groupdict().items()}
+                mapped[key] = (template.format(**groups), transform)
+                break
+        else:
+            unmapped.append(key)
+    return mapped, unmapped
+
+
+def assign_checkpoint(model, tensors, table, *, source, index_base=0, unused=lambda target: False):
+    """Copy `tensors` into `model` via `table`; raise CheckpointError listing every problem.
+
+    `unused(target)` says which mapped weights the model legitimately lacks (the classifier
+    of a classification checkpoint loaded into `BitModel`, say); they are skipped.
+    """
+    variables = {v.path: v for v in model.weights}
+    mapped, unexpected = map_keys(tensors, table, index_base)
+    if tensors and not mapped:
+        example = ", ".join(sorted(tensors)[:3])
+        raise CheckpointError(f"{source} is not a BiT checkpoint: none of its {len(tensors)} keys "
+                              f"is a BiT weight (keys look like: {example})")
+    problems, mismatched, bad_values, filled, values = [], [], [], set(), {}
+    for key, (target, transform) in mapped.items():
+        if target not in variables:
+            if not unused(target):
+                unexpected.append(f"{key} (-> {target}, not in this model)")
+            continue
+        array = np.asarray(tensors[key])
+        if not np.issubdtype(array.dtype, np.floating):
+            bad_values.append(f"{key}: dtype {array.dtype}, expected a float type")
+            continue
+        array = TRANSFORMS[transform](array)
+        expected = tuple(variables[target].shape)
+        if array.shape != expected:
+            mismatched.append(f"{key}: shape {tuple(array.shape)} (as {target}), model expects {expected}")
+            continue
+        if not np.all(np.isfinite(array)):
+            bad_values.append(f"{key}: contains NaN or infinite values")
+            continue
+        if target in filled:
+            unexpected.append(f"{key} (-> {target}, already filled by another key)")
+            continue
+        filled.add(target)
+        values[target] = array
+    missing = sorted(set(variables) - filled)
+    for title, items in (("unexpected keys", unexpected), ("missing weights", missing),
+                         ("wrongly shaped keys", mismatched), ("bad values", bad_values)):
+        if items:
+            problems.append(_listing(title, items))
+    if problems:
+        raise CheckpointError(f"{source} does not fit {model.name}:\n" + "\n".join(problems))
+    for target, array in values.items():
+        variables[target].assign(array.astype(variables[target].dtype))
+    return model

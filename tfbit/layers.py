@@ -1,0 +1,185 @@
+"""Keras layers BiT is made of, NHWC, each registered for `.keras` serialization."""
+
+import keras
+from keras import ops
+
+_register = keras.saving.register_keras_serializable(package="tfbit")
+
+
+def conv_padding(global_padding, kernel_size, stride=1, dilation=1):
+    """Padding of a BiT conv as HF computes it: "same", "valid" or a symmetric int.
+
+    HF's dynamic SAME padding (any stride, any input size) puts the odd pixel at the end, which
+    is exactly TF's "SAME"; its default (None) is symmetric, which differs from TF's "SAME" as
+    soon as the stride is 2, so it is applied explicitly.
+    """
+    if global_padding == "VALID":
+        return "valid"
+    if global_padding == "SAME":
+        return "same"
+    pad = ((stride - 1) + dilation * (kernel_size - 1)) // 2
+    if stride == 1 and 2 * pad == dilation * (kernel_size - 1):
+        return "same"
+    return pad
+
+
+@_register
+class WSConv2D(keras.layers.Conv2D):
+    """Conv2D with weight standardization (per output filter, biased variance), no bias.
+
+    `padding` may be "same", "valid" or an int of symmetric zero padding. The standardization
+    is always computed in float32 from the stored kernel, so a mixed-precision policy cannot
+    underflow the tiny eps. `standardize=False` is the inference form whose kernel already holds
+    standardized weights (see `tfbit.fold_weight_standardization`).
+    """
+
+    def __init__(self, filters, kernel_size, strides=1, padding="valid", dilation_rate=1,
+                 eps=1e-8, standardize=True, **kwargs):
+        kwargs.pop("use_bias", None)
+        self.explicit_padding = padding if isinstance(padding, int) else 0
+        super().__init__(filters, kernel_size, strides=strides, dilation_rate=dilation_rate,
+                         padding="valid" if isinstance(padding, int) else padding, use_bias=False,
+                         **kwargs)
+        self.eps = eps
+        self.standardize = standardize
+
+    def standardized_kernel(self):
+        kernel = ops.cast(self.kernel, "float32")
+        mean, var = ops.moments(kernel, axes=(0, 1, 2), keepdims=True)
+        return (kernel - mean) * ops.rsqrt(var + self.eps)
+
+    def call(self, inputs):
+        if self.explicit_padding:
+            p = self.explicit_padding
+            inputs = ops.pad(inputs, ((0, 0), (p, p), (p, p), (0, 0)))
+        kernel = self.standardized_kernel() if self.standardize else self.kernel
+        return self.convolution_op(inputs, ops.cast(kernel, self.compute_dtype))
+
+    def compute_output_shape(self, input_shape):
+        p = 2 * self.explicit_padding
+        n, h, w, c = input_shape
+        return super().compute_output_shape(
+            (n, None if h is None else h + p, None if w is None else w + p, c))
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("use_bias", None)
+        config.update(padding=self.explicit_padding or self.padding, eps=self.eps,
+                      standardize=self.standardize)
+        return config
+
+
+@_register
+class GroupNormActivation(keras.layers.Layer):
+    """GroupNorm (biased variance, eps inside the rsqrt) followed by an optional activation.
+
+    Statistics are taken in float32 on a grouped view of the input; normalization is then
+    folded into one per-channel scale and offset, so the large tensor is read once for the
+    statistics and once for a single multiply-add (+ activation).
+    """
+
+    def __init__(self, groups=32, epsilon=1e-5, activation="relu", **kwargs):
+        super().__init__(**kwargs)
+        self.groups = groups
+        self.epsilon = epsilon
+        self.activation = keras.activations.get(activation)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None or channels % self.groups:
+            raise ValueError(f"{self.name}: {channels} channels cannot be split into {self.groups} groups")
+        self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
+
+    def call(self, inputs):
+        shape = ops.shape(inputs)
+        channels = self.gamma.shape[0]
+        grouped = ops.reshape(ops.cast(inputs, "float32"),
+                              (shape[0], -1, self.groups, channels // self.groups))
+        mean, var = ops.moments(grouped, axes=(1, 3), keepdims=True)  # (N, 1, G, 1)
+        gamma = ops.reshape(ops.cast(self.gamma, "float32"), (1, 1, self.groups, -1))
+        scale = gamma * ops.rsqrt(var + self.epsilon)
+        offset = ops.reshape(ops.cast(self.beta, "float32"), (1, 1, self.groups, -1)) - mean * scale
+        scale = ops.cast(ops.reshape(scale, (-1, 1, 1, channels)), self.compute_dtype)
+        offset = ops.cast(ops.reshape(offset, (-1, 1, 1, channels)), self.compute_dtype)
+        return self.activation(inputs * scale + offset)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(groups=self.groups, epsilon=self.epsilon,
+                      activation=keras.activations.serialize(self.activation))
+        return config
+
+
+@_register
+class StemMaxPool(keras.layers.Layer):
+    """3x3/2 max-pool of the BiT stem.
+
+    With `dynamic_padding` the input is zero-padded TF-SAME style before a VALID pool, as HF
+    does: zero (not -inf) padding matters when the stem output can be negative (the
+    preactivation stem has no ReLU before the pool).
+    """
+
+    def __init__(self, dynamic_padding=False, pool_size=3, strides=2, **kwargs):
+        super().__init__(**kwargs)
+        self.dynamic_padding = dynamic_padding
+        self.pool_size = pool_size
+        self.strides = strides
+
+    def _same_pad(self, size):
+        k, s = self.pool_size, self.strides
+        total = ops.maximum((-(-size // s) - 1) * s + k - size, 0)
+        return total // 2, total - total // 2
+
+    def call(self, inputs):
+        if self.dynamic_padding:
+            shape = ops.shape(inputs)
+            inputs = ops.pad(inputs, ((0, 0), self._same_pad(shape[1]), self._same_pad(shape[2]), (0, 0)))
+        return ops.max_pool(inputs, self.pool_size, self.strides, padding="valid")
+
+    def compute_output_shape(self, input_shape):
+        def out(size):
+            if size is None:
+                return None
+            if self.dynamic_padding:
+                return -(-size // self.strides)
+            return (size - self.pool_size) // self.strides + 1
+        n, h, w, c = input_shape
+        return (n, out(h), out(w), c)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(dynamic_padding=self.dynamic_padding, pool_size=self.pool_size,
+                      strides=self.strides)
+        return config
+
+
+@_register
+class DropPath(keras.layers.Layer):
+    """Stochastic depth: drops the whole residual branch per example, only in training."""
+
+    def __init__(self, rate=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = rate
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=None):
+        if not training or self.rate == 0.0:
+            return inputs
+        keep = 1.0 - self.rate
+        shape = (ops.shape(inputs)[0], 1, 1, 1)
+        mask = ops.floor(keep + keras.random.uniform(shape, seed=self.seed_generator, dtype=inputs.dtype))
+        return inputs / keep * mask
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(rate=self.rate, seed=self.seed)
+        return config

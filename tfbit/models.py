@@ -1,0 +1,170 @@
+"""BiT as functional Keras models: `BitModel`, `BitForImageClassification`, `BitBackbone`.
+
+The graph is built from the config by `bit_features`; the three classes only choose outputs,
+like KerasHub backbones. Layer names (`stem_conv`, `stage2_unit1_conv2`, `norm`, ...) are the
+weight names of `.keras` files and SavedModels and the targets of the checkpoint mappings.
+"""
+
+import keras
+
+from tfbit.config import BitConfig
+from tfbit.layers import DropPath, GroupNormActivation, StemMaxPool, WSConv2D, conv_padding
+
+WS_EPS = 1e-8  # HF passes 1e-8 at every call site
+
+
+def _conv(config, filters, kernel_size, name, stride=1, dilation=1):
+    return WSConv2D(filters, kernel_size, strides=stride, dilation_rate=dilation, eps=WS_EPS,
+                    padding=conv_padding(config.global_padding, kernel_size, stride, dilation),
+                    name=name)
+
+
+def _norm(config, name, activation=True):
+    return GroupNormActivation(config.num_groups, 1e-5,
+                               config.hidden_act if activation else None, name=name)
+
+
+def _stem(config, x):
+    x = _conv(config, config.embedding_size, 7, "stem_conv", stride=2)(x)
+    if config.global_padding != "SAME":
+        x = keras.layers.ZeroPadding2D(1, name="stem_pad")(x)
+    if config.layer_type == "bottleneck":
+        x = _norm(config, "stem_norm")(x)
+    return StemMaxPool(config.embedding_dynamic_padding, name="stem_pool")(x)
+
+
+def _preactivation_unit(config, x, name, out_channels, mid_channels, stride, first, drop_rate):
+    """Pre-activation bottleneck (BiT): GN+act before each conv; the projection sees the
+    pre-activated input. HF does not dilate this unit's 3x3 conv, so neither do we."""
+    preact = _norm(config, f"{name}_norm1")(x)
+    shortcut = _conv(config, out_channels, 1, f"{name}_downsample_conv", stride)(preact) if first else x
+    h = _conv(config, mid_channels, 1, f"{name}_conv1")(preact)
+    h = _conv(config, mid_channels, 3, f"{name}_conv2", stride)(_norm(config, f"{name}_norm2")(h))
+    h = _conv(config, out_channels, 1, f"{name}_conv3")(_norm(config, f"{name}_norm3")(h))
+    if drop_rate:
+        h = DropPath(drop_rate, name=f"{name}_drop_path")(h)
+    return keras.layers.Add(name=f"{name}_add")([h, shortcut])
+
+
+def _bottleneck_unit(config, x, name, out_channels, mid_channels, stride, first, drop_rate,
+                     dilation):
+    """Non-pre-activation bottleneck (the hybrid-ViT variant): GN after each conv, act after add."""
+    shortcut = x
+    if first:
+        shortcut = _conv(config, out_channels, 1, f"{name}_downsample_conv", stride)(x)
+        shortcut = _norm(config, f"{name}_downsample_norm", activation=False)(shortcut)
+    h = _norm(config, f"{name}_norm1")(_conv(config, mid_channels, 1, f"{name}_conv1")(x))
+    h = _conv(config, mid_channels, 3, f"{name}_conv2", stride, dilation)(h)
+    h = _norm(config, f"{name}_norm2")(h)
+    h = _norm(config, f"{name}_norm3", activation=False)(_conv(config, out_channels, 1, f"{name}_conv3")(h))
+    if drop_rate:
+        h = DropPath(drop_rate, name=f"{name}_drop_path")(h)
+    h = keras.layers.Add(name=f"{name}_add")([h, shortcut])
+    return keras.layers.Activation(config.hidden_act, name=f"{name}_out")(h)
+
+
+def bit_features(config, pixel_values):
+    """Build the BiT graph on `pixel_values`.
+
+    Returns (hidden_states, last_hidden_state): the stem output and every stage output (HF's
+    `hidden_states`, without the final norm) and the encoder output after the final norm of
+    the pre-activation model.
+    """
+    x = _stem(config, pixel_values)
+    hidden_states = [x]
+    plan = zip(config.stage_channels, config.mid_channels, config.depths, config.stage_plan())
+    for s, (out_ch, mid_ch, depth, (stride, dilation, first_dilation, rates)) in enumerate(plan, 1):
+        for u in range(depth):
+            name = f"stage{s}_unit{u + 1}"
+            unit_stride = stride if u == 0 else 1
+            if config.layer_type == "preactivation":
+                x = _preactivation_unit(config, x, name, out_ch, mid_ch, unit_stride, u == 0, rates[u])
+            else:
+                x = _bottleneck_unit(config, x, name, out_ch, mid_ch, unit_stride, u == 0, rates[u],
+                                     first_dilation if u == 0 else dilation)
+        hidden_states.append(x)
+    if config.layer_type == "preactivation":
+        x = _norm(config, "norm")(x)
+    return hidden_states, x
+
+
+def _pixel_input(config):
+    return keras.Input((None, None, config.num_channels), name="pixel_values")
+
+
+def _as_config(config):
+    return BitConfig.from_dict(config) if isinstance(config, dict) else config
+
+
+class _BitBase(keras.Model):
+    """Shared construction protocol: a functional model built from a `BitConfig`."""
+
+    def __init__(self, inputs, outputs, config, **kwargs):
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self.config = config
+
+    def get_config(self):
+        return {"config": self.config.to_dict(), "name": self.name, "trainable": self.trainable}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, config=None, **kwargs):
+        """Load a Hugging Face BiT checkpoint: a local directory or a hub repo id."""
+        from tfbit.hf_checkpoint import load_pretrained
+        return load_pretrained(cls, path_or_repo_id, config=config, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="tfbit")
+class BitModel(_BitBase):
+    """BiT body: `last_hidden_state` (NHWC), `pooler_output` (N, C) and, when
+    `output_hidden_states=True`, `hidden_states` (stem + every stage, as HF)."""
+
+    def __init__(self, config=None, output_hidden_states=False, name="bit_model", **kwargs):
+        config = _as_config(config or BitConfig())
+        pixel_values = _pixel_input(config)
+        hidden_states, last = bit_features(config, pixel_values)
+        outputs = {"last_hidden_state": last,
+                   "pooler_output": keras.layers.GlobalAveragePooling2D(name="pooler")(last)}
+        if output_hidden_states:
+            outputs["hidden_states"] = tuple(hidden_states)
+        super().__init__(pixel_values, outputs, config, name=name, **kwargs)
+        self.output_hidden_states = output_hidden_states
+
+    def get_config(self):
+        return {**super().get_config(), "output_hidden_states": self.output_hidden_states}
+
+
+@keras.saving.register_keras_serializable(package="tfbit")
+class BitForImageClassification(_BitBase):
+    """BiT with its linear head: logits (N, num_labels), float32 under any precision policy."""
+
+    def __init__(self, config=None, name="bit_for_image_classification", **kwargs):
+        config = _as_config(config or BitConfig())
+        pixel_values = _pixel_input(config)
+        _, last = bit_features(config, pixel_values)
+        pooled = keras.layers.GlobalAveragePooling2D(name="pooler")(last)
+        if config.num_labels:
+            logits = keras.layers.Dense(config.num_labels, dtype="float32", name="classifier")(pooled)
+        else:
+            logits = keras.layers.Activation("linear", dtype="float32", name="classifier")(pooled)
+        super().__init__(pixel_values, logits, config, name=name, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="tfbit")
+class BitBackbone(_BitBase):
+    """Feature maps `{stage_name: NHWC tensor}` of `config.out_features`, as HF's BitBackbone
+    (the last stage is taken before the final norm, as HF does)."""
+
+    def __init__(self, config=None, name="bit_backbone", **kwargs):
+        config = _as_config(config or BitConfig())
+        pixel_values = _pixel_input(config)
+        hidden_states, _ = bit_features(config, pixel_values)
+        outputs = {config.stage_names[i]: hidden_states[i] for i in config.out_indices}
+        super().__init__(pixel_values, outputs, config, name=name, **kwargs)
+        all_channels = [config.embedding_size] + config.stage_channels
+        self.stage_names = list(config.stage_names)
+        self.out_features = list(config.out_features)
+        self.channels = [all_channels[i] for i in config.out_indices]
