@@ -70,6 +70,12 @@ def bit_features(config, pixel_values):
     `hidden_states`, without the final norm) and the encoder output after the final norm of
     the pre-activation model.
     """
+    if config.global_padding == "VALID":
+        # HF accepts the value but no BiT runs with it: the padded-free 3x3 conv shrinks the
+        # residual branch while the shortcut keeps its size, so every residual add fails.
+        raise ValueError("BitConfig.global_padding='VALID' cannot build a BiT model: unpadded 3x3 "
+                         "convolutions shrink the residual branch but not the shortcut (transformers' "
+                         "BitModel fails the same way at its first residual add); use None or 'SAME'")
     x = _stem(config, pixel_values)
     hidden_states = [x]
     plan = zip(config.stage_channels, config.mid_channels, config.depths, config.stage_plan())
