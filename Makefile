@@ -1,0 +1,39 @@
+# Two entry points: `make demo` (the main job on the embedded checkpoint) and `make test`.
+# Both create .venv and install what they need, so they work on a machine with only Python 3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python setup.cfg setup.py
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# torch's x86_64 wheel pulls in triton, which segfaults when imported into a process that has
+# already loaded TensorFlow (transformers imports it lazily); PyTorch on CPU does not need it.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip uninstall --quiet --yes triton || true
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m conversion.convert
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/bench_inference.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
