@@ -176,3 +176,18 @@ def test_hub_repo_id_without_network_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="google/bit-50 is neither a local directory nor a reachable"):
         tfbit.BitModel.from_pretrained("google/bit-50")
+
+
+@pytest.mark.parametrize("cls", [tfbit.BitModel, tfbit.BitForImageClassification, tfbit.BitBackbone])
+def test_folded_inference_model_computes_the_same(cls, tiny, tmp_path):
+    model = cls(tiny)
+    for w in model.weights:
+        w.assign(np.random.RandomState(len(w.path)).normal(1, 1, size=w.shape).astype("float32"))
+    folded = tfbit.fold_weight_standardization(model)
+    assert not folded.standardize_weights and not folded.get_layer("stem_conv").standardize
+    x = random_images(2, 45, 39)
+    for a, b in zip(keras.tree.flatten(model(x)), keras.tree.flatten(folded(x))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-4 * max(1, np.abs(a).max()))
+    folded.save(tmp_path / "folded.keras")
+    assert not keras.saving.load_model(tmp_path / "folded.keras").standardize_weights
+    assert tfbit.fold_weight_standardization(folded) is folded

@@ -5,6 +5,8 @@ like KerasHub backbones. Layer names (`stem_conv`, `stage2_unit1_conv2`, `norm`,
 weight names of `.keras` files and SavedModels and the targets of the checkpoint mappings.
 """
 
+import copy
+
 import keras
 
 from tfbit.config import BitConfig
@@ -16,7 +18,7 @@ WS_EPS = 1e-8  # HF passes 1e-8 at every call site
 def _conv(config, filters, kernel_size, name, stride=1, dilation=1):
     return WSConv2D(filters, kernel_size, strides=stride, dilation_rate=dilation, eps=WS_EPS,
                     padding=conv_padding(config.global_padding, kernel_size, stride, dilation),
-                    name=name)
+                    standardize=config.standardize_weights, name=name)
 
 
 def _norm(config, name, activation=True):
@@ -98,19 +100,28 @@ def _pixel_input(config):
     return keras.Input((None, None, config.num_channels), name="pixel_values")
 
 
-def _as_config(config):
-    return BitConfig.from_dict(config) if isinstance(config, dict) else config
+def _as_config(config, standardize_weights=True):
+    config = BitConfig.from_dict(config) if isinstance(config, dict) else copy.copy(config)
+    # Carried on the (copied) config so every unit builder sees it; never written to config.json.
+    config.standardize_weights = standardize_weights
+    return config
 
 
 class _BitBase(keras.Model):
-    """Shared construction protocol: a functional model built from a `BitConfig`."""
+    """Shared construction protocol: a functional model built from a `BitConfig`.
+
+    `standardize_weights=False` builds the inference form: its conv kernels hold already
+    standardized weights (see `fold_weight_standardization`), so no call recomputes them.
+    """
 
     def __init__(self, inputs, outputs, config, **kwargs):
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         self.config = config
+        self.standardize_weights = config.standardize_weights
 
     def get_config(self):
-        return {"config": self.config.to_dict(), "name": self.name, "trainable": self.trainable}
+        return {"config": self.config.to_dict(), "standardize_weights": self.standardize_weights,
+                "name": self.name, "trainable": self.trainable}
 
     @classmethod
     def from_config(cls, config):
@@ -128,8 +139,9 @@ class BitModel(_BitBase):
     """BiT body: `last_hidden_state` (NHWC), `pooler_output` (N, C) and, when
     `output_hidden_states=True`, `hidden_states` (stem + every stage, as HF)."""
 
-    def __init__(self, config=None, output_hidden_states=False, name="bit_model", **kwargs):
-        config = _as_config(config or BitConfig())
+    def __init__(self, config=None, output_hidden_states=False, standardize_weights=True,
+                 name="bit_model", **kwargs):
+        config = _as_config(config or BitConfig(), standardize_weights)
         pixel_values = _pixel_input(config)
         hidden_states, last = bit_features(config, pixel_values)
         outputs = {"last_hidden_state": last,
@@ -147,8 +159,9 @@ class BitModel(_BitBase):
 class BitForImageClassification(_BitBase):
     """BiT with its linear head: logits (N, num_labels), float32 under any precision policy."""
 
-    def __init__(self, config=None, name="bit_for_image_classification", **kwargs):
-        config = _as_config(config or BitConfig())
+    def __init__(self, config=None, standardize_weights=True, name="bit_for_image_classification",
+                 **kwargs):
+        config = _as_config(config or BitConfig(), standardize_weights)
         pixel_values = _pixel_input(config)
         _, last = bit_features(config, pixel_values)
         pooled = keras.layers.GlobalAveragePooling2D(name="pooler")(last)
@@ -164,8 +177,8 @@ class BitBackbone(_BitBase):
     """Feature maps `{stage_name: NHWC tensor}` of `config.out_features`, as HF's BitBackbone
     (the last stage is taken before the final norm, as HF does)."""
 
-    def __init__(self, config=None, name="bit_backbone", **kwargs):
-        config = _as_config(config or BitConfig())
+    def __init__(self, config=None, standardize_weights=True, name="bit_backbone", **kwargs):
+        config = _as_config(config or BitConfig(), standardize_weights)
         pixel_values = _pixel_input(config)
         hidden_states, _ = bit_features(config, pixel_values)
         outputs = {config.stage_names[i]: hidden_states[i] for i in config.out_indices}
@@ -174,3 +187,21 @@ class BitBackbone(_BitBase):
         self.stage_names = list(config.stage_names)
         self.out_features = list(config.out_features)
         self.channels = [all_channels[i] for i in config.out_indices]
+
+
+def fold_weight_standardization(model):
+    """The same model in inference form: kernels standardized once, plain convs at run time.
+
+    The result computes the same function as `model` (to float32 rounding) without the per-call
+    standardization; it is what exports and fast inference use. Training it would train the
+    standardized kernels directly, so fine-tune the original model instead.
+    """
+    if not model.standardize_weights:
+        return model
+    folded = type(model).from_config({**model.get_config(), "standardize_weights": False})
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if isinstance(layer, WSConv2D):
+            weights = [keras.ops.convert_to_numpy(layer.standardized_kernel())]
+        folded.get_layer(layer.name).set_weights(weights)
+    return folded
