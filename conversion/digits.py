@@ -81,9 +81,9 @@ def load_digits_split(
 
 
 def write_heldout_pngs(
-    folder: str | os.PathLike, per_class: int = 1, image_size: int = IMAGE_SIZE
+    folder: str | os.PathLike, per_class: int | None = 1, image_size: int = IMAGE_SIZE
 ) -> list[tuple[str, int]]:
-    """Write the first ``per_class`` held-out images of every digit as PNGs.
+    """Write the first ``per_class`` held-out images of every digit (all if None) as PNGs.
 
     Files are named ``digit{label}_{k}.png``; returns ``[(path, label), ...]``
     ordered by label then k. PNG is lossless, so reading a file back gives
