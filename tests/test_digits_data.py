@@ -2,18 +2,13 @@
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # `conversion` is a plain folder, not an installed package
-
-from conversion import digits  # noqa: E402
-
-CHECKPOINT = os.path.join(ROOT, "conversion", "default_checkpoint")
+from conversion import digits
+from conversion.convert import DEFAULT_CHECKPOINT as CHECKPOINT
 
 
 @pytest.fixture(scope="module")
