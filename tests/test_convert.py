@@ -1,0 +1,198 @@
+"""The converter end to end: exports, verification, TF Serving signatures, TFLite, CLIs, safety."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from conftest import SMALL
+from conversion import convert, export, predict, verify
+from conversion.digits import load_digits_split
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The README's main job: the embedded checkpoint to every format, verified."""
+    output = tmp_path_factory.mktemp("exports") / "digits"
+    report = convert.convert(output=str(output), log=lambda m: None)
+    return output, report
+
+
+def _png(array, mode=None):
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_demo_exports_every_format_and_verifies(demo):
+    output, report = demo
+    assert report["passed"] and report["reference"] == "pytorch"
+    names = [a["artifact"] for a in report["artifacts"]]
+    assert names == ["keras", "saved_model[pixel_values]", "saved_model[image_bytes]", "tflite_fp32",
+                     "tflite_fp16", "tflite_dynamic_int8", "tflite_int8"]
+    for name in ["digits.keras", "config.json", "preprocessor_config.json", "report.json",
+                 "serving/1/saved_model.pb", "tflite/digits_fp32.tflite", "tflite/digits_int8.tflite"]:
+        assert (output / name).exists(), name
+    rows = {a["artifact"]: a for a in report["artifacts"]}
+    assert rows["keras"]["max_abs_diff"] <= 1e-4 * max(1, 1) * 20
+    for name in ("keras", "saved_model[pixel_values]", "tflite_fp32"):
+        assert rows[name]["max_abs_diff"] <= rows[name]["tolerance"]
+    # every artifact classifies the held-out digits as well as transformers did (±0.5 points)
+    for row in report["artifacts"]:
+        assert abs(row["accuracy"] - report["transformers_accuracy"]) <= 0.005, row["artifact"]
+        assert row["size_bytes"] > 0 and row["latency_ms"] > 0
+    assert json.loads((output / "report.json").read_text())["passed"]
+    assert not any(p.name.startswith("digits.partial") for p in output.parent.iterdir())
+
+
+def test_exported_config_carries_labels_and_preprocessing(demo):
+    output, _ = demo
+    config = json.loads((output / "config.json").read_text())
+    assert config["id2label"]["7"] == "7" and config["model_type"] == "bit"
+    pre = json.loads((output / "preprocessor_config.json").read_text())
+    assert pre["image_mean"] == [0.5, 0.5, 0.5] and pre["image_std"] == [0.5, 0.5, 0.5]
+
+
+def test_serving_signature_decodes_any_image_mode(demo):
+    output, _ = demo
+    serve = tf.saved_model.load(str(output / "serving/1")).signatures["serving_default"]
+    _, _, x_test, y_test = load_digits_split()
+    gray = x_test[1][..., 0]  # (x_test[0] is one of the few digits the model gets wrong)
+    rgba = np.concatenate([x_test[2], np.full((32, 32, 1), 255, np.uint8)], -1)
+    batch = [_png(x_test[1]), _png(gray, "L"), _png(rgba, "RGBA"),
+             _png(gray.astype(np.uint16) * 257)]
+    out = serve(image_bytes=tf.constant(batch))
+    assert set(out) == {"logits", "probabilities", "classes", "scores", "labels"}
+    assert out["classes"].shape == (4, 5) and out["labels"].dtype == tf.string
+    top = [int(c) for c in out["classes"][:, 0]]
+    assert top[:3] == [y_test[1], y_test[1], y_test[2]]
+    np.testing.assert_allclose(out["probabilities"].numpy().sum(-1), 1, atol=1e-5)
+    assert out["labels"][0, 0].numpy().decode() == str(y_test[1])
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n-truncated"])
+def test_serving_signature_rejects_corrupt_bytes(demo, data):
+    output, _ = demo
+    serve = tf.saved_model.load(str(output / "serving/1")).signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        serve(image_bytes=tf.constant([data]))
+
+
+def test_saved_model_cli_shows_and_runs_the_signatures(demo, tmp_path):
+    output, _ = demo
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    shown = subprocess.run([cli, "show", "--dir", str(output / "serving/1"), "--all"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "signature_def['serving_default']" in shown and "image_bytes" in shown
+    assert "signature_def['pixel_values']" in shown
+    _, _, x_test, y_test = load_digits_split()
+    x = ((x_test[1:3].astype(np.float32) / 255) - 0.5) / 0.5
+    np.save(tmp_path / "x.npy", x)
+    subprocess.run([cli, "run", "--dir", str(output / "serving/1"), "--tag_set", "serve",
+                    "--signature_def", "pixel_values", "--inputs", f"pixel_values={tmp_path / 'x.npy'}",
+                    "--outdir", str(tmp_path / "out")], capture_output=True, text=True, check=True)
+    logits = np.load(tmp_path / "out" / "logits.npy")
+    assert list(logits.argmax(-1)) == list(y_test[1:3])
+
+
+def test_tflite_files_have_documented_signature_and_builtin_ops_only(demo):
+    from ai_edge_litert.interpreter import Interpreter
+    output, _ = demo
+    for q in export.TFLITE_QUANTIZATIONS:
+        interpreter = Interpreter(model_path=str(output / "tflite" / f"digits_{q}.tflite"))
+        assert interpreter.get_signature_list() == {"serving_default": {"inputs": ["pixel_values"],
+                                                                        "outputs": ["logits"]}}
+        runner = interpreter.get_signature_runner("serving_default")
+        assert runner(pixel_values=np.zeros((1, 32, 32, 3), np.float32))["logits"].shape == (1, 10)
+
+
+def test_existing_output_is_refused_then_overwrite_adds_a_serving_version(tmp_path):
+    output = tmp_path / "digits"
+    quiet = dict(num_images=8, log=lambda m: None)
+    assert convert.convert(output=str(output), formats=("saved_model", "keras"), **quiet)["serving_version"] == 1
+    with pytest.raises(convert.ConversionError, match="already exists: pass --overwrite"):
+        convert.convert(output=str(output), formats=("saved_model",), **quiet)
+    assert convert.main(["--output", str(output), "--formats", "keras"]) == 2
+    report = convert.convert(output=str(output), overwrite=True, formats=("saved_model",), **quiet)
+    assert report["passed"] and report["serving_version"] == 2
+    assert (output / "serving/1/saved_model.pb").exists() and (output / "serving/2/saved_model.pb").exists()
+    assert not (output / "digits.keras").exists()  # replaced by this export's artifacts
+
+
+def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(verify.TOLERANCE, "keras", 0.0)
+    monkeypatch.setitem(verify.TOLERANCE, "saved_model", 0.0)
+    output = tmp_path / "digits"
+    code = convert.main(["--output", str(output), "--formats", "keras", "saved_model"])
+    assert code == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_cli_on_every_artifact(demo, tmp_path, capsys):
+    output, _ = demo
+    _, _, x_test, y_test = load_digits_split()
+    image = tmp_path / "digit.png"
+    Image.fromarray(x_test[5]).save(image)
+    for artifact in [output, output / "digits.keras", output / "serving/1", output / "tflite/digits_fp32.tflite",
+                     output / "tflite/digits_int8.tflite"]:
+        (path, top), = predict.predict(str(artifact), [str(image)])
+        assert top[0][0] == str(y_test[5]) and len(top) == 5, artifact
+    assert predict.main([str(output), str(image), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["top"][0]["label"] == str(y_test[5])
+
+
+def test_predict_reports_bad_images_and_artifacts(demo, tmp_path, capsys):
+    output, _ = demo
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"garbage")
+    assert predict.main([str(output), str(bad)]) == 2
+    assert "bad.png" in capsys.readouterr().err
+    assert predict.main([str(output / "digits.keras"), str(bad)]) == 2
+    assert f"cannot read {bad} as an image" in capsys.readouterr().err
+    assert predict.main([str(tmp_path / "nothing"), str(bad)]) == 2
+    assert "no artifact at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task, outputs", [("features", {"features"}),
+                                           ("backbone", {"stage1", "stage2", "stage3", "stage4"})])
+def test_feature_and_backbone_exports(task, outputs, hf_checkpoint, tmp_path):
+    path, _ = hf_checkpoint(**dict(SMALL))
+    report = convert.convert(str(path), output=str(tmp_path / task), task=task,
+                             formats=("saved_model", "tflite"), quantizations=("fp32",), num_images=4,
+                             log=lambda m: None)
+    assert report["passed"] and report["reference"] == "keras"
+    serve = tf.saved_model.load(str(tmp_path / task / "serving/1")).signatures["pixel_values"]
+    assert set(serve.structured_outputs) == outputs
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    assert convert.main([str(tmp_path / "missing_dir")]) == 2
+    assert "missing_dir" in capsys.readouterr().err
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 truncated")
+    assert convert.main([str(tmp_path / "junk.npz"), "--output", str(tmp_path / "o")]) == 2
+    assert "junk.npz" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as info:
+        convert.main(["--help"])
+    assert info.value.code == 0
+
+
+def test_mixed_precision_model_exports_a_float32_graph(hf_checkpoint):
+    import keras
+    import tfbit
+    path, _ = hf_checkpoint(**dict(SMALL))
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = tfbit.BitForImageClassification.from_pretrained(path)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    inference = export.float32_inference_model(model)
+    assert all(w.dtype == "float32" for w in inference.weights)
+    assert inference.get_layer("stem_conv").compute_dtype == "float32"
+    assert export.tflite_bytes(inference, "classification", (32, 32), "fp32")[4:8] == b"TFL3"
