@@ -227,7 +227,7 @@ def main(argv=None):
                "name (timm/resnetv2_50x1_bit.goog_in21k) or state-dict file (.safetensors/.pth/"
                ".bin), or an original BiT .npz file. Omit it for the offline demo.")
     parser.add_argument("source", nargs="?", help="checkpoint to convert (default: embedded digits demo)")
-    parser.add_argument("--source-format", choices=("hf", "timm", "npz"), help="override format detection")
+    parser.add_argument("--source-format", choices=("hf", "timm", "npz", "keras"), help="override format detection")
     parser.add_argument("--output", help="output directory (default: saved_models/<name>)")
     parser.add_argument("--name", help="artifact name (default: from the source)")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)

@@ -36,7 +36,7 @@ from tfbit.hf_checkpoint import (load_pretrained, read_safetensors, read_torch_b
 from tfbit.image_processor import BitImageProcessor
 from tfbit.models import BitBackbone, BitForImageClassification, BitModel
 
-FORMATS = ("hf", "timm", "npz")
+FORMATS = ("hf", "timm", "npz", "keras")
 TASKS = ("classification", "features", "backbone")
 
 _T = "stage{s}_unit{u}_"
@@ -151,8 +151,8 @@ def _directory_format(path):
 
 def _file_format(path):
     suffix = Path(path).suffix.lower()
-    if suffix == ".npz":
-        return "npz", None
+    if suffix in (".npz", ".keras"):
+        return suffix[1:], None
     if suffix not in _WEIGHT_FILES:
         raise ValueError(f"cannot tell the format of {path} from its extension: pass format= "
                          f"(one of {', '.join(FORMATS)})")
@@ -299,7 +299,8 @@ def load_source(source, format=None, task="classification", config=None):
     format, tensors = _detect(source, format)
     if format == "timm":
         return _load_timm(os.fspath(source), task, config, tensors)
-    return (_load_hf if format == "hf" else _load_npz)(os.fspath(source), task, config)
+    loader = {"hf": _load_hf, "npz": _load_npz, "keras": _load_keras}[format]
+    return loader(os.fspath(source), task, config)
 
 
 def _for_task(config, task):
@@ -343,6 +344,31 @@ def _load_hf(source, task, config):
 
     return LoadedSource(model, config, "hf", name, preprocessor, directory,
                         reference if _available("transformers") else None)
+
+
+def _load_keras(source, task, config):
+    """A tfbit `.keras` file (e.g. a fine-tuned model); preprocessing from the JSON beside it."""
+    import keras
+    try:
+        saved = keras.saving.load_model(source)
+    except Exception as e:  # keras raises many types for a zip that is not a model
+        raise ValueError(f"{source} is not a loadable .keras model: {type(e).__name__}: {e}") from None
+    if not hasattr(saved, "config") or not isinstance(saved.config, BitConfig):
+        raise ValueError(f"{source} holds a {type(saved).__name__}, not a tfbit BiT model")
+    config = _for_task(config or saved.config, task)
+    model = _model_class(config, task)(config, standardize_weights=saved.standardize_weights)
+    if type(model) is type(saved) and model.config == saved.config:
+        model = saved
+    else:
+        donor = {layer.name: layer for layer in saved.layers}
+        for layer in model.layers:
+            if layer.weights:
+                if layer.name not in donor:
+                    raise ValueError(f"{source} has no weights for {layer.name} needed by task {task!r}")
+                layer.set_weights(donor[layer.name].get_weights())
+    processor_file = os.path.join(os.path.dirname(os.path.abspath(source)), "preprocessor_config.json")
+    preprocessor = _read_json(processor_file) if os.path.isfile(processor_file) else BitImageProcessor().to_dict()
+    return LoadedSource(model, config, "keras", Path(source).stem, preprocessor, source, None)
 
 
 def _load_weights(tensors, table, index_base, source, task, config, labels):

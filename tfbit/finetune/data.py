@@ -220,7 +220,7 @@ def make_pipeline(image_dataset: ImageDataset, plan_or_sizes, batch_size: int | 
                   mixup_alpha: float | None = None, shuffle_buffer: int | None = None,
                   seed: int | None = None, one_hot: bool = False,
                   preprocess: Callable | None = None, repeat: bool | None = None,
-                  antialias: bool = True) -> tf.data.Dataset:
+                  antialias: bool = True, random_flip: bool = True) -> tf.data.Dataset:
     """Batched, prefetching (pixel_values float32 NHWC, labels) dataset.
 
     plan_or_sizes: a `HyperRulePlan` (also supplies the batch size and, for training, the
@@ -231,6 +231,8 @@ def make_pipeline(image_dataset: ImageDataset, plan_or_sizes, batch_size: int | 
     seed: makes shuffling, crops, flips and MixUp reproducible.
     antialias: resize with an antialiasing filter, like the PIL resize of the PyTorch
         reference; False gives plain bilinear like the upstream TF pipeline.
+    random_flip: BiT's left-right flip; turn it off where mirroring changes the class
+        (digits, text).
     """
     plan = plan_or_sizes if isinstance(plan_or_sizes, HyperRulePlan) else None
     resize, crop = _sizes(plan_or_sizes)
@@ -263,7 +265,8 @@ def make_pipeline(image_dataset: ImageDataset, plan_or_sizes, batch_size: int | 
             image, label = example
             crop_seed, flip_seed = tf.unstack(tf.random.split(aug_seed, 2))
             image = tf.image.stateless_random_crop(resize_to(image, resize), (crop, crop, 3), crop_seed)
-            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+            if random_flip:
+                image = tf.image.stateless_random_flip_left_right(image, flip_seed)
             return preprocess(image), label
 
         # One stateless seed per example keeps augmentation reproducible under parallel map,

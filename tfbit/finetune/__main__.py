@@ -1,0 +1,87 @@
+"""Fine-tune a BiT model with BiT-HyperRule:
+
+    python -m tfbit.finetune SOURCE --data DATA --output DIR [--validation DATA] [--export ...]
+
+SOURCE: anything the converter loads (hub id, checkpoint directory, timm file, .npz) or a
+`.keras` file. DATA: an image folder (root/<class>/*.jpg) or a tensorflow-datasets name
+("name:split", prepared under --data-dir; nothing is downloaded unless --download).
+Rerunning the same command after an interruption resumes from the last backup.
+"""
+
+import argparse
+import os
+import sys
+
+
+def _dataset(spec, data_dir, download):
+    from tfbit.finetune import from_image_folder, from_tfds
+    if os.path.isdir(spec):
+        return from_image_folder(spec)
+    name, _, split = spec.partition(":")
+    return from_tfds(name, split or "train", data_dir=data_dir, download=download)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m tfbit.finetune", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source")
+    parser.add_argument("--data", required=True, help="training data: image folder or tfds name[:split]")
+    parser.add_argument("--validation", help="validation data, same forms as --data")
+    parser.add_argument("--data-dir", help="tensorflow-datasets data_dir")
+    parser.add_argument("--download", action="store_true", help="let tensorflow-datasets download")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
+    parser.add_argument("--epochs", type=int, default=10, help="Keras epochs the HyperRule steps are spread over")
+    parser.add_argument("--steps", type=int, help="override the HyperRule's total steps")
+    parser.add_argument("--base-lr", type=float, help="override the base learning rate (at batch 512)")
+    parser.add_argument("--crop-size", type=int, help="override the training resolution")
+    parser.add_argument("--resize-size", type=int, help="override the resize before the random crop")
+    parser.add_argument("--mixup-alpha", type=float, help="override MixUp's alpha (0 disables)")
+    parser.add_argument("--no-flip", action="store_true",
+                        help="no random left-right flips (for classes that mirroring changes)")
+    parser.add_argument("--freeze-backbone", action="store_true", help="train the new head only")
+    parser.add_argument("--mixed-precision", choices=("mixed_float16", "mixed_bfloat16"))
+    parser.add_argument("--distribute", choices=("none", "mirrored"), default="none",
+                        help="mirrored: tf.distribute.MirroredStrategy over all local devices")
+    parser.add_argument("--export", nargs="*", choices=("keras", "saved_model", "tflite"),
+                        help="also convert the best checkpoint (into OUTPUT/export)")
+    args = parser.parse_args(argv)
+
+    from tfbit.finetune.trainer import NonFiniteLossError, finetune
+    overrides = {k: v for k, v in dict(total_steps=args.steps, base_lr=args.base_lr, crop_size=args.crop_size,
+                                       resize_size=args.resize_size, mixup_alpha=args.mixup_alpha).items()
+                 if v is not None}
+    if args.steps is not None:
+        # a shorter run keeps the schedule's shape: warm-up and decays scale with it
+        overrides.update(warmup_steps=max(1, args.steps // 5),
+                         decay_boundaries=tuple(args.steps * k // 10 for k in (3, 6, 9)))
+    try:
+        train = _dataset(args.data, args.data_dir, args.download)
+        validation = _dataset(args.validation, args.data_dir, args.download) if args.validation else None
+        strategy = None
+        if args.distribute == "mirrored":
+            import tensorflow as tf
+            strategy = tf.distribute.MirroredStrategy()
+        result = finetune(args.source, train, args.output, validation, batch_size=args.batch_size,
+                          epochs=args.epochs, plan_overrides=overrides, freeze_backbone=args.freeze_backbone,
+                          strategy=strategy, mixed_precision=args.mixed_precision,
+                          random_flip=not args.no_flip)
+    except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"best checkpoint: {os.path.join(args.output, 'best.keras')}")
+    if "validation" in result.metrics:
+        print(f"validation accuracy: {result.metrics['validation']['accuracy']:.2%}")
+    if args.export is not None:
+        from conversion.convert import convert
+        report = convert(os.path.join(args.output, "best.keras"), output=os.path.join(args.output, "export"),
+                         formats=tuple(args.export) or ("keras", "saved_model", "tflite"),
+                         images=args.validation if args.validation and os.path.isdir(args.validation) else None,
+                         overwrite=True)
+        return 0 if report["passed"] else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Transfer a pretrained BiT to new labels: new zero-initialized head, optional frozen body, HF loss."""
+
+import keras
+
+from tfbit.config import BitConfig
+from tfbit.models import BitForImageClassification
+
+
+def with_new_head(model, num_labels=None, id2label=None, freeze_backbone=False):
+    """A `BitForImageClassification` with `model`'s body and a fresh head for new labels.
+
+    The head starts at zero, as in the BiT paper (the first steps then only see the body's
+    features, and any number of classes starts from uniform predictions). `model` can be any
+    tfbit model (classifier, BitModel or backbone of the same config). Build it inside a
+    `tf.distribute` strategy scope to train it distributed.
+    """
+    if id2label is None:
+        if num_labels is None:
+            raise ValueError("with_new_head needs num_labels or id2label")
+        id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+    config = BitConfig.from_dict({**model.config.to_dict(), "id2label": dict(id2label), "label2id": None,
+                                  "num_labels": None})
+    if config.num_labels < 1:
+        raise ValueError(f"a classifier needs at least one label, got {config.num_labels}")
+    new = BitForImageClassification(config, standardize_weights=model.standardize_weights)
+    donor = {layer.name: layer for layer in model.layers}
+    for layer in new.layers:
+        if layer.name == "classifier":
+            layer.kernel.assign(keras.ops.zeros_like(layer.kernel))
+            layer.bias.assign(keras.ops.zeros_like(layer.bias))
+        elif layer.weights:
+            if layer.name not in donor:
+                raise ValueError(f"{model.name} has no layer {layer.name!r}: it does not hold the whole "
+                                 "BiT body (a backbone built with fewer out_features?)")
+            layer.set_weights(donor[layer.name].get_weights())
+            layer.trainable = not freeze_backbone
+    return new
+
+
+def classification_loss(labels, logits, num_labels=None, problem_type=None):
+    """The loss transformers' BitForImageClassification computes when given labels.
+
+    problem_type (as in HF configs) defaults like HF: regression for one label, single-label
+    classification for integer labels, multi-label (sigmoid) for float label vectors.
+    """
+    num_labels = num_labels or logits.shape[-1]
+    if problem_type is None:
+        if num_labels == 1:
+            problem_type = "regression"
+        elif "int" in str(keras.ops.dtype(labels)):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    if problem_type == "regression":
+        return keras.ops.mean(keras.ops.square(keras.ops.reshape(logits, (-1,)) -
+                                               keras.ops.cast(keras.ops.reshape(labels, (-1,)), logits.dtype)))
+    if problem_type == "single_label_classification":
+        return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+    if problem_type == "multi_label_classification":
+        return keras.ops.mean(keras.ops.binary_crossentropy(keras.ops.cast(labels, logits.dtype), logits,
+                                                            from_logits=True))
+    raise ValueError(f"unknown problem_type {problem_type!r}: use regression, single_label_classification "
+                     "or multi_label_classification")
