@@ -196,3 +196,28 @@ def test_mixed_precision_model_exports_a_float32_graph(hf_checkpoint):
     assert all(w.dtype == "float32" for w in inference.weights)
     assert inference.get_layer("stem_conv").compute_dtype == "float32"
     assert export.tflite_bytes(inference, "classification", (32, 32), "fp32")[4:8] == b"TFL3"
+
+
+@pytest.mark.parametrize("kind", ["npz", "timm"])
+def test_original_npz_and_timm_sources_convert_and_verify_against_pytorch(kind, tmp_path, torch_module):
+    """Each source format goes through the whole export path, verified against its PyTorch
+    reference (timm's own loader for the original .npz layout)."""
+    from test_timm_parity import SMALL_NPZ, write_original_npz
+    if kind == "npz":
+        source = tmp_path / "BiT-S-R14.npz"
+        write_original_npz(source, **SMALL_NPZ, num_classes=5)
+    else:
+        from safetensors.torch import save_file
+        from timm.models.resnetv2 import ResNetV2
+        from test_timm_parity import BIT_CONV
+        from conftest import perturb_
+        model = perturb_(ResNetV2(layers=[1, 1, 1, 1], channels=(128, 256, 512, 1024), stem_chs=32,
+                                  stem_type="fixed", conv_layer=BIT_CONV, num_classes=5))
+        source = tmp_path / "tiny_bit.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, source)
+    report = convert.convert(str(source), output=str(tmp_path / "out"), formats=("saved_model", "tflite"),
+                             quantizations=("fp32",), num_images=6, log=lambda m: None)
+    assert report["passed"] and report["reference"] == "pytorch" and report["format"] == kind
+    assert max(r["max_abs_diff"] for r in report["artifacts"] if r["tolerance"]) < 1e-3
+    pre = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert pre["image_mean"] == pre["image_std"] == [0.5, 0.5, 0.5]  # BiT's [-1, 1] input range

@@ -128,11 +128,12 @@ def test_non_finite_loss_stops_with_a_clear_message(digits, tmp_path):
                  plan_overrides=_short_plan(20, 1e9), random_flip=False, verbose=0)
 
 
-def test_mixed_bfloat16_trains_without_nans(digits, tmp_path):
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_trains_without_nans(policy, digits, tmp_path):
     train, val, _, _ = digits
     model = tfbit.BitForImageClassification(tfbit.BitConfig(**DIGITS))
     result = finetune(model, train, str(tmp_path), val, batch_size=32, epochs=1,
-                      plan_overrides=_short_plan(10, 0.4), mixed_precision="mixed_bfloat16",
+                      plan_overrides=_short_plan(10, 0.4), mixed_precision=policy,
                       random_flip=False, verbose=0)
     assert keras.config.dtype_policy().name == "float32"  # restored
     assert np.isfinite(result.history["loss"]).all()
@@ -199,6 +200,25 @@ def test_killed_training_resumes_from_its_backup(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["resumed_from_step"] >= 2
     assert not (tmp_path / "backup").exists()  # removed once training completed
+
+
+def test_cli_trains_from_an_image_folder_and_exports(tmp_path, capsys):
+    from PIL import Image
+    from tfbit.finetune.__main__ import main
+    x, y, _, _ = load_digits_split()
+    for i in range(40):
+        folder = tmp_path / "data" / f"digit{y[i] % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i]).save(folder / f"{i}.png")
+    tfbit.BitForImageClassification(tfbit.BitConfig(**TINY)).save(tmp_path / "source.keras")
+    code = main([str(tmp_path / "source.keras"), "--data", str(tmp_path / "data"), "--validation",
+                 str(tmp_path / "data"), "--output", str(tmp_path / "run"), "--steps", "6", "--epochs", "2",
+                 "--batch-size", "8", "--crop-size", "32", "--resize-size", "36", "--no-flip",
+                 "--export", "saved_model"])
+    assert code == 0, capsys.readouterr()
+    assert "validation accuracy" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["id2label"] == {"0": "digit0", "1": "digit1"}
+    assert (tmp_path / "run" / "export" / "serving" / "1" / "saved_model.pb").exists()
 
 
 def test_cli_reports_bad_data_paths(tmp_path, capsys):
