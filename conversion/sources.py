@@ -183,13 +183,7 @@ def _safetensors_keys(path):
 def read_state_dict(path):
     """{key: array} of a .safetensors or PyTorch pickle file (weights_only, no code executed)."""
     path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        return read_safetensors(path)
-    try:
-        return read_torch_bin(path)
-    except AttributeError:  # a nested dict (training checkpoint) has no tensor methods
-        raise ValueError(f"{path} is not a flat state dict of tensors (a training checkpoint "
-                         "with a nested 'state_dict'? save model.state_dict() instead)") from None
+    return read_safetensors(path) if path.endswith(".safetensors") else read_torch_bin(path)
 
 
 def read_npz(path):

@@ -99,6 +99,10 @@ def read_torch_bin(path):
         raise ValueError(f"{path} is not a loadable PyTorch state dict: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"{path} is not a flat state dict: {', '.join(map(str, not_tensors[:5]))} "
+                         "are not tensors (a training checkpoint? save its model state_dict instead)")
     return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
 
 
