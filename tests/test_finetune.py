@@ -110,8 +110,13 @@ def test_digits_fine_tuning_reaches_97_percent_and_tflite_agrees(digits, tmp_pat
         assert (tmp_path / name).exists(), name
     history = json.loads((tmp_path / "metrics.json").read_text())["history"]
     assert history["learning_rate"][0] > history["learning_rate"][-1]
+    from PIL import Image
+    for i, (image, label) in enumerate(zip(x_test, y_test)):  # held-out digits as <label>/<i>.png
+        (tmp_path / "heldout" / NAMES[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "heldout" / NAMES[label] / f"{i}.png")
     report = convert(str(tmp_path / "best.keras"), output=str(tmp_path / "export"), formats=("keras", "tflite"),
-                     quantizations=("fp32", "int8"), num_images=len(y_test), log=lambda m: None)
+                     quantizations=("fp32", "int8"), images=str(tmp_path / "heldout"), num_images=len(y_test),
+                     log=lambda m: None)
     assert report["passed"]
     rows = {r["artifact"]: r["accuracy"] for r in report["artifacts"]}
     print(f"DIGITS export accuracies {rows}")
