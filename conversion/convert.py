@@ -184,10 +184,11 @@ def convert(source=None, output=None, name=None, formats=FORMATS, quantizations=
         if "tflite" in formats:
             os.makedirs(os.path.join(staging, "tflite"))
             calib = processor(calibration.arrays)
-            for q in quantizations:
-                log(f"[4/5] converting to TFLite {q}")
+            log(f"[4/5] converting to TFLite {', '.join(quantizations)}")
+            for q, flatbuffer in export.tflite_models(inference, task, image_size, quantizations, calib):
                 path = os.path.join(staging, "tflite", f"{name}_{q}.tflite")
-                export.write_tflite(inference, task, image_size, q, path, calib)
+                with open(path, "wb") as f:
+                    f.write(flatbuffer)
                 artifacts.append((f"tflite_{q}", path, lambda p: verify.tflite_runner(p), pixel_values,
                                   verify.TOLERANCE.get(f"tflite_{q}"), ""))
 

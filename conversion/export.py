@@ -50,32 +50,49 @@ def task_outputs(model, task, labels, top_k):
     return lambda pixel_values: dict(model(pixel_values, training=False))
 
 
+def _save(model, path, endpoints):
+    """SavedModel of `endpoints` ({name: (fn, input spec)}); the first is `serving_default`'s
+    content when it is named so. Each variable is stored once.
+
+    Not `keras.export.ExportArchive`: it stores every weight twice (keras-team/keras#23553),
+    doubling the artifact and TF Serving's memory. The traced functions capture the raw
+    tf.Variables, so tracking exactly those lets TF deduplicate them.
+    """
+    module = tf.Module()
+    module.weights = [v.value for v in model.weights]
+    signatures = {}
+    for name, (fn, spec) in endpoints.items():
+        function = tf.function(fn, input_signature=[spec])
+        setattr(module, name, function)
+        signatures[name] = function.get_concrete_function()
+    tf.saved_model.save(module, path, signatures=signatures)
+    return path
+
+
 def write_saved_model(model, task, processor, labels, path, top_k=5):
     """SavedModel with `serving_default` (encoded images -> in-graph preprocessing -> outputs)
     and `pixel_values` (already preprocessed NHWC floats -> outputs)."""
     outputs = task_outputs(model, task, labels, top_k)
     channels = model.inputs[0].shape[-1]
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        "serving_default",
-        lambda image_bytes: outputs(image_ops.preprocess_image_bytes(image_bytes, processor)),
-        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    archive.add_endpoint(
-        "pixel_values", outputs,
-        input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name="pixel_values")])
-    archive.write_out(path, verbose=False)
-    return path
+    return _save(model, path, {
+        "serving_default": (lambda image_bytes: outputs(image_ops.preprocess_image_bytes(image_bytes, processor)),
+                            tf.TensorSpec([None], tf.string, name="image_bytes")),
+        "pixel_values": (outputs, tf.TensorSpec([None, None, None, channels], tf.float32, name="pixel_values")),
+    })
 
 
-def tflite_bytes(model, task, image_size, quantization, representative_images=None):
-    """Convert to a builtin-ops-only TFLite flatbuffer with a `serving_default` signature.
+def tflite_models(model, task, image_size, quantizations, representative_images=None):
+    """Yield (quantization, builtin-ops-only TFLite flatbuffer) with a `serving_default` signature.
 
     Input `pixel_values` (dynamic batch, fixed image_size, preprocessed floats); outputs
-    `logits` (classification), `features`, or one tensor per backbone stage.
+    `logits` (classification), `features`, or one tensor per backbone stage. The graph is
+    saved once and converted once per quantization.
     """
-    if quantization not in TFLITE_QUANTIZATIONS:
-        raise ValueError(f"unknown TFLite quantization {quantization!r}; choose from {TFLITE_QUANTIZATIONS}")
+    unknown = [q for q in quantizations if q not in TFLITE_QUANTIZATIONS]
+    if unknown:
+        raise ValueError(f"unknown TFLite quantization {unknown}; choose from {TFLITE_QUANTIZATIONS}")
+    if "int8" in quantizations and (representative_images is None or not len(representative_images)):
+        raise ValueError("full int8 quantization needs representative images")
     channels = model.inputs[0].shape[-1]
     spec = tf.TensorSpec([None, *image_size, channels], tf.float32, name="pixel_values")
     outputs = task_outputs(model, task, {0: ""}, 1)
@@ -86,33 +103,28 @@ def tflite_bytes(model, task, image_size, quantization, representative_images=No
 
     # The converter freezes Keras 3 variables and keeps signatures only on the SavedModel path.
     with tempfile.TemporaryDirectory() as staging:
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        archive.add_endpoint("serving_default", serve, input_signature=[spec])
-        archive.write_out(staging, verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(staging, signature_keys=["serving_default"])
-        # Builtins only: a Flex op would fail on the phone, so it must fail here instead.
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        if quantization != "fp32":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantization == "fp16":
-            converter.target_spec.supported_types = [tf.float16]
-        if quantization == "int8":
-            if representative_images is None or not len(representative_images):
-                raise ValueError("full int8 quantization needs representative images")
-            data = np.asarray(representative_images, np.float32)
-            converter.representative_dataset = lambda: ([x[None]] for x in data)
-            # GroupNorm's statistics have no int8 kernels: those ops stay float (builtin) while
-            # every convolution and elementwise op runs in int8.
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
-                                                   tf.lite.OpsSet.TFLITE_BUILTINS]
-        return converter.convert()
+        _save(model, staging, {"serving_default": (serve, spec)})
+        for quantization in quantizations:
+            converter = tf.lite.TFLiteConverter.from_saved_model(staging, signature_keys=["serving_default"])
+            # Builtins only: a Flex op would fail on the phone, so it must fail here instead.
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+            if quantization != "fp32":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            if quantization == "fp16":
+                converter.target_spec.supported_types = [tf.float16]
+            if quantization == "int8":
+                data = np.asarray(representative_images, np.float32)
+                converter.representative_dataset = lambda: ([x[None]] for x in data)
+                # GroupNorm's statistics have no int8 kernels: those ops stay float (builtin)
+                # while every convolution and elementwise op runs in int8.
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                                                       tf.lite.OpsSet.TFLITE_BUILTINS]
+            yield quantization, converter.convert()
 
 
-def write_tflite(model, task, image_size, quantization, path, representative_images=None):
-    with open(path, "wb") as f:
-        f.write(tflite_bytes(model, task, image_size, quantization, representative_images))
-    return path
+def tflite_bytes(model, task, image_size, quantization, representative_images=None):
+    """One TFLite flatbuffer (see `tflite_models`)."""
+    return next(tflite_models(model, task, image_size, (quantization,), representative_images))[1]
 
 
 def next_serving_version(serving_dir):

@@ -51,6 +51,15 @@ def test_demo_exports_every_format_and_verifies(demo):
     assert not any(p.name.startswith("digits.partial") for p in output.parent.iterdir())
 
 
+def test_saved_model_stores_each_weight_once(demo):
+    """keras' ExportArchive writes every variable twice (keras-team/keras#23553); ours does not."""
+    import keras
+    output, _ = demo
+    params = keras.saving.load_model(output / "digits.keras").count_params()
+    data = sum(f.stat().st_size for f in (output / "serving/1/variables").glob("variables.data-*"))
+    assert params * 4 <= data < params * 4 * 1.1
+
+
 def test_exported_config_carries_labels_and_preprocessing(demo):
     output, _ = demo
     config = json.loads((output / "config.json").read_text())
