@@ -31,7 +31,7 @@ def assert_parity(actual, reference, what=""):
     assert actual.shape == reference.shape, f"{what}: shape {actual.shape} != {reference.shape}"
     delta = float(np.abs(actual - reference).max())
     assert delta <= tolerance(reference), f"{what}: max |delta| {delta:.3g} > {tolerance(reference):.3g}"
-    return delta
+    return delta / max(1.0, float(np.abs(reference).max()))  # in units of the contract's scale
 
 
 def perturb_(module, seed=0):
