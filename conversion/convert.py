@@ -141,6 +141,10 @@ def convert(source=None, output=None, name=None, formats=FORMATS, quantizations=
         loaded = sources.load_source(DEFAULT_CHECKPOINT if demo else source, format=source_format, task=task)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise ConversionError(str(e)) from e
+    import tfbit
+    if task == "classification" and not isinstance(loaded.model, tfbit.BitForImageClassification):
+        raise ConversionError(f"{source} has no classification head: export it with --task features "
+                              "or --task backbone")
     name = name or ("digits" if demo else loaded.name)
     output = os.path.abspath(output or os.path.join(DEFAULT_OUTPUT_ROOT, name))
     config = loaded.config

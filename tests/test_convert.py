@@ -180,6 +180,12 @@ def test_feature_and_backbone_exports(task, outputs, hf_checkpoint, tmp_path):
     assert set(serve.structured_outputs) == outputs
 
 
+def test_headless_checkpoint_needs_a_feature_task(hf_checkpoint, tmp_path, capsys):
+    path, _ = hf_checkpoint(**dict(SMALL, num_labels=0))
+    assert convert.main([str(path), "--output", str(tmp_path / "o")]) == 2
+    assert "has no classification head: export it with --task features" in capsys.readouterr().err
+
+
 def test_cli_errors_exit_2(tmp_path, capsys):
     assert convert.main([str(tmp_path / "missing_dir")]) == 2
     assert "missing_dir" in capsys.readouterr().err
