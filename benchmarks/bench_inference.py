@@ -1,0 +1,709 @@
+"""Inference speed of tfbit R50x1 next to its peers, conversion cost, and GroupNorm variants.
+
+    python benchmarks/bench_inference.py [--quick] [--repeats N] [--parts ...] [--groups ...]
+
+Every system runs in its own subprocess (`--serve NAME`), so imports, environment variables read
+at import time (TF_ENABLE_ONEDNN_OPTS) and peak RSS are per system. The systems of a group and the
+two anchors (HF PyTorch, keras ResNet50V2) stay alive together and are timed in turn, so ratios
+come from samples taken moments apart: the machine is shared, read the ratios more than img/s.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+THREADS = 2
+SIZE = 224
+NUM_CLASSES = 1000
+CALIBRATION_IMAGES = 32  # what `conversion.convert` calibrates int8 on for user images
+
+# Same thread budget for every framework; also set for libraries that read it at import.
+BASE_ENV = {"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
+            "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0", "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": ROOT}
+
+
+# ---- shared helpers (bench_training imports these) ---------------------------------------------
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def images(batch, size=SIZE, seed=0):
+    return np.random.RandomState(seed).uniform(-1, 1, (batch, size, size, 3)).astype("float32")
+
+
+def setup_tf():
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(THREADS)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    return tf
+
+
+def setup_torch():
+    import torch
+    torch.set_num_threads(THREADS)
+    torch.set_num_interop_threads(1)
+    return torch
+
+
+def run_child(args, env=None, timeout=1800):
+    """Run this or another bench script as a subprocess; returns the JSON it prints last."""
+    proc = subprocess.run([sys.executable, *args], env={**os.environ, **BASE_ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        return {"error": f"exit {proc.returncode}: " + "\n".join(proc.stderr.splitlines()[-15:])}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+class Worker:
+    """A subprocess that builds one system, warms it up, then times samples on request.
+
+    Several workers stay alive at once and the parent asks them for samples in turn, so systems
+    are compared on interleaved samples under the same background load; idle workers block on
+    stdin and use no CPU.
+    """
+
+    def __init__(self, script, name, args, env=None):
+        self.name = name
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([sys.executable, script, "--serve", name, *args], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     env={**os.environ, **BASE_ENV, **(env or {})})
+
+    def reply(self):
+        for line in self.proc.stdout:
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+        self.proc.wait()
+        self.log.seek(0)
+        raise RuntimeError(f"{self.name} exited {self.proc.returncode}: " + "\n".join(self.log.read().splitlines()[-10:]))
+
+    def ask(self, request):
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self.reply()
+
+    def close(self):
+        try:
+            return self.ask("quit")
+        finally:
+            self.proc.wait()
+
+
+def serve(handler, ready_info):
+    """Worker side of `Worker`: answer JSON requests with handler(request) until "quit"."""
+    emit({"ready": True, **ready_info})
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request == "quit":
+            return emit({"rss_mb": peak_rss_mb()})
+        emit(handler(request))
+
+
+def interleave(workers, requests, repeats, log=print):
+    """Ask every live worker each request, `repeats` times, rotating the worker order each time.
+    Returns {worker name: {request key: [samples]}}; a failing worker is dropped and reported."""
+    samples = {w.name: {} for w in workers}
+    live = list(workers)
+    for r in range(repeats):
+        shift = r % len(live) if live else 0
+        for w in live[shift:] + live[:shift]:
+            for request in requests:
+                try:
+                    out = w.ask(request)
+                except (RuntimeError, BrokenPipeError) as e:
+                    log(f"  {w.name} FAILED: {e}")
+                    live.remove(w)
+                    break
+                samples[w.name].setdefault(str(request), []).append(out)
+        log(f"  repeat {r + 1}/{repeats} done", flush=True)
+    return samples, live
+
+
+def emit(result):
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def median(values):
+    return float(np.median(values)) if len(values) else float("nan")
+
+
+def table(header, rows):
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+# ---- the previous GroupNorm, kept for before/after comparisons ---------------------------------
+
+def previous_groupnorm_call(self, inputs):
+    """`GroupNormActivation.call` before 2026-11-28: moments of a grouped (N, HW, G, C/G) view over
+    the strided axes (1, 3). Replaced by per-channel moments + law of total variance (layers.py)."""
+    from keras import ops
+    channels = self.gamma.shape[0]
+    grouped = ops.reshape(ops.cast(inputs, "float32"), (ops.shape(inputs)[0], -1, self.groups, channels // self.groups))
+    mean, var = ops.moments(grouped, axes=(1, 3), keepdims=True)  # (N, 1, G, 1)
+    scale = ops.reshape(ops.cast(self.gamma, "float32"), (1, 1, self.groups, -1)) * ops.rsqrt(var + self.epsilon)
+    offset = ops.reshape(ops.cast(self.beta, "float32"), (1, 1, self.groups, -1)) - mean * scale
+    scale = ops.cast(ops.reshape(scale, (-1, 1, 1, channels)), self.compute_dtype)
+    offset = ops.cast(ops.reshape(offset, (-1, 1, 1, channels)), self.compute_dtype)
+    return self.activation(inputs * scale + offset)
+
+
+def use_previous_groupnorm():
+    import tfbit
+    tfbit.GroupNormActivation.call = previous_groupnorm_call
+
+
+# With the cores shared by other jobs, OpenMP's default spinning barriers make torch with 2 threads
+# ~15x slower than with 1 (measured here); passive waiting restores normal speed.
+TORCH_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+# ---- systems ---------------------------------------------------------------------------------
+# name: (label, environment, family). Builders below take the work dir and return
+# make(batch) -> a zero-argument call that runs one batch to completion.
+
+SYSTEMS = {
+    "tfbit_eager": ("tfbit Keras, eager model(x)", {}, "graph"),
+    "tfbit_graph": ("tfbit Keras, tf.function", {}, "graph"),
+    "tfbit_folded_graph": ("tfbit folded, tf.function", {}, "graph"),
+    "tfbit_folded_xla": ("tfbit folded, XLA", {}, "xla"),
+    "tfbit_folded_graph_onednn": ("tfbit folded, tf.function, oneDNN", {"TF_ENABLE_ONEDNN_OPTS": "1"}, "onednn"),
+    "tfbit_folded_graph_prevgn": ("tfbit folded, previous GN, tf.function", {}, "graph"),
+    "tfbit_folded_xla_prevgn": ("tfbit folded, previous GN, XLA", {}, "xla"),
+    "tfbit_saved_model": ("tfbit SavedModel, pixel_values signature", {}, "graph"),
+    "tflite_fp32": ("TFLite fp32 (LiteRT, XNNPACK)", {}, "graph"),
+    "tflite_fp16": ("TFLite fp16 weights", {}, "graph"),
+    "tflite_dynamic_int8": ("TFLite dynamic-range int8", {}, "graph"),
+    "tflite_int8": ("TFLite full int8", {}, "graph"),
+    "hf_torch": ("HF transformers BitForImageClassification (torch)", TORCH_ENV, None),
+    "timm": ("timm resnetv2_50x1_bit (torch)", TORCH_ENV, None),
+    "rn50v2_graph": ("keras ResNet50V2 (BatchNorm), tf.function", {}, "graph"),
+    "rn50v2_xla": ("keras ResNet50V2 (BatchNorm), XLA", {}, "xla"),
+    "rn50v2_graph_onednn": ("keras ResNet50V2, tf.function, oneDNN", {"TF_ENABLE_ONEDNN_OPTS": "1"}, "onednn"),
+}
+RN50V2_OF_FAMILY = {"graph": "rn50v2_graph", "xla": "rn50v2_xla", "onednn": "rn50v2_graph_onednn"}
+
+
+def keras_runner(model, jit_compile=None, eager=False):
+    tf = setup_tf()
+    fn = model if eager else tf.function(lambda x: model(x, training=False), jit_compile=jit_compile)
+
+    def make(batch):
+        x = tf.constant(images(batch))
+        return lambda: np.asarray(fn(x))
+    return make
+
+
+def load_tfbit(workdir, folded):
+    setup_tf()
+    import keras
+    import tfbit  # noqa: F401  registers the layers for load_model
+    return keras.saving.load_model(os.path.join(workdir, "folded.keras" if folded else "model.keras"),
+                                   compile=False)
+
+
+def build(name, workdir):
+    if name.endswith("_prevgn"):
+        use_previous_groupnorm()
+    if name.startswith("tfbit_") and name != "tfbit_saved_model":
+        model = load_tfbit(workdir, folded="folded" in name)
+        return keras_runner(model, jit_compile="xla" in name or None, eager=name == "tfbit_eager")
+    if name.startswith("rn50v2"):
+        setup_tf()
+        import keras
+        return keras_runner(keras.applications.ResNet50V2(weights=None, classes=NUM_CLASSES),
+                            jit_compile="xla" in name or None)
+    if name == "tfbit_saved_model":
+        tf = setup_tf()
+        fn = tf.saved_model.load(os.path.join(workdir, "saved_model")).signatures["pixel_values"]
+
+        def make(batch):
+            x = tf.constant(images(batch))
+            return lambda: fn(pixel_values=x)["logits"].numpy()
+        return make
+    if name.startswith("tflite_"):
+        from ai_edge_litert.interpreter import Interpreter
+        path = os.path.join(workdir, name[len("tflite_"):] + ".tflite")
+
+        def make(batch):
+            # One interpreter per batch size so that both stay allocated while interleaved.
+            interpreter = Interpreter(model_path=path, num_threads=THREADS)
+            index = interpreter.get_input_details()[0]["index"]
+            interpreter.resize_tensor_input(index, (batch, SIZE, SIZE, 3))
+            interpreter.allocate_tensors()
+            interpreter.set_tensor(index, images(batch))
+            out = interpreter.get_output_details()[0]["index"]
+
+            def call():
+                interpreter.invoke()
+                return interpreter.get_tensor(out)
+            return call
+        return make
+    torch = setup_torch()
+    if name == "hf_torch":
+        import transformers
+        model = transformers.BitForImageClassification(transformers.BitConfig(num_labels=NUM_CLASSES))
+        forward = lambda x: model(x).logits
+    else:
+        import timm
+        model = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=NUM_CLASSES)
+        forward = model
+    model.eval()
+
+    def make(batch):
+        x = torch.from_numpy(np.ascontiguousarray(images(batch).transpose(0, 3, 1, 2)))
+
+        def call():
+            with torch.no_grad():
+                return forward(x).numpy()
+        return call
+    return make
+
+
+def sample(call, batch, min_seconds=1.0):
+    """img/s over at least min_seconds of calls (one call at batch 16)."""
+    n, start = 0, time.perf_counter()
+    while n == 0 or time.perf_counter() - start < min_seconds:
+        call()
+        n += 1
+    return n * batch / (time.perf_counter() - start)
+
+
+def serve_system(args):
+    started = time.perf_counter()
+    make = build(args.serve, args.workdir)
+    calls = {b: make(b) for b in args.batches}
+    load = time.perf_counter() - started
+    for call in calls.values():  # tracing, XLA compilation, allocator and XNNPACK warm-up
+        call()
+        call()
+    serve(lambda batch: sample(calls[batch], batch),
+          {"load_s": load, "warmup_s": time.perf_counter() - started - load})
+
+
+# ---- conversion ------------------------------------------------------------------------------
+
+def vm_rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+
+
+def child_conversion(args):
+    """Times every export of a random R50x1 and leaves the artifacts for the system runs."""
+    setup_tf()
+    import keras
+    import tfbit
+    from conversion import export
+    from tfbit.image_processor import BitImageProcessor
+
+    keras.utils.set_random_seed(0)
+    config = tfbit.BitConfig(num_labels=NUM_CLASSES)
+    model = tfbit.BitForImageClassification(config)
+    rss_before = vm_rss_mb()
+    calibration = images(CALIBRATION_IMAGES, seed=1)
+    seconds = {}
+
+    def timed(label, step):
+        start = time.perf_counter()
+        out = step()
+        seconds[label] = time.perf_counter() - start
+        return out
+
+    timed(".keras save", lambda: model.save(os.path.join(args.workdir, "model.keras")))
+    inference = timed("float32_inference_model (fold)", lambda: export.float32_inference_model(model))
+    timed("SavedModel (TF Serving)", lambda: export.write_saved_model(
+        inference, "classification", BitImageProcessor().to_dict(), config.id2label,
+        os.path.join(args.workdir, "saved_model")))
+    start = time.perf_counter()
+    models = export.tflite_models(inference, "classification", (SIZE, SIZE), args.quantizations, calibration)
+    for i, (quantization, flatbuffer) in enumerate(models):
+        seconds[f"TFLite {quantization}" + (" (+ graph save shared by all)" if i == 0 else "")] = time.perf_counter() - start
+        with open(os.path.join(args.workdir, quantization + ".tflite"), "wb") as f:
+            f.write(flatbuffer)
+        start = time.perf_counter()
+    inference.save(os.path.join(args.workdir, "folded.keras"))  # for the system runs, not timed
+    emit({"seconds": seconds, "total_s": sum(seconds.values()), "rss_before_mb": rss_before,
+          "rss_mb": peak_rss_mb()})
+
+
+# ---- GroupNorm variants ----------------------------------------------------------------------
+
+GN_SHAPES = [(1, 56, 56, 256), (16, 56, 56, 256), (16, 56, 56, 64), (16, 7, 7, 2048)]
+GN_GROUPS, EPS = 32, 1e-5
+
+
+def gn_variants(tf, keras, channels):
+    """name -> fn(x) for GroupNorm(32)+ReLU with gamma=1.3, beta=0.1 (any affine will do)."""
+    import tfbit
+    gamma = np.full(channels, 1.3, "float32")
+    beta = np.full(channels, 0.1, "float32")
+
+    def layer(cls, **kw):
+        obj = cls(**kw)
+        obj.build((None, 8, 8, channels))
+        obj.set_weights([gamma, beta])
+        return obj
+
+    current = layer(tfbit.GroupNormActivation, groups=GN_GROUPS, epsilon=EPS)
+    previous = layer(type("Previous", (tfbit.GroupNormActivation,), {"call": previous_groupnorm_call}),
+                     groups=GN_GROUPS, epsilon=EPS)
+    keras_gn = layer(keras.layers.GroupNormalization, groups=GN_GROUPS, epsilon=EPS)
+
+    def grouped_affine(x, mean, var):
+        scale = gamma.reshape(1, 1, GN_GROUPS, -1) * tf.math.rsqrt(var + EPS)
+        offset = beta.reshape(1, 1, GN_GROUPS, -1) - mean * scale
+        n = tf.shape(x)[0]
+        return tf.nn.relu(x * tf.reshape(scale, (n, 1, 1, channels)) + tf.reshape(offset, (n, 1, 1, channels)))
+
+    def one_pass(x):  # E[x^2] - E[x]^2 on the grouped view
+        g = tf.reshape(x, (tf.shape(x)[0], -1, GN_GROUPS, channels // GN_GROUPS))
+        mean = tf.reduce_mean(g, (1, 3), keepdims=True)
+        return grouped_affine(x, mean, tf.reduce_mean(tf.square(g), (1, 3), keepdims=True) - tf.square(mean))
+
+    def shifted(x):  # one pass around a shift (each group's first value), tf.nn.sufficient_statistics
+        g = tf.reshape(x, (tf.shape(x)[0], -1, GN_GROUPS, channels // GN_GROUPS))
+        shift = tf.stop_gradient(g[:, :1, :, :1])
+        count, m_ss, v_ss, _ = tf.nn.sufficient_statistics(g, (1, 3), shift=shift, keepdims=True)
+        mean, var = tf.nn.normalize_moments(count, m_ss, v_ss, shift)
+        return grouped_affine(x, mean, var)
+
+    return {"tfbit layers.py (per-channel moments)": current, "previous tfbit (grouped-view moments)": previous,
+            "keras GroupNormalization+ReLU": lambda x: tf.nn.relu(keras_gn(x)),
+            "one-pass E[x2]-E[x]2, grouped view": one_pass, "shifted one-pass (sufficient_statistics)": shifted}
+
+
+def gn_reference(x):
+    n, h, w, c = x.shape
+    g = x.astype("float64").reshape(n, h * w, GN_GROUPS, c // GN_GROUPS)
+    mean, var = g.mean((1, 3), keepdims=True), g.var((1, 3), keepdims=True)
+    y = ((g - mean) / np.sqrt(var + EPS)).reshape(x.shape) * 1.3 + 0.1
+    return np.maximum(y, 0)
+
+
+def time_call(fn, x, seconds=0.4, repeats=3):
+    fn(x)
+    fn(x)
+    out = []
+    for _ in range(repeats):
+        n, start = 0, time.perf_counter()
+        while n == 0 or time.perf_counter() - start < seconds:
+            np.asarray(fn(x))
+            n += 1
+        out.append((time.perf_counter() - start) / n)
+    return median(out)
+
+
+def activation_ratios(tf, model, x):
+    """max over GroupNorm inputs of |group mean| / group std: how much cancellation a one-pass
+    variance would face on these activations."""
+    import tfbit
+    original, ratios = tfbit.GroupNormActivation.call, []
+
+    def spy(self, inputs):
+        g = np.asarray(inputs, "float64")
+        g = g.reshape(g.shape[0], -1, self.groups, g.shape[-1] // self.groups)
+        ratios.append(float((np.abs(g.mean((1, 3))) / (g.std((1, 3)) + 1e-12)).max()))
+        return original(self, inputs)
+    tfbit.GroupNormActivation.call = spy
+    try:
+        model(tf.constant(x))
+    finally:
+        tfbit.GroupNormActivation.call = original
+    return max(ratios)
+
+
+def child_groupnorm(args):
+    tf = setup_tf()
+    import keras
+    import tfbit
+    from conversion.digits import load_digits_split
+    from tfbit.image_processor import BitImageProcessor
+
+    result = {"speed": [], "numerics": [], "model": {}, "ratios": {}}
+    for shape in GN_SHAPES[:1] if args.quick else GN_SHAPES:
+        x = tf.constant(np.random.RandomState(0).normal(0.5, 1, shape).astype("float32"))
+        for name, fn in gn_variants(tf, keras, shape[-1]).items():
+            for xla in (False, True):
+                compiled = tf.function(fn, jit_compile=xla)
+                result["speed"].append([list(shape), name, xla, time_call(compiled, x) * 1e3])
+    # Numerics vs a float64 reference when every group sits at a large mean (the worst case for
+    # a one-pass variance); the parity contract is 1e-4 * max(1, |ref|).
+    shape = (2, 14, 14, 256)
+    for offset in (0, 10, 100, 1000):
+        x = (offset + np.random.RandomState(1).normal(0, 1, shape)).astype("float32")
+        ref = gn_reference(x)
+        for name, fn in gn_variants(tf, keras, shape[-1]).items():
+            err = float(np.abs(np.asarray(tf.function(fn)(tf.constant(x))) - ref).max() / max(1, np.abs(ref).max()))
+            result["numerics"].append([offset, name, err])
+
+    # Whole-model effect, interleaved in this process: layers.py, the previous version, and no
+    # statistics at all (per-channel affine + ReLU only: GroupNorm's cost over a folded BatchNorm).
+    keras.utils.set_random_seed(0)
+    model = tfbit.fold_weight_standardization(tfbit.BitForImageClassification(tfbit.BitConfig(num_labels=NUM_CLASSES)))
+    original = tfbit.GroupNormActivation.call
+    no_stats = lambda self, x: self.activation(x * self.gamma + self.beta)
+    batches = (1,) if args.quick else (1, 16)
+    inputs = {b: tf.constant(images(b)) for b in batches}
+    fns, outputs = {}, {}
+    for name, call in [("layers.py", original), ("previous", previous_groupnorm_call), ("no statistics", no_stats)]:
+        tfbit.GroupNormActivation.call = call
+        for xla in (False,) if args.quick else (False, True):
+            fn = fns[(name, xla)] = tf.function(model, jit_compile=xla)
+            for b in batches:  # trace now, while this call is installed
+                outputs[(name, xla, b)] = np.asarray(fn(inputs[b]))
+    tfbit.GroupNormActivation.call = original
+    samples = {}
+    for _ in range(1 if args.quick else 3):
+        for (name, xla), fn in fns.items():
+            for b in batches:
+                samples.setdefault(f"{name}|{xla}|{b}", []).append(b / time_call(fn, inputs[b], 1.0, 1))
+    result["model"] = {k: median(v) for k, v in samples.items()}
+    ref = outputs[("previous", False, batches[-1])]
+    result["model_delta"] = float(np.abs(outputs[("layers.py", False, batches[-1])] - ref).max() / max(1, np.abs(ref).max()))
+
+    # Activations that real inputs produce: random-init R50 and the trained digits checkpoint.
+    result["ratios"]["R50x1 random init, random images"] = activation_ratios(tf, model, images(2))
+    digits = tfbit.BitForImageClassification.from_pretrained(os.path.join(ROOT, "conversion", "default_checkpoint"))
+    processor = BitImageProcessor.from_pretrained(os.path.join(ROOT, "conversion", "default_checkpoint"))
+    result["ratios"]["digits checkpoint (trained), 32 test digits"] = activation_ratios(
+        tf, digits, processor(list(load_digits_split()[2][:32])))
+    emit(result)
+
+
+# ---- op-level profile -------------------------------------------------------------------------
+
+PROFILES = {  # target: (what runs, environment)
+    "tfbit_folded_graph b16": ("tfbit_folded_graph", {}),
+    "tfbit_folded_graph_prevgn b16": ("tfbit_folded_graph_prevgn", {}),
+    "rn50v2_graph b16": ("rn50v2_graph", {}),
+    "tfbit_fit 128² step": ("tfbit_fit", {}),
+    "tfbit_fit 128² step, oneDNN": ("tfbit_fit", {"TF_ENABLE_ONEDNN_OPTS": "1"}),
+}
+
+
+def child_profile(args):
+    """Wall time of one call and the TF op types that fill it (TF profiler trace)."""
+    import glob
+    from collections import Counter
+    tf = setup_tf()
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    system, _ = PROFILES[args.profile]
+    if system.startswith("tfbit_fit"):
+        sys.path.insert(0, HERE)
+        from bench_training import tfbit_trainer
+        train = tfbit_trainer(system, 128, 1)
+        step = lambda: train(1)
+    else:
+        step = build(system, args.workdir)(16)
+    step()
+    step()
+    start = time.perf_counter()
+    step()
+    wall = time.perf_counter() - start
+    logdir = tempfile.mkdtemp(prefix="tfbit_profile_")
+    tf.profiler.experimental.start(logdir)
+    step()
+    tf.profiler.experimental.stop()
+    space = xplane_pb2.XSpace()
+    with open(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0], "rb") as f:
+        space.ParseFromString(f.read())
+    ops = Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            for event in line.events:
+                name, _, op = plane.event_metadata[event.metadata_id].name.rpartition(":")
+                op = op.strip()
+                # Only kernels ("node:OpType"): skip the function / executor frames around them.
+                if name and not op.startswith("__") and op not in ("Run", "Process"):
+                    ops[op] += event.duration_ps / 1e9
+    emit({"wall_ms": wall * 1e3, "ops_ms": dict(ops.most_common())})
+
+
+def report_profile(target, out):
+    total = sum(out["ops_ms"].values())
+    top = ", ".join(f"{op} {ms:.0f} ({100 * ms / total:.0f}%)" for op, ms in list(out["ops_ms"].items())[:8])
+    return f"- {target}: {out['wall_ms']:.0f} ms wall, {total:.0f} ms in ops: {top}"
+
+
+# ---- parent ----------------------------------------------------------------------------------
+
+# Each group runs as live workers next to the anchors, so every ratio is taken between samples
+# measured moments apart; a system's RN50V2 counterpart is always in its group.
+ANCHORS = ["hf_torch", "rn50v2_graph"]
+SYSTEM_GROUPS = [["tfbit_folded_graph", "tfbit_folded_graph_prevgn", "tfbit_graph", "tfbit_eager"],
+                 ["tfbit_folded_xla", "tfbit_folded_xla_prevgn", "rn50v2_xla", "tfbit_saved_model"],
+                 ["tfbit_folded_graph", "tfbit_folded_graph_onednn", "rn50v2_graph_onednn", "timm"],
+                 ["tflite_fp32", "tflite_fp16", "tflite_dynamic_int8", "tflite_int8"]]
+QUICK_GROUPS = [["tfbit_folded_graph", "tfbit_folded_graph_prevgn", "tflite_fp32"]]
+
+
+def run_systems(groups, args, workdir):
+    """Returns per group {system: {batch: [img/s per repeat]}} and per system info."""
+    results, info = [], {}
+    for i, group in enumerate(groups, 1):
+        names = list(dict.fromkeys(ANCHORS + group))
+        print(f"  group {i}/{len(groups)}: {', '.join(names)}", flush=True)
+        workers = []
+        for name in names:
+            w = Worker(__file__, name, ["--workdir", workdir, "--batches", *map(str, args.batches)], SYSTEMS[name][1])
+            workers.append(w)
+        ready = []
+        for w in workers:  # they build concurrently; only the timed samples must not overlap
+            try:
+                info.setdefault(w.name, {}).update(w.reply())
+                ready.append(w)
+            except RuntimeError as e:
+                print(f"  {e}", flush=True)
+                info.setdefault(w.name, {})["error"] = str(e)
+        samples, live = interleave(ready, args.batches, args.repeats)
+        for w in live:
+            rss = w.close()["rss_mb"]
+            info[w.name]["rss_mb"] = max(rss, info[w.name].get("rss_mb", 0))
+        results.append({name: {int(b): v for b, v in by_batch.items()} for name, by_batch in samples.items()})
+    return results, info
+
+
+def paired_ratio(results, name, other, batch):
+    """Median over groups and repeats of name/other, each pair measured in the same repeat."""
+    ratios = [a / b for g in results if name in g and other in g
+              for a, b in zip(g[name].get(batch, []), g[other].get(batch, []))]
+    return median(ratios) if ratios else None
+
+
+def report_systems(results, info, batches):
+    header = (["system"] + [h for b in batches for h in (f"b{b} img/s", f"b{b} ×HF", f"b{b} ×RN50V2")]
+              + ["peak RSS MB", "warm-up s"])
+    rows = []
+    for name, (label, _, family) in SYSTEMS.items():
+        speeds = {b: [v for g in results for v in g.get(name, {}).get(b, [])] for b in batches}
+        if not any(speeds.values()):
+            if name in info:
+                rows.append([label, "FAILED"] + [""] * (len(header) - 2))
+            continue
+        rn50 = None if name.startswith("rn50v2") else RN50V2_OF_FAMILY.get(family)
+        row = [label]
+        for b in batches:
+            hf, rn = paired_ratio(results, name, "hf_torch", b), rn50 and paired_ratio(results, name, rn50, b)
+            row += [f"{median(speeds[b]):.2f}" if speeds[b] else "–",
+                    f"{hf:.2f}" if hf and name != "hf_torch" else "–", f"{rn:.2f}" if rn else "–"]
+        row += [f"{info[name].get('rss_mb', 0):.0f}", f"{info[name].get('warmup_s', 0):.1f}"]
+        rows.append(row)
+    return table(header, rows)
+
+
+def report_conversion(out):
+    rows = [[k, f"{v:.1f}"] for k, v in out["seconds"].items()]
+    rows.append(["total", f"{out['total_s']:.1f}"])
+    return (table(["conversion step (R50x1, random weights)", "seconds"], rows)
+            + f"\npeak RSS {out['rss_mb']:.0f} MB (model built: {out['rss_before_mb']:.0f} MB)")
+
+
+def report_groupnorm(out):
+    speed = {}
+    for shape, name, xla, ms in out["speed"]:
+        speed.setdefault(name, {})[(tuple(shape), xla)] = ms
+    keys = [(tuple(s), x) for s in dict.fromkeys(tuple(r[0]) for r in out["speed"]) for x in (False, True)]
+    header = ["variant (ms per call)"] + [f"{'×'.join(map(str, s))}{' XLA' if x else ''}" for s, x in keys]
+    speed_table = table(header, [[n] + [f"{v[k]:.2f}" for k in keys] for n, v in speed.items()])
+    errors = {}
+    for offset, name, err in out["numerics"]:
+        errors.setdefault(name, {})[offset] = err
+    offsets = sorted({r[0] for r in out["numerics"]})
+    error_table = table(["variant: max|err| / max(1,|ref|) vs float64"] + [f"mean {o}, std 1" for o in offsets],
+                        [[n] + [f"{e[o]:.1e}" for o in offsets] for n, e in errors.items()])
+    model_rows = {}
+    for key, v in out["model"].items():
+        name, xla, b = key.split("|")
+        model_rows.setdefault(name, {})[(xla == "True", int(b))] = v
+    cols = sorted(next(iter(model_rows.values())))
+    model_table = table(["R50x1 folded, GroupNorm as"] + [f"{'XLA' if x else 'graph'} b{b} img/s" for x, b in cols],
+                        [[n] + [f"{v[c]:.2f}" for c in cols] for n, v in model_rows.items()])
+    ratios = "\n".join(f"- max |group mean| / group std of GroupNorm inputs, {k}: {v:.1f}" for k, v in out["ratios"].items())
+    return (f"{speed_table}\n\n{error_table}\n\n{model_table}\n(layers.py vs previous GN, whole-model logits: "
+            f"max|delta|/max(1,|ref|) = {out['model_delta']:.1e})\n{ratios}")
+
+
+def versions():
+    code = ("import json, platform, numpy, tensorflow as tf, keras, torch, transformers, timm, ai_edge_litert;"
+            "from importlib.metadata import version;"
+            "print('RESULT ' + json.dumps({'python': platform.python_version(), 'numpy': numpy.__version__,"
+            "'tensorflow': tf.__version__, 'keras': keras.__version__, 'torch': torch.__version__,"
+            "'transformers': transformers.__version__, 'timm': timm.__version__, 'ai-edge-litert': version('ai-edge-litert')}))")
+    return run_child(["-c", code])
+
+
+def cpu_model():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except Exception:  # noqa: BLE001  informational only
+        return "unknown"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: few systems, batch 1")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved samples per system and batch")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--parts", nargs="+", default=["conversion", "systems", "groupnorm"],
+                        choices=["conversion", "systems", "groupnorm", "profile"],
+                        help="profile (op breakdown of a few graphs) is not in the default set")
+    parser.add_argument("--groups", nargs="+", type=int, help="run only these system groups (1-based)")
+    parser.add_argument("--workdir", help="artifacts from a previous conversion part (kept)")
+    parser.add_argument("--serve", choices=list(SYSTEMS), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["conversion", "groupnorm", "profile"], help=argparse.SUPPRESS)
+    parser.add_argument("--profile", choices=list(PROFILES), help=argparse.SUPPRESS)
+    parser.add_argument("--quantizations", nargs="+", default=["fp32", "fp16", "dynamic_int8", "int8"])
+    args = parser.parse_args()
+    if args.serve:
+        return serve_system(args)
+    if args.child == "conversion":
+        return child_conversion(args)
+    if args.child == "groupnorm":
+        return child_groupnorm(args)
+    if args.child == "profile":
+        return child_profile(args)
+
+    if args.quick:
+        args.repeats, args.batches = min(args.repeats, 2), [1]
+    groups = QUICK_GROUPS if args.quick else [SYSTEM_GROUPS[i - 1] for i in args.groups or range(1, len(SYSTEM_GROUPS) + 1)]
+    started = time.perf_counter()
+    print(f"# bench_inference  {time.strftime('%Y-%m-%d %H:%M')}  CPU: {cpu_model()}, {os.cpu_count()} cores, "
+          f"{THREADS} threads per system\n# {json.dumps(versions())}", flush=True)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="tfbit_bench_")
+    if "conversion" in args.parts:
+        print("\n## Conversion (subprocess)", flush=True)
+        quant = ["fp32"] if args.quick else args.quantizations
+        out = run_child([__file__, "--child", "conversion", "--workdir", workdir, "--quantizations", *quant])
+        print(report_conversion(out) if "error" not in out else f"FAILED: {out['error']}", flush=True)
+    if "systems" in args.parts:
+        print(f"\n## Inference, R50x1 {SIZE}x{SIZE}, img/s, {args.repeats} interleaved samples per group", flush=True)
+        results, info = run_systems(groups, args, workdir)
+        print("\n" + report_systems(results, info, args.batches), flush=True)
+        print("# raw " + json.dumps({"results": results, "info": info}), flush=True)
+    if "groupnorm" in args.parts:
+        print("\n## GroupNorm(32)+ReLU variants (one subprocess, 2 threads)", flush=True)
+        out = run_child([__file__, "--child", "groupnorm"] + (["--quick"] if args.quick else []))
+        print(report_groupnorm(out) if "error" not in out else f"FAILED: {out['error']}", flush=True)
+    if "profile" in args.parts:
+        print("\n## Op profile (TF profiler, one call after warm-up, one subprocess each)", flush=True)
+        for target, (_, env) in PROFILES.items():
+            out = run_child([__file__, "--child", "profile", "--profile", target, "--workdir", workdir], env)
+            print(report_profile(target, out) if "error" not in out else f"- {target}: FAILED {out['error']}", flush=True)
+    print(f"\n# total {time.perf_counter() - started:.0f} s; artifacts in {workdir}")
+
+
+if __name__ == "__main__":
+    main()
