@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -503,7 +504,7 @@ def child_profile(args):
     if system.startswith("tfbit_fit"):
         sys.path.insert(0, HERE)
         from bench_training import tfbit_trainer
-        train = tfbit_trainer(system, 128, 1)
+        train = tfbit_trainer(system, 128)
         step = lambda: train(1)
     else:
         step = build(system, args.workdir)(16)
@@ -519,6 +520,7 @@ def child_profile(args):
     space = xplane_pb2.XSpace()
     with open(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0], "rb") as f:
         space.ParseFromString(f.read())
+    shutil.rmtree(logdir)
     ops = Counter()
     for plane in space.planes:
         for line in plane.lines:
@@ -661,7 +663,7 @@ def main():
                         choices=["conversion", "systems", "groupnorm", "profile"],
                         help="profile (op breakdown of a few graphs) is not in the default set")
     parser.add_argument("--groups", nargs="+", type=int, help="run only these system groups (1-based)")
-    parser.add_argument("--workdir", help="artifacts from a previous conversion part (kept)")
+    parser.add_argument("--workdir", help="keep the converted artifacts here (or reuse them: --parts profile)")
     parser.add_argument("--serve", choices=list(SYSTEMS), help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["conversion", "groupnorm", "profile"], help=argparse.SUPPRESS)
     parser.add_argument("--profile", choices=list(PROFILES), help=argparse.SUPPRESS)
@@ -682,7 +684,10 @@ def main():
     started = time.perf_counter()
     print(f"# bench_inference  {time.strftime('%Y-%m-%d %H:%M')}  CPU: {cpu_model()}, {os.cpu_count()} cores, "
           f"{THREADS} threads per system\n# {json.dumps(versions())}", flush=True)
-    workdir = args.workdir or tempfile.mkdtemp(prefix="tfbit_bench_")
+    # Artifacts (~400 MB) are deleted at exit unless --workdir keeps them for a later --parts run.
+    scratch = None if args.workdir else tempfile.TemporaryDirectory(prefix="tfbit_bench_")
+    workdir = args.workdir or scratch.name
+    os.makedirs(workdir, exist_ok=True)
     if "conversion" in args.parts:
         print("\n## Conversion (subprocess)", flush=True)
         quant = ["fp32"] if args.quick else args.quantizations
@@ -702,7 +707,9 @@ def main():
         for target, (_, env) in PROFILES.items():
             out = run_child([__file__, "--child", "profile", "--profile", target, "--workdir", workdir], env)
             print(report_profile(target, out) if "error" not in out else f"- {target}: FAILED {out['error']}", flush=True)
-    print(f"\n# total {time.perf_counter() - started:.0f} s; artifacts in {workdir}")
+    print(f"\n# total {time.perf_counter() - started:.0f} s" + ("" if scratch else f"; artifacts in {workdir}"))
+    if scratch:
+        scratch.cleanup()
 
 
 if __name__ == "__main__":

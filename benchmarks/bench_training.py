@@ -3,10 +3,11 @@
     python benchmarks/bench_training.py [--quick] [--repeats N] [--steps K] [--sizes 128 224]
 
 Batch 16, SGD momentum 0.9, sparse categorical cross-entropy from logits, random images and labels
-held in memory. One worker subprocess per (system, image size); the workers of a group (PyTorch plus
-as many tfbit variants as memory allows) stay alive together and are timed in turn (see
-bench_inference.Worker), so every ratio to PyTorch comes from interleaved samples. A sample is the median step time of one `fit` call of K steps (timed by a callback) or
-of K PyTorch steps (forward + loss + backward + optimizer step).
+held in memory. One worker subprocess per (system, image size); the workers of a group (PyTorch
+plus as many tfbit variants as memory allows) stay alive together and are timed in turn (see
+bench_inference.Worker), so every ratio to PyTorch comes from interleaved samples. A sample is the
+median step time of one `fit` call of K steps (timed by a callback, so fit's per-call setup is
+excluded) or of K PyTorch steps (forward + loss + backward + optimizer step).
 """
 
 import argparse
@@ -18,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_inference import (NUM_CLASSES, TORCH_ENV, Worker, cpu_model, images, interleave, median,  # noqa: E402
-                             peak_rss_mb, serve, setup_tf, setup_torch, table, use_previous_groupnorm, versions)
+                             serve, setup_tf, setup_torch, table, use_previous_groupnorm, versions)
 
 BATCH = 16
 LEARNING_RATE = 0.01
@@ -45,7 +46,7 @@ def labels(n, seed=0):
     return np.random.RandomState(seed).randint(0, NUM_CLASSES, n).astype("int64")
 
 
-def tfbit_trainer(name, size, steps):
+def tfbit_trainer(name, size):
     tf = setup_tf()
     import keras
     import tfbit
@@ -99,7 +100,7 @@ def torch_trainer(size):
 
 def serve_trainer(args):
     started = time.perf_counter()
-    run = torch_trainer(args.size) if args.serve == "hf_torch" else tfbit_trainer(args.serve, args.size, args.steps)
+    run = torch_trainer(args.size) if args.serve == "hf_torch" else tfbit_trainer(args.serve, args.size)
     run(2)  # tracing / XLA compilation, optimizer slots, allocator
     serve(lambda k: BATCH / median(run(k)), {"warmup_s": time.perf_counter() - started})
 
@@ -126,7 +127,7 @@ def main():
     for size in args.sizes:
         for group in groups_for(size, args.systems):
             print(f"\n## {size}x{size}: {', '.join(group)}", flush=True)
-            workers = [Worker(__file__, n, ["--size", str(size), "--steps", str(args.steps)], SYSTEMS[n][1])
+            workers = [Worker(__file__, n, ["--size", str(size)], SYSTEMS[n][1])
                        for n in group]
             ready = []
             for w in workers:  # they build concurrently; only the timed samples must not overlap
