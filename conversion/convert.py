@@ -122,7 +122,7 @@ def _move_into_place(staging, output):
 
 def convert(source=None, output=None, name=None, formats=FORMATS, quantizations=None,
             task="classification", source_format=None, overwrite=False, images=None,
-            num_images=32, top_k=5, log=_log):
+            num_images=32, top_k=5, calibration_images=16, threads=None, log=_log):
     """Convert, export, verify; returns the report dict. Raises ConversionError on bad input."""
     from conversion import export, sources, verify
     from tfbit.image_processor import BitImageProcessor
@@ -134,6 +134,8 @@ def convert(source=None, output=None, name=None, formats=FORMATS, quantizations=
                               f"quantizations {export.TFLITE_QUANTIZATIONS}")
     if task not in export.TASKS:
         raise ConversionError(f"unknown task {task!r}: choose from {export.TASKS}")
+    if "tflite" in formats and "int8" in quantizations and calibration_images < 1:
+        raise ConversionError(f"full int8 TFLite needs calibration images, got calibration_images={calibration_images}")
     demo = source is None
     started = time.perf_counter()
     log(f"[1/5] loading {'the embedded digits checkpoint' if demo else source}")
@@ -158,7 +160,9 @@ def convert(source=None, output=None, name=None, formats=FORMATS, quantizations=
         real = folder_images(images, num_images, config.label2id)
     else:  # digits are real images, but their labels mean nothing to another model
         real = dataclasses.replace(digits_images("test", num_images), labels=None)
-    calibration = digits_images("train", 64) if not images else real
+    # Min/max ranges settle within a few images, while each one costs ~0.6 s of calibration
+    # for R50x1 (benchmarks/RESULTS.md).
+    calibration = real.arrays[:calibration_images] if images else digits_images("train", calibration_images).arrays
     pixel_values = processor(real.arrays)
     image_size = pixel_values.shape[1:3]
 
@@ -187,13 +191,13 @@ def convert(source=None, output=None, name=None, formats=FORMATS, quantizations=
                               "decoding and resizing by TF ops in the graph (within 1 uint8 level of the Python processor): top-1 checked"))
         if "tflite" in formats:
             os.makedirs(os.path.join(staging, "tflite"))
-            calib = processor(calibration.arrays)
+            calib = processor(calibration)
             log(f"[4/5] converting to TFLite {', '.join(quantizations)}")
-            for q, flatbuffer in export.tflite_models(inference, task, image_size, quantizations, calib):
+            for q, flatbuffer in export.tflite_models(inference, task, image_size, quantizations, calib).items():
                 path = os.path.join(staging, "tflite", f"{name}_{q}.tflite")
                 with open(path, "wb") as f:
                     f.write(flatbuffer)
-                artifacts.append((f"tflite_{q}", path, lambda p: verify.tflite_runner(p), pixel_values,
+                artifacts.append((f"tflite_{q}", path, lambda p: verify.tflite_runner(p, threads), pixel_values,
                                   verify.TOLERANCE.get(f"tflite_{q}"), ""))
 
         export_seconds = time.perf_counter() - started
@@ -237,6 +241,8 @@ def convert(source=None, output=None, name=None, formats=FORMATS, quantizations=
 
 
 def main(argv=None):
+    from conversion import runtime
+    runtime.default_environment()  # before TensorFlow is imported
     from conversion.export import TASKS, TFLITE_QUANTIZATIONS
     parser = argparse.ArgumentParser(
         prog="python -m conversion.convert", description=__doc__.split("\n\n")[0],
@@ -256,13 +262,19 @@ def main(argv=None):
     parser.add_argument("--images", help="folder of real images for verification/calibration "
                                          "(default: held-out handwritten digits)")
     parser.add_argument("--num-images", type=int, default=32, help="verification images (default 32)")
+    parser.add_argument("--calibration-images", type=int, default=16,
+                        help="images to calibrate full int8 TFLite on (default 16)")
     parser.add_argument("--top-k", type=int, default=5, help="classes returned by the serving signature")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output (its serving versions are kept)")
+    parser.add_argument("--threads", type=runtime.positive_int,
+                        help="CPU threads (default: every available core; see conversion/runtime.py)")
     args = parser.parse_args(argv)
+    threads = runtime.set_threads(args.threads)
     try:
         report = convert(args.source, args.output, args.name, args.formats, args.quantizations, args.task,
-                         args.source_format, args.overwrite, args.images, args.num_images, args.top_k)
+                         args.source_format, args.overwrite, args.images, args.num_images, args.top_k,
+                         args.calibration_images, threads)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

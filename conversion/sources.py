@@ -34,7 +34,7 @@ from tfbit.config import BitConfig
 from tfbit.hf_checkpoint import (load_pretrained, read_safetensors, read_torch_bin,
                                  resolve_checkpoint_dir, unused_weights)
 from tfbit.image_processor import BitImageProcessor
-from tfbit.models import BitBackbone, BitForImageClassification, BitModel
+from tfbit.models import BitBackbone, BitForImageClassification, BitModel, copy_weights
 
 FORMATS = ("hf", "timm", "npz", "keras")
 TASKS = ("classification", "features", "backbone")
@@ -354,12 +354,9 @@ def _load_keras(source, task, config):
     if type(model) is type(saved) and model.config == saved.config:
         model = saved
     else:
-        donor = {layer.name: layer for layer in saved.layers}
-        for layer in model.layers:
-            if layer.weights:
-                if layer.name not in donor:
-                    raise ValueError(f"{source} has no weights for {layer.name} needed by task {task!r}")
-                layer.set_weights(donor[layer.name].get_weights())
+        missing = copy_weights(saved, model)
+        if missing:
+            raise ValueError(f"{source} has no weights for {missing[0]} needed by task {task!r}")
     processor_file = os.path.join(os.path.dirname(os.path.abspath(source)), "preprocessor_config.json")
     preprocessor = _read_json(processor_file) if os.path.isfile(processor_file) else BitImageProcessor().to_dict()
     return LoadedSource(model, config, "keras", Path(source).stem, preprocessor, source, None)

@@ -54,12 +54,12 @@ def _batched(run, inputs, batch):
 
 
 # -- runners: inputs -> {output name: numpy array} ------------------------------------------------
-def keras_runner(path):
+def keras_runner(path, jit_compile=False):
     import keras
     import tfbit
     model = tfbit.fold_weight_standardization(keras.saving.load_model(path))
     import tensorflow as tf
-    call = tf.function(lambda x: model(x, training=False))
+    call = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile)
 
     def run(x):
         out = call(x)
@@ -74,9 +74,10 @@ def saved_model_runner(path, signature):
     return lambda x: {k: v.numpy() for k, v in fn(**{key: tf.constant(x)}).items()}
 
 
-def tflite_runner(path, num_threads=2):
+def tflite_runner(path, num_threads=None):
     from ai_edge_litert.interpreter import Interpreter
-    interpreter = Interpreter(model_path=path, num_threads=num_threads)
+    from conversion.runtime import available_cores
+    interpreter = Interpreter(model_path=path, num_threads=num_threads or available_cores())
     runner = interpreter.get_signature_runner("serving_default")
     # One image per call: the signature has a dynamic batch, but mobile runtimes run batch 1.
     return lambda x: {k: np.concatenate([runner(pixel_values=x[i:i + 1])[k] for i in range(len(x))])

@@ -5,8 +5,6 @@ like KerasHub backbones. Layer names (`stem_conv`, `stage2_unit1_conv2`, `norm`,
 weight names of `.keras` files and SavedModels and the targets of the checkpoint mappings.
 """
 
-import copy
-
 import keras
 
 from tfbit.config import BitConfig
@@ -15,58 +13,66 @@ from tfbit.layers import DropPath, GroupNormActivation, StemMaxPool, WSConv2D, c
 WS_EPS = 1e-8  # HF passes 1e-8 at every call site
 
 
-def _conv(config, filters, kernel_size, name, stride=1, dilation=1):
-    return WSConv2D(filters, kernel_size, strides=stride, dilation_rate=dilation, eps=WS_EPS,
-                    padding=conv_padding(config.global_padding, kernel_size, stride, dilation),
-                    standardize=config.standardize_weights, name=name)
+class _Layers:
+    """Layer factory of one model: its config, and whether its convs standardize their kernels
+    (False for the inference form, whose kernels are stored already standardized)."""
+
+    def __init__(self, config, standardize_weights):
+        self.config = config
+        self.standardize_weights = standardize_weights
+
+    def conv(self, filters, kernel_size, name, stride=1, dilation=1):
+        return WSConv2D(filters, kernel_size, strides=stride, dilation_rate=dilation, eps=WS_EPS,
+                        padding=conv_padding(self.config.global_padding, kernel_size, stride, dilation),
+                        standardize=self.standardize_weights, name=name)
+
+    def norm(self, name, activation=True):
+        return GroupNormActivation(self.config.num_groups, 1e-5,
+                                   self.config.hidden_act if activation else None, name=name)
 
 
-def _norm(config, name, activation=True):
-    return GroupNormActivation(config.num_groups, 1e-5,
-                               config.hidden_act if activation else None, name=name)
-
-
-def _stem(config, x):
-    x = _conv(config, config.embedding_size, 7, "stem_conv", stride=2)(x)
+def _stem(make, x):
+    config = make.config
+    x = make.conv(config.embedding_size, 7, "stem_conv", stride=2)(x)
     if config.global_padding != "SAME":
         x = keras.layers.ZeroPadding2D(1, name="stem_pad")(x)
     if config.layer_type == "bottleneck":
-        x = _norm(config, "stem_norm")(x)
+        x = make.norm("stem_norm")(x)
     return StemMaxPool(config.embedding_dynamic_padding, name="stem_pool")(x)
 
 
-def _preactivation_unit(config, x, name, out_channels, mid_channels, stride, first, drop_rate):
+def _preactivation_unit(make, x, name, out_channels, mid_channels, stride, first, drop_rate):
     """Pre-activation bottleneck (BiT): GN+act before each conv; the projection sees the
     pre-activated input. HF does not dilate this unit's 3x3 conv, so neither do we."""
-    preact = _norm(config, f"{name}_norm1")(x)
-    shortcut = _conv(config, out_channels, 1, f"{name}_downsample_conv", stride)(preact) if first else x
-    h = _conv(config, mid_channels, 1, f"{name}_conv1")(preact)
-    h = _conv(config, mid_channels, 3, f"{name}_conv2", stride)(_norm(config, f"{name}_norm2")(h))
-    h = _conv(config, out_channels, 1, f"{name}_conv3")(_norm(config, f"{name}_norm3")(h))
+    preact = make.norm(f"{name}_norm1")(x)
+    shortcut = make.conv(out_channels, 1, f"{name}_downsample_conv", stride)(preact) if first else x
+    h = make.conv(mid_channels, 1, f"{name}_conv1")(preact)
+    h = make.conv(mid_channels, 3, f"{name}_conv2", stride)(make.norm(f"{name}_norm2")(h))
+    h = make.conv(out_channels, 1, f"{name}_conv3")(make.norm(f"{name}_norm3")(h))
     if drop_rate:
         h = DropPath(drop_rate, name=f"{name}_drop_path")(h)
     return keras.layers.Add(name=f"{name}_add")([h, shortcut])
 
 
-def _bottleneck_unit(config, x, name, out_channels, mid_channels, stride, first, drop_rate,
+def _bottleneck_unit(make, x, name, out_channels, mid_channels, stride, first, drop_rate,
                      dilation):
     """Non-pre-activation bottleneck (the hybrid-ViT variant): GN after each conv, act after add."""
     shortcut = x
     if first:
-        shortcut = _conv(config, out_channels, 1, f"{name}_downsample_conv", stride)(x)
-        shortcut = _norm(config, f"{name}_downsample_norm", activation=False)(shortcut)
-    h = _norm(config, f"{name}_norm1")(_conv(config, mid_channels, 1, f"{name}_conv1")(x))
-    h = _conv(config, mid_channels, 3, f"{name}_conv2", stride, dilation)(h)
-    h = _norm(config, f"{name}_norm2")(h)
-    h = _norm(config, f"{name}_norm3", activation=False)(_conv(config, out_channels, 1, f"{name}_conv3")(h))
+        shortcut = make.conv(out_channels, 1, f"{name}_downsample_conv", stride)(x)
+        shortcut = make.norm(f"{name}_downsample_norm", activation=False)(shortcut)
+    h = make.norm(f"{name}_norm1")(make.conv(mid_channels, 1, f"{name}_conv1")(x))
+    h = make.conv(mid_channels, 3, f"{name}_conv2", stride, dilation)(h)
+    h = make.norm(f"{name}_norm2")(h)
+    h = make.norm(f"{name}_norm3", activation=False)(make.conv(out_channels, 1, f"{name}_conv3")(h))
     if drop_rate:
         h = DropPath(drop_rate, name=f"{name}_drop_path")(h)
     h = keras.layers.Add(name=f"{name}_add")([h, shortcut])
-    return keras.layers.Activation(config.hidden_act, name=f"{name}_out")(h)
+    return keras.layers.Activation(make.config.hidden_act, name=f"{name}_out")(h)
 
 
-def bit_features(config, pixel_values):
-    """Build the BiT graph on `pixel_values`.
+def bit_features(config, pixel_values, standardize_weights=True):
+    """Build the BiT graph on `pixel_values` (`standardize_weights=False`: the inference form).
 
     Returns (hidden_states, last_hidden_state): the stem output and every stage output (HF's
     `hidden_states`, without the final norm) and the encoder output after the final norm of
@@ -78,7 +84,8 @@ def bit_features(config, pixel_values):
         raise ValueError("BitConfig.global_padding='VALID' cannot build a BiT model: unpadded 3x3 "
                          "convolutions shrink the residual branch but not the shortcut (transformers' "
                          "BitModel fails the same way at its first residual add); use None or 'SAME'")
-    x = _stem(config, pixel_values)
+    make = _Layers(config, standardize_weights)
+    x = _stem(make, pixel_values)
     hidden_states = [x]
     plan = zip(config.stage_channels, config.mid_channels, config.depths, config.stage_plan())
     for s, (out_ch, mid_ch, depth, (stride, dilation, first_dilation, rates)) in enumerate(plan, 1):
@@ -86,13 +93,13 @@ def bit_features(config, pixel_values):
             name = f"stage{s}_unit{u + 1}"
             unit_stride = stride if u == 0 else 1
             if config.layer_type == "preactivation":
-                x = _preactivation_unit(config, x, name, out_ch, mid_ch, unit_stride, u == 0, rates[u])
+                x = _preactivation_unit(make, x, name, out_ch, mid_ch, unit_stride, u == 0, rates[u])
             else:
-                x = _bottleneck_unit(config, x, name, out_ch, mid_ch, unit_stride, u == 0, rates[u],
+                x = _bottleneck_unit(make, x, name, out_ch, mid_ch, unit_stride, u == 0, rates[u],
                                      first_dilation if u == 0 else dilation)
         hidden_states.append(x)
     if config.layer_type == "preactivation":
-        x = _norm(config, "norm")(x)
+        x = make.norm("norm")(x)
     return hidden_states, x
 
 
@@ -100,11 +107,8 @@ def _pixel_input(config):
     return keras.Input((None, None, config.num_channels), name="pixel_values")
 
 
-def _as_config(config, standardize_weights=True):
-    config = BitConfig.from_dict(config) if isinstance(config, dict) else copy.copy(config)
-    # Carried on the (copied) config so every unit builder sees it; never written to config.json.
-    config.standardize_weights = standardize_weights
-    return config
+def _as_config(config):
+    return BitConfig.from_dict(config) if isinstance(config, dict) else config or BitConfig()
 
 
 class _BitBase(keras.Model):
@@ -114,10 +118,10 @@ class _BitBase(keras.Model):
     standardized weights (see `fold_weight_standardization`), so no call recomputes them.
     """
 
-    def __init__(self, inputs, outputs, config, **kwargs):
+    def __init__(self, inputs, outputs, config, standardize_weights, **kwargs):
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         self.config = config
-        self.standardize_weights = config.standardize_weights
+        self.standardize_weights = standardize_weights
 
     def get_config(self):
         return {"config": self.config.to_dict(), "standardize_weights": self.standardize_weights,
@@ -141,14 +145,14 @@ class BitModel(_BitBase):
 
     def __init__(self, config=None, output_hidden_states=False, standardize_weights=True,
                  name="bit_model", **kwargs):
-        config = _as_config(config or BitConfig(), standardize_weights)
+        config = _as_config(config)
         pixel_values = _pixel_input(config)
-        hidden_states, last = bit_features(config, pixel_values)
+        hidden_states, last = bit_features(config, pixel_values, standardize_weights)
         outputs = {"last_hidden_state": last,
                    "pooler_output": keras.layers.GlobalAveragePooling2D(name="pooler")(last)}
         if output_hidden_states:
             outputs["hidden_states"] = tuple(hidden_states)
-        super().__init__(pixel_values, outputs, config, name=name, **kwargs)
+        super().__init__(pixel_values, outputs, config, standardize_weights, name=name, **kwargs)
         self.output_hidden_states = output_hidden_states
 
     def get_config(self):
@@ -161,15 +165,15 @@ class BitForImageClassification(_BitBase):
 
     def __init__(self, config=None, standardize_weights=True, name="bit_for_image_classification",
                  **kwargs):
-        config = _as_config(config or BitConfig(), standardize_weights)
+        config = _as_config(config)
         pixel_values = _pixel_input(config)
-        _, last = bit_features(config, pixel_values)
+        _, last = bit_features(config, pixel_values, standardize_weights)
         pooled = keras.layers.GlobalAveragePooling2D(name="pooler")(last)
         if config.num_labels:
             logits = keras.layers.Dense(config.num_labels, dtype="float32", name="classifier")(pooled)
         else:
             logits = keras.layers.Activation("linear", dtype="float32", name="classifier")(pooled)
-        super().__init__(pixel_values, logits, config, name=name, **kwargs)
+        super().__init__(pixel_values, logits, config, standardize_weights, name=name, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="tfbit")
@@ -178,15 +182,32 @@ class BitBackbone(_BitBase):
     (the last stage is taken before the final norm, as HF does)."""
 
     def __init__(self, config=None, standardize_weights=True, name="bit_backbone", **kwargs):
-        config = _as_config(config or BitConfig(), standardize_weights)
+        config = _as_config(config)
         pixel_values = _pixel_input(config)
-        hidden_states, _ = bit_features(config, pixel_values)
+        hidden_states, _ = bit_features(config, pixel_values, standardize_weights)
         outputs = {config.stage_names[i]: hidden_states[i] for i in config.out_indices}
-        super().__init__(pixel_values, outputs, config, name=name, **kwargs)
+        super().__init__(pixel_values, outputs, config, standardize_weights, name=name, **kwargs)
         all_channels = [config.embedding_size] + config.stage_channels
         self.stage_names = list(config.stage_names)
         self.out_features = list(config.out_features)
         self.channels = [all_channels[i] for i in config.out_indices]
+
+
+def copy_weights(donor, target, skip=(), weights_of=None):
+    """Give each layer of `target` that has weights those of `donor`'s layer of the same name
+    (layer names are the weight map), except the names in `skip`. `weights_of(layer)` may
+    transform them. Returns the names `donor` lacks, for the caller to report."""
+    layers = {layer.name: layer for layer in donor.layers}
+    missing = []
+    for layer in target.layers:
+        if not layer.weights or layer.name in skip:
+            continue
+        if layer.name not in layers:
+            missing.append(layer.name)
+            continue
+        source = layers[layer.name]
+        layer.set_weights(weights_of(source) if weights_of else source.get_weights())
+    return missing
 
 
 def fold_weight_standardization(model):
@@ -199,9 +220,10 @@ def fold_weight_standardization(model):
     if not model.standardize_weights:
         return model
     folded = type(model).from_config({**model.get_config(), "standardize_weights": False})
-    for layer in model.layers:
-        weights = layer.get_weights()
+
+    def standardized(layer):
         if isinstance(layer, WSConv2D):
-            weights = [keras.ops.convert_to_numpy(layer.standardized_kernel())]
-        folded.get_layer(layer.name).set_weights(weights)
+            return [keras.ops.convert_to_numpy(layer.standardized_kernel())]
+        return layer.get_weights()
+    copy_weights(model, folded, weights_of=standardized)
     return folded

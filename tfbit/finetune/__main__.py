@@ -22,6 +22,7 @@ def _dataset(spec, data_dir, download):
 
 
 def main(argv=None):
+    from conversion import runtime
     parser = argparse.ArgumentParser(prog="python -m tfbit.finetune", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +47,13 @@ def main(argv=None):
                         help="mirrored: tf.distribute.MirroredStrategy over all local devices")
     parser.add_argument("--export", nargs="*", choices=("keras", "saved_model", "tflite"),
                         help="also convert the best checkpoint (into OUTPUT/export)")
+    parser.add_argument("--threads", type=runtime.positive_int,
+                        help="CPU threads (default: every available core; see conversion/runtime.py)")
     args = parser.parse_args(argv)
+    runtime.set_threads(args.threads)
+    if runtime.ONEDNN not in os.environ:
+        print(f"note: {runtime.ONEDNN}=1 in the environment makes training steps ~40% faster on x86 CPUs "
+              "(it must be set before Python starts)", file=sys.stderr)
 
     from tfbit.finetune.trainer import NonFiniteLossError, finetune
     overrides = {k: v for k, v in dict(total_steps=args.steps, base_lr=args.base_lr, crop_size=args.crop_size,

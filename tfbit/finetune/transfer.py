@@ -3,7 +3,7 @@
 import keras
 
 from tfbit.config import BitConfig
-from tfbit.models import BitForImageClassification
+from tfbit.models import BitForImageClassification, copy_weights
 
 
 def with_new_head(model, num_labels=None, id2label=None, freeze_backbone=False):
@@ -23,16 +23,15 @@ def with_new_head(model, num_labels=None, id2label=None, freeze_backbone=False):
     if config.num_labels < 1:
         raise ValueError(f"a classifier needs at least one label, got {config.num_labels}")
     new = BitForImageClassification(config, standardize_weights=model.standardize_weights)
-    donor = {layer.name: layer for layer in model.layers}
+    missing = copy_weights(model, new, skip=("classifier",))
+    if missing:
+        raise ValueError(f"{model.name} has no layer {missing[0]!r}: it does not hold the whole "
+                         "BiT body (a backbone built with fewer out_features?)")
+    head = new.get_layer("classifier")
+    head.kernel.assign(keras.ops.zeros_like(head.kernel))
+    head.bias.assign(keras.ops.zeros_like(head.bias))
     for layer in new.layers:
-        if layer.name == "classifier":
-            layer.kernel.assign(keras.ops.zeros_like(layer.kernel))
-            layer.bias.assign(keras.ops.zeros_like(layer.bias))
-        elif layer.weights:
-            if layer.name not in donor:
-                raise ValueError(f"{model.name} has no layer {layer.name!r}: it does not hold the whole "
-                                 "BiT body (a backbone built with fewer out_features?)")
-            layer.set_weights(donor[layer.name].get_weights())
+        if layer is not head:
             layer.trainable = not freeze_backbone
     return new
 

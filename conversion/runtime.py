@@ -1,0 +1,53 @@
+"""CPU runtime defaults of the command-line tools, chosen by measurement (benchmarks/RESULTS.md).
+
+- Threads: every core the process may use, for TensorFlow's intra-op pool and for LiteRT,
+  whose Python interpreter otherwise runs on a single thread.
+- oneDNN (`TF_ENABLE_ONEDNN_OPTS`, read once when TensorFlow is imported): off for inference,
+  where it slows BiT at batch 1 by ~20% (nothing fuses with GroupNorm) and gains ~7% at
+  batch 16. Some TensorFlow builds turn it on by default, so the tools say it explicitly; a
+  value already in the environment wins. Fine-tuning is the opposite case (its convolution
+  gradients make a step 40-45% faster), but `tfbit` imports TensorFlow before any of its
+  commands run, so `python -m tfbit.finetune` can only recommend it.
+- XLA stays opt-in: +7-15% img/s for inference, but compiling R50x1 takes 20-40 s.
+
+This module imports TensorFlow only inside `set_threads`, so `default_environment` can run first.
+"""
+
+import argparse
+import os
+import warnings
+
+ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
+
+
+def available_cores():
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def positive_int(text):
+    """argparse type of `--threads`."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def default_environment():
+    """oneDNN off unless the environment says otherwise; only effective before TF is imported."""
+    os.environ.setdefault(ONEDNN, "0")
+
+
+def set_threads(threads=None):
+    """TensorFlow's intra-op pool gets `threads` (default: every available core); returns it."""
+    threads = threads or available_cores()
+    import tensorflow as tf
+    current = tf.config.threading.get_intra_op_parallelism_threads()  # 0: TF's default, all cores
+    if current != threads and not (current == 0 and threads == available_cores()):
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+        except RuntimeError:
+            warnings.warn(f"TensorFlow is already running: its thread pools stay as they are "
+                          f"(not {threads} threads)", stacklevel=2)
+    return threads

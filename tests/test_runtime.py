@@ -1,0 +1,79 @@
+"""CPU defaults of the command-line tools (conversion/runtime.py) and the parallel int8 export."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import SMALL
+from conversion import convert, export, predict, runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONEDNN_STATE = ("from conversion import runtime; runtime.default_environment(); "
+                "from tensorflow.python.util import _pywrap_util_port; "
+                "print(_pywrap_util_port.IsMklEnabled())")
+
+
+@pytest.mark.parametrize("environment, enabled", [(None, "False"), ("1", "True")])
+def test_onednn_is_off_unless_the_environment_turns_it_on(environment, enabled):
+    env = {k: v for k, v in os.environ.items() if k != runtime.ONEDNN}
+    if environment is not None:
+        env[runtime.ONEDNN] = environment
+    out = subprocess.run([sys.executable, "-c", ONEDNN_STATE], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == enabled
+
+
+def test_threads_default_to_every_available_core():
+    assert runtime.set_threads() == runtime.available_cores() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("main", [convert.main, predict.main])
+def test_cli_rejects_zero_threads(main, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path), str(tmp_path / "x.png"), "--threads", "0"] if main is predict.main
+             else [str(tmp_path), "--threads", "0"])
+    assert info.value.code == 2
+    assert "--threads: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_int8_without_calibration_images_is_refused(tmp_path, capsys):
+    assert convert.main(["--output", str(tmp_path / "o"), "--calibration-images", "0"]) == 2
+    assert "full int8 TFLite needs calibration images, got calibration_images=0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def small_inference_model():
+    import keras
+    import tfbit
+    keras.utils.set_random_seed(0)
+    return tfbit.fold_weight_standardization(tfbit.BitForImageClassification(tfbit.BitConfig(**dict(SMALL))))
+
+
+def test_int8_converted_beside_the_float_variants_equals_int8_alone(small_inference_model):
+    calibration = np.random.RandomState(0).uniform(-1, 1, (4, 32, 32, 3)).astype("float32")
+    together = export.tflite_models(small_inference_model, "classification", (32, 32), ("int8", "fp32"), calibration)
+    assert list(together) == ["int8", "fp32"]  # the order asked for
+    alone = export.tflite_bytes(small_inference_model, "classification", (32, 32), "int8", calibration)
+    assert together["int8"] == alone
+    assert together["fp32"] == export.tflite_bytes(small_inference_model, "classification", (32, 32), "fp32")
+
+
+def test_representative_images_of_another_size_are_refused(small_inference_model):
+    with pytest.raises(ValueError, match=r"representative images have shape \(16, 16, 3\); "
+                                         r"the TFLite graph takes \(32, 32, 3\)"):
+        export.tflite_models(small_inference_model, "classification", (32, 32), ("fp32", "int8"),
+                             np.zeros((2, 16, 16, 3), "float32"))
+
+
+def test_a_failing_int8_worker_reports_its_last_words(tmp_path):
+    log = open(tmp_path / "worker.log", "wb")
+    process = subprocess.Popen([sys.executable, "-c", "import sys; print('calibrating'); sys.exit('boom: bad input')"],
+                               stdout=log, stderr=subprocess.STDOUT)
+    with pytest.raises(RuntimeError, match=r"^TFLite int8 conversion failed \(exit code 1\): boom: bad input\n"
+                                           r"calibrating\nboom: bad input$"):
+        export._finish_int8_worker(process, str(tmp_path / "never_written.tflite"), log)
