@@ -107,31 +107,44 @@ def _converter(saved_model_dir):
     return tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=["serving_default"])
 
 
-def _start_int8_worker(saved_model_dir, representative_images, workdir):
-    """Full int8 in a child process: TFLite's converter and calibrator run on one core and hold
-    the GIL, and int8 (calibration) is the longest variant, so it overlaps the float ones."""
-    calibration = os.path.join(workdir, "calibration.npy")
-    np.save(calibration, np.asarray(representative_images, np.float32))
-    output = os.path.join(workdir, "int8.tflite")
-    log = open(os.path.join(workdir, "int8_worker.log"), "wb")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
-    process = subprocess.Popen([sys.executable, "-m", "conversion.export", saved_model_dir, calibration, output],
-                               stdout=log, stderr=subprocess.STDOUT, env=env)
-    return process, output, log
+class _Int8Worker:
+    """Full int8 in a child process. TFLite's converter and calibrator run on one core and hold
+    the GIL, and int8 (calibration) is the longest variant, so it overlaps the float ones. The
+    child starts at once, importing TensorFlow while the graph is being saved, then reads the
+    graph's path from its stdin."""
 
+    def __init__(self, representative_images, workdir):
+        calibration = os.path.join(workdir, "calibration.npy")
+        np.save(calibration, np.asarray(representative_images, np.float32))
+        self.output = os.path.join(workdir, "int8.tflite")
+        self.log = open(os.path.join(workdir, "int8_worker.log"), "wb")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+               "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self.process = subprocess.Popen([sys.executable, "-m", "conversion.export", calibration, self.output],
+                                        stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
-def _finish_int8_worker(process, output, log):
-    process.wait()
-    log.close()
-    if process.returncode:
-        with open(log.name, encoding="utf-8", errors="replace") as f:
-            lines = f.read().strip().splitlines() or ["(no output)"]
-        raise RuntimeError(f"TFLite int8 conversion failed (exit code {process.returncode}): {lines[-1]}\n"
-                           + "\n".join(lines[-40:]))
-    with open(output, "rb") as f:
-        return f.read()
+    def convert(self, saved_model_dir):
+        self.process.stdin.write(saved_model_dir.encode() + b"\n")
+        self.process.stdin.close()
+
+    def result(self):
+        self.process.wait()
+        self.log.close()
+        if self.process.returncode:
+            with open(self.log.name, encoding="utf-8", errors="replace") as f:
+                lines = f.read().strip().splitlines() or ["(no output)"]
+            raise RuntimeError(f"TFLite int8 conversion failed (exit code {self.process.returncode}): "
+                               f"{lines[-1]}\n" + "\n".join(lines[-40:]))
+        with open(self.output, "rb") as f:
+            return f.read()
+
+    def close(self):
+        """After a failure elsewhere the child must not outlive its working directory."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
 
 
 def tflite_models(model, task, image_size, quantizations, representative_images=None):
@@ -157,25 +170,22 @@ def tflite_models(model, task, image_size, quantizations, representative_images=
         out = outputs(pixel_values)
         return {"logits": out["logits"]} if task == "classification" else out
 
+    floats = [q for q in quantizations if q != "int8"]
     with tempfile.TemporaryDirectory() as workdir:
-        graph = _save(model, os.path.join(workdir, "graph"), {"serving_default": (serve, spec)})
-        floats = [q for q in quantizations if q != "int8"]
-        worker = None
-        if "int8" in quantizations and floats:
-            worker = _start_int8_worker(graph, representative_images, workdir)
+        worker = _Int8Worker(representative_images, workdir) if "int8" in quantizations and floats else None
         try:
+            graph = _save(model, os.path.join(workdir, "graph"), {"serving_default": (serve, spec)})
             converter = _converter(graph)
+            if worker:
+                worker.convert(graph)
             results = {q: _configure(converter, q).convert() for q in floats}
             if worker:
-                results["int8"] = _finish_int8_worker(*worker)
+                results["int8"] = worker.result()
             elif "int8" in quantizations:
                 results["int8"] = _configure(converter, "int8", representative_images).convert()
         finally:
-            if worker:  # after a failure above, the child must not outlive its working directory
-                if worker[0].poll() is None:
-                    worker[0].kill()
-                    worker[0].wait()
-                worker[2].close()
+            if worker:
+                worker.close()
     return {q: results[q] for q in quantizations}
 
 
@@ -192,11 +202,14 @@ def next_serving_version(serving_dir):
     return max(versions, default=0) + 1
 
 
-def _int8_worker_main(saved_model_dir, calibration, output):
+def _int8_worker_main(calibration, output):
+    saved_model_dir = sys.stdin.readline().strip()
+    if not saved_model_dir:
+        sys.exit("no graph to convert: the parent process stopped before saving it")
     flatbuffer = _configure(_converter(saved_model_dir), "int8", np.load(calibration)).convert()
     with open(output, "wb") as f:
         f.write(flatbuffer)
 
 
-if __name__ == "__main__":  # the child process of `_start_int8_worker`
+if __name__ == "__main__":  # the child process of `_Int8Worker`
     _int8_worker_main(*sys.argv[1:])

@@ -71,9 +71,16 @@ def test_representative_images_of_another_size_are_refused(small_inference_model
 
 
 def test_a_failing_int8_worker_reports_its_last_words(tmp_path):
-    log = open(tmp_path / "worker.log", "wb")
-    process = subprocess.Popen([sys.executable, "-c", "import sys; print('calibrating'); sys.exit('boom: bad input')"],
-                               stdout=log, stderr=subprocess.STDOUT)
-    with pytest.raises(RuntimeError, match=r"^TFLite int8 conversion failed \(exit code 1\): boom: bad input\n"
-                                           r"calibrating\nboom: bad input$"):
-        export._finish_int8_worker(process, str(tmp_path / "never_written.tflite"), log)
+    worker = export._Int8Worker(np.zeros((1, 8, 8, 3), "float32"), str(tmp_path))
+    worker.convert(str(tmp_path / "not_a_saved_model"))
+    with pytest.raises(RuntimeError, match=r"^TFLite int8 conversion failed \(exit code 1\): .*not_a_saved_model"):
+        worker.result()
+    worker.close()
+
+
+def test_an_int8_worker_without_a_graph_says_so(tmp_path):
+    worker = export._Int8Worker(np.zeros((1, 8, 8, 3), "float32"), str(tmp_path))
+    worker.process.stdin.close()  # as when the parent dies before saving the graph
+    with pytest.raises(RuntimeError, match="no graph to convert: the parent process stopped before saving it"):
+        worker.result()
+    worker.close()
