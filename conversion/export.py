@@ -53,7 +53,9 @@ def task_outputs(model, task, labels, top_k):
 
 def _save(model, path, endpoints):
     """SavedModel of `endpoints` ({name: (fn, input spec)}); the first is `serving_default`'s
-    content when it is named so. Each variable is stored once.
+    content when it is named so. Each variable is stored once. The functions hold no
+    tensor-dependent Python control flow, so they are traced without AutoGraph, which would
+    re-read their source (lambdas included) from disk.
 
     Not `keras.export.ExportArchive`: it stores every weight twice (keras-team/keras#23553),
     doubling the artifact and TF Serving's memory. The traced functions capture the raw
@@ -63,7 +65,7 @@ def _save(model, path, endpoints):
     module.weights = [v.value for v in model.weights]
     signatures = {}
     for name, (fn, spec) in endpoints.items():
-        function = tf.function(fn, input_signature=[spec])
+        function = tf.function(fn, input_signature=[spec], autograph=False)
         setattr(module, name, function)
         signatures[name] = function.get_concrete_function()
     tf.saved_model.save(module, path, signatures=signatures)
@@ -77,7 +79,7 @@ def write_saved_model(model, task, processor, labels, path, top_k=5):
     pixel_spec = tf.TensorSpec([None, None, None, channels], tf.float32, name="pixel_values")
     # Both signatures call one concrete function, so the model is traced once (R50x1: 12 s -> 9 s
     # against a shared tf.function, which re-traces on first call).
-    outputs = tf.function(task_outputs(model, task, labels, top_k)).get_concrete_function(pixel_spec)
+    outputs = tf.function(task_outputs(model, task, labels, top_k), autograph=False).get_concrete_function(pixel_spec)
     return _save(model, path, {
         "serving_default": (lambda image_bytes: outputs(image_ops.preprocess_image_bytes(image_bytes, processor)),
                             tf.TensorSpec([None], tf.string, name="image_bytes")),

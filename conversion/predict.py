@@ -53,6 +53,9 @@ def predict(artifact, image_paths, top_k=5, threads=None, xla=False):
     from conversion import verify
 
     path = _resolve(artifact)
+    if xla and not path.endswith(".keras"):
+        raise ValueError(f"--xla compiles .keras models only; {path} is a "
+                         f"{'TFLite file' if path.endswith('.tflite') else 'SavedModel'}")
     root = _export_root(artifact)
     config = BitConfig.from_pretrained(root)
     if path.endswith(".keras"):

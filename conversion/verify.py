@@ -59,7 +59,7 @@ def keras_runner(path, jit_compile=False):
     import tfbit
     model = tfbit.fold_weight_standardization(keras.saving.load_model(path))
     import tensorflow as tf
-    call = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile)
+    call = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile, autograph=False)
 
     def run(x):
         out = call(x)

@@ -154,6 +154,12 @@ def test_predict_cli_on_every_artifact(demo, tmp_path, capsys):
         assert top[0][0] == str(y_test[5]) and len(top) == 5, artifact
     assert predict.main([str(output), str(image), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["top"][0]["label"] == str(y_test[5])
+    (_, xla_top), = predict.predict(str(output / "digits.keras"), [str(image)], xla=True)
+    (_, graph_top), = predict.predict(str(output / "digits.keras"), [str(image)])
+    assert [label for label, _ in xla_top] == [label for label, _ in graph_top]
+    np.testing.assert_allclose([p for _, p in xla_top], [p for _, p in graph_top], atol=1e-5)
+    assert predict.main([str(output / "tflite/digits_fp32.tflite"), str(image), "--xla"]) == 2
+    assert "--xla compiles .keras models only" in capsys.readouterr().err
 
 
 def test_predict_reports_bad_images_and_artifacts(demo, tmp_path, capsys):
