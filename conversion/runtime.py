@@ -8,7 +8,7 @@
   value already in the environment wins. Fine-tuning is the opposite case (its convolution
   gradients make a step 40-45% faster), but `tfbit` imports TensorFlow before any of its
   commands run, so `python -m tfbit.finetune` can only recommend it.
-- XLA stays opt-in: +7-15% img/s for inference, but compiling R50x1 takes 20-40 s.
+- XLA stays opt-in: +5-20% img/s for inference, but compiling R50x1 takes 20-40 s.
 
 This module imports TensorFlow only inside `set_threads`, so `default_environment` can run first.
 """
