@@ -63,6 +63,15 @@ def test_int8_converted_beside_the_float_variants_equals_int8_alone(small_infere
     assert together["fp32"] == export.tflite_bytes(small_inference_model, "classification", (32, 32), "fp32")
 
 
+def test_float_variants_from_one_converter_equal_fresh_conversions(small_inference_model):
+    """The float variants reuse one converter; each must be what a converter of its own makes."""
+    floats = ("fp32", "fp16", "dynamic_int8")
+    shared = export.tflite_models(small_inference_model, "classification", (32, 32), floats)
+    for quantization in floats:
+        assert shared[quantization] == export.tflite_bytes(small_inference_model, "classification", (32, 32),
+                                                           quantization), quantization
+
+
 def test_representative_images_of_another_size_are_refused(small_inference_model):
     with pytest.raises(ValueError, match=r"representative images have shape \(16, 16, 3\); "
                                          r"the TFLite graph takes \(32, 32, 3\)"):
