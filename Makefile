@@ -23,6 +23,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip uninstall --quiet --yes triton || true
 	touch $@
 
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip uninstall --quiet --yes triton || true
+	touch $@
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
@@ -32,7 +37,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed-test
+bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_inference.py
 
 clean:

@@ -190,6 +190,7 @@ SYSTEMS = {
     "tflite_int8": ("TFLite full int8", {}, "graph"),
     "hf_torch": ("HF transformers BitForImageClassification (torch)", TORCH_ENV, None),
     "timm": ("timm resnetv2_50x1_bit (torch)", TORCH_ENV, None),
+    "hf_onnxruntime": ("HF transformers BiT exported to ONNX, onnxruntime", TORCH_ENV, None),
     "rn50v2_graph": ("keras ResNet50V2 (BatchNorm), tf.function", {}, "graph"),
     "rn50v2_xla": ("keras ResNet50V2 (BatchNorm), XLA", {}, "xla"),
     "rn50v2_graph_onednn": ("keras ResNet50V2, tf.function, oneDNN", {"TF_ENABLE_ONEDNN_OPTS": "1"}, "onednn"),
@@ -253,6 +254,8 @@ def build(name, workdir):
             return call
         return make
     torch = setup_torch()
+    if name == "hf_onnxruntime":
+        return onnxruntime_runner(torch, workdir)
     if name == "hf_torch":
         import transformers
         model = transformers.BitForImageClassification(transformers.BitConfig(num_labels=NUM_CLASSES))
@@ -270,6 +273,27 @@ def build(name, workdir):
             with torch.no_grad():
                 return forward(x).numpy()
         return call
+    return make
+
+
+def onnxruntime_runner(torch, workdir):
+    """The strongest CPU peer in shared/notes/measurements.md: transformers' BiT exported by torch
+    (TorchScript exporter, opset 17; it constant-folds weight standardization) on onnxruntime,
+    which fuses GroupNorm."""
+    import onnxruntime
+    import transformers
+    model = transformers.BitForImageClassification(transformers.BitConfig(num_labels=NUM_CLASSES)).eval()
+    path = os.path.join(workdir, "hf_bit.onnx")
+    torch.onnx.export(model, (torch.zeros(1, 3, SIZE, SIZE),), path, input_names=["pixel_values"],
+                      output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}}, opset_version=17,
+                      dynamo=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def make(batch):
+        x = np.ascontiguousarray(images(batch).transpose(0, 3, 1, 2))
+        return lambda: session.run(None, {"pixel_values": x})[0]
     return make
 
 
@@ -547,7 +571,7 @@ ANCHORS = ["hf_torch", "rn50v2_graph"]
 SYSTEM_GROUPS = [["tfbit_folded_graph", "tfbit_folded_graph_prevgn", "tfbit_graph", "tfbit_eager"],
                  ["tfbit_folded_xla", "tfbit_folded_xla_prevgn", "rn50v2_xla", "tfbit_saved_model"],
                  ["tfbit_folded_graph", "tfbit_folded_graph_onednn", "rn50v2_graph_onednn", "timm"],
-                 ["tflite_fp32", "tflite_fp16", "tflite_dynamic_int8", "tflite_int8"]]
+                 ["tflite_fp32", "tflite_fp16", "tflite_dynamic_int8", "tflite_int8", "hf_onnxruntime"]]
 QUICK_GROUPS = [["tfbit_folded_graph", "tfbit_folded_graph_prevgn", "tflite_fp32"]]
 
 
