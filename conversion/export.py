@@ -127,17 +127,21 @@ class _Int8Worker:
                                         stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def convert(self, saved_model_dir):
-        self.process.stdin.write(saved_model_dir.encode() + b"\n")
-        self.process.stdin.close()
+        try:
+            self.process.stdin.write(saved_model_dir.encode() + b"\n")
+            self.process.stdin.close()
+        except BrokenPipeError:  # the child already died: `result` reports why, from its log
+            pass
 
     def result(self):
         self.process.wait()
         self.log.close()
-        if self.process.returncode:
+        code = self.process.returncode
+        if code:
             with open(self.log.name, encoding="utf-8", errors="replace") as f:
                 lines = f.read().strip().splitlines() or ["(no output)"]
-            raise RuntimeError(f"TFLite int8 conversion failed (exit code {self.process.returncode}): "
-                               f"{lines[-1]}\n" + "\n".join(lines[-40:]))
+            how = f"killed by signal {-code} (out of memory?)" if code < 0 else f"exit code {code}"
+            raise RuntimeError(f"TFLite int8 conversion failed ({how}): {lines[-1]}\n" + "\n".join(lines[-40:]))
         with open(self.output, "rb") as f:
             return f.read()
 
@@ -146,6 +150,11 @@ class _Int8Worker:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        if not self.process.stdin.closed:
+            try:
+                self.process.stdin.close()
+            except BrokenPipeError:
+                pass
         self.log.close()
 
 

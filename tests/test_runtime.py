@@ -11,39 +11,56 @@ from conftest import SMALL
 from conversion import convert, export, predict, runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ONEDNN_STATE = ("from conversion import runtime; runtime.default_environment(); "
-                "from tensorflow.python.util import _pywrap_util_port; "
-                "print(_pywrap_util_port.IsMklEnabled())")
+CHILD = ("import os, sys; from conversion import runtime; runtime.default_environment(); "
+         "threads = runtime.set_threads(int(sys.argv[1]) if len(sys.argv) > 1 else None); "
+         "import tensorflow as tf; from tensorflow.python.util import _pywrap_util_port; "
+         "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], _pywrap_util_port.IsMklEnabled(), threads, "
+         "tf.config.threading.get_intra_op_parallelism_threads())")
 
 
-@pytest.mark.parametrize("environment, enabled", [(None, "False"), ("1", "True")])
-def test_onednn_is_off_unless_the_environment_turns_it_on(environment, enabled):
+def _child(*args, environment=None):
+    """What a fresh process (as a CLI starts) ends up with after the runtime defaults."""
     env = {k: v for k, v in os.environ.items() if k != runtime.ONEDNN}
     if environment is not None:
         env[runtime.ONEDNN] = environment
-    out = subprocess.run([sys.executable, "-c", ONEDNN_STATE], env=env, cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == enabled
+    return out.stdout.strip().splitlines()[-1].split()
 
 
-def test_threads_default_to_every_available_core():
-    assert runtime.set_threads() == runtime.available_cores() == len(os.sched_getaffinity(0))
+@pytest.mark.parametrize("environment, expected", [(None, ["0", "False"]), ("1", ["1", "True"])])
+def test_onednn_is_off_unless_the_environment_turns_it_on(environment, expected):
+    assert _child(environment=environment)[:2] == expected
+
+
+def test_threads_default_to_every_available_core_and_can_be_set():
+    cores = runtime.available_cores()
+    assert _child()[2:] == [str(cores), "0"]  # TF's own default (0) already means every core
+    assert _child("1")[2:] == ["1", "1"]
 
 
 @pytest.mark.parametrize("main", [convert.main, predict.main])
-def test_cli_rejects_zero_threads(main, tmp_path, capsys):
+def test_cli_rejects_bad_thread_counts(main, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main([str(tmp_path), str(tmp_path / "x.png"), "--threads", "0"] if main is predict.main
              else [str(tmp_path), "--threads", "0"])
     assert info.value.code == 2
     assert "--threads: must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), str(tmp_path / "x.png"), "--threads", "two"] if main is predict.main
+             else [str(tmp_path), "--threads", "two"])
+    assert "--threads: must be a whole number, got 'two'" in capsys.readouterr().err
 
 
 def test_int8_without_calibration_images_is_refused(tmp_path, capsys):
     assert convert.main(["--output", str(tmp_path / "o"), "--calibration-images", "0"]) == 2
     assert "full int8 TFLite needs calibration images, got calibration_images=0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # without int8 nothing is calibrated, so the count does not matter
+    assert convert.main(["--output", str(tmp_path / "o"), "--formats", "tflite", "--tflite", "fp32",
+                         "--calibration-images", "0"]) == 0
+    assert (tmp_path / "o" / "tflite" / "digits_fp32.tflite").exists()
 
 
 @pytest.fixture(scope="module")
@@ -91,5 +108,15 @@ def test_an_int8_worker_without_a_graph_says_so(tmp_path):
     worker = export._Int8Worker(np.zeros((1, 8, 8, 3), "float32"), str(tmp_path))
     worker.process.stdin.close()  # as when the parent dies before saving the graph
     with pytest.raises(RuntimeError, match="no graph to convert: the parent process stopped before saving it"):
+        worker.result()
+    worker.close()
+
+
+def test_an_int8_worker_killed_early_is_reported_as_such(tmp_path):
+    worker = export._Int8Worker(np.zeros((1, 8, 8, 3), "float32"), str(tmp_path))
+    worker.process.kill()
+    worker.process.wait()
+    worker.convert(str(tmp_path / "graph"))  # the pipe is broken: no error here, `result` tells
+    with pytest.raises(RuntimeError, match=r"^TFLite int8 conversion failed \(killed by signal 9 \(out of memory\?\)\)"):
         worker.result()
     worker.close()
