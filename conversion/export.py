@@ -129,8 +129,14 @@ class _Int8Worker:
     def convert(self, saved_model_dir):
         try:
             self.process.stdin.write(saved_model_dir.encode() + b"\n")
-            self.process.stdin.close()
         except BrokenPipeError:  # the child already died: `result` reports why, from its log
+            pass
+        self._close_stdin()
+
+    def _close_stdin(self):
+        try:
+            self.process.stdin.close()
+        except BrokenPipeError:  # flushing into a dead child
             pass
 
     def result(self):
@@ -150,11 +156,7 @@ class _Int8Worker:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        if not self.process.stdin.closed:
-            try:
-                self.process.stdin.close()
-            except BrokenPipeError:
-                pass
+        self._close_stdin()
         self.log.close()
 
 

@@ -42,14 +42,13 @@ def test_threads_default_to_every_available_core_and_can_be_set():
 
 @pytest.mark.parametrize("main", [convert.main, predict.main])
 def test_cli_rejects_bad_thread_counts(main, tmp_path, capsys):
+    positional = [str(tmp_path), str(tmp_path / "x.png")] if main is predict.main else [str(tmp_path)]
     with pytest.raises(SystemExit) as info:
-        main([str(tmp_path), str(tmp_path / "x.png"), "--threads", "0"] if main is predict.main
-             else [str(tmp_path), "--threads", "0"])
+        main([*positional, "--threads", "0"])
     assert info.value.code == 2
     assert "--threads: must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main([str(tmp_path), str(tmp_path / "x.png"), "--threads", "two"] if main is predict.main
-             else [str(tmp_path), "--threads", "two"])
+        main([*positional, "--threads", "two"])
     assert "--threads: must be a whole number, got 'two'" in capsys.readouterr().err
 
 
