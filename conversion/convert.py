@@ -248,7 +248,7 @@ def convert(source=None, output=None, name=None, formats=FORMATS, quantizations=
 
 
 def main(argv=None):
-    from conversion import runtime
+    from tfbit import runtime
     runtime.default_environment()  # before TensorFlow is imported
     from conversion.export import TASKS, TFLITE_QUANTIZATIONS
     parser = argparse.ArgumentParser(
@@ -275,7 +275,7 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output (its serving versions are kept)")
     parser.add_argument("--threads", type=runtime.positive_int,
-                        help="CPU threads (default: every available core; see conversion/runtime.py)")
+                        help="CPU threads (default: every available core; see tfbit/runtime.py)")
     args = parser.parse_args(argv)
     threads = runtime.set_threads(args.threads)
     try:

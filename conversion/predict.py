@@ -5,7 +5,7 @@
 ARTIFACT: an export directory (saved_models/<name>: uses its newest SavedModel), a `.keras`
 file, a SavedModel directory (serving/<version>) or a `.tflite` file. Labels and preprocessing
 come from the export's config.json / preprocessor_config.json. CPU defaults (every core,
-oneDNN off, XLA opt-in) are explained in `conversion/runtime.py`.
+oneDNN off, XLA opt-in) are explained in `tfbit/runtime.py`.
 """
 
 import argparse
@@ -45,7 +45,7 @@ def _resolve(artifact):
 def predict(artifact, image_paths, top_k=5, threads=None, xla=False):
     """[(image path, [(label, probability), ...]), ...] for each image.
 
-    `threads` is LiteRT's thread count (TensorFlow's is set by `conversion.runtime.set_threads`);
+    `threads` is LiteRT's thread count (TensorFlow's is set by `tfbit.runtime.set_threads`);
     `xla` compiles a `.keras` model with XLA (faster per image, ~20-40 s to compile R50x1).
     """
     from tfbit.config import BitConfig
@@ -85,7 +85,7 @@ def predict(artifact, image_paths, top_k=5, threads=None, xla=False):
 
 
 def main(argv=None):
-    from conversion import runtime
+    from tfbit import runtime
     runtime.default_environment()  # before TensorFlow is imported
     parser = argparse.ArgumentParser(prog="python -m conversion.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact")

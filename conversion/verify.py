@@ -76,7 +76,7 @@ def saved_model_runner(path, signature):
 
 def tflite_runner(path, num_threads=None):
     from ai_edge_litert.interpreter import Interpreter
-    from conversion.runtime import available_cores
+    from tfbit.runtime import available_cores
     interpreter = Interpreter(model_path=path, num_threads=num_threads or available_cores())
     runner = interpreter.get_signature_runner("serving_default")
     # One image per call: the signature has a dynamic batch, but mobile runtimes run batch 1.

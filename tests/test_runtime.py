@@ -1,4 +1,4 @@
-"""CPU defaults of the command-line tools (conversion/runtime.py) and the parallel int8 export."""
+"""CPU defaults of the command-line tools (tfbit/runtime.py) and the parallel int8 export."""
 
 import os
 import subprocess
@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import SMALL
-from conversion import convert, export, predict, runtime
+from conversion import convert, export, predict
+from tfbit import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHILD = ("import os, sys; from conversion import runtime; runtime.default_environment(); "
+CHILD = ("import os, sys; from tfbit import runtime; runtime.default_environment(); "
          "threads = runtime.set_threads(int(sys.argv[1]) if len(sys.argv) > 1 else None); "
          "import tensorflow as tf; from tensorflow.python.util import _pywrap_util_port; "
          "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], _pywrap_util_port.IsMklEnabled(), threads, "

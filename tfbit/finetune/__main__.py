@@ -22,7 +22,7 @@ def _dataset(spec, data_dir, download):
 
 
 def main(argv=None):
-    from conversion import runtime
+    from tfbit import runtime
     parser = argparse.ArgumentParser(prog="python -m tfbit.finetune", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +48,7 @@ def main(argv=None):
     parser.add_argument("--export", nargs="*", choices=("keras", "saved_model", "tflite"),
                         help="also convert the best checkpoint (into OUTPUT/export)")
     parser.add_argument("--threads", type=runtime.positive_int,
-                        help="CPU threads (default: every available core; see conversion/runtime.py)")
+                        help="CPU threads (default: every available core; see tfbit/runtime.py)")
     args = parser.parse_args(argv)
     runtime.set_threads(args.threads)
     if runtime.ONEDNN not in os.environ:
