@@ -1,28 +1,34 @@
-"""Convert BiT weights (Hugging Face, timm, original .npz) into verified deployable artifacts.
+"""Convert BiT weights (Hugging Face, timm, original .npz, tfbit .keras) into verified deployable
+artifacts.
 
     python -m conversion.convert [SOURCE] [--output DIR] [--formats keras saved_model tflite]
                                  [--task classification|features|backbone] ...
 
 Without SOURCE it converts the embedded digits checkpoint (the demo) and also prints each
 artifact's accuracy on the held-out digits next to the accuracy transformers measured.
-Exit codes: 0 verified, 1 verification failed, 2 bad arguments or unusable source/output.
+
+Steps: load the source -> gather real images -> export every artifact into a staging folder ->
+verify each against the source -> publish the verified ones (see `conversion.publish`).
+Exit codes: 0 every artifact verified; 1 some failed verification (the verified ones are
+published, the others reported and left out); 2 bad arguments, source or output; 3 an internal
+error (a bug: please report it with the traceback).
 """
 
 import argparse
 import dataclasses
-import io
 import json
 import os
-import shutil
 import sys
 import time
+import traceback
+from typing import Callable
 
 import numpy as np
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_checkpoint")
 DEFAULT_OUTPUT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "saved_models")
-FORMATS = ("keras", "saved_model", "tflite")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+OUTPUT_FORMATS = ("keras", "saved_model", "tflite")
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
 
 
 class ConversionError(Exception):
@@ -30,199 +36,234 @@ class ConversionError(Exception):
 
 
 @dataclasses.dataclass
-class RealImages:
-    """Encoded images (what a client sends), their decoded arrays and optional labels."""
-    encoded: list
-    arrays: list
-    labels: np.ndarray | None = None
-
-
-def _encode_png(array):
-    from PIL import Image
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def digits_images(split="test", limit=None):
-    """Held-out (or training) digits: real handwriting, losslessly PNG-encoded."""
-    from conversion.digits import load_digits_split
-    x_train, y_train, x_test, y_test = load_digits_split()
-    images, labels = (x_test, y_test) if split == "test" else (x_train, y_train)
-    images, labels = images[:limit], labels[:limit]
-    return RealImages([_encode_png(a) for a in images], list(images), labels)
-
-
-def folder_images(folder, limit=None, label2id=None):
-    """Images under `folder`; labelled when every image sits in a folder named after a label
-    of the model (folder/<label>/*.png), so the report can show each artifact's accuracy."""
-    from tfbit.image_processor import load_image
-    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
-    if not paths:
-        raise ConversionError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
-    paths = paths[:limit]
-    encoded = []
-    for p in paths:
-        with open(p, "rb") as f:
-            encoded.append(f.read())
-    classes = [os.path.basename(os.path.dirname(p)) for p in paths]
-    labels = None
-    if label2id and all(c in label2id for c in classes):
-        labels = np.array([label2id[c] for c in classes])
-    return RealImages(encoded, [np.asarray(load_image(p)) for p in paths], labels)
+class Artifact:
+    """One exported artifact: where it is (relative to the output folder), how to run it from
+    disk, which inputs it takes ("pixels" or "encoded") and whether it must be lossless. Both
+    SavedModel signatures are artifacts of one folder."""
+    name: str
+    path: str
+    runner: Callable | None
+    inputs: str = "pixels"
+    lossless: bool = True
+    error: str = ""  # why it could not be produced (then it has no runner)
 
 
 def _log(message):
     print(message, flush=True)
 
 
-def _reference(loaded, task, pixel_values, log):
+# -- step 1: the source --------------------------------------------------------------------------
+
+def load_source(source, task, source_format, preprocessor_path, log):
+    import tfbit
+    from tfbit.image_processor import BitImageProcessor
+    try:
+        model, checkpoint = tfbit.load_model(source, task=task, format=source_format)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise ConversionError(str(e)) from e
+    if task == "classification" and not isinstance(model, tfbit.BitForImageClassification):
+        raise ConversionError(f"{source} has no classification head: export it with --task features "
+                              "or --task backbone")
+    if preprocessor_path:
+        try:
+            processor = BitImageProcessor.from_pretrained(preprocessor_path)
+        except (FileNotFoundError, ValueError, TypeError) as e:
+            raise ConversionError(f"--preprocessor {preprocessor_path}: {e}") from e
+    elif checkpoint.preprocessor is not None:
+        processor = BitImageProcessor.from_dict(checkpoint.preprocessor)
+    elif checkpoint.format == "keras":
+        raise ConversionError(f"{source} has no preprocessor_config.json beside it, so the image size and "
+                              "normalization it was trained with are unknown: put that file beside it "
+                              "(tfbit.finetune writes one) or pass --preprocessor FILE")
+    else:
+        processor = BitImageProcessor()
+        log("      warning: the checkpoint has no preprocessor_config.json: using transformers' "
+            "BitImageProcessor defaults (224 px crop, CLIP mean/std); pass --preprocessor to override")
+    return model, checkpoint, processor
+
+
+# -- step 2: images ------------------------------------------------------------------------------
+
+def gather_images(demo, images, num_images, calibration_images, label2id, need_calibration):
+    """(verification images, calibration arrays or None)."""
+    from conversion import images as real
+    try:
+        if demo:
+            verification = real.digits_images("test")
+            calibration = real.digits_images("train", calibration_images).arrays if need_calibration else None
+            return verification, calibration
+        verification = real.folder_images(images, num_images, label2id) if images else real.photo_images(num_images)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise ConversionError(str(e)) from e
+    calibration = real.mirrored(verification.pick(calibration_images)) if need_calibration else None
+    return verification, calibration
+
+
+# -- step 3: export ------------------------------------------------------------------------------
+
+def export_artifacts(model, checkpoint, processor, task, name, formats, quantizations, staging,
+                     version, image_size, calibration, top_k, threads, log):
+    from conversion import export, runners
+    artifacts = []
+    checkpoint.config.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    if "keras" in formats:
+        log("      .keras")
+        model.save(os.path.join(staging, f"{name}.keras"))
+        artifacts.append(Artifact("keras", f"{name}.keras", runners.keras_runner))
+    inference = export.float32_inference_model(model)
+    if "saved_model" in formats:
+        log(f"      TF Serving SavedModel (version {version})")
+        path = os.path.join("serving", str(version))
+        export.write_saved_model(inference, task, processor.to_dict(), checkpoint.config.id2label,
+                                 os.path.join(staging, path), top_k)
+        artifacts.append(Artifact("saved_model[pixel_values]", path,
+                                  lambda p: runners.saved_model_runner(p, "pixel_values")))
+        artifacts.append(Artifact("saved_model[image_bytes]", path,
+                                  lambda p: runners.saved_model_runner(p, "serving_default"),
+                                  inputs="encoded", lossless=False))
+    if "tflite" in formats:
+        log(f"      TFLite {', '.join(quantizations)}")
+        os.makedirs(os.path.join(staging, "tflite"))
+        calib = None if calibration is None else processor(calibration)
+        for q, flatbuffer in export.tflite_models(inference, task, image_size, quantizations, calib).items():
+            path = os.path.join("tflite", f"{name}_{q}.tflite")
+            if isinstance(flatbuffer, export.VariantError):  # reported as a failed artifact
+                artifacts.append(Artifact(f"tflite_{q}", path, None, lossless=False, error=str(flatbuffer)))
+                continue
+            with open(os.path.join(staging, path), "wb") as f:
+                f.write(flatbuffer)
+            artifacts.append(Artifact(f"tflite_{q}", path, lambda p: runners.tflite_runner(p, threads),
+                                      lossless=q == "fp32"))
+    return artifacts
+
+
+# -- step 4: verify ------------------------------------------------------------------------------
+
+def reference_outputs(model, checkpoint, task, pixel_values, log):
     """Reference outputs on the preprocessed images: the PyTorch source where possible."""
-    model = loaded.torch_reference() if (task == "classification" and loaded.torch_reference) else None
-    if model is not None:
+    from conversion.references import torch_reference
+    reference = torch_reference(checkpoint, model) if task == "classification" else None
+    if reference is not None:
         import torch
         with torch.no_grad():
-            out = model(torch.from_numpy(np.ascontiguousarray(pixel_values.transpose(0, 3, 1, 2))))
-        log(f"      reference: the PyTorch source model ({type(model).__name__})")
+            out = reference(torch.from_numpy(np.ascontiguousarray(pixel_values.transpose(0, 3, 1, 2))))
+        log(f"      reference: the PyTorch source model ({type(reference).__name__})")
         return {"logits": (out.logits if hasattr(out, "logits") else out).numpy()}, "pytorch"
-    log("      reference: the Keras model (PyTorch source not available for this task/source)")
-    out = loaded.model.predict(pixel_values, verbose=0, batch_size=16)
+    log("      reference: the Keras model (no PyTorch source for this task/source)")
+    out = model.predict(pixel_values, verbose=0, batch_size=16)
     if task == "features":
         out = {"features": out["pooler_output"]}
     return (out if isinstance(out, dict) else {"logits": out}), "keras"
 
 
-def _prepare_output(output, overwrite):
-    if os.path.exists(output) and not overwrite:
-        raise ConversionError(f"{output} already exists: pass --overwrite to replace its artifacts "
-                              "(existing serving versions are kept and a new version is added)")
-    staging = f"{output}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    version = 1
-    old_serving = os.path.join(output, "serving")
-    if os.path.isdir(old_serving):
-        from conversion.export import next_serving_version
-        version = next_serving_version(old_serving)
-        shutil.copytree(old_serving, os.path.join(staging, "serving"))
-    return staging, version
+def verify_artifacts(artifacts, staging, reference, pixel_values, images):
+    from conversion import verify
+    inputs = {"pixels": pixel_values, "encoded": np.array(images.encoded, dtype=object)}
+    rows = []
+    for artifact in artifacts:
+        if artifact.error:
+            rows.append(verify.Row(artifact.name, artifact.path, 0, float("nan"), float("nan"), "could not be produced",
+                                   None, None, None, float("nan"), False, artifact.error.splitlines()[0]))
+            continue
+        path = os.path.join(staging, artifact.path)
+        row = verify.compare(artifact.name, path, artifact.runner(path), inputs[artifact.inputs], reference,
+                             images.labels, lossless=artifact.lossless)
+        rows.append(dataclasses.replace(row, path=artifact.path))
+    return rows
 
 
-def _move_into_place(staging, output):
-    """Swap the verified staging directory in; the old one is removed only after the swap."""
-    if os.path.exists(output):
-        trash = f"{output}.old-{os.getpid()}"
-        os.replace(output, trash)
-        os.replace(staging, output)
-        shutil.rmtree(trash)
-    else:
-        os.replace(staging, output)
+# -- the pipeline --------------------------------------------------------------------------------
 
-
-def convert(source=None, output=None, name=None, formats=FORMATS, quantizations=None,
+def convert(source=None, output=None, name=None, formats=OUTPUT_FORMATS, quantizations=None,
             task="classification", source_format=None, overwrite=False, images=None,
-            num_images=32, top_k=5, calibration_images=16, threads=None, log=_log):
-    """Convert, export, verify; returns the report dict. Raises ConversionError on bad input."""
-    from conversion import export, sources, verify
-    from tfbit.image_processor import BitImageProcessor
+            num_images=32, top_k=5, calibration_images=16, threads=None, keep_failed=False,
+            preprocessor=None, log=_log):
+    """Convert, export, verify, publish; returns the report dict.
+
+    Args:
+        source: anything `tfbit.load_model` loads; None converts the embedded digits demo.
+        output: the output folder (default `saved_models/<name>`).
+        formats: a subset of `OUTPUT_FORMATS`; quantizations: TFLite variants
+            (`conversion.export.TFLITE_QUANTIZATIONS`).
+        overwrite: replace artifacts tfbit wrote before in `output` (never other files).
+        images: a folder of real images to verify and calibrate on (default: the shipped
+            photos; the digits for the demo).
+        keep_failed: publish artifacts that failed verification too (still reported).
+        preprocessor: a preprocessor_config.json (or its folder) replacing the source's.
+
+    Raises ConversionError on bad input.
+    """
+    from conversion import export, publish
 
     quantizations = tuple(quantizations or export.TFLITE_QUANTIZATIONS)
-    unknown = sorted(set(formats) - set(FORMATS)) + sorted(set(quantizations) - set(export.TFLITE_QUANTIZATIONS))
+    unknown = sorted(set(formats) - set(OUTPUT_FORMATS)) + sorted(set(quantizations) - set(export.TFLITE_QUANTIZATIONS))
     if unknown:
-        raise ConversionError(f"unknown format(s) {unknown}: choose from {FORMATS} and TFLite "
+        raise ConversionError(f"unknown format(s) {unknown}: choose from {OUTPUT_FORMATS} and TFLite "
                               f"quantizations {export.TFLITE_QUANTIZATIONS}")
     if task not in export.TASKS:
         raise ConversionError(f"unknown task {task!r}: choose from {export.TASKS}")
-    if "tflite" in formats and "int8" in quantizations and calibration_images < 1:
+    need_calibration = "tflite" in formats and "int8" in quantizations
+    if need_calibration and calibration_images < 1:
         raise ConversionError(f"full int8 TFLite needs calibration images, got calibration_images={calibration_images}")
+    if num_images < 1:
+        raise ConversionError(f"verification needs at least one image, got num_images={num_images}")
     demo = source is None
     started = time.perf_counter()
     log(f"[1/5] loading {'the embedded digits checkpoint' if demo else source}")
-    try:
-        loaded = sources.load_source(DEFAULT_CHECKPOINT if demo else source, format=source_format, task=task)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        raise ConversionError(str(e)) from e
-    import tfbit
-    if task == "classification" and not isinstance(loaded.model, tfbit.BitForImageClassification):
-        raise ConversionError(f"{source} has no classification head: export it with --task features "
-                              "or --task backbone")
-    name = name or ("digits" if demo else loaded.name)
+    model, checkpoint, processor = load_source(DEFAULT_CHECKPOINT if demo else source, task, source_format,
+                                               preprocessor, log)
+    config = checkpoint.config
+    name = name or ("digits" if demo else checkpoint.name)
     output = os.path.abspath(output or os.path.join(DEFAULT_OUTPUT_ROOT, name))
-    config = loaded.config
-    processor = BitImageProcessor.from_dict(loaded.preprocessor)
-    log(f"      {loaded.format} checkpoint, {config.num_labels} labels, "
-        f"{sum(int(np.prod(w.shape)) for w in loaded.model.weights) / 1e6:.1f} M parameters")
-
-    if demo:
-        real = digits_images("test")
-    elif images:
-        real = folder_images(images, num_images, config.label2id)
-    else:  # digits are real images, but their labels mean nothing to another model
-        real = dataclasses.replace(digits_images("test", num_images), labels=None)
-    calibration = None
-    if "tflite" in formats and "int8" in quantizations:
-        # Each calibration image costs ~0.6 s for R50x1; the digits demo agrees on top-1 as well
-        # with 16 as with 64 (100% / 99.7%). User images are taken evenly across their (sorted,
-        # so class-grouped) list.
-        if images:
-            picks = np.unique(np.linspace(0, len(real.arrays) - 1, calibration_images).round().astype(int))
-            calibration = [real.arrays[i] for i in picks]
-        else:
-            calibration = digits_images("train", calibration_images).arrays
-    pixel_values = processor(real.arrays)
+    log(f"      {checkpoint.format} checkpoint, {config.num_labels} labels, "
+        f"{sum(int(np.prod(w.shape)) for w in model.weights) / 1e6:.1f} M parameters")
+    real, calibration = gather_images(demo, images, num_images, calibration_images, config.label2id,
+                                      need_calibration)
+    try:
+        pixel_values = processor(real.arrays)
+    except ValueError as e:
+        raise ConversionError(f"the images cannot be preprocessed: {e}") from e
     image_size = pixel_values.shape[1:3]
 
-    staging, version = _prepare_output(output, overwrite)
     try:
-        log(f"[2/5] writing config, preprocessor and .keras into {staging}")
-        config.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        artifacts = []  # (name, path, runner, inputs, tolerance factor, note)
-        if "keras" in formats:
-            path = os.path.join(staging, f"{name}.keras")
-            loaded.model.save(path)
-            artifacts.append(("keras", path, lambda p: verify.keras_runner(p), pixel_values,
-                              verify.TOLERANCE["keras"], ""))
-        inference = export.float32_inference_model(loaded.model)
-        if "saved_model" in formats:
-            log(f"[3/5] writing the TF Serving SavedModel (version {version})")
-            path = os.path.join(staging, "serving", str(version))
-            export.write_saved_model(inference, task, processor.to_dict(), config.id2label, path, top_k)
-            artifacts.append(("saved_model[pixel_values]", path,
-                              lambda p: verify.saved_model_runner(p, "pixel_values"), pixel_values,
-                              verify.TOLERANCE["saved_model"], ""))
-            artifacts.append(("saved_model[image_bytes]", path,
-                              lambda p: verify.saved_model_runner(p, "serving_default"),
-                              np.array(real.encoded, dtype=object), None,
-                              "decoding and resizing by TF ops in the graph (within 1 uint8 level of the Python processor): top-1 checked"))
-        if "tflite" in formats:
-            os.makedirs(os.path.join(staging, "tflite"))
-            calib = None if calibration is None else processor(calibration)
-            log(f"[4/5] converting to TFLite {', '.join(quantizations)}")
-            for q, flatbuffer in export.tflite_models(inference, task, image_size, quantizations, calib).items():
-                path = os.path.join(staging, "tflite", f"{name}_{q}.tflite")
-                with open(path, "wb") as f:
-                    f.write(flatbuffer)
-                artifacts.append((f"tflite_{q}", path, lambda p: verify.tflite_runner(p, threads), pixel_values,
-                                  verify.TOLERANCE.get(f"tflite_{q}"), ""))
+        with publish.OutputLock(output):
+            return _export_verify_publish(model, checkpoint, processor, task, name, formats, quantizations,
+                                          output, overwrite, keep_failed, image_size, calibration, top_k,
+                                          threads, real, pixel_values, demo, source, started, log)
+    except publish.OutputError as e:  # the output is locked, or publishing would lose a file
+        raise ConversionError(str(e)) from e
 
+
+def _export_verify_publish(model, checkpoint, processor, task, name, formats, quantizations, output,
+                           overwrite, keep_failed, image_size, calibration, top_k, threads, real,
+                           pixel_values, demo, source, started, log):
+    from conversion import publish, verify
+    version = publish.next_serving_version(output)
+    planned = ["config.json", "preprocessor_config.json", "report.json"]
+    planned += [f"{name}.keras"] * ("keras" in formats) + [f"serving/{version}"] * ("saved_model" in formats)
+    planned += [f"tflite/{name}_{q}.tflite" for q in quantizations if "tflite" in formats]
+    # Refused before the slow export, not after it.
+    publish.check_output(output, planned, source_paths=checkpoint.files, overwrite=overwrite)
+    with publish.staging_dir(output) as staging:
+        log(f"[2/5] exporting into {staging}")
+        artifacts = export_artifacts(model, checkpoint, processor, task, name, formats, quantizations, staging,
+                                     version, image_size, calibration, top_k, threads, log)
         export_seconds = time.perf_counter() - started
-        log(f"[5/5] verifying {len(artifacts)} artifacts on {len(real.encoded)} real images")
-        reference, reference_kind = _reference(loaded, task, pixel_values, log)
-        rows = []
-        for art_name, path, make_runner, inputs, factor, note in artifacts:
-            row = verify.compare(art_name, path, make_runner(path), inputs, reference, real.labels,
-                                 tolerance_factor=factor, note=note)
-            rows.append(dataclasses.replace(row, path=os.path.relpath(path, staging)))
+        log(f"[3/5] verifying {len(artifacts)} artifacts on {real.description}")
+        reference, reference_kind = reference_outputs(model, checkpoint, task, pixel_values, log)
+        rows = verify_artifacts(artifacts, staging, reference, pixel_values, real)
+        failed = {r.path for r in rows if not r.passed}
+        published = sorted({a.path for a in artifacts} - (set() if keep_failed else failed))
         report = {
-            "source": str(source or DEFAULT_CHECKPOINT), "format": loaded.format, "task": task,
-            "name": name, "reference": reference_kind, "num_images": len(real.encoded),
-            "image_size": list(image_size), "serving_version": version,
+            "source": str(source or DEFAULT_CHECKPOINT), "format": checkpoint.format, "task": task,
+            "name": name, "reference": reference_kind, "images": real.description,
+            "num_images": len(real.encoded), "image_size": list(image_size),
+            "serving_version": version if os.path.join("serving", str(version)) in published else None,
             "export_seconds": round(export_seconds, 1),
             "verification_seconds": round(time.perf_counter() - started - export_seconds, 1),
-            "artifacts": [dataclasses.asdict(r) for r in rows],
-            "passed": all(r.passed for r in rows),
+            "artifacts": [dataclasses.asdict(r) | {"published": r.path in published} for r in rows],
+            "passed": not failed,
         }
         if demo:
             with open(os.path.join(DEFAULT_CHECKPOINT, "metrics.json"), encoding="utf-8") as f:
@@ -234,58 +275,80 @@ def convert(source=None, output=None, name=None, formats=FORMATS, quantizations=
             log(f"\nheld-out digits accuracy measured by transformers (PyTorch): "
                 f"{report['transformers_accuracy']:.2%}")
         log(f"\nloading + export {report['export_seconds']} s, verification {report['verification_seconds']} s")
-        if not report["passed"]:
-            failed = ", ".join(r.artifact for r in rows if not r.passed)
-            shutil.rmtree(staging)
-            log(f"\nverification FAILED for {failed}: nothing was written to {output}")
-            return report
-        _move_into_place(staging, output)
-        log(f"\nall artifacts verified -> {output}")
-        return report
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        log(f"[4/5] publishing {len(published)} verified artifact{'s' if len(published) != 1 else ''} into {output}")
+        written = ["config.json", "preprocessor_config.json", *published, "report.json"]
+        publish.publish(staging, output, written, source_paths=checkpoint.files, overwrite=overwrite)
+    if failed:
+        names = ", ".join(r.artifact for r in rows if not r.passed)
+        variants = [q for q in quantizations if f"tflite/{name}_{q}.tflite" not in failed]
+        log(f"[5/5] verification FAILED for {names}: "
+            + ("published anyway (--keep-failed)" if keep_failed else
+               f"left out; the verified artifacts are in {output}. Publish them anyway with --keep-failed, "
+               f"or skip them" + (f" with --tflite {' '.join(variants)}" if variants else "")))
+    else:
+        log(f"[5/5] all artifacts verified -> {output}")
+    return report
 
 
 def main(argv=None):
     from tfbit import runtime
     runtime.default_environment()  # before TensorFlow is imported
+    from conversion import processes
     from conversion.export import TASKS, TFLITE_QUANTIZATIONS
+    from tfbit.weights import FORMATS as SOURCE_FORMATS
     parser = argparse.ArgumentParser(
         prog="python -m conversion.convert", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="SOURCE: a Hugging Face hub id (google/bit-50) or checkpoint directory, a timm "
                "name (timm/resnetv2_50x1_bit.goog_in21k) or state-dict file (.safetensors/.pth/"
-               ".bin), or an original BiT .npz file. Omit it for the offline demo.")
+               ".bin), an original BiT .npz file, or a tfbit .keras file. Omit it for the offline "
+               "demo.\n\nExit codes: 0 all verified, 1 some artifacts failed verification (left out "
+               "unless --keep-failed), 2 bad input, 3 internal error.")
     parser.add_argument("source", nargs="?", help="checkpoint to convert (default: embedded digits demo)")
-    parser.add_argument("--source-format", choices=("hf", "timm", "npz", "keras"), help="override format detection")
+    parser.add_argument("--source-format", choices=SOURCE_FORMATS, help="override format detection")
     parser.add_argument("--output", help="output directory (default: saved_models/<name>)")
     parser.add_argument("--name", help="artifact name (default: from the source)")
-    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--formats", nargs="+", default=list(OUTPUT_FORMATS), choices=OUTPUT_FORMATS)
     parser.add_argument("--tflite", nargs="+", default=list(TFLITE_QUANTIZATIONS), choices=TFLITE_QUANTIZATIONS,
                         dest="quantizations", help="TFLite variants to export")
     parser.add_argument("--task", default="classification", choices=TASKS,
                         help="classification (logits), features (pooled vector) or backbone (stage maps)")
     parser.add_argument("--images", help="folder of real images for verification/calibration "
-                                         "(default: held-out handwritten digits)")
-    parser.add_argument("--num-images", type=int, default=32, help="verification images (default 32)")
-    parser.add_argument("--calibration-images", type=int, default=16,
+                                         "(default: the photos shipped with tfbit)")
+    parser.add_argument("--preprocessor", help="preprocessor_config.json (or its folder) to use instead "
+                                               "of the source's")
+    parser.add_argument("--num-images", type=runtime.positive_int, default=32,
+                        help="verification images (default 32)")
+    parser.add_argument("--calibration-images", type=runtime.positive_int, default=16,
                         help="images to calibrate full int8 TFLite on (default 16)")
-    parser.add_argument("--top-k", type=int, default=5, help="classes returned by the serving signature")
+    parser.add_argument("--top-k", type=runtime.positive_int, default=5,
+                        help="classes returned by the serving signature")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing output (its serving versions are kept)")
+                        help="replace artifacts a previous conversion wrote into the output (other files "
+                             "and earlier serving versions are kept)")
+    parser.add_argument("--keep-failed", action="store_true",
+                        help="publish artifacts that fail verification too (they stay marked in report.json)")
     parser.add_argument("--threads", type=runtime.positive_int,
                         help="CPU threads (default: every available core; see tfbit/runtime.py)")
     args = parser.parse_args(argv)
     threads = runtime.set_threads(args.threads)
     try:
-        report = convert(args.source, args.output, args.name, args.formats, args.quantizations, args.task,
-                         args.source_format, args.overwrite, args.images, args.num_images, args.top_k,
-                         args.calibration_images, threads)
+        with processes.termination_as_exit():  # SIGTERM runs the clean-up of a normal exit
+            report = convert(args.source, args.output, args.name, args.formats, args.quantizations, args.task,
+                             args.source_format, args.overwrite, args.images, args.num_images, args.top_k,
+                             args.calibration_images, threads, args.keep_failed, args.preprocessor)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0 if report["passed"] else 1
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: nothing was published", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("internal error: this is a bug in tfbit (the traceback above says where); nothing was "
+              "published", file=sys.stderr)
+        return EXIT_INTERNAL
+    return 0 if report["passed"] else EXIT_FAILED
 
 
 if __name__ == "__main__":

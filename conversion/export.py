@@ -5,6 +5,7 @@ whatever precision policy the source model was built under.
 """
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -14,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfbit
+from conversion import processes
 from tfbit import image_ops
 
 TFLITE_QUANTIZATIONS = ("fp32", "fp16", "dynamic_int8", "int8")
@@ -109,6 +111,10 @@ def _converter(saved_model_dir):
     return tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=["serving_default"])
 
 
+class VariantError(RuntimeError):
+    """One TFLite variant could not be produced; the others can."""
+
+
 class _Int8Worker:
     """Full int8 in a child process. TFLite's converter and calibrator run on one core and hold
     the GIL, and int8 (calibration) is the longest variant, so it overlaps the float ones. The
@@ -123,7 +129,8 @@ class _Int8Worker:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
                "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        self.process = subprocess.Popen([sys.executable, "-m", "conversion.export", calibration, self.output],
+        self.process = subprocess.Popen([sys.executable, "-m", "conversion.export", calibration, self.output,
+                                         str(os.getpid())],
                                         stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def convert(self, saved_model_dir):
@@ -146,8 +153,9 @@ class _Int8Worker:
         if code:
             with open(self.log.name, encoding="utf-8", errors="replace") as f:
                 lines = f.read().strip().splitlines() or ["(no output)"]
-            how = f"killed by signal {-code} (out of memory?)" if code < 0 else f"exit code {code}"
-            raise RuntimeError(f"TFLite int8 conversion failed ({how}): {lines[-1]}\n" + "\n".join(lines[-40:]))
+            how = f"exit code {code}" if code > 0 else f"killed by signal {-code}" + (
+                " (out of memory?)" if -code == signal.SIGKILL else "")
+            raise VariantError(f"TFLite int8 conversion failed ({how}): {lines[-1]}\n" + "\n".join(lines[-40:]))
         with open(self.output, "rb") as f:
             return f.read()
 
@@ -165,7 +173,9 @@ def tflite_models(model, task, image_size, quantizations, representative_images=
 
     Input `pixel_values` (dynamic batch, fixed image_size, preprocessed floats); outputs
     `logits` (classification), `features`, or one tensor per backbone stage. The graph is
-    saved once; the float variants share one converter while full int8 converts in parallel.
+    saved once; the float variants share one converter while full int8 converts in parallel,
+    in a child process that also runs the result once: a full int8 that cannot be produced or
+    run is returned as a `VariantError` in place of its bytes.
     """
     unknown = [q for q in quantizations if q not in TFLITE_QUANTIZATIONS]
     if unknown:
@@ -185,7 +195,7 @@ def tflite_models(model, task, image_size, quantizations, representative_images=
 
     floats = [q for q in quantizations if q != "int8"]
     with tempfile.TemporaryDirectory() as workdir:
-        worker = _Int8Worker(representative_images, workdir) if "int8" in quantizations and floats else None
+        worker = _Int8Worker(representative_images, workdir) if "int8" in quantizations else None
         try:
             graph = _save(model, os.path.join(workdir, "graph"), {"serving_default": (serve, spec)})
             converter = _converter(graph)
@@ -193,9 +203,10 @@ def tflite_models(model, task, image_size, quantizations, representative_images=
                 worker.convert(graph)
             results = {q: _configure(converter, q).convert() for q in floats}
             if worker:
-                results["int8"] = worker.result()
-            elif "int8" in quantizations:
-                results["int8"] = _configure(converter, "int8", representative_images).convert()
+                try:
+                    results["int8"] = worker.result()
+                except VariantError as e:
+                    results["int8"] = e
         finally:
             if worker:
                 worker.close()
@@ -203,23 +214,25 @@ def tflite_models(model, task, image_size, quantizations, representative_images=
 
 
 def tflite_bytes(model, task, image_size, quantization, representative_images=None):
-    """One TFLite flatbuffer (see `tflite_models`)."""
-    return tflite_models(model, task, image_size, (quantization,), representative_images)[quantization]
+    """One TFLite flatbuffer (see `tflite_models`); raises its `VariantError`."""
+    result = tflite_models(model, task, image_size, (quantization,), representative_images)[quantization]
+    if isinstance(result, VariantError):
+        raise result
+    return result
 
 
-def next_serving_version(serving_dir):
-    """Versions are integers; a new export never reuses one (TF Serving serves the highest)."""
-    if not os.path.isdir(serving_dir):
-        return 1
-    versions = [int(d) for d in os.listdir(serving_dir) if d.isdigit()]
-    return max(versions, default=0) + 1
-
-
-def _int8_worker_main(calibration, output):
+def _int8_worker_main(calibration, output, parent_pid):
+    processes.die_with_parent(int(parent_pid))  # a converter killed with -9 takes its worker along
     saved_model_dir = sys.stdin.readline().strip()
     if not saved_model_dir:
         sys.exit("no graph to convert: the parent process stopped before saving it")
-    flatbuffer = _configure(_converter(saved_model_dir), "int8", np.load(calibration)).convert()
+    images = np.load(calibration)
+    flatbuffer = _configure(_converter(saved_model_dir), "int8", images).convert()
+    # Some int8 graphs abort inside LiteRT's kernels (seen with 8-group GroupNorm at 224 px):
+    # run it once here, where an abort costs this variant only, not the whole conversion.
+    print("running the int8 file once in LiteRT (an abort here is a LiteRT kernel failure)", flush=True)
+    from ai_edge_litert.interpreter import Interpreter
+    Interpreter(model_content=flatbuffer).get_signature_runner("serving_default")(pixel_values=images[:1])
     with open(output, "wb") as f:
         f.write(flatbuffer)
 

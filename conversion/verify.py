@@ -1,21 +1,38 @@
-"""Run every exported artifact on the same real images and compare it with the source.
+"""Run every exported artifact on the same real images and compare it with the reference.
 
-Each artifact is reloaded from disk (what a user deploys is what is checked); its outputs are
-compared with the reference (the PyTorch source when torch is installed, else the Keras model)
-and the result is a row of the report: max |delta|, tolerance, top-1 agreement, accuracy when
-labels are known, size on disk, single-image latency.
+Each artifact is reloaded from disk (what a user deploys is what is checked) and compared with
+the reference (the PyTorch source when torch is installed, else the Keras model). Criteria:
+
+* Lossless artifacts (`.keras`, the SavedModel on pixel values, TFLite fp32) compute the same
+  function in float32: max |Δ| <= 1e-4 * max(1, max |reference|), the parity contract.
+* Lossy ones (TFLite fp16, dynamic-range and full int8) and the SavedModel on encoded images
+  (in-graph decoding and resizing, within one uint8 level of the Python processor) cannot be
+  held to that. They pass when
+  - their error is small against the outputs' own scale: max |Δ| <= factor * spread, where
+    spread is the reference's mean per-image logit range (max - min) for classifiers and the
+    standard deviation of the outputs otherwise, so the bound means the same for a 10-class
+    digits head and a 21843-class one, and for logits of any magnitude;
+  - top-1 agreement is consistent with a true agreement of 99%: with n images the observed
+    number of agreements must not be significantly low (one-sided binomial test at 5%). With 32
+    images one disagreement passes and two fail; with 100 images three pass. A fixed
+    percentage would fail a good variant on a small sample and pass a bad one on a large one;
+  - where labels are known, accuracy drops by at most that allowance.
 """
 
 import dataclasses
+import math
 import os
 import statistics
 import time
 
 import numpy as np
 
-# max |delta| <= factor * max(1, max |reference|)
-TOLERANCE = {"keras": 1e-4, "saved_model": 1e-4, "tflite_fp32": 1e-4, "tflite_fp16": 1e-2}
-TOP1_TARGET = 0.99
+LOSSLESS_FACTOR = 1e-4
+# max |Δ| / spread of each lossy artifact; measured values are in the module's tests / RESULTS.md.
+LOSSY_FACTOR = {"saved_model[image_bytes]": 0.05, "tflite_fp16": 0.02, "tflite_dynamic_int8": 0.25,
+                "tflite_int8": 0.35}
+TARGET_AGREEMENT = 0.99
+SIGNIFICANCE = 0.05
 
 
 @dataclasses.dataclass
@@ -24,9 +41,11 @@ class Row:
     path: str
     size_bytes: int
     max_abs_diff: float
-    tolerance: float | None
+    tolerance: float
+    criterion: str
     top1_agreement: float | None
     accuracy: float | None
+    reference_accuracy: float | None
     latency_ms: float
     passed: bool
     note: str = ""
@@ -53,60 +72,55 @@ def _batched(run, inputs, batch):
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
-# -- runners: inputs -> {output name: numpy array} ------------------------------------------------
-def keras_runner(path, jit_compile=False):
-    import keras
-    import tfbit
-    model = tfbit.fold_weight_standardization(keras.saving.load_model(path))
-    import tensorflow as tf
-    call = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile, autograph=False)
-
-    def run(x):
-        out = call(x)
-        return {k: np.asarray(v) for k, v in out.items()} if isinstance(out, dict) else {"logits": np.asarray(out)}
-    return run
+def agreement_is_plausible(agree, n, target=TARGET_AGREEMENT, significance=SIGNIFICANCE):
+    """False when `agree` of `n` is significantly below `target` (one-sided binomial test)."""
+    p_low = sum(math.comb(n, k) * target ** k * (1 - target) ** (n - k) for k in range(agree + 1))
+    return p_low >= significance
 
 
-def saved_model_runner(path, signature):
-    import tensorflow as tf
-    fn = tf.saved_model.load(path).signatures[signature]
-    key = "image_bytes" if signature == "serving_default" else "pixel_values"
-    return lambda x: {k: v.numpy() for k, v in fn(**{key: tf.constant(x)}).items()}
-
-
-def tflite_runner(path, num_threads=None):
-    from ai_edge_litert.interpreter import Interpreter
-    from tfbit.runtime import available_cores
-    interpreter = Interpreter(model_path=path, num_threads=num_threads or available_cores())
-    runner = interpreter.get_signature_runner("serving_default")
-    # One image per call: the signature has a dynamic batch, but mobile runtimes run batch 1.
-    return lambda x: {k: np.concatenate([runner(pixel_values=x[i:i + 1])[k] for i in range(len(x))])
-                      for k in runner.get_output_details()}
-
-
-def compare(name, path, run, inputs, reference, labels=None, batch=16, tolerance_factor=None,
-            note=""):
-    """Run one artifact on `inputs` and compare each output with `reference` (same keys)."""
-    outputs = _batched(run, inputs, batch)
-    diffs, scale = [], 1.0
-    for key, ref in reference.items():
-        if key not in outputs:
-            raise KeyError(f"{name} has no output {key!r} (has {sorted(outputs)})")
-        diffs.append(float(np.abs(outputs[key].astype(np.float64) - ref).max()))
-        scale = max(scale, float(np.abs(ref).max()))
-    max_diff = max(diffs)
-    top1 = accuracy = None
+def spread(reference):
+    """The outputs' own scale: mean per-image logit range for classifiers, else their std."""
     if "logits" in reference:
-        predicted = outputs["logits"].argmax(-1)
-        top1 = float((predicted == reference["logits"].argmax(-1)).mean())
+        logits = reference["logits"]
+        return float(np.mean(logits.max(-1) - logits.min(-1)))
+    return float(np.sqrt(np.mean([np.var(v) for v in reference.values()])))
+
+
+def compare(name, path, run, inputs, reference, labels=None, *, lossless, batch=16):
+    """Run one artifact on `inputs` and judge it against `reference` (same output keys).
+
+    Args:
+        name: the artifact's report name; lossy ones use `LOSSY_FACTOR[name]`.
+        run: `inputs -> {output: array}` (see `conversion.runners`).
+        labels: true classes of the images, when known.
+        lossless: hold the artifact to the parity contract instead of the lossy criteria.
+    """
+    outputs = _batched(run, inputs, batch)
+    missing = sorted(set(reference) - set(outputs))
+    if missing:
+        raise KeyError(f"{name} has no output {missing[0]!r} (has {sorted(outputs)})")
+    max_diff = max(float(np.abs(outputs[k].astype(np.float64) - ref).max()) for k, ref in reference.items())
+    if lossless:
+        scale = max([1.0] + [float(np.abs(ref).max()) for ref in reference.values()])
+        tolerance, criterion = LOSSLESS_FACTOR * scale, "parity"
+    else:
+        tolerance, criterion = LOSSY_FACTOR[name] * spread(reference), f"{LOSSY_FACTOR[name]:g} x spread"
+    failures = [] if max_diff <= tolerance else [f"max |Δ| {max_diff:.3g} above {tolerance:.3g} ({criterion})"]
+    top1 = accuracy = reference_accuracy = None
+    if "logits" in reference:
+        predicted, expected = outputs["logits"].argmax(-1), reference["logits"].argmax(-1)
+        agree, n = int((predicted == expected).sum()), len(expected)
+        top1 = agree / n
+        if not lossless and not agreement_is_plausible(agree, n):
+            failures.append(f"top-1 agreement {agree}/{n} is significantly below {TARGET_AGREEMENT:.0%}")
         if labels is not None:
             accuracy = float((predicted == labels).mean())
-    tolerance = None if tolerance_factor is None else tolerance_factor * scale
-    passed = (max_diff <= tolerance) if tolerance is not None else (top1 is None or top1 >= TOP1_TARGET)
-    if tolerance is None and top1 is not None and top1 < TOP1_TARGET:
-        note = (note + "; " if note else "") + f"top-1 agreement below the {TOP1_TARGET:.0%} target"
-    return Row(name, path, disk_size(path), max_diff, tolerance, top1, accuracy,
-               _latency_ms(run, inputs[:1]), passed, note)
+            reference_accuracy = float((expected == labels).mean())
+            drop = int(((expected == labels) & (predicted != labels)).sum() - ((expected != labels) & (predicted == labels)).sum())
+            if not lossless and drop > 0 and not agreement_is_plausible(n - drop, n):
+                failures.append(f"accuracy {accuracy:.1%} vs the reference's {reference_accuracy:.1%}")
+    return Row(name, path, disk_size(path), max_diff, tolerance, criterion, top1, accuracy, reference_accuracy,
+               _latency_ms(run, inputs[:1]), not failures, "; ".join(failures))
 
 
 def format_table(rows):
@@ -114,7 +128,7 @@ def format_table(rows):
     lines = [header]
     for r in rows:
         lines.append((
-            r.artifact, f"{r.max_abs_diff:.2e}", "-" if r.tolerance is None else f"{r.tolerance:.1e}",
+            r.artifact, f"{r.max_abs_diff:.2e}", f"{r.tolerance:.1e}",
             "-" if r.top1_agreement is None else f"{r.top1_agreement:.2%}",
             "-" if r.accuracy is None else f"{r.accuracy:.2%}",
             f"{r.size_bytes / 2**20:.2f} MB", f"{r.latency_ms:.1f} ms", "yes" if r.passed else "NO"))

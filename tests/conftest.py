@@ -75,5 +75,14 @@ def run_torch(model, x_nhwc, **kwargs):
         return model(torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))), **kwargs)
 
 
+def load_source(source, **kwargs):
+    """`tfbit.load_model` as one record: the model and what was read."""
+    import types
+    import tfbit
+    model, checkpoint = tfbit.load_model(source, **kwargs)
+    return types.SimpleNamespace(model=model, checkpoint=checkpoint, config=model.config, format=checkpoint.format,
+                                 name=checkpoint.name, preprocessor=checkpoint.preprocessor, path=checkpoint.path)
+
+
 def random_images(n, h, w, c=3, seed=0):
     return np.random.RandomState(seed).uniform(-1, 1, (n, h, w, c)).astype("float32")

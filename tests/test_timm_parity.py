@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 
 import tfbit
-from conftest import assert_parity, perturb_, random_images, run_torch
-from conversion.sources import load_source
+from conftest import assert_parity, load_source, perturb_, random_images, run_torch
+from conversion.references import torch_reference
 
 timm = pytest.importorskip("timm")
 from timm.layers import StdConv2d  # noqa: E402
 from timm.models.resnetv2 import ResNetV2, _load_weights  # noqa: E402
 
 BIT_CONV = functools.partial(StdConv2d, eps=1e-8)  # what timm's *_bit models use
+ORIGINAL_CONV = functools.partial(StdConv2d, eps=1e-10)  # the original BiT code's standardization
 SMALL_NPZ = dict(depths=(1, 2, 1, 1), widths=(32, 64, 128, 256), stem=32)
 
 
@@ -58,7 +59,7 @@ def write_original_npz(path, depths, widths=(64, 128, 256, 512), stem=64, num_cl
 
 def timm_from_npz(path, depths, widths, stem, num_classes, prefix="resnet/"):
     model = ResNetV2(layers=list(depths), channels=[4 * w for w in widths], stem_chs=stem,
-                     num_classes=num_classes, stem_type="fixed", conv_layer=BIT_CONV).eval()
+                     num_classes=num_classes, stem_type="fixed", conv_layer=ORIGINAL_CONV).eval()
     _load_weights(model, str(path), prefix)
     return model
 
@@ -67,7 +68,7 @@ def _check(loaded, reference, x, what):
     """tfbit vs the independently built timm model, and the source's own torch_reference."""
     ref = run_torch(reference, x)
     delta = assert_parity(loaded.model(x), ref, what)
-    assert np.array_equal(run_torch(loaded.torch_reference(), x).numpy(), ref.numpy())
+    assert np.array_equal(run_torch(torch_reference(loaded.checkpoint, loaded.model), x).numpy(), ref.numpy())
     print(f"PARITY {what}: max |delta| {delta:.3g} (max |ref| {float(np.abs(ref.numpy()).max()):.3g})")
     return delta
 
@@ -133,7 +134,7 @@ def test_features_and_backbone_match_timm(timm_wide, tmp_path):
             h = stage(h)
             stages.append(h)
     delta = assert_parity(features.model(x)["pooler_output"], pooled, "pooled features")
-    assert np.array_equal(run_torch(features.torch_reference(), x).numpy(), pooled.numpy())
+    assert np.array_equal(run_torch(torch_reference(features.checkpoint, features.model), x).numpy(), pooled.numpy())
     backbone = load_source(path, task="backbone")
     maps = backbone.model(x)
     assert list(maps) == ["stage1", "stage2", "stage3", "stage4"]
@@ -160,6 +161,30 @@ def test_r50x1_original_npz_matches_timm_loader(tmp_path, torch_module):
     assert len(arrays) == 153
     loaded = load_source(path)
     assert loaded.config.num_labels == 1000
-    reference = timm.create_model("resnetv2_50x1_bit", num_classes=1000).eval()
-    _load_weights(reference, str(path))
+    reference = timm_from_npz(path, depths=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem=64, num_classes=1000)
     _check(loaded, reference, random_images(1, 224, 224), "npz R50x1")
+
+
+def test_original_npz_is_standardized_with_the_original_eps(tmp_path):
+    """A filter of tiny variance (~1e-9) is where 1e-10 and timm's 1e-8 part ways: the
+    conversion must follow the original code, and its .keras file must keep that."""
+    path = tmp_path / "BiT-S-R14.npz"
+    arrays = write_original_npz(path, **SMALL_NPZ, num_classes=7)
+    kernel = arrays["resnet/block1/unit01/c/standardized_conv2d/kernel"]  # feeds the residual sum, no norm
+    kernel[..., 0] = 0.01 + 3e-5 * np.random.RandomState(1).randn(*kernel.shape[:3])
+    np.savez(path, **arrays)
+    loaded = load_source(path)
+    assert loaded.config.ws_eps == 1e-10
+    x = random_images(2, 64, 64)
+    original = timm_from_npz(path, **SMALL_NPZ, num_classes=7)
+    assert_parity(loaded.model(x), run_torch(original, x), "npz, original eps")
+    timm_eps = ResNetV2(layers=[1, 2, 1, 1], channels=[128, 256, 512, 1024], stem_chs=32, num_classes=7,
+                        stem_type="fixed", conv_layer=BIT_CONV).eval()
+    _load_weights(timm_eps, str(path), "resnet/")
+    with pytest.raises(AssertionError, match="max .delta"):
+        assert_parity(loaded.model(x), run_torch(timm_eps, x), "npz vs timm's eps")
+    loaded.model.save(tmp_path / "m.keras")
+    import keras
+    restored = keras.saving.load_model(tmp_path / "m.keras")
+    assert restored.config.ws_eps == 1e-10
+    np.testing.assert_array_equal(restored(x), loaded.model(x))

@@ -22,6 +22,9 @@ _DEFAULTS = {
     "embedding_dynamic_padding": False,
     "output_stride": 32,
     "width_factor": 1,
+    # Not a transformers field (transformers ignores it): the eps of the source's weight
+    # standardization, 1e-8 for transformers and timm, 1e-10 for the original BiT weights.
+    "ws_eps": 1e-8,
 }
 
 
@@ -92,6 +95,9 @@ class BitConfig:
         if not isinstance(self.embedding_dynamic_padding, bool):
             raise ValueError("BitConfig.embedding_dynamic_padding must be a bool, "
                              f"got {self.embedding_dynamic_padding!r}")
+        if isinstance(self.ws_eps, bool) or not isinstance(self.ws_eps, (int, float)) or not 0 < self.ws_eps < 1e-2:
+            raise ValueError(f"BitConfig.ws_eps must be a small positive number, got {self.ws_eps!r}")
+        self.ws_eps = float(self.ws_eps)
         if self.output_stride not in (8, 16, 32):
             raise ValueError(f"BitConfig.output_stride must be 8, 16 or 32, got {self.output_stride!r}")
         groups_of = {"embedding_size": self.embedding_size}
@@ -174,10 +180,6 @@ class BitConfig:
     def mid_channels(self):
         return [make_div(c * 0.25) for c in self.stage_channels]
 
-    @property
-    def stem_channels(self):
-        return self.embedding_size
-
     def stage_plan(self):
         """Per stage: (stride, dilation, first_dilation, drop-path rates of its units), HF's rules."""
         total = sum(self.depths)
@@ -231,7 +233,14 @@ class BitConfig:
             raise FileNotFoundError(f"no config file at {path}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a UTF-8 text file") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds a JSON {type(data).__name__}, expected an object of settings")
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def from_pretrained(cls, path):

@@ -5,12 +5,14 @@ like KerasHub backbones. Layer names (`stem_conv`, `stage2_unit1_conv2`, `norm`,
 weight names of `.keras` files and SavedModels and the targets of the checkpoint mappings.
 """
 
+import re
+
 import keras
 
 from tfbit.config import BitConfig
 from tfbit.layers import DropPath, GroupNormActivation, StemMaxPool, WSConv2D, conv_padding
 
-WS_EPS = 1e-8  # HF passes 1e-8 at every call site
+GN_EPS = 1e-5  # GroupNorm eps of every BiT implementation
 
 
 class _Layers:
@@ -22,12 +24,12 @@ class _Layers:
         self.standardize_weights = standardize_weights
 
     def conv(self, filters, kernel_size, name, stride=1, dilation=1):
-        return WSConv2D(filters, kernel_size, strides=stride, dilation_rate=dilation, eps=WS_EPS,
+        return WSConv2D(filters, kernel_size, strides=stride, dilation_rate=dilation, eps=self.config.ws_eps,
                         padding=conv_padding(self.config.global_padding, kernel_size, stride, dilation),
                         standardize=self.standardize_weights, name=name)
 
     def norm(self, name, activation=True):
-        return GroupNormActivation(self.config.num_groups, 1e-5,
+        return GroupNormActivation(self.config.num_groups, GN_EPS,
                                    self.config.hidden_act if activation else None, name=name)
 
 
@@ -132,10 +134,23 @@ class _BitBase(keras.Model):
         return cls(**config)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, config=None, **kwargs):
-        """Load a Hugging Face BiT checkpoint: a local directory or a hub repo id."""
-        from tfbit.hf_checkpoint import load_pretrained
-        return load_pretrained(cls, path_or_repo_id, config=config, **kwargs)
+    def from_pretrained(cls, source, config=None, **kwargs):
+        """This model with the weights of a checkpoint.
+
+        Args:
+            source: a transformers checkpoint directory or hub repo id (`google/bit-50`), a timm
+                state dict or hub name (`timm/resnetv2_50x1_bit.goog_in21k`), or an original
+                BiT `.npz` file (see `tfbit.weights`).
+            config: a `BitConfig` replacing the checkpoint's (stored or inferred) one.
+            **kwargs: further arguments of the model class.
+        """
+        from tfbit.weights import read_checkpoint
+        checkpoint = read_checkpoint(source)
+        return checkpoint.load_into(cls(config or checkpoint.config, **kwargs))
+
+    def checkpoint_skips(self, weight):
+        """Whether a checkpoint weight (tfbit name) is one this model legitimately lacks."""
+        return weight.startswith("classifier/")
 
 
 @keras.saving.register_keras_serializable(package="tfbit")
@@ -175,6 +190,9 @@ class BitForImageClassification(_BitBase):
             logits = keras.layers.Activation("linear", dtype="float32", name="classifier")(pooled)
         super().__init__(pixel_values, logits, config, standardize_weights, name=name, **kwargs)
 
+    def checkpoint_skips(self, weight):
+        return False
+
 
 @keras.saving.register_keras_serializable(package="tfbit")
 class BitBackbone(_BitBase):
@@ -191,6 +209,12 @@ class BitBackbone(_BitBase):
         self.stage_names = list(config.stage_names)
         self.out_features = list(config.out_features)
         self.channels = [all_channels[i] for i in config.out_indices]
+
+    def checkpoint_skips(self, weight):
+        """Besides the head: the final norm and the stages after the last one returned."""
+        last = max(self.config.out_indices)
+        stage = re.match(r"stage(\d+)_", weight)
+        return weight.startswith(("classifier/", "norm/")) or (stage is not None and int(stage[1]) > last)
 
 
 def copy_weights(donor, target, skip=(), weights_of=None):

@@ -1,5 +1,6 @@
-"""`conversion.sources`: format detection, default names, preprocessors, the HF and hub paths and
-every way a checkpoint can be wrong. Parity with timm itself is in test_timm_parity."""
+"""`tfbit.weights` and `tfbit.load_model`: format detection, default names, preprocessors, the
+HF and timm paths and every way a checkpoint can be wrong. Parity with timm itself is in
+test_timm_parity; hub ids in a fresh process in test_hub."""
 
 import json
 
@@ -7,11 +8,14 @@ import numpy as np
 import pytest
 
 import tfbit
-from conversion import sources
-from conftest import SMALL, assert_parity, perturb_, random_images, run_torch
-from conversion.sources import (NPZ_TABLE, TIMM_TABLE, CheckpointError, detect_format, infer_config,
-                                load_source, read_npz)
+from conftest import SMALL, assert_parity, load_source, perturb_, random_images, run_torch
+from conversion.references import torch_reference
 from tfbit.image_processor import BitImageProcessor
+from tfbit.weights import CheckpointError, detect_format, npz, timm
+from tfbit.weights.infer import infer_config
+from tfbit.weights.readers import read_npz
+
+NPZ_TABLE, TIMM_TABLE = npz.TABLE, timm.TABLE
 from test_timm_parity import BIT_CONV, SMALL_NPZ, write_original_npz
 
 NPZ_UNITS = sum(SMALL_NPZ["depths"])
@@ -49,23 +53,6 @@ def small_npz(tmp_path):
     return make
 
 
-def fake_hub(monkeypatch, tmp_path, repo, files):
-    """A hub cache holding `repo` at one commit, so huggingface_hub resolves it offline."""
-    import huggingface_hub
-    cache = tmp_path / "hub"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    root = cache / ("models--" + repo.replace("/", "--"))
-    snapshot = root / "snapshots" / commit
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (root / "refs").mkdir(exist_ok=True)
-    (root / "refs" / "main").write_text(commit)
-    for name, source in files.items():
-        (snapshot / name).write_bytes(source.read_bytes())
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return snapshot
-
-
 # -- detection, names, preprocessors -------------------------------------------------------------
 
 def test_detect_format_of_files_directories_and_hub_names(hf_checkpoint, timm_small, small_npz):
@@ -86,7 +73,7 @@ def test_format_override(small_npz, tmp_path):
     path = small_npz()
     renamed = tmp_path / "my_bit.bitnpz"
     renamed.write_bytes(path.read_bytes())
-    with pytest.raises(ValueError, match="my_bit.bitnpz.*pass format="):
+    with pytest.raises(ValueError, match="my_bit.bitnpz.*pass the format"):
         detect_format(renamed)
     assert detect_format(renamed, format="npz") == "npz"
     loaded = load_source(renamed, format="npz")
@@ -97,11 +84,9 @@ def test_format_override(small_npz, tmp_path):
         load_source(path, format="timm")  # an npz is not a torch pickle
 
 
-def test_default_names(hf_checkpoint, timm_small, small_npz, monkeypatch):
+def test_default_names(hf_checkpoint, timm_small, small_npz):
     hf_dir, _ = hf_checkpoint(subdir="my-bit", **SMALL)
     assert load_source(hf_dir).name == "my-bit"
-    monkeypatch.setattr(sources, "_DEFAULT_CHECKPOINT", str(hf_dir))  # the shipped digits model
-    assert load_source(hf_dir).name == "digits"
     assert load_source(small_npz("BiT-M-R50x1.npz")).name == "BiT-M-R50x1"
     assert load_source(timm_small("tiny_bit.pth")[0]).name == "tiny_bit"
     generic, _ = timm_small("exported/model.safetensors")
@@ -109,16 +94,16 @@ def test_default_names(hf_checkpoint, timm_small, small_npz, monkeypatch):
 
 
 def test_preprocessor_dicts(hf_checkpoint, timm_small, small_npz):
-    npz = load_source(small_npz()).preprocessor
-    assert npz == BitImageProcessor.original_bit().to_dict()
-    assert (npz["image_mean"], npz["image_std"], npz["rescale_factor"]) == ([0.5] * 3, [0.5] * 3, 1 / 255)
-    assert npz["size"] == {"shortest_edge": 224} and npz["crop_size"] == {"height": 224, "width": 224}
+    original = load_source(small_npz()).preprocessor  # the original code's evaluation
+    assert (original["image_mean"], original["image_std"], original["rescale_factor"]) == ([0.5] * 3, [0.5] * 3, 1 / 255)
+    assert original["size"] == {"height": 224, "width": 224} and not original["do_center_crop"]
+    assert original["resample"] == 2  # bilinear
     timm = load_source(timm_small()[0]).preprocessor  # timm's BiT defaults: 224 of 256, bilinear
     assert (timm["image_mean"], timm["image_std"]) == ([0.5] * 3, [0.5] * 3)
     assert timm["size"] == {"shortest_edge": 256} and timm["crop_size"] == {"height": 224, "width": 224}
     assert timm["resample"] == 2
     hf_dir, _ = hf_checkpoint(**SMALL)
-    assert load_source(hf_dir).preprocessor == BitImageProcessor().to_dict()
+    assert load_source(hf_dir).preprocessor is None  # the converter then warns and uses defaults
     BitImageProcessor.original_bit(size=96, crop_size=96).save_pretrained(hf_dir)
     saved = json.loads((hf_dir / "preprocessor_config.json").read_text())
     assert load_source(hf_dir).preprocessor == saved
@@ -128,48 +113,35 @@ def test_hf_directory_source_matches_its_reference(hf_checkpoint):
     hf_dir, hf_model = hf_checkpoint(**SMALL)
     x = random_images(2, 64, 64)
     loaded = load_source(hf_dir)
-    assert loaded.format == "hf" and loaded.source_path == str(hf_dir)
+    assert loaded.format == "hf" and loaded.path == str(hf_dir)
     assert loaded.config == tfbit.BitConfig.from_pretrained(hf_dir)
     ref = run_torch(hf_model, x).logits
     delta = assert_parity(loaded.model(x), ref, "hf source")
-    assert np.array_equal(run_torch(loaded.torch_reference(), x).logits.numpy(), ref.numpy())
+    assert np.array_equal(run_torch(torch_reference(loaded.checkpoint, loaded.model), x).logits.numpy(), ref.numpy())
     assert isinstance(load_source(hf_dir, task="features").model, tfbit.BitModel)
     backbone = load_source(hf_dir, task="backbone")
     assert backbone.model.out_features == ["stage1", "stage2", "stage3", "stage4"]
-    maps = run_torch(backbone.torch_reference(), x).feature_maps
+    maps = run_torch(torch_reference(backbone.checkpoint, backbone.model), x).feature_maps
     for (name, value), r in zip(backbone.model(x).items(), maps):
         delta = max(delta, assert_parity(value, r, f"hf backbone {name}"))
     print(f"PARITY hf directory source: max |delta| {delta:.3g}")
 
 
-def test_hub_names_resolve_offline(monkeypatch, tmp_path, hf_checkpoint, timm_small):
-    hf_dir, _ = hf_checkpoint(**SMALL)
-    fake_hub(monkeypatch, tmp_path, "google/bit-tiny",
-             {f: hf_dir / f for f in ("config.json", "model.safetensors")})
-    hf = load_source("google/bit-tiny")
-    assert (hf.format, hf.name) == ("hf", "bit-tiny")
-
-    weights, model = timm_small(num_classes=3)
-    config = tmp_path / "timm_config.json"
-    config.write_text(json.dumps({
+def test_timm_snapshot_folder_brings_labels_and_preprocessing(tmp_path, timm_small):
+    weights, model = timm_small("snapshot/model.safetensors", num_classes=3)
+    (tmp_path / "snapshot" / "config.json").write_text(json.dumps({
         "architecture": "resnetv2_50x1_bit", "num_classes": 3, "label_names": ["cat", "dog", "eel"],
         "pretrained_cfg": {"tag": "goog_in21k_ft_in1k", "input_size": [3, 448, 448], "crop_pct": 1.0,
                            "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}}))
-    snapshot = fake_hub(monkeypatch, tmp_path, "timm/resnetv2_tiny_bit.test",
-                        {"model.safetensors": weights, "config.json": config})
-    for name in ("timm/resnetv2_tiny_bit.test", "hf-hub:timm/resnetv2_tiny_bit.test"):
-        loaded = load_source(name)
-        assert (loaded.format, loaded.name) == ("timm", "resnetv2_tiny_bit.test")
-        assert loaded.config.id2label == {0: "cat", 1: "dog", 2: "eel"}
-        pre = loaded.preprocessor
-        assert pre["size"] == {"shortest_edge": 448} and pre["crop_size"] == {"height": 448, "width": 448}
-        assert pre["resample"] == 3
-    assert load_source(snapshot).name == "resnetv2_50x1_bit.goog_in21k_ft_in1k"  # snapshot folder
+    loaded = load_source(tmp_path / "snapshot")
+    assert (loaded.format, loaded.name) == ("timm", "resnetv2_50x1_bit.goog_in21k_ft_in1k")
+    assert loaded.config.id2label == {0: "cat", 1: "dog", 2: "eel"}
+    pre = loaded.preprocessor
+    assert pre["size"] == {"shortest_edge": 448} and pre["crop_size"] == {"height": 448, "width": 448}
+    assert pre["resample"] == 3
     x = random_images(1, 64, 64)
-    print(f"PARITY timm hub source: max |delta| "
-          f"{assert_parity(loaded.model(x), run_torch(model, x), 'timm hub'):.3g}")
-    with pytest.raises(FileNotFoundError, match="timm/absent.*no timm weights"):
-        load_source("timm/absent")
+    print(f"PARITY timm snapshot source: max |delta| "
+          f"{assert_parity(loaded.model(x), run_torch(model, x), 'timm snapshot'):.3g}")
 
 
 def test_known_and_default_labels(small_npz, timm_small):
@@ -296,4 +268,4 @@ def test_nested_training_checkpoint_is_refused(tmp_path, torch_module):
 
 def test_invalid_task():
     with pytest.raises(ValueError, match="task='detection' is not one of"):
-        load_source("google/bit-50", task="detection")
+        tfbit.load_model("google/bit-50", task="detection")

@@ -1,6 +1,6 @@
 """Train the small default BiT checkpoint on scikit-learn's digits, in Hugging Face format.
 
-    python -m conversion.make_digits_checkpoint [--output conversion/default_checkpoint] [--epochs N]
+    python -m tools.make_digits_checkpoint [--output conversion/default_checkpoint] [--epochs N]
 
 The model is a plain ``transformers.BitForImageClassification`` trained with
 PyTorch, so the shipped folder is a genuine transformers checkpoint that the

@@ -6,6 +6,7 @@ numbering, and the template names the Keras weight (`stage{s}_unit{u}_conv1/kern
 Every key is either used or reported, every model weight is either filled or reported.
 """
 
+import dataclasses
 import re
 
 import numpy as np
@@ -94,3 +95,29 @@ def assign_checkpoint(model, tensors, table, *, source, index_base=0, unused=lam
     for target, array in values.items():
         variables[target].assign(array.astype(variables[target].dtype))
     return model
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint as read from disk or the hub, before it is put into a model.
+
+    `config` is the stored architecture (transformers) or the one inferred from the weight
+    shapes (timm, .npz); `preprocessor` the source's evaluation preprocessing as a
+    `preprocessor_config.json` dict (None when the checkpoint does not say); `files` every file
+    read, so that writers can refuse to touch them.
+    """
+
+    format: str
+    name: str
+    path: str
+    config: object
+    tensors: dict
+    table: list
+    index_base: int = 0
+    preprocessor: dict | None = None
+    files: tuple = ()
+
+    def load_into(self, model):
+        """Copy the weights into `model` (any tfbit model class of a compatible config)."""
+        return assign_checkpoint(model, self.tensors, self.table, source=self.path,
+                                 index_base=self.index_base, unused=model.checkpoint_skips)

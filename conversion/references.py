@@ -1,0 +1,66 @@
+"""The PyTorch models a checkpoint came from, to verify exports against the source itself.
+
+transformers checkpoints are checked against transformers, timm state dicts against timm, and
+original `.npz` files against a timm ResNetV2 filled by timm's own `.npz` loader but with the
+original code's weight-standardization eps (1e-10), so that a conversion that used timm's eps
+would fail. Requires torch and that library; `torch_reference` returns None without them.
+"""
+
+import functools
+import importlib.util
+
+import numpy as np
+
+from tfbit.models import BitBackbone, BitForImageClassification
+from tfbit.weights import npz
+from tfbit.weights.readers import read_state_dict
+
+
+def _available(*modules):
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", *modules))
+
+
+def timm_model(config, num_classes):
+    """A timm ResNetV2 built like timm's `*_bit` models, with the architecture of `config`."""
+    from timm.layers import StdConv2d
+    from timm.models.resnetv2 import ResNetV2
+    return ResNetV2(layers=config.depths, channels=config.stage_channels, stem_chs=config.embedding_size,
+                    in_chans=config.num_channels, num_classes=num_classes, stem_type="fixed",
+                    conv_layer=functools.partial(StdConv2d, eps=config.ws_eps)).eval()
+
+
+def _transformers(checkpoint, model):
+    import transformers
+    extra = {"out_features": model.config.out_features} if isinstance(model, BitBackbone) else {}
+    return getattr(transformers, type(model).__name__).from_pretrained(checkpoint.path, **extra).eval()
+
+
+def _timm(checkpoint, model):
+    import torch
+    classes = model.config.num_labels if isinstance(model, BitForImageClassification) else 0
+    state = {k: torch.from_numpy(np.asarray(v)) for k, v in read_state_dict(checkpoint.path).items()
+             if classes or not k.startswith("head.")}
+    reference = timm_model(model.config, classes)
+    reference.load_state_dict(state)
+    return reference.eval()
+
+
+def _original(checkpoint, model):
+    from timm.models.resnetv2 import _load_weights as timm_load_npz
+    classes = model.config.num_labels if isinstance(model, BitForImageClassification) else 0
+    reference = timm_model(model.config, classes)
+    timm_load_npz(reference, checkpoint.path, npz.scope(checkpoint.tensors))
+    return reference.eval()
+
+
+_BUILDERS = {"hf": (_transformers, "transformers"), "timm": (_timm, "timm"), "npz": (_original, "timm")}
+
+
+def torch_reference(checkpoint, model):
+    """The eval-mode PyTorch model computing what `model` (loaded from `checkpoint`) computes,
+    or None when there is none (a `.keras` source, torch or the library not installed).
+    timm references are headless (pooled features) unless `model` is a classifier."""
+    builder, library = _BUILDERS.get(checkpoint.format, (None, None))
+    if builder is None or not _available(library):
+        return None
+    return builder(checkpoint, model)

@@ -1,0 +1,107 @@
+"""Every checkpoint format tfbit reads, and nothing else: readers, one mapping table per format,
+format detection, architecture inference and labels. No model is built here and torch is only
+needed to read PyTorch pickles.
+
+Formats (`detect_format` tells them apart):
+
+* ``hf``    -- a transformers checkpoint directory (``config.json`` with ``model_type: bit``) or a
+  hub repo ``owner/name`` (`tfbit.weights.hf`).
+* ``timm``  -- a timm ``resnetv2_*_bit`` state dict, timm hub snapshot directory, or hub name
+  ``timm/<name>`` / ``hf-hub:<owner>/<name>`` (`tfbit.weights.timm`).
+* ``npz``   -- an original BiT release file, e.g. ``BiT-M-R50x1.npz`` (`tfbit.weights.npz`).
+* ``keras`` -- a tfbit ``.keras`` file; a whole model, loaded by `tfbit.pretrained`.
+"""
+
+import os
+from pathlib import Path
+
+from tfbit.weights import hf, hub, npz, timm
+from tfbit.weights.checkpoint import Checkpoint, CheckpointError
+from tfbit.weights.readers import read_json, read_state_dict, safetensors_keys
+
+FORMATS = ("hf", "timm", "npz", "keras")
+_STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def detect_format(source, format=None):
+    """'hf', 'timm', 'npz' or 'keras' for a directory, file or hub name; `format` overrides."""
+    return _detect(os.fspath(source), format)[0]
+
+
+def _detect(path, format):
+    """(format, the state dict when detection had to read it whole -- a pickle -- else None)."""
+    if format is not None:
+        if format not in FORMATS:
+            raise ValueError(f"format={format!r} is not one of {', '.join(FORMATS)}")
+        return format, None
+    if os.path.isdir(path):
+        return _directory_format(path), None
+    if os.path.isfile(path):
+        return _file_format(path)
+    if timm.is_hub_name(path):
+        return "timm", None
+    if hub.is_repo_id(path):
+        return "hf", None
+    raise FileNotFoundError(f"{path}: no such file or directory, and not a hub repo id "
+                            "(owner/name, timm/<name> or hf-hub:<owner>/<name>)")
+
+
+def _directory_format(path):
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise ValueError(f"{path} has no config.json: expected a transformers or timm checkpoint "
+                         "directory (or pass the weight file itself)")
+    config = read_json(file)
+    if config.get("model_type") == "bit":
+        return "hf"
+    if "architecture" in config:  # timm hub repos describe themselves this way
+        return "timm"
+    raise ValueError(f"{file} describes model_type={config.get('model_type')!r}, not a BiT checkpoint")
+
+
+def _file_format(path):
+    suffix = Path(path).suffix.lower()
+    if suffix in (".npz", ".keras"):
+        return suffix[1:], None
+    if suffix not in _STATE_DICT_SUFFIXES:
+        raise ValueError(f"cannot tell the format of {path} from its extension: pass the format "
+                         f"(one of {', '.join(FORMATS)})")
+    if suffix == ".safetensors":
+        tensors, keys = None, safetensors_keys(path)  # the header is enough
+    else:
+        tensors = keys = read_state_dict(path)  # a pickle must be read whole: keep it
+    if any(k.startswith(("stem.", "stages.")) for k in keys):
+        return "timm", tensors
+    if any(k.startswith(("bit.", "embedder.", "encoder.")) for k in keys):
+        raise ValueError(f"{path} is a transformers BiT state dict, whose architecture lives in "
+                         "config.json: pass the checkpoint directory holding both")
+    raise ValueError(f"{path} is neither a timm ResNetV2-BiT nor a transformers BiT state dict "
+                     f"(keys look like: {', '.join(sorted(keys)[:3])})")
+
+
+def _read_hf(source):
+    directory = hf.checkpoint_dir(source)
+    name = os.path.basename(os.path.abspath(source)) if os.path.exists(source) else source.rstrip("/").split("/")[-1]
+    files = tuple(os.path.join(directory, f) for f in os.listdir(directory))
+    return Checkpoint("hf", name, directory, hf.read_config(directory), hf.read_tensors(directory), hf.TABLE, 0,
+                      hf.read_preprocessor(directory), files)
+
+
+def read_checkpoint(source, format=None):
+    """A `Checkpoint` of any supported source except `.keras` files (whole models).
+
+    Args:
+        source: a path (directory, weight file, `.npz`) or a hub name.
+        format: one of `FORMATS` to skip detection.
+    """
+    source = os.fspath(source)
+    format, tensors = _detect(source, format)
+    if format == "keras":
+        raise ValueError(f"{source} is a .keras model, not a checkpoint: load it with "
+                         "keras.saving.load_model or tfbit.load_model")
+    if format == "timm":
+        return timm.read(source, tensors)
+    return _read_hf(source) if format == "hf" else npz.read(source)
+
+
+__all__ = ["FORMATS", "Checkpoint", "CheckpointError", "detect_format", "read_checkpoint"]
