@@ -92,10 +92,13 @@ def gather_images(demo, images, num_images, calibration_images, label2id, need_c
             verification = real.digits_images("test")
             calibration = real.digits_images("train", calibration_images).arrays if need_calibration else None
             return verification, calibration
-        verification = real.folder_images(images, num_images, label2id) if images else real.photo_images(num_images)
+        if images:
+            return real.folder_images(images, num_images, label2id, calibration_images if need_calibration else 0)
+        verification = real.photo_images(num_images)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise ConversionError(str(e)) from e
-    calibration = real.mirrored(verification.pick(calibration_images)) if need_calibration else None
+    # 32 photos are too few to set some aside: calibrate on their mirror images
+    calibration = real.mirrored(real.spread(verification.arrays, calibration_images)) if need_calibration else None
     return verification, calibration
 
 
@@ -201,8 +204,9 @@ def convert(source=None, output=None, name=None, formats=OUTPUT_FORMATS, quantiz
     if unknown:
         raise ConversionError(f"unknown format(s) {unknown}: choose from {OUTPUT_FORMATS} and TFLite "
                               f"quantizations {export.TFLITE_QUANTIZATIONS}")
-    if task not in export.TASKS:
-        raise ConversionError(f"unknown task {task!r}: choose from {export.TASKS}")
+    from tfbit.pretrained import TASKS
+    if task not in TASKS:
+        raise ConversionError(f"unknown task {task!r}: choose from {TASKS}")
     need_calibration = "tflite" in formats and "int8" in quantizations
     if need_calibration and calibration_images < 1:
         raise ConversionError(f"full int8 TFLite needs calibration images, got calibration_images={calibration_images}")
@@ -254,7 +258,8 @@ def _export_verify_publish(model, checkpoint, processor, task, name, formats, qu
         reference, reference_kind = reference_outputs(model, checkpoint, task, pixel_values, log)
         rows = verify_artifacts(artifacts, staging, reference, pixel_values, real)
         failed = {r.path for r in rows if not r.passed}
-        published = sorted({a.path for a in artifacts} - (set() if keep_failed else failed))
+        missing = {a.path for a in artifacts if a.error}  # could not be produced: nothing to publish
+        published = sorted({a.path for a in artifacts} - missing - (set() if keep_failed else failed))
         report = {
             "source": str(source or DEFAULT_CHECKPOINT), "format": checkpoint.format, "task": task,
             "name": name, "reference": reference_kind, "images": real.description,
@@ -279,22 +284,42 @@ def _export_verify_publish(model, checkpoint, processor, task, name, formats, qu
         written = ["config.json", "preprocessor_config.json", *published, "report.json"]
         publish.publish(staging, output, written, source_paths=checkpoint.files, overwrite=overwrite)
     if failed:
-        names = ", ".join(r.artifact for r in rows if not r.passed)
-        variants = [q for q in quantizations if f"tflite/{name}_{q}.tflite" not in failed]
-        log(f"[5/5] verification FAILED for {names}: "
-            + ("published anyway (--keep-failed)" if keep_failed else
-               f"left out; the verified artifacts are in {output}. Publish them anyway with --keep-failed, "
-               f"or skip them" + (f" with --tflite {' '.join(variants)}" if variants else "")))
+        log(f"[5/5] verification FAILED for {', '.join(r.artifact for r in rows if not r.passed)}: "
+            + _failure_advice(rows, failed, missing, keep_failed, formats, quantizations, name, output))
     else:
         log(f"[5/5] all artifacts verified -> {output}")
     return report
 
 
+def _failure_advice(rows, failed, missing, keep_failed, formats, quantizations, name, output):
+    """What happened to the failed artifacts, and the flags that skip or keep them."""
+    if keep_failed:
+        kept = failed - missing
+        return "published anyway (--keep-failed)" if kept and not missing else (
+            f"{'the others were published anyway (--keep-failed); ' if kept else ''}"
+            f"{', '.join(sorted(missing))} could not be produced")
+    keep = [f for f in formats if f != "tflite" or any(f"tflite/{name}_{q}.tflite" not in failed for q in quantizations)]
+    keep = [f for f in keep if f != "saved_model" or not any(r.path in failed for r in rows
+                                                             if r.artifact.startswith("saved_model"))]
+    skip = f"--formats {' '.join(keep)}" if keep != list(formats) else ""
+    variants = [q for q in quantizations if f"tflite/{name}_{q}.tflite" not in failed]
+    if "tflite" in keep and variants != list(quantizations):
+        skip += f"{' ' if skip else ''}--tflite {' '.join(variants)}"
+    advice = f"left out; the verified artifacts are in {output}. "
+    if failed - missing:
+        advice += "Publish the failed ones anyway with --keep-failed, or skip them"
+    else:
+        advice += "Skip them"
+    return advice + (f" with {skip}" if skip else "")
+
+
 def main(argv=None):
+    from conversion import environment
+    environment.inference_defaults()  # before anything imports TensorFlow
     from tfbit import runtime
-    runtime.default_environment()  # before TensorFlow is imported
     from conversion import processes
-    from conversion.export import TASKS, TFLITE_QUANTIZATIONS
+    from conversion.export import TFLITE_QUANTIZATIONS
+    from tfbit.pretrained import TASKS
     from tfbit.weights import FORMATS as SOURCE_FORMATS
     parser = argparse.ArgumentParser(
         prog="python -m conversion.convert", description=__doc__.split("\n\n")[0],

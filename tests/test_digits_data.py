@@ -37,7 +37,9 @@ def test_split_is_deterministic_and_stratified(split):
     x_train, y_train, x_test, y_test = split
     np.testing.assert_array_equal(x_test, images[held])
     np.testing.assert_array_equal(y_test, labels[held])
-    assert len(np.intersect1d(held, np.setdiff1d(np.arange(len(labels)), held))) == 0
+    assert len(np.unique(held)) == len(held) == len(y_test)
+    # the training set is exactly the rest, in dataset order: no held-out digit is trained on
+    np.testing.assert_array_equal(x_train, images[np.setdiff1d(np.arange(len(labels)), held)])
     per_class_test, per_class_all = np.bincount(y_test, minlength=10), np.bincount(labels, minlength=10)
     np.testing.assert_array_equal(per_class_test, np.rint(0.2 * per_class_all))
     np.testing.assert_array_equal(np.bincount(y_train, minlength=10), per_class_all - per_class_test)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import tfbit
 from conftest import random_images
 from conversion.digits import DIGIT_LABELS, load_digits_split
-from tfbit.finetune import from_arrays
+from tfbit.finetune import from_arrays, from_image_folder, make_pipeline
 from tfbit.finetune.transfer import classification_loss, with_new_head
 from tfbit.finetune.trainer import NonFiniteLossError, finetune
 
@@ -133,6 +134,77 @@ def test_non_finite_loss_stops_with_a_clear_message(digits, tmp_path):
                  plan_overrides=_short_plan(20, 1e9), random_flip=False, verbose=0)
 
 
+def _tiny_dataset(n=24, classes=("a", "b", "c")):
+    images = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    return from_arrays(images, np.arange(n) % len(classes), classes)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(epochs=0), "epochs must be a positive int, got 0"),
+    (dict(epochs=2.5), "epochs must be a positive int, got 2.5"),
+    (dict(batch_size=0), "batch_size must be a positive int, got 0"),
+    (dict(steps=-3), "steps must be a positive int, got -3"),
+    (dict(backup_every=0), "backup_every must be a positive int, got 0"),
+])
+def test_counts_must_be_positive_ints(arguments, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        finetune("never-loaded.keras", _tiny_dataset(), str(tmp_path / "run"), **arguments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_class_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"1 class \['a'\]: a classifier needs at least 2 classes"):
+        finetune("never-loaded.keras", _tiny_dataset(classes=("a",)), str(tmp_path))
+
+
+def test_validation_classes_are_matched_by_name(tmp_path):
+    """Validation holding only the training class "2" (first in its own list, third in the
+    training one) is scored against "2"; an unknown class is refused by name."""
+    x, y, x_test, y_test = load_digits_split()
+    three = from_arrays(x[y < 3], y[y < 3], NAMES[:3])
+    twos = from_arrays(x_test[y_test == 2], np.zeros((y_test == 2).sum(), int), [NAMES[2]])
+    keras.utils.set_random_seed(0)
+    result = finetune(tfbit.BitForImageClassification(tfbit.BitConfig(**TINY)), three, str(tmp_path), twos,
+                      batch_size=32, epochs=1, plan_overrides=_short_plan(40, 0.8), random_flip=False, verbose=0)
+    predicted = result.model.predict(make_pipeline(twos.relabeled(NAMES[:3]), 32, batch_size=64), verbose=0)
+    recognized = float(np.mean(predicted.argmax(-1) == 2))
+    assert result.metrics["validation"]["accuracy"] == pytest.approx(recognized)
+    assert recognized > 0.5
+
+    unknown = from_arrays(x_test[:4], np.zeros(4, int), [NAMES[9]])
+    with pytest.raises(ValueError, match=r"validation data: classes \['9'\] are not among .*\['0', '1', '2'\]"):
+        finetune("never-loaded.keras", three, str(tmp_path / "unknown"), unknown)
+
+
+def test_a_file_that_breaks_after_the_check_is_named_when_training_reaches_it(tmp_path):
+    from PIL import Image
+    x, y, _, _ = load_digits_split()
+    for i in range(16):
+        (tmp_path / "data" / NAMES[y[i] % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i]).save(tmp_path / "data" / NAMES[y[i] % 2] / f"{i}.png")
+    train = from_image_folder(tmp_path / "data")
+    broken = train.paths[5]
+    with open(broken, "r+b") as f:  # e.g. still being copied when training starts
+        f.truncate(os.path.getsize(broken) // 2)
+    with pytest.raises(ValueError, match=f"cannot decode image file '{re.escape(broken)}'"):
+        finetune(tfbit.BitForImageClassification(tfbit.BitConfig(**TINY)), train, str(tmp_path / "run"),
+                 batch_size=8, epochs=1, steps=4, random_flip=False, verbose=0)
+
+
+def test_steps_not_divisible_by_epochs_all_run(tmp_path):
+    result = finetune(tfbit.BitForImageClassification(tfbit.BitConfig(**TINY)), _tiny_dataset(), str(tmp_path),
+                      batch_size=8, epochs=3, steps=7, plan_overrides=dict(crop_size=32, resize_size=32),
+                      random_flip=False, verbose=0)
+    assert result.metrics["steps_per_epoch"] == 3 and result.metrics["epochs"] == 3  # 3 + 3 + 1
+    assert result.metrics["final_step"] == result.plan.total_steps == 7
+    assert len(result.history["loss"]) == 3
+    more_epochs_than_steps = finetune(result.model, _tiny_dataset(), str(tmp_path / "short"), batch_size=8,
+                                      epochs=5, steps=2, plan_overrides=dict(crop_size=32, resize_size=32),
+                                      random_flip=False, verbose=0)
+    assert more_epochs_than_steps.metrics["epochs"] == 2
+    assert more_epochs_than_steps.metrics["final_step"] == 2
+
+
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_trains_without_nans(policy, digits, tmp_path):
     train, val, _, _ = digits
@@ -151,7 +223,7 @@ _SCRIPT = textwrap.dedent("""
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras, tfbit
-    from tfbit.finetune import from_arrays
+    from tfbit.finetune import from_arrays, from_image_folder, make_pipeline
     from tfbit.finetune.trainer import finetune
     from conversion.digits import load_digits_split
     x, y, _, _ = load_digits_split()
@@ -204,6 +276,8 @@ def test_killed_training_resumes_from_its_backup(tmp_path):
     assert resumed.returncode == 0, out[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["resumed_from_step"] >= 2
+    # the interrupted epoch restarts from its first batch, but the plan's step count holds
+    assert metrics["final_step"] == steps
     assert not (tmp_path / "backup").exists()  # removed once training completed
 
 

@@ -8,6 +8,7 @@ from PIL import Image
 from tfbit.finetune import (
     MixUp,
     Normalize,
+    PipelineOptions,
     from_arrays,
     from_image_folder,
     from_tfds,
@@ -65,7 +66,8 @@ def test_image_folder_pipelines(photo_root):
     assert y.shape == (8,) and y.dtype == tf.int64
     assert -1.0 <= float(tf.reduce_min(x)) < 0 < float(tf.reduce_max(x)) <= 1.0
 
-    train = make_pipeline(ds, (40, 32), batch_size=3, training=True, one_hot=True, seed=1)
+    train = make_pipeline(ds, (40, 32), batch_size=3, training=True, one_hot=True,
+                          options=PipelineOptions(seed=1))
     batches = list(train.take(5))  # repeats: 15 examples from 8
     assert all(b[0].shape == (3, 32, 32, 3) for b in batches)
     assert all(b[1].shape == (3, 3) for b in batches)
@@ -94,6 +96,40 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "empty" / "truncated.png").write_bytes(png[: len(png) // 2])
     with pytest.raises(ValueError, match=r"truncated\.png"):
         from_image_folder(tmp_path)
+
+
+def test_truncated_jpeg_is_caught_by_the_up_front_check(tmp_path):
+    import io
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        _small(skimage.data.astronaut()).save(tmp_path / name / "fine.png")
+    encoded = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()[::4, ::4]).save(encoded, "JPEG")
+    cut = encoded.getvalue()[: len(encoded.getvalue()) // 2]
+    (tmp_path / "b" / "cut.jpg").write_bytes(cut)
+    with Image.open(tmp_path / "b" / "cut.jpg") as image:
+        image.verify()  # PIL's verify does not decode, so it misses this
+    unchecked = from_image_folder(tmp_path, verify=False)
+    assert unchecked.image_size is None and str(tmp_path / "b" / "cut.jpg") in unchecked.paths
+    with pytest.raises(ValueError, match=r"cannot decode image file '.*b/cut\.jpg': .*JPEG"):
+        from_image_folder(tmp_path)
+
+    (tmp_path / "a" / "cut.jpg").write_bytes(cut)
+    (tmp_path / "a" / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"a/cut\.jpg'.*\(2 more cannot be decoded: .*a/empty\.png', .*b/cut\.jpg'\)"):
+        from_image_folder(tmp_path)
+
+
+def test_relabeled_maps_classes_by_name():
+    images = np.zeros((3, 4, 4, 3), np.uint8)
+    validation = from_arrays(images, np.array([0, 1, 0]), class_names=["cat", "ant"])
+    aligned = validation.relabeled(["ant", "bee", "cat"])
+    assert aligned.class_names == ("ant", "bee", "cat") and aligned.num_examples == 3
+    assert [int(y) for _, y in aligned.dataset.as_numpy_iterator()] == [2, 0, 2]
+    _, labels = next(iter(make_pipeline(aligned, 4, batch_size=3, one_hot=True)))
+    np.testing.assert_array_equal(labels, [[0, 0, 1], [1, 0, 0], [0, 0, 1]])
+    with pytest.raises(ValueError, match=r"classes \['cat'\] are not among the classes \['ant', 'bee'\]"):
+        validation.relabeled(["ant", "bee"])
 
 
 def test_arrays():
@@ -165,7 +201,7 @@ def test_tfds_by_name_offline(tfds_dir):
 
     assert from_tfds("tiny_gray", "test[:3]", data_dir=str(tfds_dir)).num_examples == 3
     plan = hyperrule_plan(ds.num_examples, ds.image_size, batch_size=4)
-    x, y = next(iter(make_pipeline(ds, plan, training=True, seed=0)))
+    x, y = next(iter(make_pipeline(ds, plan, training=True, options=PipelineOptions(seed=0))))
     assert x.shape == (4, 128, 128, 3) and y.shape == (4,)
     for image, label in zip(x.numpy(), y.numpy()):  # constant images survive the pipeline
         np.testing.assert_allclose(image, (210 if label else 40) / 127.5 - 1, atol=1e-5)
@@ -205,12 +241,13 @@ def _flipped(batch):
 
 def test_flips_are_random_per_image():
     ds = _half_white(64)
-    x, _ = next(iter(make_pipeline(ds, (8, 8), batch_size=64, training=True, seed=3)))
+    seeded = PipelineOptions(seed=3)
+    x, _ = next(iter(make_pipeline(ds, (8, 8), batch_size=64, training=True, options=seeded)))
     flipped = _flipped(x)
     assert 10 < flipped.sum() < 54  # Binomial(64, 0.5), not all and not none
     assert set(np.unique(x)) <= {-1.0, 1.0}  # nothing else altered
 
-    again = next(iter(make_pipeline(ds, (8, 8), batch_size=64, training=True, seed=3)))[0]
+    again = next(iter(make_pipeline(ds, (8, 8), batch_size=64, training=True, options=seeded)))[0]
     np.testing.assert_array_equal(_flipped(again), flipped)  # seed reproduces
 
     evaluation = next(iter(make_pipeline(ds, (8, 8), batch_size=64)))[0]
@@ -219,29 +256,31 @@ def test_flips_are_random_per_image():
 
 def test_flips_and_crops_change_between_epochs():
     ds = _half_white(32)
-    pipeline = make_pipeline(ds, (8, 8), batch_size=32, training=True, repeat=False, seed=5)
+    pipeline = make_pipeline(ds, (8, 8), batch_size=32, training=True, repeat=False,
+                             options=PipelineOptions(seed=5))
     first, second = (_flipped(next(iter(pipeline))[0]) for _ in range(2))
     assert (first != second).any()
 
     ramp = np.tile(np.arange(16, dtype=np.uint8)[None, :, None] * 16, (16, 1, 3))[None].repeat(32, 0)
     crops = next(iter(make_pipeline(from_arrays(ramp, np.zeros(32, int)), (16, 8), batch_size=32,
-                                    training=True, seed=0)))[0]
+                                    training=True, options=PipelineOptions(seed=0))))[0]
     assert len({float(row.min()) for row in crops.numpy()}) > 2  # several crop offsets
 
 
 def test_custom_preprocess_and_mixup_in_pipeline():
     ds = _half_white(8)
-    x, _ = next(iter(make_pipeline(ds, 8, batch_size=8, preprocess=Normalize(0.0, 1.0))))
+    unit_range = PipelineOptions(preprocess=Normalize(0.0, 1.0))
+    x, _ = next(iter(make_pipeline(ds, 8, batch_size=8, options=unit_range)))
     assert set(np.unique(x)) == {0.0, 1.0}
 
     ds = from_arrays(np.zeros((8, 32, 32, 3), np.uint8), np.arange(8) % 4)
     plan = hyperrule_plan(50_000, 32, batch_size=8)  # MixUp 0.1 from the rule
-    x, y = next(iter(make_pipeline(ds, plan, training=True, seed=0)))
+    x, y = next(iter(make_pipeline(ds, plan, training=True, options=PipelineOptions(seed=0))))
     assert x.shape == (8, 128, 128, 3) and y.shape == (8, 4) and y.dtype == tf.float32
     np.testing.assert_allclose(tf.reduce_sum(y, axis=1), 1.0, rtol=1e-6)
     assert make_pipeline(ds, plan, training=False).element_spec[1].shape.rank == 1
     with pytest.raises(ValueError, match="training"):
-        make_pipeline(ds, plan, training=False, mixup_alpha=0.1)
+        make_pipeline(ds, plan, training=False, options=PipelineOptions(mixup_alpha=0.1))
 
 
 # --- MixUp ---------------------------------------------------------------------------------

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import keras
@@ -143,3 +144,20 @@ def test_model_with_schedule_saves_and_loads(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     assert isinstance(loaded.optimizer._learning_rate, BiTSchedule)
     assert loaded.optimizer._learning_rate.get_config() == model.optimizer._learning_rate.get_config()
+
+
+def test_scaled_to_keeps_the_schedule_shape():
+    plan = hyperrule_plan(50_000, 32, batch_size=64)  # warm-up 500, decays 3000/6000/9000 of 10 000
+    short = plan.scaled_to(100)
+    assert (short.total_steps, short.warmup_steps, short.decay_boundaries) == (100, 5, (30, 60, 90))
+    assert dataclasses.replace(short, total_steps=10_000, warmup_steps=500,
+                               decay_boundaries=(3000, 6000, 9000)) == plan  # nothing else changes
+    assert plan.scaled_to(20_000).decay_boundaries == (6000, 12_000, 18_000)
+    small = hyperrule_plan(1_000, 32).scaled_to(6)  # 100; 200, 300, 400; 500
+    assert (small.warmup_steps, small.decay_boundaries) == (1, (2, 3, 4))
+    tiny = hyperrule_plan(1_000, 32).scaled_to(2)  # 0.4; 0.8, 1.2, 1.6 → decays merge
+    assert (tiny.warmup_steps, tiny.decay_boundaries) == (0, (0, 1))
+    for steps in range(1, 60):  # every length gives a valid plan
+        assert hyperrule_plan(1_000, 32).scaled_to(steps).total_steps == steps
+    with pytest.raises(ValueError, match="total_steps must be a positive int, got 0"):
+        plan.scaled_to(0)

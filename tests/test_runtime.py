@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from conftest import SMALL
-from conversion import convert, export, predict
+from conversion import convert, environment, export, predict
 from tfbit import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHILD = ("import os, sys; from tfbit import runtime; runtime.default_environment(); "
+CHILD = ("import os, sys; from conversion import environment; environment.inference_defaults(); "
+         "from tfbit import runtime; "
          "threads = runtime.set_threads(int(sys.argv[1]) if len(sys.argv) > 1 else None); "
          "import tensorflow as tf; from tensorflow.python.util import _pywrap_util_port; "
          "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], _pywrap_util_port.IsMklEnabled(), threads, "
@@ -21,9 +22,9 @@ CHILD = ("import os, sys; from tfbit import runtime; runtime.default_environment
 
 def _child(*args, environment=None):
     """What a fresh process (as a CLI starts) ends up with after the runtime defaults."""
-    env = {k: v for k, v in os.environ.items() if k != runtime.ONEDNN}
+    env = {k: v for k, v in os.environ.items() if k != environment.ONEDNN}
     if environment is not None:
-        env[runtime.ONEDNN] = environment
+        env[environment.ONEDNN] = environment
     out = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -127,11 +127,21 @@ class _BitBase(keras.Model):
 
     def get_config(self):
         return {"config": self.config.to_dict(), "standardize_weights": self.standardize_weights,
-                "name": self.name, "trainable": self.trainable}
+                "name": self.name, "trainable": self.trainable, "dtype_policy": self.dtype_policy.name}
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        """Rebuild under the precision policy the model was built with: a mixed-precision
+        fine-tune reloads as one, with its loss-scaling optimizer state."""
+        config = dict(config)
+        policy = config.pop("dtype_policy", None)
+        previous = keras.config.dtype_policy()
+        if policy is not None:
+            keras.config.set_dtype_policy(policy)
+        try:
+            return cls(**config)
+        finally:
+            keras.config.set_dtype_policy(previous)
 
     @classmethod
     def from_pretrained(cls, source, config=None, **kwargs):

@@ -4,13 +4,12 @@
   whose Python interpreter otherwise runs on a single thread.
 - oneDNN (`TF_ENABLE_ONEDNN_OPTS`, read once when TensorFlow is imported): off for inference,
   where it slows BiT at batch 1 by ~20% (nothing fuses with GroupNorm) and gains ~7% at
-  batch 16. Some TensorFlow builds turn it on by default, so the tools say it explicitly; a
-  value already in the environment wins. Fine-tuning is the opposite case (its convolution
-  gradients make a step 40-45% faster), but `tfbit` imports TensorFlow before any of its
-  commands run, so `python -m tfbit.finetune` can only recommend it.
+  batch 16. Some TensorFlow builds turn it on by default, so the converter and predict CLIs
+  say it explicitly before anything imports TensorFlow (`conversion.environment`, which
+  cannot live here: importing `tfbit` imports TensorFlow); a value already in the environment
+  wins. Fine-tuning is the opposite case (its convolution gradients make a step 40-45%
+  faster), but `python -m tfbit.finetune` imports `tfbit` first, so it can only recommend it.
 - XLA stays opt-in: +5-20% img/s for inference, but compiling R50x1 takes 20-40 s.
-
-This module imports TensorFlow only inside `set_threads`, so `default_environment` can run first.
 """
 
 import argparse
@@ -35,11 +34,6 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
-
-
-def default_environment():
-    """oneDNN off unless the environment says otherwise; only effective before TF is imported."""
-    os.environ.setdefault(ONEDNN, "0")
 
 
 def set_threads(threads=None):

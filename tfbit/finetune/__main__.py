@@ -32,9 +32,12 @@ def main(argv=None):
     parser.add_argument("--data-dir", help="tensorflow-datasets data_dir")
     parser.add_argument("--download", action="store_true", help="let tensorflow-datasets download")
     parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
-    parser.add_argument("--epochs", type=int, default=10, help="Keras epochs the HyperRule steps are spread over")
-    parser.add_argument("--steps", type=int, help="override the HyperRule's total steps")
+    parser.add_argument("--batch-size", type=runtime.positive_int, default=64,
+                        help="global batch size (default 64)")
+    parser.add_argument("--epochs", type=runtime.positive_int, default=10,
+                        help="Keras epochs the HyperRule steps are spread over (default 10)")
+    parser.add_argument("--steps", type=runtime.positive_int,
+                        help="train this many steps instead of the HyperRule's; warm-up and decays scale with it")
     parser.add_argument("--base-lr", type=float, help="override the base learning rate (at batch 512)")
     parser.add_argument("--crop-size", type=int, help="override the training resolution")
     parser.add_argument("--resize-size", type=int, help="override the resize before the random crop")
@@ -56,13 +59,9 @@ def main(argv=None):
               "(it must be set before Python starts)", file=sys.stderr)
 
     from tfbit.finetune.trainer import NonFiniteLossError, finetune
-    overrides = {k: v for k, v in dict(total_steps=args.steps, base_lr=args.base_lr, crop_size=args.crop_size,
+    overrides = {k: v for k, v in dict(base_lr=args.base_lr, crop_size=args.crop_size,
                                        resize_size=args.resize_size, mixup_alpha=args.mixup_alpha).items()
                  if v is not None}
-    if args.steps is not None:
-        # a shorter run keeps the schedule's shape: warm-up and decays scale with it
-        overrides.update(warmup_steps=max(1, args.steps // 5),
-                         decay_boundaries=tuple(args.steps * k // 10 for k in (3, 6, 9)))
     try:
         train = _dataset(args.data, args.data_dir, args.download)
         validation = _dataset(args.validation, args.data_dir, args.download) if args.validation else None
@@ -71,9 +70,9 @@ def main(argv=None):
             import tensorflow as tf
             strategy = tf.distribute.MirroredStrategy()
         result = finetune(args.source, train, args.output, validation, batch_size=args.batch_size,
-                          epochs=args.epochs, plan_overrides=overrides, freeze_backbone=args.freeze_backbone,
-                          strategy=strategy, mixed_precision=args.mixed_precision,
-                          random_flip=not args.no_flip)
+                          epochs=args.epochs, steps=args.steps, plan_overrides=overrides,
+                          freeze_backbone=args.freeze_backbone, strategy=strategy,
+                          mixed_precision=args.mixed_precision, random_flip=not args.no_flip)
     except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -81,13 +80,21 @@ def main(argv=None):
     if "validation" in result.metrics:
         print(f"validation accuracy: {result.metrics['validation']['accuracy']:.2%}")
     if args.export is not None:
-        from conversion.convert import convert
-        report = convert(os.path.join(args.output, "best.keras"), output=os.path.join(args.output, "export"),
-                         formats=tuple(args.export) or ("keras", "saved_model", "tflite"),
-                         images=args.validation if args.validation and os.path.isdir(args.validation) else None,
-                         overwrite=True)
-        return 0 if report["passed"] else 1
+        return _export(args)
     return 0
+
+
+def _export(args):
+    """The converter CLI on best.keras, as a user would run it next: a process of its own, which
+    gets the converter's inference defaults and keeps the library free of the application."""
+    import subprocess
+    command = [sys.executable, "-m", "conversion.convert", os.path.join(args.output, "best.keras"),
+               "--output", os.path.join(args.output, "export"), "--overwrite",
+               "--formats", *(args.export or ("keras", "saved_model", "tflite"))]
+    if args.validation and os.path.isdir(args.validation):
+        command += ["--images", args.validation]
+    print("exporting:", " ".join(command), flush=True)
+    return subprocess.run(command).returncode
 
 
 if __name__ == "__main__":

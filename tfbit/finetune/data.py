@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -39,17 +40,29 @@ class Normalize:
         return f"Normalize(mean={self.mean}, std={self.std}, scale={self.scale})"
 
 
-def _to_rgb(image):
+def _gray_to_rgb(image):
+    """Single-channel images get three equal channels; RGB passes through."""
     return tf.image.grayscale_to_rgb(image) if image.shape[-1] == 1 else image
+
+
+def _op_message(error: tf.errors.OpError) -> str:
+    """TensorFlow's own reason, without the kernel name and op suffix it wraps it in."""
+    return re.sub(r"\{\{.*?\}\}|\[Op:.*", "", error.message, flags=re.S).strip()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ImageDataset:
     """An unbatched labelled image source.
 
-    `source` yields whatever `decode` expects; `dataset` yields (uint8 (H, W, 3), int64 label).
-    `image_size` is the (h, w) of the images when known (median for image folders), handy for
-    `hyperrule_plan(ds.num_examples, ds.image_size)`.
+    Args:
+        source: a `tf.data.Dataset` of tuples that `decode(*element)` turns into
+            (uint8 (H, W, 3) image, int64 label); without `decode`, of those pairs already.
+        class_names: the name of each label id.
+        num_examples: the number of elements of `source`.
+        decode: see `source`; runs after shuffling, so that only cheap elements are shuffled.
+        image_size: the (h, w) of the images when known (median for image folders), handy
+            for `hyperrule_plan(ds.num_examples, ds.image_size)`.
+        paths: the file of each example, when they come from files; errors name them.
     """
 
     source: tf.data.Dataset
@@ -57,9 +70,11 @@ class ImageDataset:
     num_examples: int
     decode: Callable | None = None
     image_size: tuple[int, int] | None = None
+    paths: tuple[str, ...] | None = None
 
     @property
     def dataset(self) -> tf.data.Dataset:
+        """(uint8 (H, W, 3) image, int64 label) examples."""
         return self.source if self.decode is None else self.source.map(self.decode, num_parallel_calls=AUTOTUNE)
 
     @property
@@ -74,17 +89,84 @@ class ImageDataset:
     def label2id(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.class_names)}
 
+    def _decode(self, *element):
+        return self.decode(*element) if self.decode is not None else element
+
+    def relabeled(self, class_names: Sequence[str]) -> ImageDataset:
+        """The same examples, labelled by their class name's position in `class_names`.
+
+        Evaluation data may hold a subset of the training classes, or list them in another
+        order: `validation.relabeled(train.class_names)` gives its labels the training ids.
+
+        Args:
+            class_names: the target classes; each class of this dataset must be one of them
+                (ValueError naming those that are not).
+        """
+        class_names = tuple(class_names)
+        ids = {name: i for i, name in enumerate(class_names)}
+        unknown = [name for name in self.class_names if name not in ids]
+        if unknown:
+            raise ValueError(f"classes {unknown} are not among the classes {list(class_names)}")
+        new_ids = tf.constant([ids[name] for name in self.class_names], tf.int64)
+
+        def decode(*element):
+            image, label = self._decode(*element)
+            return image, tf.gather(new_ids, label)
+
+        return dataclasses.replace(self, class_names=class_names, decode=decode)
+
+    def verify(self) -> np.ndarray:
+        """Decodes every example once, as training does, and returns their (h, w) sizes.
+
+        Decoding runs in parallel through tf.data. If an example does not decode (a truncated
+        or corrupt file), raises ValueError naming it (its file when `paths` is known) with
+        TensorFlow's reason, and how many others fail too.
+        """
+        def decoded_size(index, element):
+            image, _ = self._decode(*element)
+            return index, tf.shape(image)[:2]
+
+        sizes = np.zeros((self.num_examples, 2), np.int64)
+        decoded = np.zeros(self.num_examples, bool)
+        pipeline = (self.source.enumerate().map(decoded_size, num_parallel_calls=AUTOTUNE)
+                    .ignore_errors().batch(4096))
+        for indices, hw in pipeline.as_numpy_iterator():
+            sizes[indices], decoded[indices] = hw, True
+        failed = np.flatnonzero(~decoded)
+        if failed.size:
+            first = int(failed[0])
+            try:  # again, eagerly, for TensorFlow's reason (tf.data only dropped it)
+                self._decode(*next(iter(self.source.skip(first).take(1))))
+                reason = "it failed to decode in the input pipeline"
+            except tf.errors.OpError as e:
+                reason = _op_message(e)
+            others = [self._name(int(i)) for i in failed[1:6]]
+            more = (f" ({failed.size - 1} more cannot be decoded: {', '.join(others)}"
+                    f"{', ...' if failed.size > 6 else ''})") if others else ""
+            raise ValueError(f"cannot decode {self._name(first)}: {reason}{more}")
+        return sizes
+
+    def _name(self, index: int) -> str:
+        return f"image file {self.paths[index]!r}" if self.paths else f"example {index}"
+
 
 # --- sources -----------------------------------------------------------------------------
 
 def from_tfds(name_or_builder, split: str, data_dir: str | None = None, download: bool = False,
               image_key: str = "image", label_key: str = "label",
               shuffle_files: bool = False) -> ImageDataset:
-    """A tfds dataset by name ("name[/config][:version]"), prepared-dataset directory
-    (".../name/config/version"), or builder (e.g. `tfds.ImageFolder`).
+    """A split of a tensorflow-datasets dataset.
 
-    With `download=False` (the default, works offline) the dataset must already be prepared
-    in `data_dir`; otherwise FileNotFoundError.
+    Args:
+        name_or_builder: a dataset name ("name[/config][:version]"), a prepared-dataset
+            directory (".../name/config/version"), or a builder (e.g. `tfds.ImageFolder`).
+        split: a tfds split ("train", "test[:10%]", ...).
+        data_dir: where tfds keeps prepared datasets (tfds' default when None).
+        download: let tfds download and prepare the dataset. With False (the default, works
+            offline) it must already be prepared in `data_dir`; otherwise FileNotFoundError.
+        image_key: the image feature.
+        label_key: the `ClassLabel` feature; its names become `class_names`.
+        shuffle_files: shuffle the order of the dataset's files (`builder.as_dataset`).
     """
     import tensorflow_datasets as tfds  # heavy; only needed here
 
@@ -116,7 +198,7 @@ def from_tfds(name_or_builder, split: str, data_dir: str | None = None, download
     source = source.map(lambda ex: (ex[image_key], ex[label_key]))
 
     def decode(encoded, label):
-        return _to_rgb(image_feature.decode_example(encoded)), tf.cast(label, tf.int64)
+        return _gray_to_rgb(image_feature.decode_example(encoded)), tf.cast(label, tf.int64)
 
     shape = image_feature.shape
     image_size = tuple(shape[:2]) if None not in shape[:2] else None
@@ -124,23 +206,24 @@ def from_tfds(name_or_builder, split: str, data_dir: str | None = None, download
                         builder.info.splits[split].num_examples, decode, image_size)
 
 
-def _verify_image(path: str) -> tuple[int, int]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            im.verify()
-    except Exception as e:  # PIL raises many types for bad files
-        raise ValueError(f"cannot read image file {path!r}: {e}") from e
-    return size[1], size[0]
+def _decode_file(path, label):
+    # expand_animations=False: GIFs give their first frame as a 3-D image.
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image, label
 
 
 def from_image_folder(root, extensions: Sequence[str] = IMAGE_EXTENSIONS, verify: bool = True) -> ImageDataset:
     """Images in `root/<class>/*.{jpg,jpeg,png,bmp,gif}`; class ids follow sorted folder names.
 
-    Every file is checked with PIL at construction (`verify=True`) so a corrupt file fails
-    here, named, rather than mid-training inside tf.data.
+    Args:
+        root: the folder holding one sub-folder per class.
+        extensions: file name endings read as images (case-insensitive); other files are
+            ignored.
+        verify: decode every file now, with the TensorFlow decoder training uses (see
+            `ImageDataset.verify`), so that a truncated or corrupt file fails here, named,
+            rather than mid-training; also measures the median `image_size`. Costs one
+            decoding pass over the data.
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
@@ -158,26 +241,22 @@ def from_image_folder(root, extensions: Sequence[str] = IMAGE_EXTENSIONS, verify
             raise ValueError(f"class folder {folder!r} contains no images ({', '.join(extensions)})")
         paths += files
         labels += [label] * len(files)
-    image_size = None
-    if verify:
-        sizes = np.array([_verify_image(p) for p in paths])
-        image_size = tuple(int(v) for v in np.median(sizes, axis=0))
-
-    def decode(path, label):
-        # expand_animations=False: GIFs give their first frame as a 3-D image.
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        image.set_shape([None, None, 3])
-        return image, label
-
     source = tf.data.Dataset.from_tensor_slices((paths, np.array(labels, np.int64)))
-    return ImageDataset(source, tuple(class_names), len(paths), decode, image_size)
+    dataset = ImageDataset(source, tuple(class_names), len(paths), _decode_file, paths=tuple(paths))
+    if not verify:
+        return dataset
+    image_size = tuple(int(v) for v in np.median(dataset.verify(), axis=0))
+    return dataclasses.replace(dataset, image_size=image_size)
 
 
 def from_arrays(images, labels, class_names: Sequence[str] | None = None) -> ImageDataset:
-    """In-memory images (N, H, W[, 1|3]) with integer labels (N,).
+    """In-memory images with integer labels.
 
-    uint8 images are kept as is; other dtypes are cast to float32 and assumed in [0, 255].
-    Without `class_names`, classes are named "0" … str(max label).
+    Args:
+        images: (N, H, W), (N, H, W, 1) or (N, H, W, 3); uint8 is kept as is, other dtypes
+            are cast to float32 and assumed in [0, 255].
+        labels: (N,) integer class ids.
+        class_names: the name of each id; default "0" ... str(max label).
     """
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim == 3:
@@ -199,7 +278,7 @@ def from_arrays(images, labels, class_names: Sequence[str] | None = None) -> Ima
         images = images.astype(np.float32)
     source = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int64)))
     return ImageDataset(source, tuple(str(c) for c in class_names), len(images),
-                        lambda image, label: (_to_rgb(image), label), tuple(images.shape[1:3]))
+                        lambda image, label: (_gray_to_rgb(image), label), tuple(images.shape[1:3]))
 
 
 # --- pipelines ---------------------------------------------------------------------------
@@ -215,71 +294,98 @@ def _sizes(plan_or_sizes) -> tuple[int, int]:
     return int(resize), int(crop)
 
 
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    """How `make_pipeline` prepares examples, besides image sizes, batch size and labels.
+
+    Args:
+        preprocess: maps float [0, 255] images to model input; default `Normalize()` → [-1, 1].
+        mixup_alpha: MixUp's α for training batches; None takes the plan's (none without a
+            plan). Evaluation pipelines refuse MixUp.
+        random_flip: BiT's random left-right flip of training images; turn it off where
+            mirroring changes the class (digits, text).
+        antialias: resize with an antialiasing filter, like the PIL resize of the PyTorch
+            reference; False gives plain bilinear like the upstream TF pipeline.
+        shuffle_buffer: size of the training shuffle buffer; default min(examples, 10 000).
+        seed: makes shuffling, crops, flips and MixUp reproducible.
+    """
+
+    preprocess: Callable = dataclasses.field(default_factory=Normalize)
+    mixup_alpha: float | None = None
+    random_flip: bool = True
+    antialias: bool = True
+    shuffle_buffer: int | None = None
+    seed: int | None = None
+
+
 def make_pipeline(image_dataset: ImageDataset, plan_or_sizes, batch_size: int | None = None,
-                  training: bool = False, num_classes: int | None = None,
-                  mixup_alpha: float | None = None, shuffle_buffer: int | None = None,
-                  seed: int | None = None, one_hot: bool = False,
-                  preprocess: Callable | None = None, repeat: bool | None = None,
-                  antialias: bool = True, random_flip: bool = True) -> tf.data.Dataset:
+                  training: bool = False, *, one_hot: bool = False, repeat: bool | None = None,
+                  options: PipelineOptions | None = None) -> tf.data.Dataset:
     """Batched, prefetching (pixel_values float32 NHWC, labels) dataset.
 
-    plan_or_sizes: a `HyperRulePlan` (also supplies the batch size and, for training, the
-        MixUp α when those are None) or (resize_size, crop_size) or a single size.
-    labels: int64 (B,) ids, or float32 (B, num_classes) when `one_hot` or MixUp is active.
-    repeat: defaults to `training` — BiT trains for a number of steps, not epochs.
-    preprocess: maps float [0, 255] images to model input; default `Normalize()` → [-1, 1].
-    seed: makes shuffling, crops, flips and MixUp reproducible.
-    antialias: resize with an antialiasing filter, like the PIL resize of the PyTorch
-        reference; False gives plain bilinear like the upstream TF pipeline.
-    random_flip: BiT's left-right flip; turn it off where mirroring changes the class
-        (digits, text).
+    Training shuffles, resizes to resize_size, randomly crops to crop_size, flips and applies
+    MixUp; evaluation resizes straight to crop_size.
+
+    Args:
+        image_dataset: the examples; labels are its class ids.
+        plan_or_sizes: a `HyperRulePlan` (which also supplies the batch size when
+            `batch_size` is None, and the MixUp α of training pipelines), (resize_size,
+            crop_size), or a single size for both.
+        batch_size: examples per batch; required without a plan.
+        training: augment and shuffle (see above) rather than only resize.
+        one_hot: float32 (B, num_classes) labels instead of int64 (B,) ids; MixUp implies it.
+        repeat: repeat the data forever, dropping incomplete batches; defaults to `training`,
+            since BiT trains for a number of steps, not epochs.
+        options: the rest, see `PipelineOptions`.
     """
+    options = options or PipelineOptions()
     plan = plan_or_sizes if isinstance(plan_or_sizes, HyperRulePlan) else None
     resize, crop = _sizes(plan_or_sizes)
     if batch_size is None:
         if plan is None:
             raise ValueError("batch_size is required when no HyperRulePlan is given")
         batch_size = plan.batch_size
+    mixup_alpha = options.mixup_alpha
     if mixup_alpha is None:
         mixup_alpha = plan.mixup_alpha if plan is not None and training else 0.0
     if mixup_alpha and not training:
         raise ValueError(f"MixUp is for training only, got mixup_alpha={mixup_alpha} with training=False")
-    num_classes = num_classes or image_dataset.num_classes
     repeat = training if repeat is None else repeat
-    preprocess = preprocess or Normalize()
+    preprocess = options.preprocess
 
     ds = image_dataset.source
     if training:
-        buffer = shuffle_buffer or min(image_dataset.num_examples, 10_000)
-        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        buffer = options.shuffle_buffer or min(image_dataset.num_examples, 10_000)
+        ds = ds.shuffle(buffer, seed=options.seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
     if image_dataset.decode is not None:
         ds = ds.map(image_dataset.decode, num_parallel_calls=AUTOTUNE)
 
     def resize_to(image, size):
-        return tf.image.resize(image, (size, size), antialias=antialias)
+        return tf.image.resize(image, (size, size), antialias=options.antialias)
 
     if training:
         def augment(example, aug_seed):
             image, label = example
             crop_seed, flip_seed = tf.unstack(tf.random.split(aug_seed, 2))
             image = tf.image.stateless_random_crop(resize_to(image, resize), (crop, crop, 3), crop_seed)
-            if random_flip:
+            if options.random_flip:
                 image = tf.image.stateless_random_flip_left_right(image, flip_seed)
             return preprocess(image), label
 
         # One stateless seed per example keeps augmentation reproducible under parallel map,
         # and rerandomize_each_iteration gives new crops/flips on every pass.
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        seeds = tf.data.Dataset.random(seed=options.seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip(ds, seeds).map(augment, num_parallel_calls=AUTOTUNE)
     else:
         ds = ds.map(lambda image, label: (preprocess(resize_to(image, crop)), label),
                     num_parallel_calls=AUTOTUNE)
 
+    num_classes = image_dataset.num_classes
     ds = ds.batch(batch_size, drop_remainder=repeat)
     if mixup_alpha:
-        ds = ds.map(MixUp(mixup_alpha, num_classes, seed=seed))
+        ds = ds.map(MixUp(mixup_alpha, num_classes, seed=options.seed))
     elif one_hot:
         ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes, dtype=tf.float32)),
                     num_parallel_calls=AUTOTUNE)

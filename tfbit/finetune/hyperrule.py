@@ -14,8 +14,11 @@ resized to 512 and cropped to 480; evaluation resizes straight to the crop size.
 Batch size: the step counts are for batch 512 and are *kept* for any batch size, as in the
 original big_transfer scripts (the TF2 one explicitly declines to rescale them). The learning
 rate is scaled linearly, ``learning_rate = base_lr * batch_size / 512``, which is the paper's
-0.003 at the reference batch. A smaller batch therefore sees fewer examples in total; override
-``total_steps``/``warmup_steps``/``decay_boundaries`` to keep the number of epochs instead.
+0.003 at the reference batch. A smaller batch therefore sees fewer examples in total;
+``plan.scaled_to(total_steps)`` lengthens the schedule (same shape) to keep the number of epochs.
+
+The learning-rate schedule, `BiTSchedule`, lives in `tfbit.schedules`: `import tfbit` registers
+it, so a saved model's optimizer loads without importing the fine-tuning pipelines.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import numbers
 from collections.abc import Sequence
 
 import keras
-from keras import ops
+
+from tfbit.schedules import BiTSchedule
 
 REFERENCE_BATCH_SIZE = 512
 _SMALL_AREA = 96 * 96
@@ -67,7 +71,24 @@ def _image_hw(image_size) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class HyperRulePlan:
-    """Everything BiT-HyperRule decides for one fine-tuning run."""
+    """Everything BiT-HyperRule decides for one fine-tuning run.
+
+    Build it with `hyperrule_plan`; fields are validated (ValueError naming the field).
+
+    Args:
+        dataset_size: number of training examples the rule was applied to.
+        image_size: (h, w) of the training images.
+        resize_size: side training images are resized to before the random crop.
+        crop_size: side of the random training crop; evaluation resizes straight to it.
+        warmup_steps: optimizer steps of the linear learning-rate warm-up.
+        decay_boundaries: optimizer steps after which the learning rate is divided by 10.
+        total_steps: optimizer steps of the whole run.
+        mixup_alpha: MixUp's Beta(α, α) parameter; 0 disables MixUp.
+        batch_size: the global batch size the learning rate is scaled to.
+        base_lr: learning rate at the reference batch size of 512.
+        learning_rate: peak learning rate, `base_lr * batch_size / 512` unless overridden.
+        momentum: SGD momentum.
+    """
 
     dataset_size: int
     image_size: tuple[int, int]
@@ -111,6 +132,26 @@ class HyperRulePlan:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def scaled_to(self, total_steps: int) -> HyperRulePlan:
+        """This plan with its schedule stretched or shrunk to `total_steps`, keeping its shape.
+
+        Warm-up and decay boundaries keep their fraction of the run, rounded down to whole
+        steps (500 steps with warm-up 100 and decays after 200, 300, 400 become, for 50 steps,
+        warm-up 10 and decays after 20, 30, 40). In a run too short to separate them,
+        boundaries that fall on the same step merge into one decay.
+
+        Args:
+            total_steps: optimizer steps of the new run, a positive int.
+        """
+        _check(_is_int(total_steps) and total_steps > 0, "total_steps", total_steps, "a positive int")
+
+        def scale(step):
+            return step * total_steps // self.total_steps
+
+        return dataclasses.replace(
+            self, total_steps=total_steps, warmup_steps=scale(self.warmup_steps),
+            decay_boundaries=tuple(dict.fromkeys(scale(b) for b in self.decay_boundaries)))
+
     def schedule(self) -> BiTSchedule:
         return BiTSchedule(self.learning_rate, self.warmup_steps, self.decay_boundaries)
 
@@ -121,10 +162,19 @@ class HyperRulePlan:
 
 def hyperrule_plan(dataset_size: int, image_size, batch_size: int = REFERENCE_BATCH_SIZE,
                    base_lr: float = 0.003, **overrides) -> HyperRulePlan:
-    """BiT-HyperRule for a dataset of `dataset_size` examples of `image_size` (int, (h, w) or (h, w, c)).
+    """BiT-HyperRule's plan for a dataset of `dataset_size` examples of `image_size`.
 
     Any `HyperRulePlan` field can be overridden by keyword; invalid values raise ValueError
-    naming the field.
+    naming the field, unknown fields TypeError. To train for another number of steps with
+    the same schedule shape, use `hyperrule_plan(...).scaled_to(total_steps)`.
+
+    Args:
+        dataset_size: number of training examples; picks the schedule and MixUp.
+        image_size: int (square), (h, w) or (h, w, c) of the training images; picks the
+            resolution.
+        batch_size: the global batch size; the learning rate is scaled linearly to it.
+        base_lr: the learning rate at the reference batch size of 512.
+        **overrides: `HyperRulePlan` fields replacing what the rule decides.
     """
     _check(_is_int(dataset_size) and dataset_size > 0, "dataset_size", dataset_size, "a positive int")
     _check(_is_int(batch_size) and batch_size > 0, "batch_size", batch_size, "a positive int")
@@ -142,40 +192,3 @@ def hyperrule_plan(dataset_size: int, image_size, batch_size: int = REFERENCE_BA
     if unknown:
         raise TypeError(f"unknown HyperRulePlan field(s): {sorted(unknown)}")
     return HyperRulePlan(**{**fields, **overrides})
-
-
-@keras.saving.register_keras_serializable(package="tfbit")
-class BiTSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up from 0 to `learning_rate`, then ×`decay_factor` after each boundary.
-
-    Matches the original `get_lr`: lr(step) = lr·step/warmup for step < warmup, and a decay
-    applies once step > boundary (so step == boundary still uses the previous value, like
-    `keras.optimizers.schedules.PiecewiseConstantDecay`). Past the last boundary the final
-    value is kept; stop training at `HyperRulePlan.total_steps`.
-    """
-
-    def __init__(self, learning_rate: float, warmup_steps: int,
-                 decay_boundaries: Sequence[int], decay_factor: float = 0.1, name: str | None = None):
-        super().__init__()
-        self.learning_rate = float(learning_rate)
-        self.warmup_steps = int(warmup_steps)
-        self.decay_boundaries = tuple(int(b) for b in decay_boundaries)
-        self.decay_factor = float(decay_factor)
-        self.name = name
-
-    def __call__(self, step):
-        step = ops.cast(step, "float32")
-        lr = ops.convert_to_tensor(self.learning_rate, "float32")
-        if self.decay_boundaries:
-            boundaries = ops.convert_to_tensor(self.decay_boundaries, "float32")
-            num_decays = ops.sum(ops.cast(ops.greater(step, boundaries), "float32"))
-            lr = lr * ops.power(ops.convert_to_tensor(self.decay_factor, "float32"), num_decays)
-        if self.warmup_steps > 0:
-            warm = self.learning_rate * step / self.warmup_steps
-            lr = ops.where(step < self.warmup_steps, warm, lr)
-        return lr
-
-    def get_config(self) -> dict:
-        return dict(learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
-                    decay_boundaries=list(self.decay_boundaries),
-                    decay_factor=self.decay_factor, name=self.name)

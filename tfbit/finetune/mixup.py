@@ -15,9 +15,14 @@ def _as_seed(seed):
 def sample_mixup_lambda(alpha: float, seed=None, shape=()) -> tf.Tensor:
     """λ ~ Beta(α, α) from two Gamma(α) draws, float32.
 
-    `seed=None` uses the stateful global RNG; an int or a shape-[2] tensor gives a stateless
-    (deterministic) draw. Sampling is done in float64: for α = 0.1 a float32 Gamma draw
-    underflows to 0 often enough (~1e-4) to produce 0/0 over many batches.
+    Sampling is done in float64: for α = 0.1 a float32 Gamma draw underflows to 0 often
+    enough (~1e-4) to produce 0/0 over many batches.
+
+    Args:
+        alpha: the Beta distribution's α (> 0).
+        seed: None draws from the stateful global RNG; an int or a shape-[2] tensor gives a
+            stateless, deterministic draw.
+        shape: shape of the returned λ values.
     """
     if seed is None:
         g1 = tf.random.gamma(shape, alpha, dtype=tf.float64)
@@ -43,8 +48,16 @@ def _soft_labels(labels, num_classes: int) -> tf.Tensor:
 def mixup(images, labels, alpha: float, num_classes: int, seed=None):
     """Mixes a batch with its reverse: x = λ·x + (1-λ)·x[::-1], same for one-hot labels.
 
-    Returns float32 images and float32 soft labels of shape (batch, num_classes). With
-    `alpha == 0` the images are only cast and the labels one-hot encoded.
+    Args:
+        images: a batch of images, any dtype.
+        labels: (batch,) class ids or (batch, num_classes) one-hot / soft labels.
+        alpha: MixUp's α, λ ~ Beta(α, α); 0 only casts the images and one-hot encodes the
+            labels.
+        num_classes: width of the one-hot labels.
+        seed: see `sample_mixup_lambda`.
+
+    Returns:
+        float32 images and float32 soft labels of shape (batch, num_classes).
     """
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
@@ -64,6 +77,11 @@ class MixUp:
     A `tf.random.Generator` supplies a fresh stateless seed per batch, so a given `seed`
     reproduces the λ sequence while successive epochs still draw new values. Map it
     without `num_parallel_calls` if reproducibility matters (parallel calls reorder draws).
+
+    Args:
+        alpha: MixUp's α (see `mixup`).
+        num_classes: width of the one-hot labels.
+        seed: int seed of the λ sequence; None draws a non-deterministic one.
     """
 
     def __init__(self, alpha: float, num_classes: int, seed: int | None = None):

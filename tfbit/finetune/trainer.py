@@ -6,15 +6,18 @@ converts like any checkpoint), and `backup/` while training (removed when traini
 rerunning the same command after a crash resumes from it).
 """
 
+import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from tfbit.finetune.data import Normalize, make_pipeline
+from tfbit.finetune.data import Normalize, PipelineOptions, make_pipeline
 from tfbit.finetune.hyperrule import hyperrule_plan
 from tfbit.finetune.transfer import with_new_head
 
@@ -47,6 +50,24 @@ class _ResumeLog(keras.callbacks.Callback):
         self.start_step = int(self.model.optimizer.iterations.numpy())
 
 
+class _StopAtStep(keras.callbacks.Callback):
+    """Ends training once the optimizer has made `total_steps` steps.
+
+    Epochs have one length in Keras, so the last one is cut short when `epochs` does not
+    divide the plan; and a resumed run restarts its interrupted epoch from the first batch
+    with the optimizer step restored, which would otherwise run that epoch's finished batches
+    again on top of the plan.
+    """
+
+    def __init__(self, total_steps):
+        super().__init__()
+        self.total_steps = total_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) >= self.total_steps:
+            self.model.stop_training = True
+
+
 class _LearningRateLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         optimizer = self.model.optimizer
@@ -72,8 +93,8 @@ def load_model_source(source):
             raise FileNotFoundError(f"no .keras file at {source}")
         import tfbit  # noqa: F401  (registers the layers for deserialization)
         return keras.saving.load_model(source)
-    from conversion.sources import load_source
-    return load_source(source).model
+    from tfbit.pretrained import load_model
+    return load_model(source)[0]
 
 
 def _plot(history, path):
@@ -95,22 +116,84 @@ def _plot(history, path):
     plt.close(fig)
 
 
-def finetune(source, train, output_dir, validation=None, *, batch_size=64, epochs=10,
+def _check_positive_int(name, value):
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+@contextlib.contextmanager
+def _naming_undecodable_examples(*datasets):
+    """A decoding failure inside tf.data names only the op: find and name the example."""
+    try:
+        yield
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+        for dataset in datasets:
+            if dataset is not None:
+                dataset.verify()  # raises ValueError naming the example that does not decode
+        raise
+
+
+def finetune(source, train, output_dir, validation=None, *, batch_size=64, epochs=10, steps=None,
              plan_overrides=None, freeze_backbone=False, strategy=None, mixed_precision=None,
              preprocess=None, random_flip=True, seed=0, backup_every=None, verbose="auto"):
-    """Fine-tune `source` on `train` (an `ImageDataset`) with BiT-HyperRule.
+    """Fine-tunes `source` on `train` with BiT-HyperRule and plain `model.fit`.
 
-    batch_size is the global batch (split across a strategy's replicas); the HyperRule learning
-    rate is scaled to it. The plan's total steps are spread over `epochs` Keras epochs, so the
-    progress bar, validation and checkpoints happen `epochs` times. `plan_overrides` replaces any
-    field of the plan (e.g. `total_steps`, `base_lr`, `mixup_alpha`, `crop_size`).
+    The run makes exactly the plan's `total_steps` optimizer steps, also when it resumes
+    from `output_dir/backup` after an interruption.
+
+    Args:
+        source: a Keras model, a `.keras` file, or any source the converter loads; its body
+            gets a new zero-initialized head for the training classes.
+        train: the training `ImageDataset`, with at least 2 classes.
+        output_dir: where the checkpoint, metrics and configs are written (see the module).
+        validation: an optional `ImageDataset` whose classes are training classes, matched by
+            name (it may hold a subset of them); it selects the best checkpoint.
+        batch_size: the global batch (split across a strategy's replicas); the HyperRule
+            learning rate is scaled to it.
+        epochs: Keras epochs the plan's steps are split into (progress, validation and the
+            best checkpoint happen at the end of each): ceil(total_steps / epochs) steps each,
+            the last one shorter. `metrics.json` records the epochs run, fewer when rounding
+            leaves the last ones empty (e.g. more epochs than steps).
+        steps: train for this many steps instead of the HyperRule's, with the schedule scaled
+            to keep its shape (`HyperRulePlan.scaled_to`).
+        plan_overrides: `HyperRulePlan` fields replacing the rule's (e.g. `base_lr`,
+            `mixup_alpha`, `crop_size`), applied before `steps`.
+        freeze_backbone: train the new head only.
+        strategy: a `tf.distribute` strategy to train under; default the current one.
+        mixed_precision: "mixed_float16" or "mixed_bfloat16" to build the model under that
+            dtype policy (weight standardization and logits stay float32).
+        preprocess: maps float [0, 255] pixels to model input; default `Normalize()`.
+        random_flip: random left-right flips; turn off where mirroring changes the class.
+        seed: seed of shuffling, augmentation and MixUp.
+        backup_every: back up every this many steps (default: at the end of each epoch).
+        verbose: `model.fit`'s verbosity.
+
+    Returns:
+        A `FinetuneResult` with the best model, the plan, the Keras history and the metrics
+        written to `metrics.json`.
     """
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("epochs", epochs)
+    for name, value in (("steps", steps), ("backup_every", backup_every)):
+        if value is not None:
+            _check_positive_int(name, value)
+    if train.num_classes < 2:
+        raise ValueError(f"the training data has {train.num_classes} class {list(train.class_names)}: "
+                         "a classifier needs at least 2 classes to tell apart")
+    if validation is not None:
+        try:
+            validation = validation.relabeled(train.class_names)
+        except ValueError as e:
+            raise ValueError(f"validation data: {e} of the training data") from None
     os.makedirs(output_dir, exist_ok=True)
     plan = hyperrule_plan(train.num_examples, train.image_size, batch_size=batch_size,
                           **(plan_overrides or {}))
-    steps_per_epoch = max(1, plan.total_steps // epochs)
-    preprocess = preprocess or Normalize()
-    strategy = strategy or __import__("tensorflow").distribute.get_strategy()
+    if steps is not None:
+        plan = plan.scaled_to(steps)
+    steps_per_epoch = math.ceil(plan.total_steps / epochs)
+    epochs = math.ceil(plan.total_steps / steps_per_epoch)
+    options = PipelineOptions(preprocess=preprocess or Normalize(), random_flip=random_flip, seed=seed)
+    strategy = strategy or tf.distribute.get_strategy()
     previous_policy = keras.config.dtype_policy()
     if mixed_precision:
         keras.config.set_dtype_policy(mixed_precision)
@@ -127,26 +210,28 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
     finally:
         keras.config.set_dtype_policy(previous_policy)
 
-    train_ds = make_pipeline(train, plan, batch_size, training=True, num_classes=train.num_classes,
-                             seed=seed, one_hot=one_hot, preprocess=preprocess, random_flip=random_flip)
+    train_ds = make_pipeline(train, plan, batch_size, training=True, one_hot=one_hot, options=options)
     val_ds = None
     if validation is not None:
-        val_ds = make_pipeline(validation, plan, batch_size, training=False, preprocess=preprocess,
-                               one_hot=one_hot, num_classes=train.num_classes)
+        val_ds = make_pipeline(validation, plan, batch_size, one_hot=one_hot, options=options)
     best_path = os.path.join(output_dir, "best.keras")
     monitor = "val_accuracy" if val_ds is not None else "accuracy"
     nan_guard, resume = _StopOnNonFiniteLoss(), _ResumeLog()
     callbacks = [
-        # double_checkpoint: a kill while the backup is being written leaves the previous one
+        # double_checkpoint: a kill while the backup is being written leaves the previous one.
+        # Epoch-end backups (written after on_epoch_end) resume at the next epoch; batch-level
+        # ones restart the interrupted epoch, which _StopAtStep keeps within the plan.
         keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup"),
-                                         save_freq=backup_every or steps_per_epoch, double_checkpoint=True),
+                                         save_freq=backup_every or "epoch", double_checkpoint=True),
         resume,  # after BackupAndRestore, which restores the step in its on_train_begin
         nan_guard,
+        _StopAtStep(plan.total_steps),
         _LearningRateLog(),
         keras.callbacks.ModelCheckpoint(best_path, monitor=monitor, mode="max", save_best_only=True),
     ]
-    history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                        validation_data=val_ds, callbacks=callbacks, verbose=verbose, shuffle=False)
+    with _naming_undecodable_examples(train, validation):
+        history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                            validation_data=val_ds, callbacks=callbacks, verbose=verbose, shuffle=False)
     if nan_guard.failure:
         raise NonFiniteLossError(f"{nan_guard.failure}; training stopped. Lower the learning rate "
                                  "(plan_overrides={'base_lr': ...}) or check the input data")
@@ -156,12 +241,13 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
                "num_replicas": strategy.num_replicas_in_sync, "resumed_from_step": resume.start_step,
                "final_step": int(model.optimizer.iterations.numpy())}
     if val_ds is not None:
-        results = best.evaluate(val_ds, verbose=0, return_dict=True)
+        with _naming_undecodable_examples(validation):
+            results = best.evaluate(val_ds, verbose=0, return_dict=True)
         metrics["validation"] = {k: float(v) for k, v in results.items()}
     with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
     best.config.save_pretrained(output_dir)
-    _write_preprocessor(output_dir, plan.crop_size, preprocess)
+    _write_preprocessor(output_dir, plan.crop_size, options.preprocess)
     _plot(history.history, os.path.join(output_dir, "training_curve.png"))
     return FinetuneResult(best, plan, history.history, metrics, output_dir)
 

@@ -10,9 +10,15 @@ def with_new_head(model, num_labels=None, id2label=None, freeze_backbone=False):
     """A `BitForImageClassification` with `model`'s body and a fresh head for new labels.
 
     The head starts at zero, as in the BiT paper (the first steps then only see the body's
-    features, and any number of classes starts from uniform predictions). `model` can be any
-    tfbit model (classifier, BitModel or backbone of the same config). Build it inside a
+    features, and any number of classes starts from uniform predictions). Build it inside a
     `tf.distribute` strategy scope to train it distributed.
+
+    Args:
+        model: any tfbit model holding the whole body (classifier, `BitModel`, or a
+            `BitBackbone` of the same config).
+        num_labels: number of new labels, named "LABEL_<i>"; used when `id2label` is None.
+        id2label: {id: name} of the new labels.
+        freeze_backbone: make every layer but the head non-trainable.
     """
     if id2label is None:
         if num_labels is None:
@@ -39,8 +45,14 @@ def with_new_head(model, num_labels=None, id2label=None, freeze_backbone=False):
 def classification_loss(labels, logits, num_labels=None, problem_type=None):
     """The loss transformers' BitForImageClassification computes when given labels.
 
-    problem_type (as in HF configs) defaults like HF: regression for one label, single-label
-    classification for integer labels, multi-label (sigmoid) for float label vectors.
+    Args:
+        labels: integer class ids, float multi-hot vectors, or regression targets.
+        logits: the model's (batch, num_labels) output.
+        num_labels: defaults to the width of `logits`.
+        problem_type: "regression", "single_label_classification" or
+            "multi_label_classification" (as in HF configs); by default chosen like HF:
+            regression for one label, single-label for integer labels, multi-label (sigmoid
+            cross-entropy) for float labels.
     """
     num_labels = num_labels or logits.shape[-1]
     if problem_type is None:

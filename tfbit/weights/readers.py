@@ -30,11 +30,14 @@ def read_safetensors(path):
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
     try:
-        return load_file(path)
+        tensors = load_file(path)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
-    except TypeError:  # numpy has no bfloat16: read the file's layout ourselves
+    except TypeError:  # numpy has no bfloat16 (unless ml_dtypes is loaded): read the layout ourselves
         return _read_safetensors_widening_bf16(path)
+    # With ml_dtypes loaded (TensorFlow loads it) bfloat16 arrives as its own type: widen it,
+    # exactly, to what transformers computes with in float32.
+    return {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in tensors.items()}
 
 
 def _read_safetensors_widening_bf16(path):

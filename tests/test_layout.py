@@ -1,0 +1,82 @@
+"""Imports point one way -- tfbit (the library) <- conversion (the converter) <- benchmarks and
+tools -- and no two modules import each other, even through imports inside functions."""
+
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYERS = ["tfbit", "conversion", "benchmarks"]  # each may import only the ones before it
+
+
+def _modules():
+    modules = {}
+    for package in LAYERS:
+        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+            for file in files:
+                if file.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(folder, file), ROOT)[:-3].replace(os.sep, ".")
+                    modules[rel.removesuffix(".__init__")] = os.path.join(folder, file)
+    return modules
+
+
+def _imports(path, name, is_package, known):
+    """Every module `path` imports, at any depth of its code (lazy imports included).
+    `from package import module` is an import of that module (the package's __init__ runs
+    first whatever a module does, so it is not a dependency of the importer's design)."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".")[:len(name.split(".")) - node.level + is_package]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module
+            submodules = {f"{module}.{alias.name}" for alias in node.names} & known
+            found.update(submodules or {module})
+            if len(submodules) < len(node.names):
+                found.add(module)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph():
+    modules = _modules()
+    edges = {}
+    for name, path in modules.items():
+        targets = _imports(path, name, path.endswith("__init__.py"), set(modules))
+        edges[name] = {t for t in targets if t in modules and t != name}
+    return edges
+
+
+def test_modules_are_found(graph):
+    assert {"tfbit.models", "tfbit.weights.hf", "conversion.convert", "tfbit.finetune.trainer"} <= set(graph)
+    assert "tfbit.weights.hub" in graph["tfbit.weights.hf"] and "tfbit.models" in graph["tfbit.pretrained"]
+    assert "tfbit.weights" in graph["tfbit.models"]  # from_pretrained's lazy import is seen
+
+
+def test_imports_point_from_the_application_to_the_library(graph):
+    wrong = [f"{a} imports {b}" for a, targets in graph.items() for b in targets
+             if LAYERS.index(b.split(".")[0]) > LAYERS.index(a.split(".")[0])]
+    assert not wrong, wrong
+
+
+def test_no_import_cycles(graph):
+    cycles = []
+
+    def visit(node, path):
+        for target in graph[node]:
+            if target in path:
+                cycles.append(" -> ".join(path[path.index(target):] + [target]))
+            elif target not in done:
+                visit(target, path + [target])
+        done.add(node)
+
+    done = set()
+    for node in sorted(graph):
+        if node not in done:
+            visit(node, [node])
+    assert not cycles, cycles
