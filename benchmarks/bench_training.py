@@ -1,13 +1,15 @@
 """Training throughput of tfbit R50x1 (`model.fit`) next to transformers' PyTorch training step.
 
-    python benchmarks/bench_training.py [--quick] [--repeats N] [--steps K] [--sizes 128 224]
+    python benchmarks/bench_training.py [--quick] [--repeats N] [--steps K] [--sizes 128 224] [--parts ...]
+    python -m benchmarks.bench_training ...    (the same, from the repository root)
 
 Batch 16, SGD momentum 0.9, sparse categorical cross-entropy from logits, random images and labels
 held in memory. One worker subprocess per (system, image size); the workers of a group (PyTorch
 plus as many tfbit variants as memory allows) stay alive together and are timed in turn (see
-bench_inference.Worker), so every ratio to PyTorch comes from interleaved samples. A sample is the
+common.Worker), so every ratio to PyTorch comes from interleaved samples. A sample is the
 median step time of one `fit` call of K steps (timed by a callback, so fit's per-call setup is
 excluded) or of K PyTorch steps (forward + loss + backward + optimizer step).
+`--parts profile` adds a TF-profiler op breakdown of one tfbit fit step (128², default and oneDNN).
 """
 
 import argparse
@@ -17,9 +19,11 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_inference import (NUM_CLASSES, TORCH_ENV, Worker, cpu_model, images, interleave, median,  # noqa: E402
-                             serve, setup_tf, setup_torch, table, use_previous_groupnorm, versions)
+if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import (NUM_CLASSES, THREADS, TORCH_ENV, Worker, cpu_model, emit, images,  # noqa: E402
+                               interleave, median, op_profile, report_profile, run_child, serve, setup_tf,
+                               setup_torch, table, use_previous_groupnorm, versions)
 
 BATCH = 16
 LEARNING_RATE = 0.01
@@ -105,24 +109,24 @@ def serve_trainer(args):
     serve(lambda k: BATCH / median(run(k)), {"warmup_s": time.perf_counter() - started})
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: tfbit fit vs PyTorch at 128x128")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved samples per system and size")
-    parser.add_argument("--steps", type=int, default=2, help="training steps per sample")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 224])
-    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
-    parser.add_argument("--serve", choices=list(SYSTEMS), help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.serve:
-        return serve_trainer(args)
-    if args.quick:
-        args.sizes, args.repeats, args.steps = [128], 2, 2
-        args.systems = [n for n in args.systems if n in ("tfbit_fit", ANCHOR)]
-    started = time.perf_counter()
-    print(f"# bench_training  {time.strftime('%Y-%m-%d %H:%M')}  CPU: {cpu_model()}, {os.cpu_count()} cores, "
-          f"2 threads per system, batch {BATCH}\n# {versions()}", flush=True)
+# ---- op-level profile (bench_inference.py --parts profile does the same for inference graphs) ----
+
+PROFILES = {  # target: (system, image size, environment)
+    "tfbit_fit 128² step": ("tfbit_fit", 128, {}),
+    "tfbit_fit 128² step, oneDNN": ("tfbit_fit", 128, {"TF_ENABLE_ONEDNN_OPTS": "1"}),
+}
+
+
+def child_profile(args):
+    """Wall time of one fit step (batch 16) and the TF op types that fill it (TF profiler trace)."""
+    system, size, _ = PROFILES[args.profile]
+    train = tfbit_trainer(system, size)
+    emit(op_profile(lambda: train(1)))
+
+
+# ---- parent ----------------------------------------------------------------------------------
+
+def run_throughput(args):
     speed, ratio, info = {}, {}, {}
     for size in args.sizes:
         for group in groups_for(size, args.systems):
@@ -156,7 +160,40 @@ def main():
         rows.append(row)
     print("\n" + table(header, rows))
     warm = ", ".join(f"{n} {s}²: {i['warmup_s']:.0f}" for (n, s), i in info.items())
-    print(f"\nwarm-up s (build + 2 steps): {warm}\n# total {time.perf_counter() - started:.0f} s")
+    print(f"\nwarm-up s (build + 2 steps): {warm}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: tfbit fit vs PyTorch at 128x128")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved samples per system and size")
+    parser.add_argument("--steps", type=int, default=2, help="training steps per sample")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 224])
+    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
+    parser.add_argument("--parts", nargs="+", default=["throughput"], choices=["throughput", "profile"],
+                        help="profile (op breakdown of one fit step) is not in the default set")
+    parser.add_argument("--serve", choices=list(SYSTEMS), help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", choices=list(PROFILES), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        return serve_trainer(args)
+    if args.profile:
+        return child_profile(args)
+    if args.quick:
+        args.sizes, args.repeats, args.steps = [128], 2, 2
+        args.systems = [n for n in args.systems if n in ("tfbit_fit", ANCHOR)]
+    started = time.perf_counter()
+    print(f"# bench_training  {time.strftime('%Y-%m-%d %H:%M')}  CPU: {cpu_model()}, {os.cpu_count()} cores, "
+          f"{THREADS} threads per system, batch {BATCH}\n# {versions()}", flush=True)
+    if "throughput" in args.parts:
+        run_throughput(args)
+    if "profile" in args.parts:
+        print("\n## Op profile (TF profiler, one fit step after warm-up, one subprocess each)", flush=True)
+        for target, (_, _, env) in PROFILES.items():
+            out = run_child([__file__, "--profile", target], env)
+            print(report_profile(target, out) if "error" not in out else f"- {target}: FAILED {out['error']}", flush=True)
+    print(f"\n# total {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -30,9 +30,12 @@ def timm_model(config, num_classes):
 
 
 def _transformers(checkpoint, model):
+    import torch
     import transformers
     extra = {"out_features": model.config.out_features} if isinstance(model, BitBackbone) else {}
-    return getattr(transformers, type(model).__name__).from_pretrained(checkpoint.path, **extra).eval()
+    # float32 whatever the stored dtype (a bfloat16 file included), as tfbit computes
+    reference = getattr(transformers, type(model).__name__).from_pretrained(checkpoint.path, **extra)
+    return reference.to(torch.float32).eval()
 
 
 def _timm(checkpoint, model):

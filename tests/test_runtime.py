@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from conftest import SMALL
-from conversion import convert, environment, export, predict
+from conversion import convert, export, predict
+from conversion.environment import ONEDNN
 from tfbit import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHILD = ("import os, sys; from conversion import environment; environment.inference_defaults(); "
+CHILD = ("import os, sys; from conversion.environment import inference_defaults; inference_defaults(); "
          "from tfbit import runtime; "
          "threads = runtime.set_threads(int(sys.argv[1]) if len(sys.argv) > 1 else None); "
          "import tensorflow as tf; from tensorflow.python.util import _pywrap_util_port; "
@@ -22,9 +23,9 @@ CHILD = ("import os, sys; from conversion import environment; environment.infere
 
 def _child(*args, environment=None):
     """What a fresh process (as a CLI starts) ends up with after the runtime defaults."""
-    env = {k: v for k, v in os.environ.items() if k != environment.ONEDNN}
+    env = {k: v for k, v in os.environ.items() if k != ONEDNN}
     if environment is not None:
-        env[environment.ONEDNN] = environment
+        env[ONEDNN] = environment
     out = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -55,13 +56,17 @@ def test_cli_rejects_bad_thread_counts(main, tmp_path, capsys):
 
 
 def test_int8_without_calibration_images_is_refused(tmp_path, capsys):
-    assert convert.main(["--output", str(tmp_path / "o"), "--calibration-images", "0"]) == 2
-    assert "full int8 TFLite needs calibration images, got calibration_images=0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        convert.main(["--output", str(tmp_path / "o"), "--calibration-images", "0"])
+    assert info.value.code == 2
+    assert "--calibration-images: must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(convert.ConversionError, match="full int8 TFLite needs calibration images, got calibration_images=0"):
+        convert.convert(output=str(tmp_path / "o"), calibration_images=0, log=lambda m: None)
     assert not (tmp_path / "o").exists()
     # without int8 nothing is calibrated, so the count does not matter
-    assert convert.main(["--output", str(tmp_path / "o"), "--formats", "tflite", "--tflite", "fp32",
-                         "--calibration-images", "0"]) == 0
-    assert (tmp_path / "o" / "tflite" / "digits_fp32.tflite").exists()
+    report = convert.convert(output=str(tmp_path / "o"), formats=("tflite",), quantizations=("fp32",),
+                             calibration_images=0, log=lambda m: None)
+    assert report["passed"] and (tmp_path / "o" / "tflite" / "digits_fp32.tflite").exists()
 
 
 @pytest.fixture(scope="module")

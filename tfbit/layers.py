@@ -69,6 +69,13 @@ class WSConv2D(keras.layers.Conv2D):
         return config
 
 
+def _squared(d):
+    # d * d, not square(d) or moments(): TFLite turns those into SQUARED_DIFFERENCE, whose int8
+    # kernel aborts the whole process (a multiplier >= 1 in its Prepare) when the squares span a
+    # much smaller range than their inputs, as the spread of channel means often does.
+    return d * d
+
+
 @_register
 class GroupNormActivation(keras.layers.Layer):
     """GroupNorm (biased variance, eps inside the rsqrt) followed by an optional activation.
@@ -100,11 +107,12 @@ class GroupNormActivation(keras.layers.Layer):
         channels = self.gamma.shape[0]
         per_group = channels // self.groups
         x = ops.reshape(ops.cast(inputs, "float32"), (ops.shape(inputs)[0], -1, channels))
-        channel_mean, channel_var = ops.moments(x, axes=1)  # (N, C)
+        channel_mean = ops.mean(x, axis=1, keepdims=True)  # (N, 1, C)
+        channel_var = ops.mean(_squared(x - channel_mean), axis=1)  # (N, C)
         channel_mean = ops.reshape(channel_mean, (-1, self.groups, per_group))
         mean = ops.mean(channel_mean, axis=-1, keepdims=True)  # (N, G, 1)
         var = (ops.mean(ops.reshape(channel_var, (-1, self.groups, per_group)), axis=-1, keepdims=True)
-               + ops.mean(ops.square(channel_mean - mean), axis=-1, keepdims=True))
+               + ops.mean(_squared(channel_mean - mean), axis=-1, keepdims=True))
         gamma = ops.reshape(ops.cast(self.gamma, "float32"), (self.groups, per_group))
         scale = gamma * ops.rsqrt(var + self.epsilon)
         offset = ops.reshape(ops.cast(self.beta, "float32"), (self.groups, per_group)) - mean * scale

@@ -1,0 +1,33 @@
+"""`pip install .` with no extras (no torch, transformers, timm or scikit-learn), then the
+converter's default command on a checkpoint, from a folder outside the repository: what a new
+user runs first."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import SMALL
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_convert_works_on_a_plain_install(tmp_path, hf_checkpoint):
+    source, _ = hf_checkpoint(**SMALL)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    install = subprocess.run([python, "-m", "pip", "install", "--quiet", ROOT], capture_output=True, text=True,
+                             timeout=1800)
+    assert install.returncode == 0, install.stderr[-3000:]
+    listed = subprocess.run([python, "-m", "pip", "list"], capture_output=True, text=True, check=True).stdout
+    assert not {"torch", "transformers", "timm", "scikit-learn"} & {line.split()[0] for line in listed.splitlines()[2:]}
+    output = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    done = subprocess.run([python, "-m", "conversion.convert", str(source), "--output", str(output)],
+                          cwd=tmp_path, env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True,
+                          text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((output / "report.json").read_text())
+    assert report["reference"] == "keras" and report["images"] == "32 shipped photos"
+    assert all(row["published"] for row in report["artifacts"])
