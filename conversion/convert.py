@@ -108,7 +108,7 @@ def export_artifacts(model, checkpoint, processor, task, name, formats, quantiza
                      version, image_size, calibration, top_k, threads, log):
     from conversion import export, runners
     artifacts = []
-    checkpoint.config.save_pretrained(staging)
+    model.config.save_pretrained(staging)
     processor.save_pretrained(staging)
     if "keras" in formats:
         log("      .keras")
@@ -118,7 +118,7 @@ def export_artifacts(model, checkpoint, processor, task, name, formats, quantiza
     if "saved_model" in formats:
         log(f"      TF Serving SavedModel (version {version})")
         path = os.path.join("serving", str(version))
-        export.write_saved_model(inference, task, processor.to_dict(), checkpoint.config.id2label,
+        export.write_saved_model(inference, task, processor.to_dict(), model.config.id2label,
                                  os.path.join(staging, path), top_k)
         artifacts.append(Artifact("saved_model[pixel_values]", path,
                                   lambda p: runners.saved_model_runner(p, "pixel_values")))
@@ -217,7 +217,7 @@ def convert(source=None, output=None, name=None, formats=OUTPUT_FORMATS, quantiz
     log(f"[1/5] loading {'the embedded digits checkpoint' if demo else source}")
     model, checkpoint, processor = load_source(DEFAULT_CHECKPOINT if demo else source, task, source_format,
                                                preprocessor, log)
-    config = checkpoint.config
+    config = model.config
     name = name or ("digits" if demo else checkpoint.name)
     output = os.path.abspath(output or os.path.join(DEFAULT_OUTPUT_ROOT, name))
     log(f"      {checkpoint.format} checkpoint, {config.num_labels} labels, "

@@ -100,3 +100,13 @@ def test_tflite_refuses_wrongly_shaped_input(small_export):
         run(np.zeros((32, 32, 3), np.float32))
     with pytest.raises(ValueError, match="takes float32 input, got uint8: preprocess the images"):
         run(np.zeros((1, 32, 32, 3), np.uint8))
+
+
+def test_converting_into_the_source_folder_never_touches_the_source(tmp_path, hf_checkpoint):
+    path, _ = hf_checkpoint(**SMALL)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    for extra in ([], ["--overwrite"]):
+        done = cli("conversion.convert", str(path), "--output", str(path), "--formats", "keras", *extra)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "holds the source checkpoint" in error_line(done) and "config.json" in error_line(done)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before

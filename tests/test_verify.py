@@ -44,7 +44,7 @@ def test_lossless_artifacts_are_held_to_the_parity_contract(tmp_path):
 
 def test_lossy_error_is_measured_against_the_logits_spread(tmp_path):
     reference = _reference()
-    spread = verify.spread(reference)
+    spread = verify.spread(reference["logits"])
     assert spread == pytest.approx(np.mean(reference["logits"].max(-1) - reference["logits"].min(-1)))
     noise = np.random.RandomState(1).uniform(-1, 1, reference["logits"].shape).astype(np.float32)
     small = {"logits": reference["logits"] + 0.1 * spread * noise * 0.5}
@@ -96,3 +96,17 @@ def test_missing_output_is_named(tmp_path):
     reference = _reference()
     with pytest.raises(KeyError, match="tflite_fp16 has no output 'logits'"):
         _compare("tflite_fp16", {"features": reference["logits"]}, reference, False, tmp_path=tmp_path)
+
+
+def test_each_output_is_judged_against_its_own_spread(tmp_path):
+    """A backbone's early stage has a small range, its last a large one: an error that is
+    large for the first must fail even though it is small against the second."""
+    rng = np.random.RandomState(0)
+    reference = {"stage1": rng.uniform(0, 1, (4, 8, 8, 2)), "stage4": rng.uniform(0, 100, (4, 2, 2, 2))}
+    run = lambda x: {"stage1": reference["stage1"] + 0.05, "stage4": reference["stage4"]}
+    ok = verify.compare("tflite_fp16", str(tmp_path), lambda x: {"stage1": reference["stage1"] + 0.01,
+                                                                  "stage4": reference["stage4"]},
+                        np.zeros((4, 1)), reference, lossless=False)
+    assert ok.passed and ok.top1_agreement is None
+    row = verify.compare("tflite_fp16", str(tmp_path), run, np.zeros((4, 1)), reference, lossless=False)
+    assert not row.passed and "in stage1" in row.note

@@ -20,7 +20,7 @@ def snapshot(repo_id):
     """Local directory of a transformers checkpoint repo: its JSON files and weights
     (safetensors preferred over the pickle-based pytorch_model.bin)."""
     import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import HfHubHTTPError  # also where huggingface_hub 0.24 has it
     try:
         files = None if _offline() else set(huggingface_hub.list_repo_files(repo_id))
         patterns = ["*.json"]
@@ -37,7 +37,7 @@ def snapshot(repo_id):
 def download(repo_id, filenames):
     """Path of the first of `filenames` the repo has; FileNotFoundError listing each failure."""
     import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError
     errors = []
     for filename in filenames:
         try:
