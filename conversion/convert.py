@@ -85,12 +85,12 @@ def load_source(source, task, source_format, preprocessor_path, log):
 # -- step 2: images ------------------------------------------------------------------------------
 
 def gather_images(demo, images, num_images, calibration_images, label2id, need_calibration):
-    """(verification images, calibration arrays or None)."""
+    """(verification images, calibration images or None)."""
     from conversion import images as real
     try:
         if demo:
             verification = real.digits_images("test")
-            calibration = real.digits_images("train", calibration_images).arrays if need_calibration else None
+            calibration = real.digits_images("train", calibration_images).images if need_calibration else None
             return verification, calibration
         if images:
             return real.folder_images(images, num_images, label2id, calibration_images if need_calibration else 0)
@@ -98,7 +98,7 @@ def gather_images(demo, images, num_images, calibration_images, label2id, need_c
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise ConversionError(str(e)) from e
     # 32 photos are too few to set some aside: calibrate on their mirror images
-    calibration = real.mirrored(real.spread(verification.arrays, calibration_images)) if need_calibration else None
+    calibration = real.mirrored(real.spread(verification.images, calibration_images)) if need_calibration else None
     return verification, calibration
 
 
@@ -225,7 +225,7 @@ def convert(source=None, output=None, name=None, formats=OUTPUT_FORMATS, quantiz
     real, calibration = gather_images(demo, images, num_images, calibration_images, config.label2id,
                                       need_calibration)
     try:
-        pixel_values = processor(real.arrays)
+        pixel_values = processor(real.images)
     except ValueError as e:
         raise ConversionError(f"the images cannot be preprocessed: {e}") from e
     image_size = pixel_values.shape[1:3]

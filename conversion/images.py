@@ -16,9 +16,10 @@ PHOTOS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "photos")
 
 @dataclasses.dataclass
 class RealImages:
-    """Encoded images (what a serving client sends), their decoded arrays, optional labels."""
+    """Encoded images (what a serving client sends), the same decoded (PIL images as
+    transformers' path loader gives them, or arrays), optional labels."""
     encoded: list
-    arrays: list
+    images: list
     labels: np.ndarray | None = None
     description: str = ""
 
@@ -56,11 +57,12 @@ def _read_files(paths, description, labels=None):
     for p in paths:
         with open(p, "rb") as f:
             encoded.append(f.read())
-    return RealImages(encoded, [np.asarray(load_image(p)) for p in paths], labels, description)
+    # PIL images, not arrays: the processor then handles a transparency colour as transformers does
+    return RealImages(encoded, [load_image(p) for p in paths], labels, description)
 
 
 def folder_images(folder, limit=None, label2id=None, calibration=0):
-    """(verification images, calibration arrays) from `folder`.
+    """(verification images, calibration images) from `folder`.
 
     Args:
         limit: verification images, taken evenly over the sorted files (every class folder).
@@ -82,8 +84,8 @@ def folder_images(folder, limit=None, label2id=None, calibration=0):
     labels = None
     if label2id and all(c in label2id for c in classes):
         labels = np.array([label2id[c] for c in classes])
-    calibration_arrays = _read_files(calibration_paths, "").arrays if calibration_paths else None
-    return _read_files(chosen, f"{len(chosen)} images from {folder}", labels), calibration_arrays
+    calibration = _read_files(calibration_paths, "").images if calibration_paths else None
+    return _read_files(chosen, f"{len(chosen)} images from {folder}", labels), calibration
 
 
 def photo_paths():
@@ -98,7 +100,8 @@ def photo_images(limit=None):
     return _read_files(paths, f"{len(paths)} shipped photos")
 
 
-def mirrored(arrays):
-    """Left-right mirrored copies: calibration inputs from the same distribution as the
-    verification images without being the same images."""
-    return [np.ascontiguousarray(a[:, ::-1]) for a in arrays]
+def mirrored(images):
+    """Left-right mirrored copies (PIL images): calibration inputs from the same distribution as
+    the verification images without being the same images."""
+    from PIL import ImageOps
+    return [ImageOps.mirror(image) for image in images]

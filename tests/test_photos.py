@@ -21,7 +21,7 @@ GRAYSCALE_SOURCES = {"camera.png"}  # kept on purpose: exercises the grayscale -
 @pytest.fixture(scope="module")
 def loaded():
     real = photos.photo_images()
-    return photos.photo_paths(), real.encoded, real.arrays
+    return photos.photo_paths(), real.encoded, [np.asarray(image) for image in real.images]
 
 
 def test_photo_set():
@@ -47,7 +47,7 @@ def test_photo_images(loaded):
             assert f.read() == data
     limited = photos.photo_images(limit=3)  # taken evenly: first, middle, last
     assert limited.encoded == [encoded[0], encoded[16], encoded[31]]
-    np.testing.assert_array_equal(limited.arrays[2], arrays[31])
+    np.testing.assert_array_equal(np.asarray(limited.images[2]), arrays[31])
 
 
 def test_each_is_a_photo(loaded):

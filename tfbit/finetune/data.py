@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tfbit import image_ops
 from tfbit.finetune.hyperrule import HyperRulePlan
 from tfbit.finetune.mixup import MixUp
 
@@ -207,10 +208,9 @@ def from_tfds(name_or_builder, split: str, data_dir: str | None = None, download
 
 
 def _decode_file(path, label):
-    # expand_animations=False: GIFs give their first frame as a 3-D image.
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image, label
+    # The serving graph's decoder: training sees each photo as inference will (EXIF orientation,
+    # 16-bit and palette handling, the first GIF frame), and refuses the same files.
+    return image_ops.decode_image_bytes(tf.io.read_file(path)), label
 
 
 def from_image_folder(root, extensions: Sequence[str] = IMAGE_EXTENSIONS, verify: bool = True) -> ImageDataset:
