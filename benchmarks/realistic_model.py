@@ -80,7 +80,7 @@ def _read_images(paths):
     from PIL import Image, ImageOps
     images = []
     for p in paths:
-        with Image.open(p) as image:  # as tfbit.image_processor.load_image / transformers
+        with Image.open(p) as image:  # as tfbit.image_files.load_image / transformers
             images.append(ImageOps.exif_transpose(image).convert("RGB"))
     return images
 

@@ -231,6 +231,10 @@ def convert(source=None, output=None, name=None, formats=OUTPUT_FORMATS, quantiz
     image_size = pixel_values.shape[1:3]
 
     try:
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"cannot create the output folder {output}: {e.strerror} ({e.filename})") from e
+    try:
         with publish.OutputLock(output):
             return _export_verify_publish(model, checkpoint, processor, task, name, formats, quantizations,
                                           output, overwrite, keep_failed, image_size, calibration, top_k,

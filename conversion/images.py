@@ -52,7 +52,7 @@ def digits_images(split="test", limit=None):
 
 
 def _read_files(paths, description, labels=None):
-    from tfbit.image_processor import load_image
+    from tfbit.image_files import load_image
     encoded = []
     for p in paths:
         with open(p, "rb") as f:

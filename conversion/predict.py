@@ -77,7 +77,8 @@ def predict(artifact, image_paths, top_k=5, threads=None, xla=False, on_error=No
     """
     from conversion import runners
     from tfbit.config import BitConfig
-    from tfbit.image_processor import BitImageProcessor, load_image
+    from tfbit.image_files import load_image
+    from tfbit.image_processor import BitImageProcessor
 
     path = _resolve(artifact)
     if xla and not path.endswith(".keras"):

@@ -110,3 +110,10 @@ def test_converting_into_the_source_folder_never_touches_the_source(tmp_path, hf
         assert done.returncode == 2, done.stdout + done.stderr
         assert "holds the source checkpoint" in error_line(done) and "config.json" in error_line(done)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+
+
+def test_an_output_below_a_file_is_bad_input(tmp_path):
+    (tmp_path / "afile").write_text("")
+    done = cli("conversion.convert", "--output", str(tmp_path / "afile" / "out"), "--formats", "keras")
+    assert done.returncode == 2
+    assert f"cannot create the output folder {tmp_path / 'afile' / 'out'}: File exists" in error_line(done)

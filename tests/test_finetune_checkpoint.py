@@ -55,3 +55,33 @@ def test_best_checkpoint_loads_with_its_optimizer_in_a_fresh_process(tmp_path):
     assert len(momenta) == len(expected) > 2
     for got, want in zip(momenta, expected):
         np.testing.assert_array_equal(got, want)
+
+
+def test_predict_and_convert_on_the_fine_tuning_output_in_fresh_processes(tmp_path):
+    """The run folder is a source like any other: `predict runs/x` uses best.keras with the
+    config and preprocessing written beside it, `convert runs/x/best.keras` exports it."""
+    import os
+
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 40, 40, 3), dtype=np.uint8)
+    run = tmp_path / "run"
+    finetune(tfbit.BitForImageClassification(tfbit.BitConfig(**TINY)),
+             from_arrays(images, np.arange(24) % 3, ["cat", "dog", "eel"]), str(run), batch_size=8, epochs=1,
+             steps=2, plan_overrides=dict(crop_size=32, resize_size=32), random_flip=False, verbose=0)
+    Image.fromarray(images[0]).save(tmp_path / "photo.png")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    predicted = subprocess.run([sys.executable, "-m", "conversion.predict", str(run), str(tmp_path / "photo.png"),
+                                "--json", "--top-k", "3"], cwd=root, env=env, capture_output=True, text=True,
+                               timeout=600)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    (result,) = json.loads(predicted.stdout)
+    assert sorted(t["label"] for t in result["top"]) == ["cat", "dog", "eel"]
+    converted = subprocess.run([sys.executable, "-m", "conversion.convert", str(run / "best.keras"), "--output",
+                                str(tmp_path / "export"), "--formats", "keras", "saved_model", "--num-images", "4"],
+                               cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert converted.returncode == 0, converted.stdout[-3000:] + converted.stderr[-3000:]
+    assert (tmp_path / "export" / "serving" / "1" / "saved_model.pb").exists()
+    exported = json.loads((tmp_path / "export" / "preprocessor_config.json").read_text())
+    assert exported["size"] == {"height": 32, "width": 32}  # the fine-tuning resolution, not 224

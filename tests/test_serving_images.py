@@ -1,5 +1,5 @@
-"""Encoded images: the serving graph (tfbit.image_ops) against the Python loader (tfbit.image_processor.load_image)
-and transformers' load_image.
+"""Encoded images: the serving graph (tfbit.image_decode, tfbit.image_ops) against the Python loader
+(tfbit.image_files.load_image) and transformers' load_image.
 
 Every file both paths accept decodes to the same pixels as transformers' load_image (PIL, EXIF
 transpose, convert("RGB")); every file they refuse is refused by both, with the same message, the
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfbit.image_processor import MAX_PIXELS, BitImageProcessor, load_image, pil_to_rgb, read_image_header
+from tfbit.image_files import MAX_PIXELS, load_image, read_image_header
+from tfbit.image_processor import BitImageProcessor, pil_to_rgb
 
 skdata = pytest.importorskip("skimage.data")
 tf = pytest.importorskip("tensorflow")
@@ -40,7 +41,7 @@ CAT, COFFEE, ASTRONAUT, CAMERA = skdata.chelsea(), skdata.coffee(), skdata.astro
 @pytest.fixture(scope="module")
 def graph():
     """The graph functions, each traced once for the module."""
-    from tfbit import image_ops
+    from tfbit import image_decode, image_ops
 
     batch = [tf.TensorSpec([None], tf.string)]
     processor = BitImageProcessor()
@@ -48,10 +49,10 @@ def graph():
         ops=image_ops,
         preprocess=tf.function(lambda s: image_ops.preprocess_image_bytes(s, processor), input_signature=batch,
                                autograph=False),
-        decode=tf.function(lambda s: image_ops.decode_image_bytes(s), input_signature=[tf.TensorSpec([], tf.string)],
+        decode=tf.function(lambda s: image_decode.decode_image_bytes(s), input_signature=[tf.TensorSpec([], tf.string)],
                            autograph=False),
-        headers=tf.function(lambda s: tf.map_fn(lambda x: image_ops._inspect(x, MAX_PIXELS), s,
-                                                fn_output_signature=image_ops._HEADER_SPEC),
+        headers=tf.function(lambda s: tf.map_fn(lambda x: image_decode._inspect(x, MAX_PIXELS), s,
+                                                fn_output_signature=image_decode._HEADER_SPEC),
                             input_signature=batch, autograph=False))
 
 

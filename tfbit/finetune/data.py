@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfbit import image_ops
+from tfbit import image_decode
 from tfbit.finetune.hyperrule import HyperRulePlan
 from tfbit.finetune.mixup import MixUp
 
@@ -210,7 +210,7 @@ def from_tfds(name_or_builder, split: str, data_dir: str | None = None, download
 def _decode_file(path, label):
     # The serving graph's decoder: training sees each photo as inference will (EXIF orientation,
     # 16-bit and palette handling, the first GIF frame), and refuses the same files.
-    return image_ops.decode_image_bytes(tf.io.read_file(path)), label
+    return image_decode.decode_image_bytes(tf.io.read_file(path)), label
 
 
 def from_image_folder(root, extensions: Sequence[str] = IMAGE_EXTENSIONS, verify: bool = True) -> ImageDataset:
