@@ -28,6 +28,23 @@ _DEFAULTS = {
 }
 
 
+def read_json(path):
+    """The JSON object of a settings file (config.json, preprocessor_config.json); anything else
+    is an error naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no settings file at {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a UTF-8 text file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, expected an object of settings")
+    return data
+
+
 def make_div(value, divisor=8):
     """Round a channel count to a multiple of `divisor` (never more than 10% down), as BiT does."""
     new_value = max(divisor, int(value + divisor / 2) // divisor * divisor)
@@ -226,17 +243,7 @@ class BitConfig:
 
     @classmethod
     def from_json_file(cls, path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config file at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{path} is not a UTF-8 text file") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} holds a JSON {type(data).__name__}, expected an object of settings")
+        data = read_json(path)
         try:
             return cls.from_dict(data)
         except ValueError as e:

@@ -2,11 +2,10 @@
 
 import os
 
-from tfbit.config import BitConfig
+from tfbit.config import BitConfig, read_json
 from tfbit.models import BitBackbone, BitForImageClassification, BitModel, copy_weights
 from tfbit.weights import Checkpoint, detect_format, read_checkpoint
 from tfbit.weights.hf import PREPROCESSOR_FILE
-from tfbit.weights.readers import read_json
 
 TASKS = ("classification", "features", "backbone")
 

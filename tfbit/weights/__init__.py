@@ -15,9 +15,10 @@ Formats (`detect_format` tells them apart):
 import os
 from pathlib import Path
 
+from tfbit.config import read_json
 from tfbit.weights import hf, hub, npz, timm
 from tfbit.weights.checkpoint import Checkpoint, CheckpointError
-from tfbit.weights.readers import read_json, read_state_dict, safetensors_keys
+from tfbit.weights.readers import read_state_dict, safetensors_keys
 
 FORMATS = ("hf", "timm", "npz", "keras")
 _STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")

@@ -3,9 +3,9 @@ preprocessor_config.json) or a hub repo id."""
 
 import os
 
-from tfbit.config import BitConfig
+from tfbit.config import BitConfig, read_json
 from tfbit.weights import hub
-from tfbit.weights.readers import read_json, read_safetensors, read_torch_bin
+from tfbit.weights.readers import read_safetensors, read_torch_bin
 
 _UNIT = r"encoder\.stages\.(?P<s>\d+)\.layers\.(?P<u>\d+)\."
 _T = "stage{s}_unit{u}_"

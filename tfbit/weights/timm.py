@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from tfbit.config import read_json
 from tfbit.image_processor import BitImageProcessor
 from tfbit.weights import hub
 from tfbit.weights.checkpoint import Checkpoint
 from tfbit.weights.infer import infer_config
 from tfbit.weights.labels import known_labels
-from tfbit.weights.readers import read_json, read_state_dict
+from tfbit.weights.readers import read_state_dict
 
 _T = "stage{s}_unit{u}_"
 _UNIT = r"stages\.(?P<s>\d+)\.blocks\.(?P<u>\d+)\."
