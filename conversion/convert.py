@@ -289,32 +289,28 @@ def _export_verify_publish(model, checkpoint, processor, task, name, formats, qu
         publish.publish(staging, output, written, source_paths=checkpoint.files, overwrite=overwrite)
     if failed:
         log(f"[5/5] verification FAILED for {', '.join(r.artifact for r in rows if not r.passed)}: "
-            + _failure_advice(rows, failed, missing, keep_failed, formats, quantizations, name, output))
+            + _failure_advice(failed, missing, keep_failed, formats, quantizations, name, output))
     else:
         log(f"[5/5] all artifacts verified -> {output}")
     return report
 
 
-def _failure_advice(rows, failed, missing, keep_failed, formats, quantizations, name, output):
-    """What happened to the failed artifacts, and the flags that skip or keep them."""
+def _failure_advice(failed, missing, keep_failed, formats, quantizations, name, output):
+    """What happened to the failed artifacts, and the flags that keep or skip them."""
+    kept = failed - missing
     if keep_failed:
-        kept = failed - missing
-        return "published anyway (--keep-failed)" if kept and not missing else (
-            f"{'the others were published anyway (--keep-failed); ' if kept else ''}"
-            f"{', '.join(sorted(missing))} could not be produced")
-    keep = [f for f in formats if f != "tflite" or any(f"tflite/{name}_{q}.tflite" not in failed for q in quantizations)]
-    keep = [f for f in keep if f != "saved_model" or not any(r.path in failed for r in rows
-                                                             if r.artifact.startswith("saved_model"))]
-    skip = f"--formats {' '.join(keep)}" if keep != list(formats) else ""
-    variants = [q for q in quantizations if f"tflite/{name}_{q}.tflite" not in failed]
+        return "; ".join(filter(None, ["published anyway (--keep-failed)" if kept else "",
+                                       f"{', '.join(sorted(missing))} could not be produced" if missing else ""]))
+    variants = [q for q in quantizations if os.path.join("tflite", f"{name}_{q}.tflite") not in failed]
+    dropped = {"keras": f"{name}.keras" in failed, "tflite": not variants,
+               "saved_model": any(p.startswith("serving") for p in failed)}
+    keep = [f for f in formats if not dropped[f]]
+    flags = [f"--formats {' '.join(keep)}"] if keep != list(formats) else []
     if "tflite" in keep and variants != list(quantizations):
-        skip += f"{' ' if skip else ''}--tflite {' '.join(variants)}"
+        flags.append(f"--tflite {' '.join(variants)}")
     advice = f"left out; the verified artifacts are in {output}. "
-    if failed - missing:
-        advice += "Publish the failed ones anyway with --keep-failed, or skip them"
-    else:
-        advice += "Skip them"
-    return advice + (f" with {skip}" if skip else "")
+    advice += "Publish the failed ones anyway with --keep-failed, or skip them" if kept else "Skip them"
+    return advice + (f" with {' '.join(flags)}" if flags else "")
 
 
 def main(argv=None):
