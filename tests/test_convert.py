@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import SMALL
-from conversion import convert, export, predict, verify
+from conversion import convert, export, predict
 from conversion.digits import load_digits_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -78,7 +78,7 @@ def test_fit_evaluate_predict_with_keras_losses(one_hot):
 
 def test_classification_loss_matches_transformers(hf_checkpoint):
     import torch
-    from conftest import SMALL, run_torch
+    from conftest import SMALL
     path, hf_model = hf_checkpoint(**dict(SMALL))
     x = random_images(4, 32, 32)
     logits = tfbit.BitForImageClassification.from_pretrained(path)(x)

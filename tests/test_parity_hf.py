@@ -1,6 +1,5 @@
 """Numerical parity with Hugging Face transformers' BiT on the same weights and inputs."""
 
-import numpy as np
 import pytest
 
 import tfbit

@@ -294,7 +294,7 @@ def _refused_cases():
         "bytes that are not UTF-8": (b"\xff\xfe\x80\x00\n\xc3(", "(7 bytes: ff fe 80 00 0a c3 28)"),
         "WebP": (_encode(Image.fromarray(CAT), "WEBP"), "not JPEG, PNG, GIF or BMP data"),
         "TIFF": (_encode(Image.fromarray(CAT), "TIFF"), "not JPEG, PNG, GIF or BMP data"),
-        "JPEG cut in its header": (jpeg[:300], f"truncated JPEG data (300 bytes)"),
+        "JPEG cut in its header": (jpeg[:300], "truncated JPEG data (300 bytes)"),
         "JPEG cut in its image data": (jpeg[:n(jpeg) // 2], f"truncated JPEG data ({n(jpeg) // 2} bytes)"),
         "JPEG without its end": (jpeg[:-2], f"truncated JPEG data ({n(jpeg) - 2} bytes)"),
         "progressive JPEG cut": (progressive[:-900], f"truncated JPEG data ({n(progressive) - 900} bytes)"),

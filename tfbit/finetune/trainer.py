@@ -91,7 +91,6 @@ def load_model_source(source):
     if str(source).endswith(".keras"):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"no .keras file at {source}")
-        import tfbit  # noqa: F401  (registers the layers for deserialization)
         return keras.saving.load_model(source)
     from tfbit.pretrained import load_model
     return load_model(source)[0]
