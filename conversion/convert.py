@@ -104,8 +104,10 @@ def gather_images(demo, images, num_images, calibration_images, label2id, need_c
 
 # -- step 3: export ------------------------------------------------------------------------------
 
-def export_artifacts(model, checkpoint, processor, task, name, formats, quantizations, staging,
+def export_artifacts(model, inference, processor, task, name, formats, quantizations, staging,
                      version, image_size, calibration, top_k, threads, log):
+    """The artifacts of `model` (`inference`: its float32 folded form, which every graph is
+    exported from) written into `staging`."""
     from conversion import export, runners
     artifacts = []
     model.config.save_pretrained(staging)
@@ -113,8 +115,9 @@ def export_artifacts(model, checkpoint, processor, task, name, formats, quantiza
     if "keras" in formats:
         log("      .keras")
         model.save(os.path.join(staging, f"{name}.keras"))
-        artifacts.append(Artifact("keras", f"{name}.keras", runners.keras_runner))
-    inference = export.float32_inference_model(model)
+        # a mixed-precision model (a fine-tune) computes in float16/bfloat16: not float32 parity
+        artifacts.append(Artifact("keras", f"{name}.keras", lambda p: runners.keras_runner(p, task=task),
+                                  lossless=model.dtype_policy.name == "float32"))
     if "saved_model" in formats:
         log(f"      TF Serving SavedModel (version {version})")
         path = os.path.join("serving", str(version))
@@ -143,8 +146,9 @@ def export_artifacts(model, checkpoint, processor, task, name, formats, quantiza
 
 # -- step 4: verify ------------------------------------------------------------------------------
 
-def reference_outputs(model, checkpoint, task, pixel_values, log):
-    """Reference outputs on the preprocessed images: the PyTorch source where possible."""
+def reference_outputs(model, inference, checkpoint, task, pixel_values, log):
+    """Reference outputs on the preprocessed images: the PyTorch source where possible, else
+    the float32 inference form of the Keras model."""
     from conversion.references import torch_reference
     reference = torch_reference(checkpoint, model) if task == "classification" else None
     if reference is not None:
@@ -154,7 +158,7 @@ def reference_outputs(model, checkpoint, task, pixel_values, log):
         log(f"      reference: the PyTorch source model ({type(reference).__name__})")
         return {"logits": (out.logits if hasattr(out, "logits") else out).numpy()}, "pytorch"
     log("      reference: the Keras model (no PyTorch source for this task/source)")
-    out = model.predict(pixel_values, verbose=0, batch_size=16)
+    out = inference.predict(pixel_values, verbose=0, batch_size=16)
     if task == "features":
         out = {"features": out["pooler_output"]}
     return (out if isinstance(out, dict) else {"logits": out}), "keras"
@@ -231,10 +235,6 @@ def convert(source=None, output=None, name=None, formats=OUTPUT_FORMATS, quantiz
     image_size = pixel_values.shape[1:3]
 
     try:
-        os.makedirs(os.path.dirname(output), exist_ok=True)
-    except OSError as e:
-        raise ConversionError(f"cannot create the output folder {output}: {e.strerror} ({e.filename})") from e
-    try:
         with publish.OutputLock(output):
             return _export_verify_publish(model, checkpoint, processor, task, name, formats, quantizations,
                                           output, overwrite, keep_failed, image_size, calibration, top_k,
@@ -246,7 +246,7 @@ def convert(source=None, output=None, name=None, formats=OUTPUT_FORMATS, quantiz
 def _export_verify_publish(model, checkpoint, processor, task, name, formats, quantizations, output,
                            overwrite, keep_failed, image_size, calibration, top_k, threads, real,
                            pixel_values, demo, source, started, log):
-    from conversion import publish, verify
+    from conversion import export, publish, verify
     version = publish.next_serving_version(output)
     planned = ["config.json", "preprocessor_config.json", "report.json"]
     planned += [f"{name}.keras"] * ("keras" in formats) + [f"serving/{version}"] * ("saved_model" in formats)
@@ -255,11 +255,12 @@ def _export_verify_publish(model, checkpoint, processor, task, name, formats, qu
     publish.check_output(output, planned, source_paths=checkpoint.files, overwrite=overwrite)
     with publish.staging_dir(output) as staging:
         log(f"[2/5] exporting into {staging}")
-        artifacts = export_artifacts(model, checkpoint, processor, task, name, formats, quantizations, staging,
+        inference = export.float32_inference_model(model)
+        artifacts = export_artifacts(model, inference, processor, task, name, formats, quantizations, staging,
                                      version, image_size, calibration, top_k, threads, log)
         export_seconds = time.perf_counter() - started
         log(f"[3/5] verifying {len(artifacts)} artifacts on {real.description}")
-        reference, reference_kind = reference_outputs(model, checkpoint, task, pixel_values, log)
+        reference, reference_kind = reference_outputs(model, inference, checkpoint, task, pixel_values, log)
         rows = verify_artifacts(artifacts, staging, reference, pixel_values, real)
         failed = {r.path for r in rows if not r.passed}
         missing = {a.path for a in artifacts if a.error}  # could not be produced: nothing to publish
@@ -305,6 +306,8 @@ def _failure_advice(failed, missing, keep_failed, formats, quantizations, name, 
     dropped = {"keras": f"{name}.keras" in failed, "tflite": not variants,
                "saved_model": any(p.startswith("serving") for p in failed)}
     keep = [f for f in formats if not dropped[f]]
+    if not keep:
+        return f"nothing verified: {output} holds only the config files and report.json"
     flags = [f"--formats {' '.join(keep)}"] if keep != list(formats) else []
     if "tflite" in keep and variants != list(quantizations):
         flags.append(f"--tflite {' '.join(variants)}")

@@ -109,6 +109,8 @@ def predict(artifact, image_paths, top_k=5, threads=None, xla=False, on_error=No
         except (FileNotFoundError, IsADirectoryError, ValueError) as e:
             fail(image_path, str(e))
             continue
+        except KeyError:  # a features or backbone export
+            raise ValueError(f"{path} has no logits output: predict needs a classification export") from None
         probabilities = np.exp(logits - logits.max())
         probabilities /= probabilities.sum()
         best = np.argsort(-probabilities)[:top_k]

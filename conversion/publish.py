@@ -91,10 +91,16 @@ class OutputLock:
         self._fd = None
 
     def acquire(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create the output folder {self.output}: {e.strerror} ({e.filename})") from None
         while True:
             # Not inherited by child processes (O_CLOEXEC): a child must not keep the lock alive.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise OutputError(f"cannot write into {os.path.dirname(self.path)}: {e.strerror}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

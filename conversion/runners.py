@@ -4,8 +4,9 @@ Shared by verification (what is checked is what is deployed) and `predict`."""
 import numpy as np
 
 
-def keras_runner(path, jit_compile=False):
-    """A `.keras` file, folded for inference and traced once (XLA-compiled on request)."""
+def keras_runner(path, jit_compile=False, task="classification"):
+    """A `.keras` file, folded for inference and traced once (XLA-compiled on request); its
+    outputs named as the exported task's (`features`: the pooled vector)."""
     import keras
     import tensorflow as tf
 
@@ -15,7 +16,11 @@ def keras_runner(path, jit_compile=False):
 
     def run(x):
         out = call(x)
-        return {k: np.asarray(v) for k, v in out.items()} if isinstance(out, dict) else {"logits": np.asarray(out)}
+        if task == "features":
+            out = {"features": out["pooler_output"]}
+        elif not isinstance(out, dict):
+            out = {"logits": out}
+        return {k: np.asarray(v) for k, v in out.items()}
     return run
 
 

@@ -112,6 +112,12 @@ def test_converting_into_the_source_folder_never_touches_the_source(tmp_path, hf
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
 
 
+def test_an_unwritable_output_is_bad_input():
+    done = cli("conversion.convert", "--output", "/proc/tfbit-out", "--formats", "keras")
+    assert done.returncode == 2
+    assert "/proc" in error_line(done)
+
+
 def test_an_output_below_a_file_is_bad_input(tmp_path):
     (tmp_path / "afile").write_text("")
     done = cli("conversion.convert", "--output", str(tmp_path / "afile" / "out"), "--formats", "keras")

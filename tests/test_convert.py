@@ -207,17 +207,45 @@ def test_predict_reports_bad_images_and_artifacts(demo, tmp_path, capsys):
 def test_feature_and_backbone_exports(task, outputs, hf_checkpoint, tmp_path):
     path, _ = hf_checkpoint(**dict(SMALL))
     report = convert.convert(str(path), output=str(tmp_path / task), task=task,
-                             formats=("saved_model", "tflite"), quantizations=("fp32",), num_images=4,
+                             formats=("keras", "saved_model", "tflite"), quantizations=("fp32",), num_images=4,
                              log=lambda m: None)
     assert report["passed"] and report["reference"] == "keras"
+    with pytest.raises(ValueError, match="has no logits output: predict needs a classification export"):
+        predict.predict(str(tmp_path / task), [str(ROOT + "/conversion/photos/coffee.jpg")])
     serve = tf.saved_model.load(str(tmp_path / task / "serving/1")).signatures["pixel_values"]
     assert set(serve.structured_outputs) == outputs
 
 
-def test_headless_checkpoint_needs_a_feature_task(hf_checkpoint, tmp_path, capsys):
-    path, _ = hf_checkpoint(**dict(SMALL, num_labels=0))
+@pytest.mark.parametrize("kind", ["no labels", "BitModel"])
+def test_headless_checkpoint_needs_a_feature_task(kind, hf_checkpoint, tmp_path, capsys):
+    """transformers writes 2 default labels even for a BitModel: the head's weights decide."""
+    if kind == "no labels":
+        path, _ = hf_checkpoint(**dict(SMALL, num_labels=0))
+    else:
+        path, _ = hf_checkpoint("BitModel", **SMALL)
     assert convert.main([str(path), "--output", str(tmp_path / "o")]) == 2
     assert "has no classification head: export it with --task features" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_keras_source_converts(policy, tmp_path):
+    """A mixed-precision fine-tune: the exports are float32 and equal the float32 form of the
+    model; the .keras file keeps the policy it was trained with and is judged as lossy."""
+    import keras
+    import tfbit
+    from tfbit.image_processor import BitImageProcessor
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = tfbit.BitForImageClassification(tfbit.BitConfig(**SMALL))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    model.save(tmp_path / "m.keras")
+    BitImageProcessor(size=40, crop_size=32).save_pretrained(tmp_path)
+    report = convert.convert(str(tmp_path / "m.keras"), output=str(tmp_path / "o"),
+                             formats=("keras", "saved_model", "tflite"), quantizations=("fp32",), log=lambda m: None)
+    rows = {r["artifact"]: r for r in report["artifacts"]}
+    assert report["passed"], rows
+    assert rows["keras"]["criterion"] != "parity" and rows["tflite_fp32"]["criterion"] == "parity"
 
 
 def test_cli_errors_exit_2(tmp_path, capsys):

@@ -16,10 +16,10 @@ def _for_task(config, task):
     return BitConfig.from_dict(dict(config.to_dict(), out_features=config.stage_names[1:], out_indices=None))
 
 
-def _model_class(config, task):
+def _model_class(task, has_head):
     if task == "backbone":
         return BitBackbone
-    return BitForImageClassification if task == "classification" and config.num_labels else BitModel
+    return BitForImageClassification if task == "classification" and has_head else BitModel
 
 
 def _read_keras(path):
@@ -58,7 +58,8 @@ def load_model(source, task="classification", format=None, config=None):
     if detect_format(source, format) == "keras":
         saved, checkpoint = _read_keras(source)
         config = _for_task(config or saved.config, task)
-        model = _model_class(config, task)(config, standardize_weights=saved.standardize_weights)
+        has_head = isinstance(saved, BitForImageClassification)
+        model = _model_class(task, has_head)(config, standardize_weights=saved.standardize_weights)
         if type(model) is type(saved) and model.config == saved.config:
             return saved, checkpoint
         missing = copy_weights(saved, model)
@@ -67,4 +68,5 @@ def load_model(source, task="classification", format=None, config=None):
         return model, checkpoint
     checkpoint = read_checkpoint(source, format)
     config = _for_task(config or checkpoint.config, task)
-    return checkpoint.load_into(_model_class(config, task)(config)), checkpoint
+    model = _model_class(task, checkpoint.has_head and config.num_labels > 0)(config)
+    return checkpoint.load_into(model), checkpoint

@@ -88,12 +88,8 @@ def load_model_source(source):
     """A tfbit model from a model object, an exported `.keras` file or any converter source."""
     if isinstance(source, keras.Model):
         return source
-    if str(source).endswith(".keras"):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"no .keras file at {source}")
-        return keras.saving.load_model(source)
     from tfbit.pretrained import load_model
-    return load_model(source)[0]
+    return load_model(source, task="features")[0]  # the body: the head is replaced anyway
 
 
 def _plot(history, path):

@@ -117,6 +117,12 @@ class Checkpoint:
     preprocessor: dict | None = None
     files: tuple = ()
 
+    @property
+    def has_head(self):
+        """Whether the checkpoint holds a classifier (transformers writes 2 labels even without one)."""
+        mapped, _ = map_keys(self.tensors, self.table, self.index_base)
+        return any(target.startswith("classifier/") for target, _ in mapped.values())
+
     def load_into(self, model):
         """Copy the weights into `model` (any tfbit model class of a compatible config)."""
         return assign_checkpoint(model, self.tensors, self.table, source=self.path,
