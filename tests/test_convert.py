@@ -229,19 +229,24 @@ def test_headless_checkpoint_needs_a_feature_task(kind, hf_checkpoint, tmp_path,
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_keras_source_converts(policy, tmp_path):
-    """A mixed-precision fine-tune: the exports are float32 and equal the float32 form of the
-    model; the .keras file keeps the policy it was trained with and is judged as lossy."""
+    """A mixed-precision model (the trained digits checkpoint, as a fine-tune would be): the
+    exports are float32 and equal its float32 form; the .keras file keeps the policy it was
+    built with and is judged as lossy."""
     import keras
+    import shutil
     import tfbit
-    from tfbit.image_processor import BitImageProcessor
+    from conversion import digits
     keras.config.set_dtype_policy(policy)
     try:
-        model = tfbit.BitForImageClassification(tfbit.BitConfig(**SMALL))
+        model = tfbit.BitForImageClassification.from_pretrained(convert.DEFAULT_CHECKPOINT)
     finally:
         keras.config.set_dtype_policy("float32")
     model.save(tmp_path / "m.keras")
-    BitImageProcessor(size=40, crop_size=32).save_pretrained(tmp_path)
-    report = convert.convert(str(tmp_path / "m.keras"), output=str(tmp_path / "o"),
+    shutil.copy(os.path.join(convert.DEFAULT_CHECKPOINT, "preprocessor_config.json"), tmp_path)
+    for path, label in digits.write_heldout_pngs(tmp_path / "flat", per_class=3):
+        os.makedirs(tmp_path / "images" / str(label), exist_ok=True)
+        shutil.move(path, tmp_path / "images" / str(label))
+    report = convert.convert(str(tmp_path / "m.keras"), output=str(tmp_path / "o"), images=str(tmp_path / "images"),
                              formats=("keras", "saved_model", "tflite"), quantizations=("fp32",), log=lambda m: None)
     rows = {r["artifact"]: r for r in report["artifacts"]}
     assert report["passed"], rows
