@@ -7,7 +7,8 @@ import os
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+from tfbit.image_files import IMAGE_EXTENSIONS
+
 # 32 files: 12 license-clean photos (scikit-image, matplotlib, scikit-learn, scipy) and 20 crops
 # of them, mostly JPEG plus grayscale, RGBA and RGB PNGs, odd sizes up to 512 px; origins and
 # licenses in its README.md, rebuilt by tools/make_photos.py.

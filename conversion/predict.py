@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from conversion.images import IMAGE_EXTENSIONS
+from tfbit.image_files import IMAGE_EXTENSIONS
 
 
 def _export_root(artifact):

@@ -31,6 +31,7 @@ MAX_PIXELS = 1 << 26
 # cost at most ~0.4 s, less than decoding a large photo, and allow GIFs of ~1300 frames.
 MAX_BLOCKS = 1 << 12
 FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # the file names these formats go by
 MAGIC = ((0, b"\xff\xd8\xff"), (1, b"\x89PNG\r\n\x1a\n"), (2, b"GIF87a"), (2, b"GIF89a"), (3, b"BM"))
 # EXIF orientation -> transpose, then flip rows, then flip columns: the permutations of PIL's
 # ImageOps.exif_transpose (2 FLIP_LEFT_RIGHT ... 5 TRANSPOSE, 6 ROTATE_270, 7 TRANSVERSE, 8 ROTATE_90).

@@ -20,10 +20,10 @@ import numpy as np
 import tensorflow as tf
 
 from tfbit import image_decode
+from tfbit.image_files import IMAGE_EXTENSIONS
 from tfbit.finetune.hyperrule import HyperRulePlan
 from tfbit.finetune.mixup import MixUp
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 AUTOTUNE = tf.data.AUTOTUNE
 
 
