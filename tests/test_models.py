@@ -114,7 +114,35 @@ def test_mixed_precision_model_reloads_under_its_policy(tiny, tmp_path):
     np.testing.assert_array_equal(restored(x), model(x))
 
 
+@pytest.mark.parametrize("cls", [tfbit.BitModel, tfbit.BitForImageClassification, tfbit.BitBackbone])
+def test_clone_recipe_keeps_class_config_and_weights(cls, tiny):
+    """keras.models.clone_model rebuilds a plain Functional (it clones layer by layer), so the
+    README's recipe is from_config + set_weights."""
+    model = cls(tiny, trainable=False)
+    for w in model.weights:
+        w.assign(np.random.RandomState(len(w.path)).normal(size=w.shape).astype("float32"))
+    clone = type(model).from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    assert type(clone) is cls and clone.config == model.config and clone.trainable is False
+    x = random_images(1, 32, 32)
+    for a, b in zip(keras.tree.flatten(model(x)), keras.tree.flatten(clone(x))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # -- bad input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [tfbit.BitModel, tfbit.BitForImageClassification, tfbit.BitBackbone])
+def test_unknown_keyword_arguments_are_named(cls, tiny, tmp_path):
+    """The Functional base class would take any keyword; the model classes name what they do
+    not know, also through from_pretrained and from_preset."""
+    with pytest.raises(TypeError, match=f"{cls.__name__}.__init__.. got an unexpected keyword argument 'include_top'"):
+        cls(tiny, include_top=False)
+    tfbit.BitForImageClassification(tiny).save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'weights'"):
+        cls.from_pretrained(tmp_path, weights="imagenet")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'num_classes'"):
+        cls.from_preset("bit-s-r50x1", load_weights=False, num_classes=10)
+
+
 def test_wrong_channels_and_rank_are_rejected(tiny):
     model = tfbit.BitForImageClassification(tiny)
     with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 3"):

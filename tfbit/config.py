@@ -258,6 +258,17 @@ class BitConfig:
             raise FileNotFoundError(f"no config.json in {path}")
         return cls.from_json_file(file)
 
+    @classmethod
+    def from_preset(cls, name, **fields):
+        """The architecture of a named preset (`tfbit.presets()`), nothing downloaded; `fields`
+        replace the preset's (`num_labels=10`, `id2label=...`, `out_features=...`). Label names
+        come with the weights (`from_preset` of a model class): here they are LABEL_<i>."""
+        from tfbit.presets import get  # the module: `tfbit.presets` is the listing function
+        architecture = get(name).architecture
+        if fields.get("id2label") is not None:  # the labels' count is the head's size
+            del architecture["num_labels"]
+        return cls(**{**architecture, **fields})
+
     def save_pretrained(self, directory):
         os.makedirs(directory, exist_ok=True)
         self.to_json_file(os.path.join(directory, "config.json"))

@@ -120,8 +120,10 @@ class _BitBase(keras.Model):
     standardized weights (see `fold_weight_standardization`), so no call recomputes them.
     """
 
-    def __init__(self, inputs, outputs, config, standardize_weights, **kwargs):
-        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+    def __init__(self, inputs, outputs, config, standardize_weights, name, trainable):
+        # Explicit arguments only: the Functional base class would silently swallow unknown
+        # keywords (`include_top=False` keeping the head), Python now names them in a TypeError.
+        super().__init__(inputs=inputs, outputs=outputs, name=name, trainable=trainable)
         self.config = config
         self.standardize_weights = standardize_weights
 
@@ -158,6 +160,41 @@ class _BitBase(keras.Model):
         checkpoint = read_checkpoint(source)
         return checkpoint.load_into(cls(config or checkpoint.config, **kwargs))
 
+    @classmethod
+    def from_preset(cls, preset, num_labels=None, load_weights=True, **kwargs):
+        """This model for a named checkpoint (`tfbit.presets()`), as KerasHub's `from_preset`.
+
+        Args:
+            preset: a preset name (`bit-m-r50x1`, `bit-s-r101x3`, `google/bit-50`, ...).
+            num_labels: a new head of this many labels (LABEL_<i>), freshly initialized; the
+                body keeps the preset's weights. None keeps the preset's head and labels.
+            load_weights: False builds the preset's architecture without downloading anything.
+            **kwargs: further arguments of the model class.
+        """
+        from tfbit.weights import read_preset
+        labels = {} if num_labels is None else {"num_labels": num_labels, "id2label": None, "label2id": None}
+        if not load_weights:
+            return cls(BitConfig.from_preset(preset, **labels), **kwargs)
+        checkpoint = read_preset(preset)
+        model = cls(BitConfig.from_dict({**checkpoint.config.to_dict(), **labels}), **kwargs)
+        if labels and isinstance(model, BitForImageClassification):
+            body = checkpoint.load_into(BitModel(checkpoint.config))
+            copy_weights(body, model, skip=("classifier",))
+            return model
+        return checkpoint.load_into(model)
+
+    def save_pretrained(self, directory, preprocessor=None):
+        """Write this model as a transformers checkpoint: config.json + model.safetensors
+        (+ preprocessor_config.json), which transformers' class of the same name loads with
+        `from_pretrained` (see `tfbit.weights.writers.save_transformers`).
+
+        Args:
+            directory: the checkpoint folder; files are moved in only once complete.
+            preprocessor: a `BitImageProcessor`, its dict, or a preprocessor_config.json path.
+        """
+        from tfbit.weights.writers import save_transformers
+        return save_transformers(self, directory, preprocessor)
+
     def checkpoint_skips(self, weight):
         """Whether a checkpoint weight (tfbit name) is one this model legitimately lacks."""
         return weight.startswith("classifier/")
@@ -169,7 +206,7 @@ class BitModel(_BitBase):
     `output_hidden_states=True`, `hidden_states` (stem + every stage, as HF)."""
 
     def __init__(self, config=None, output_hidden_states=False, standardize_weights=True,
-                 name="bit_model", **kwargs):
+                 name="bit_model", trainable=True):
         config = _as_config(config)
         pixel_values = _pixel_input(config)
         hidden_states, last = bit_features(config, pixel_values, standardize_weights)
@@ -177,7 +214,7 @@ class BitModel(_BitBase):
                    "pooler_output": keras.layers.GlobalAveragePooling2D(name="pooler")(last)}
         if output_hidden_states:
             outputs["hidden_states"] = tuple(hidden_states)
-        super().__init__(pixel_values, outputs, config, standardize_weights, name=name, **kwargs)
+        super().__init__(pixel_values, outputs, config, standardize_weights, name, trainable)
         self.output_hidden_states = output_hidden_states
 
     def get_config(self):
@@ -189,7 +226,7 @@ class BitForImageClassification(_BitBase):
     """BiT with its linear head: logits (N, num_labels), float32 under any precision policy."""
 
     def __init__(self, config=None, standardize_weights=True, name="bit_for_image_classification",
-                 **kwargs):
+                 trainable=True):
         config = _as_config(config)
         pixel_values = _pixel_input(config)
         _, last = bit_features(config, pixel_values, standardize_weights)
@@ -198,7 +235,7 @@ class BitForImageClassification(_BitBase):
             logits = keras.layers.Dense(config.num_labels, dtype="float32", name="classifier")(pooled)
         else:
             logits = keras.layers.Activation("linear", dtype="float32", name="classifier")(pooled)
-        super().__init__(pixel_values, logits, config, standardize_weights, name=name, **kwargs)
+        super().__init__(pixel_values, logits, config, standardize_weights, name, trainable)
 
     def checkpoint_skips(self, weight):
         return False
@@ -209,12 +246,12 @@ class BitBackbone(_BitBase):
     """Feature maps `{stage_name: NHWC tensor}` of `config.out_features`, as HF's BitBackbone
     (the last stage is taken before the final norm, as HF does)."""
 
-    def __init__(self, config=None, standardize_weights=True, name="bit_backbone", **kwargs):
+    def __init__(self, config=None, standardize_weights=True, name="bit_backbone", trainable=True):
         config = _as_config(config)
         pixel_values = _pixel_input(config)
         hidden_states, _ = bit_features(config, pixel_values, standardize_weights)
         outputs = {config.stage_names[i]: hidden_states[i] for i in config.out_indices}
-        super().__init__(pixel_values, outputs, config, standardize_weights, name=name, **kwargs)
+        super().__init__(pixel_values, outputs, config, standardize_weights, name, trainable)
         all_channels = [config.embedding_size] + config.stage_channels
         self.stage_names = list(config.stage_names)
         self.out_features = list(config.out_features)

@@ -4,7 +4,8 @@ import os
 
 from tfbit.config import BitConfig, read_json
 from tfbit.models import BitBackbone, BitForImageClassification, BitModel, copy_weights
-from tfbit.weights import Checkpoint, detect_format, read_checkpoint
+from tfbit.presets import is_preset
+from tfbit.weights import Checkpoint, detect_format, read_checkpoint, read_preset
 from tfbit.weights.hf import PREPROCESSOR_FILE
 
 TASKS = ("classification", "features", "backbone")
@@ -41,11 +42,25 @@ def _read_keras(path):
     return saved, Checkpoint("keras", name, path, saved.config, {}, [], 0, preprocessor, files)
 
 
+def _load_keras(path, task, config):
+    saved, checkpoint = _read_keras(path)
+    config = _for_task(config or saved.config, task)
+    has_head = isinstance(saved, BitForImageClassification)
+    model = _model_class(task, has_head)(config, standardize_weights=saved.standardize_weights)
+    if type(model) is type(saved) and model.config == saved.config:
+        return saved, checkpoint
+    missing = copy_weights(saved, model)
+    if missing:
+        raise ValueError(f"{path} has no weights for {missing[0]} needed by task {task!r}")
+    return model, checkpoint
+
+
 def load_model(source, task="classification", format=None, config=None):
     """(model, `Checkpoint`) for `source`, as the model class of `task`.
 
     Args:
-        source: anything `tfbit.weights.read_checkpoint` reads, or a tfbit `.keras` file.
+        source: anything `tfbit.weights.read_checkpoint` reads, a tfbit `.keras` file, or a
+            preset name (`tfbit.presets()`; a local path of the same name wins).
         task: "classification" (`BitForImageClassification`; a headless checkpoint gives a
             `BitModel`), "features" (`BitModel`) or "backbone" (`BitBackbone` returning every
             stage after the stem).
@@ -55,18 +70,12 @@ def load_model(source, task="classification", format=None, config=None):
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not one of {', '.join(TASKS)}")
     source = os.fspath(source)
-    if detect_format(source, format) == "keras":
-        saved, checkpoint = _read_keras(source)
-        config = _for_task(config or saved.config, task)
-        has_head = isinstance(saved, BitForImageClassification)
-        model = _model_class(task, has_head)(config, standardize_weights=saved.standardize_weights)
-        if type(model) is type(saved) and model.config == saved.config:
-            return saved, checkpoint
-        missing = copy_weights(saved, model)
-        if missing:
-            raise ValueError(f"{source} has no weights for {missing[0]} needed by task {task!r}")
-        return model, checkpoint
-    checkpoint = read_checkpoint(source, format)
+    if format is None and is_preset(source) and not os.path.exists(source):
+        checkpoint = read_preset(source)
+    elif detect_format(source, format) == "keras":
+        return _load_keras(source, task, config)
+    else:
+        checkpoint = read_checkpoint(source, format)
     config = _for_task(config or checkpoint.config, task)
     model = _model_class(task, checkpoint.has_head and config.num_labels > 0)(config)
     return checkpoint.load_into(model), checkpoint

@@ -12,10 +12,12 @@ Formats (`detect_format` tells them apart):
 * ``keras`` -- a tfbit ``.keras`` file; a whole model, loaded by `tfbit.pretrained`.
 """
 
+import dataclasses
 import os
 from pathlib import Path
 
-from tfbit.config import read_json
+from tfbit.config import BitConfig, read_json
+from tfbit.presets import fetch, get as get_preset, suggest
 from tfbit.weights import hf, hub, npz, timm
 from tfbit.weights.checkpoint import Checkpoint, CheckpointError
 from tfbit.weights.readers import read_state_dict, safetensors_keys
@@ -44,7 +46,7 @@ def _detect(path, format):
     if hub.is_repo_id(path):
         return "hf", None
     raise FileNotFoundError(f"{path}: no such file or directory, and not a hub repo id "
-                            "(owner/name, timm/<name> or hf-hub:<owner>/<name>)")
+                            f"(owner/name, timm/<name> or hf-hub:<owner>/<name>) nor a preset ({suggest(path)})")
 
 
 def _directory_format(path):
@@ -105,4 +107,22 @@ def read_checkpoint(source, format=None):
     return _read_hf(source) if format == "hf" else npz.read(source)
 
 
-__all__ = ["FORMATS", "Checkpoint", "CheckpointError", "detect_format", "read_checkpoint"]
+# What a preset's checkpoint must agree on with the preset (padding and eps follow the source).
+_PRESET_FIELDS = ("num_channels", "embedding_size", "stage_channels", "depths", "layer_type", "num_labels")
+
+
+def read_preset(name):
+    """A `Checkpoint` of a named preset (`tfbit.presets`): its source fetched (hub or cached
+    download) and read, refused when its architecture is not the preset's, named after it
+    (`bit-m-r50x1`; a hub id preset by its repo name, `bit-50`, as the hub source would be)."""
+    preset = get_preset(name)
+    checkpoint = read_checkpoint(fetch(preset), preset.format)
+    expected = BitConfig(**preset.architecture)
+    wrong = [f"{field} {getattr(checkpoint.config, field)} (expected {getattr(expected, field)})"
+             for field in _PRESET_FIELDS if getattr(checkpoint.config, field) != getattr(expected, field)]
+    if wrong:
+        raise CheckpointError(f"{checkpoint.path} is not preset {preset.name}: " + ", ".join(wrong))
+    return dataclasses.replace(checkpoint, name=preset.name.rsplit("/", 1)[-1])
+
+
+__all__ = ["FORMATS", "Checkpoint", "CheckpointError", "detect_format", "read_checkpoint", "read_preset"]
