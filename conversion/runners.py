@@ -49,8 +49,31 @@ def tflite_runner(path, num_threads=None):
             raise ValueError(f"{path} takes a batch of {expected} {detail['dtype'].__name__} images "
                              f"(shape (N, {', '.join(map(str, expected))})), got shape {x.shape}")
         if x.dtype != detail["dtype"]:
-            raise ValueError(f"{path} takes {detail['dtype'].__name__} input, got {x.dtype}: "
-                             "preprocess the images (BitImageProcessor) first")
+            raise ValueError(_dtype_message(path, detail["dtype"], x.dtype, expected))
         return {k: np.concatenate([runner(**{name: x[i:i + 1]})[k] for i in range(len(x))])
                 for k in runner.get_output_details()}
     return run
+
+
+def _dtype_message(path, expected, got, shape):
+    if expected == np.uint8:
+        return (f"{path} takes raw uint8 RGB pixels (images resized and center-cropped to "
+                f"{shape[0]}x{shape[1]}, not normalized: the file normalizes them), got {got}: "
+                "conversion.runners.raw_crops(processor, images) gives them")
+    return (f"{path} takes float32 input, got {got}: preprocess the images (BitImageProcessor) first, "
+            "raw pixels give wrong answers; or use a file converted with --tflite-input uint8, which "
+            "takes raw uint8 pixels")
+
+
+def raw_crops(processor, images):
+    """What a `--tflite-input uint8` file takes: the processor's resized, center-cropped RGB as
+    uint8 (N, H, W, 3), without rescaling or normalization (the file does those)."""
+    crops = processor(images, do_rescale=False, do_normalize=False)
+    return np.clip(np.rint(crops), 0, 255).astype(np.uint8)  # exact for uint8 images
+
+
+def tflite_takes_uint8(path):
+    """Whether a `.tflite` file takes raw uint8 pixels (`convert --tflite-input uint8`)."""
+    from ai_edge_litert.interpreter import Interpreter
+    (detail,) = Interpreter(model_path=path).get_signature_runner("serving_default").get_input_details().values()
+    return detail["dtype"] == np.uint8

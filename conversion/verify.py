@@ -85,6 +85,13 @@ def agreement_is_plausible(agree, n, target=TARGET_AGREEMENT, significance=SIGNI
     return p_low >= significance
 
 
+def lossy_factor(name):
+    """`LOSSY_FACTOR` of an artifact; a TFLite file taking raw uint8 pixels (`tflite_int8[uint8]`)
+    has its quantization's: its in-graph normalization is the processor's float32 arithmetic
+    (full int8 quantizes it with the rest of the graph)."""
+    return LOSSY_FACTOR[name.removesuffix("[uint8]")]
+
+
 def spread(output):
     """An output's own scale: its per-image range (max - min), averaged over the images."""
     flat = np.asarray(output, np.float64).reshape(len(output), -1)
@@ -109,8 +116,9 @@ def compare(name, path, run, inputs, reference, labels=None, *, lossless, batch=
         scale = max([1.0] + [float(np.abs(ref).max()) for ref in reference.values()])
         tolerances, criterion = {k: LOSSLESS_FACTOR * scale for k in reference}, "parity"
     else:  # each output (a backbone has several) against its own spread
-        tolerances = {k: LOSSY_FACTOR[name] * spread(ref) for k, ref in reference.items()}
-        criterion = f"{LOSSY_FACTOR[name]:g} x spread"
+        factor = lossy_factor(name)
+        tolerances = {k: factor * spread(ref) for k, ref in reference.items()}
+        criterion = f"{factor:g} x spread"
     worst = max(reference, key=lambda k: diffs[k] / tolerances[k] if tolerances[k] else np.inf)
     max_diff, tolerance = diffs[worst], tolerances[worst]
     where = f" in {worst}" if len(reference) > 1 else ""
