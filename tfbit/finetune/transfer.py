@@ -34,8 +34,9 @@ def with_new_head(model, num_labels=None, id2label=None, freeze_backbone=False):
         raise ValueError(f"{model.name} has no layer {missing[0]!r}: it does not hold the whole "
                          "BiT body (a backbone built with fewer out_features?)")
     head = new.get_layer("classifier")
-    head.kernel.assign(keras.ops.zeros_like(head.kernel))
-    head.bias.assign(keras.ops.zeros_like(head.bias))
+    for weight in (head.kernel, head.bias):
+        # from shape and dtype: the JAX backend cannot take a Keras Variable as an array
+        weight.assign(keras.ops.zeros(weight.shape, weight.dtype))
     for layer in new.layers:
         if layer is not head:
             layer.trainable = not freeze_backbone
