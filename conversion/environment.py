@@ -1,14 +1,96 @@
 """The process environment of the converter and predict CLIs, set before TensorFlow is imported.
 
-Importing this module imports neither `tfbit` nor TensorFlow, so a CLI can call
-`inference_defaults()` first; the measurements behind the choice are in `tfbit/runtime.py`.
+Importing this module imports neither `tfbit` nor TensorFlow, so a CLI can call `configure()`
+first. What it sets, and why:
+
+- oneDNN off for inference unless the environment says otherwise (the measurements are in
+  `tfbit/runtime.py`).
+- TensorFlow's C++ logging: `TF_CPP_MIN_LOG_LEVEL=3` unless exported (TensorFlow reads it
+  once, at import), which silences the converter's ~25 MLIR/SavedModel-loader lines and the
+  `failed call to cuInit` error of a machine without a GPU. The lines TensorFlow writes while
+  it is imported (`All log messages before absl::InitializeLog()`, the CUDA stub and CPU
+  feature notices) ignore that setting, as does LiteRT's `INFO: Created TensorFlow Lite
+  XNNPACK delegate`: `native_logs_filtered` removes them from the file descriptor itself.
+  `--verbose` (`configure(verbose=True)`) brings all of them back.
+- Hugging Face progress bars (hub downloads, transformers' "Loading weights") off when stderr
+  is not a terminal, where they would write carriage returns into a log file.
 """
 
+import contextlib
+import importlib
 import os
+import re
+import sys
+import tempfile
 
 ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
+LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"
+HF_PROGRESS_BARS = "HF_HUB_DISABLE_PROGRESS_BARS"
+_quiet = False  # set by `configure`: the running CLI filters native log lines
+
+# abseil/glog records ("I0000 00:00:1795969131.85 22771 file.cc:31] ..."), the notice abseil
+# prints before it is initialized, the continuation line of TensorFlow's CPU feature notice,
+# and LiteRT's minimal logger ("INFO: ...").
+_NATIVE_LOG_LINE = re.compile(
+    r"[IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^\s\]]+:\d+\] "
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|To enable the following instructions: .* rebuild TensorFlow"
+    r"|INFO: ")
 
 
 def inference_defaults():
     """oneDNN off unless the environment says otherwise (slower for BiT inference at batch 1)."""
     os.environ.setdefault(ONEDNN, "0")
+
+
+def quiet_defaults(verbose=False):
+    """TensorFlow's C++ log level and the Hugging Face progress bars, as the module explains."""
+    if verbose:
+        os.environ[LOG_LEVEL] = "0"
+        return
+    os.environ.setdefault(LOG_LEVEL, "3")
+    if not sys.stderr.isatty():
+        os.environ.setdefault(HF_PROGRESS_BARS, "1")
+
+
+def configure(verbose=False):
+    """Everything above, then TensorFlow imported with its import-time log lines filtered out.
+    Call it first thing in a CLI's `main`, after parsing the arguments."""
+    global _quiet
+    _quiet = not verbose
+    inference_defaults()
+    quiet_defaults(verbose)
+    with native_logs_filtered(enabled=not verbose):
+        importlib.import_module("tensorflow")  # here, so that its import-time lines are filtered
+
+
+def cli_logs_filtered():
+    """`native_logs_filtered` where a quiet CLI runs (`configure`); a no-op for library callers.
+    For blocks that start LiteRT (its XNNPACK notice comes at the first invocation)."""
+    return native_logs_filtered(enabled=_quiet)
+
+
+@contextlib.contextmanager
+def native_logs_filtered(enabled=True):
+    """Inside the block, what C++ code writes to file descriptor 2 is collected; afterwards every
+    line except native log records (see `_NATIVE_LOG_LINE`) is written back, so Python warnings,
+    tracebacks and anything unexpected still reach the user, only later."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as collected:
+        os.dup2(collected.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            collected.seek(0)
+            kept = [line for line in collected.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not _NATIVE_LOG_LINE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()

@@ -1,6 +1,7 @@
-"""Run an exported artifact on images and print the top-5 labels.
+"""Run an exported artifact on images: top-k labels, a predictions file, or an evaluation.
 
-    python -m conversion.predict ARTIFACT PATH [PATH ...] [--top-k 5] [--json] [--threads N] [--xla]
+    python -m conversion.predict ARTIFACT PATH [PATH ...] [--top-k 5] [--batch-size 32]
+           [--output preds.csv|preds.jsonl] [--evaluate [--confusion-matrix FILE]] [--json]
 
 ARTIFACT: an export directory (saved_models/<name>: uses its newest SavedModel), a fine-tuning
 output folder (uses best.keras), a `.keras` file, a SavedModel directory (serving/<version>) or
@@ -8,18 +9,23 @@ a `.tflite` file. PATH: image files, folders (searched recursively) or glob patt
 that cannot be read are reported by path and skipped. Labels and preprocessing come from the
 config.json / preprocessor_config.json beside the artifact. CPU defaults (every core, oneDNN
 off, XLA opt-in) are explained in `tfbit/runtime.py`.
+
+--evaluate: each PATH is a labelled folder, root/<label>/... (any depth below <label>); prints
+the top-1 accuracy and writes a confusion-matrix PNG.
 Exit codes: 0 every image predicted, 1 some images skipped, 2 bad arguments or no usable image.
 """
 
 import argparse
+import csv
 import glob
 import json
 import os
+import re
 import sys
 
-import numpy as np
+from conversion import cli
 
-from tfbit.image_files import IMAGE_EXTENSIONS
+OUTPUT_SUFFIXES = (".csv", ".jsonl")
 
 
 def _export_root(artifact):
@@ -48,13 +54,18 @@ def _resolve(artifact):
     return artifact
 
 
+def _images_in(folder):
+    from tfbit.image_files import IMAGE_EXTENSIONS
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
+                  if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
 def expand_paths(paths):
     """Image files named by `paths`: files as given, folders recursively, glob patterns."""
     found = []
     for path in paths:
         if os.path.isdir(path):
-            found += sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files
-                            if f.lower().endswith(IMAGE_EXTENSIONS))
+            found += _images_in(path)
         elif os.path.exists(path):
             found.append(path)
         elif glob.has_magic(path):
@@ -64,7 +75,116 @@ def expand_paths(paths):
     return found
 
 
-def predict(artifact, image_paths, top_k=5, threads=None, xla=False, on_error=None):
+def labelled_paths(roots, labels):
+    """[(image path, true label)] of labelled folders root/<label>/...; ValueError naming a root
+    that is not a folder or sub-folders that are not among `labels`."""
+    found, unknown = [], []
+    for root in roots:
+        if not os.path.isdir(root):
+            raise ValueError(f"--evaluate needs labelled folders (root/<label>/...): {root} is not a folder")
+        for name in sorted(os.listdir(root)):
+            if not os.path.isdir(os.path.join(root, name)):
+                continue
+            if name not in labels:
+                unknown.append(os.path.join(root, name))
+            found += [(path, name) for path in _images_in(os.path.join(root, name))]
+    if unknown:
+        shown = sorted(labels)[:10]
+        raise ValueError(f"--evaluate: folder(s) {', '.join(unknown)} are not labels of the model "
+                         f"(its labels: {', '.join(shown)}{', ...' if len(labels) > len(shown) else ''})")
+    if not found:
+        raise ValueError(f"--evaluate: no images in label sub-folders of {', '.join(roots)}")
+    return found
+
+
+class Classifier:
+    """An exported artifact as `logits(paths) -> [(path, logits or None, error message)]`, one
+    batch at a time: `.keras` and TFLite files on images preprocessed in Python, a SavedModel on
+    encoded files (it decodes and preprocesses them itself, as under TF Serving)."""
+
+    def __init__(self, artifact, threads=None, xla=False):
+        from conversion import runners
+        from tfbit.config import BitConfig
+        from tfbit.image_processor import BitImageProcessor
+        self.path = path = _resolve(artifact)
+        if xla and not path.endswith(".keras"):
+            raise ValueError(f"--xla compiles .keras models only; {path} is a "
+                             f"{'TFLite file' if path.endswith('.tflite') else 'SavedModel'}")
+        root = _export_root(path)
+        self.labels = BitConfig.from_pretrained(root).id2label
+        if path.endswith(".keras"):
+            self.run = runners.keras_runner(path, jit_compile=xla)
+        elif path.endswith(".tflite"):
+            self.run = runners.tflite_runner(path, threads)
+        else:
+            self.run = runners.saved_model_runner(path, "serving_default")
+        self.encoded = not path.endswith((".keras", ".tflite"))
+        self.processor = None if self.encoded else BitImageProcessor.from_pretrained(root)
+        # a `--tflite-input uint8` file takes the processor's crops unnormalized
+        self.raw_crops = path.endswith(".tflite") and runners.tflite_takes_uint8(path)
+
+    def logits(self, paths):
+        """[(path, logits or None, why not)] of one batch of image files."""
+        results, inputs = {}, {}
+        for path in paths:
+            try:
+                inputs[path] = self._read(path)
+            except (OSError, ValueError) as e:
+                results[path] = (None, str(e))
+        if inputs:
+            results.update(zip(inputs, self._run(list(inputs.values()), list(inputs))))
+        return [(path, *results[path]) for path in paths]
+
+    def _read(self, path):
+        if self.encoded:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"image file not found: {path}")
+            with open(path, "rb") as f:
+                return f.read()
+        from conversion import runners
+        from tfbit.image_files import load_image
+        if self.raw_crops:
+            return runners.raw_crops(self.processor, [load_image(path)])[0]
+        return self.processor([load_image(path)])[0]
+
+    def _run(self, inputs, paths):
+        """(logits or None, why not) of each input; a SavedModel batch holding an image its
+        decoder refuses is rerun image by image, so only that image is skipped."""
+        import numpy as np
+        import tensorflow as tf
+        from conversion import environment
+        batch = np.array(inputs, dtype=object) if self.encoded else np.stack(inputs)
+        try:
+            with environment.cli_logs_filtered():  # LiteRT's XNNPACK notice at the first call
+                return [(logits, "") for logits in self._output(self.run(batch))]
+        except tf.errors.InvalidArgumentError as e:
+            if len(inputs) > 1:
+                return [out for x, p in zip(inputs, paths) for out in self._run([x], [p])]
+            return [(None, f"cannot read {paths[0]} as an image: {_decoder_message(e.message)}")]
+
+    def _output(self, outputs):
+        if "logits" not in outputs:  # a features or backbone export
+            raise ValueError(f"{self.path} has no logits output: predict needs a classification export")
+        return outputs["logits"]
+
+
+def _decoder_message(message):
+    """The serving decoder's reason ("could not decode image: ...") out of TensorFlow's report."""
+    found = re.search(r"tfbit: image \d+ of the batch: ([^\]]*)\]", message)
+    return found.group(1) if found else message.strip().splitlines()[0]
+
+
+def ranked(logits, labels, k):
+    """The `k` most probable (label, probability) of one image's logits."""
+    import numpy as np
+    probabilities = np.exp(logits - logits.max())
+    probabilities /= probabilities.sum()
+    best = np.argsort(-probabilities, kind="stable")[:k]
+    return [(labels[int(i)], float(probabilities[i])) for i in best]
+
+
+def predict(artifact, image_paths, top_k=5, threads=None, xla=False, on_error=None, batch_size=32,
+            progress=None):
     """[(image path, [(label, probability), ...]), ...] for each readable image.
 
     Args:
@@ -74,74 +194,130 @@ def predict(artifact, image_paths, top_k=5, threads=None, xla=False, on_error=No
         xla: compile a `.keras` model with XLA (faster per image, ~20-40 s to compile R50x1).
         on_error: called with (path, message) for each image that cannot be read; by default
             the first one raises ValueError.
+        batch_size: images per model call (TFLite files still run them one at a time).
+        progress: called with the number of images done after each batch.
     """
-    from conversion import runners
-    from tfbit.config import BitConfig
-    from tfbit.image_files import load_image
-    from tfbit.image_processor import BitImageProcessor
-
-    path = _resolve(artifact)
-    if xla and not path.endswith(".keras"):
-        raise ValueError(f"--xla compiles .keras models only; {path} is a "
-                         f"{'TFLite file' if path.endswith('.tflite') else 'SavedModel'}")
-    root = _export_root(path)
-    config = BitConfig.from_pretrained(root)
-    if path.endswith(".keras"):
-        run = runners.keras_runner(path, jit_compile=xla)
-    elif path.endswith(".tflite"):
-        run = runners.tflite_runner(path, threads)
-    else:
-        run = runners.saved_model_runner(path, "serving_default")
-    processor = BitImageProcessor.from_pretrained(root) if path.endswith((".keras", ".tflite")) else None
-
-    def fail(image_path, message):
-        if on_error is None:
-            raise ValueError(message)
-        on_error(image_path, message)
-
-    results = []
-    for image_path in expand_paths(image_paths):
-        try:
-            if processor is not None:
-                logits = run(processor([load_image(image_path)]))["logits"][0]
-            else:  # the SavedModel decodes and preprocesses itself, as under TF Serving
-                logits = _run_encoded(run, image_path)
-        except (FileNotFoundError, IsADirectoryError, ValueError) as e:
-            fail(image_path, str(e))
-            continue
-        except KeyError:  # a features or backbone export
-            raise ValueError(f"{path} has no logits output: predict needs a classification export") from None
-        probabilities = np.exp(logits - logits.max())
-        probabilities /= probabilities.sum()
-        best = np.argsort(-probabilities)[:top_k]
-        results.append((image_path, [(config.id2label[int(i)], float(probabilities[i])) for i in best]))
-    return results
+    classifier = Classifier(artifact, threads, xla)
+    paths = expand_paths(image_paths)
+    return list(_predictions(classifier, paths, top_k, batch_size, on_error, progress))
 
 
-def _run_encoded(run, image_path):
-    import tensorflow as tf
-    if not os.path.isfile(image_path):
-        raise FileNotFoundError(f"image file not found: {image_path}")
-    with open(image_path, "rb") as f:
-        data = f.read()
+def _predictions(classifier, paths, k, batch_size, on_error, progress):
+    for start in range(0, len(paths), batch_size):
+        for path, logits, message in classifier.logits(paths[start:start + batch_size]):
+            if logits is None:
+                if on_error is None:
+                    raise ValueError(message)
+                on_error(path, message)
+            else:
+                yield path, ranked(logits, classifier.labels, k)
+        if progress:
+            progress(min(start + batch_size, len(paths)))
+
+
+def write_predictions(path, results, truth=None):
+    """`results` as CSV (path, label_1, score_1, ..., label_k, score_k) or JSON lines (path,
+    labels, scores), with the true label when evaluating; written beside `path` and renamed
+    into place once complete."""
+    partial = f"{path}.partial-{os.getpid()}"
     try:
-        return run(np.array([data], dtype=object))["logits"][0]
-    except tf.errors.InvalidArgumentError as e:
-        raise ValueError(f"cannot read {image_path} as an image: {e.message.strip().splitlines()[0]}") from None
+        with open(partial, "w", encoding="utf-8", newline="") as f:
+            if path.endswith(".csv"):
+                k = max((len(top) for _, top in results), default=0)
+                writer = csv.writer(f)
+                writer.writerow(["path", *(["true_label"] if truth else []),
+                                 *(f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "score"))])
+                for image, top in results:
+                    writer.writerow([image, *([truth[image]] if truth else []),
+                                     *(v for label, score in top for v in (label, f"{score:.6g}"))])
+            else:
+                for image, top in results:
+                    record = {"path": image, **({"true_label": truth[image]} if truth else {}),
+                              "labels": [label for label, _ in top], "scores": [score for _, score in top]}
+                    f.write(json.dumps(record) + "\n")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def evaluate(results, truth, png):
+    """Top-1 accuracy of `results` against `truth` ({path: label}); writes the confusion matrix
+    (true labels in rows, predicted in columns, over the labels that occur) to `png`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    predicted = [top[0][0] for _, top in results]
+    actual = [truth[path] for path, _ in results]
+    accuracy = float(np.mean([p == a for p, a in zip(predicted, actual)]))
+    labels = sorted(set(actual) | set(predicted), key=lambda name: (name not in actual, name))
+    index = {name: i for i, name in enumerate(labels)}
+    matrix = np.zeros((len(labels), len(labels)), int)
+    for a, p in zip(actual, predicted):
+        matrix[index[a], index[p]] += 1
+    size = min(4 + 0.45 * len(labels), 30)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"accuracy {accuracy:.2%} on {len(actual)} images")
+    if len(labels) <= 30:  # counts stay legible
+        for (i, j), count in np.ndenumerate(matrix):
+            if count:
+                ax.text(j, i, count, ha="center", va="center",
+                        color="white" if count > matrix.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return accuracy
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m conversion.predict", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact")
+    parser.add_argument("images", nargs="+", help="image files, folders (recursive) or glob patterns")
+    parser.add_argument("--top-k", type=cli.positive_int, default=5)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=32, help="images per model call")
+    parser.add_argument("--output", help="write the predictions to this .csv or .jsonl file "
+                                         "(instead of printing them)")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="PATHs are labelled folders root/<label>/...: print the accuracy and write a "
+                             "confusion matrix")
+    parser.add_argument("--confusion-matrix", default="confusion_matrix.png",
+                        help="where --evaluate writes its PNG (default: confusion_matrix.png)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--threads", type=cli.positive_int, help="CPU threads (default: every available core)")
+    parser.add_argument("--xla", action="store_true", help="compile a .keras model with XLA (for many images)")
+    cli.add_verbose(parser)
+    return parser
+
+
+def _check_output_paths(args):
+    files = [(args.output, "--output")] if args.output else []
+    files += [(args.confusion_matrix, "--confusion-matrix")] if args.evaluate else []
+    if args.output and not args.output.endswith(OUTPUT_SUFFIXES):
+        raise ValueError(f"--output {args.output}: name a .csv or .jsonl file")
+    for path, flag in files:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
 
 
 def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        _check_output_paths(args)  # before the slow start
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from conversion import environment
-    environment.inference_defaults()  # before anything imports TensorFlow
+    environment.configure(args.verbose)  # before anything else imports TensorFlow
     from tfbit import runtime
-    parser = argparse.ArgumentParser(prog="python -m conversion.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("artifact")
-    parser.add_argument("images", nargs="+", help="image files, folders (recursive) or glob patterns")
-    parser.add_argument("--top-k", type=runtime.positive_int, default=5)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--threads", type=runtime.positive_int, help="CPU threads (default: every available core)")
-    parser.add_argument("--xla", action="store_true", help="compile a .keras model with XLA (for many images)")
-    args = parser.parse_args(argv)
     threads = runtime.set_threads(args.threads)
     skipped = []
 
@@ -150,21 +326,33 @@ def main(argv=None):
         print(f"skipped: {message}", file=sys.stderr)
 
     try:
-        results = predict(args.artifact, args.images, args.top_k, threads, args.xla, on_error=report)
+        classifier = Classifier(args.artifact, threads, args.xla)
+        truth = dict(labelled_paths(args.images, set(classifier.labels.values()))) if args.evaluate else None
+        paths = list(truth) if truth else expand_paths(args.images)
+        progress = cli.Progress(len(paths), "images", single_step=len(paths) <= args.batch_size)
+        results = list(_predictions(classifier, paths, args.top_k, args.batch_size, report, progress.update))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not results:
         print("error: none of the images could be read", file=sys.stderr)
         return 2
-    if args.json:
+    if args.output:
+        write_predictions(args.output, results, truth)
+        print(f"wrote {len(results)} predictions to {args.output}")
+    elif args.json:
         print(json.dumps([{"image": p, "top": [{"label": l, "probability": s} for l, s in top]}
                           for p, top in results], indent=2))
-    else:
+    elif not args.evaluate:
         for image_path, top in results:
             print(image_path)
             for label, probability in top:
                 print(f"  {probability:7.2%}  {label}")
+    if args.evaluate:
+        accuracy = evaluate(results, truth, args.confusion_matrix)
+        correct = round(accuracy * len(results))
+        print(f"accuracy: {accuracy:.2%} ({correct}/{len(results)} images"
+              f"{f', {len(skipped)} skipped' if skipped else ''}); confusion matrix: {args.confusion_matrix}")
     return 1 if skipped else 0
 
 

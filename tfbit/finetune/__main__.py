@@ -11,6 +11,7 @@ Rerunning the same command after an interruption resumes from the last backup.
 import argparse
 import os
 import sys
+import warnings
 
 
 def _dataset(spec, data_dir, download):
@@ -38,6 +39,9 @@ def main(argv=None):
                         help="Keras epochs the HyperRule steps are spread over (default 10)")
     parser.add_argument("--steps", type=runtime.positive_int,
                         help="train this many steps instead of the HyperRule's; warm-up and decays scale with it")
+    parser.add_argument("--preset", choices=("hyperrule", "short"), default="hyperrule",
+                        help="short: for runs of a few hundred steps or fewer (peak lr 0.01 at any batch size, "
+                             "10%% warm-up, one decay at 80%%, small images at their own size; README 'Short runs')")
     parser.add_argument("--base-lr", type=float, help="override the base learning rate (at batch 512)")
     parser.add_argument("--crop-size", type=int, help="override the training resolution")
     parser.add_argument("--resize-size", type=int, help="override the resize before the random crop")
@@ -50,6 +54,9 @@ def main(argv=None):
                         help="mirrored: tf.distribute.MirroredStrategy over all local devices")
     parser.add_argument("--export", nargs="*", choices=("keras", "saved_model", "tflite"),
                         help="also convert the best checkpoint (into OUTPUT/export)")
+    parser.add_argument("--save-pretrained", action="store_true",
+                        help="also write the best checkpoint for transformers' from_pretrained (into "
+                             "OUTPUT/transformers: config.json, model.safetensors, preprocessor_config.json)")
     parser.add_argument("--threads", type=runtime.positive_int,
                         help="CPU threads (default: every available core; see tfbit/runtime.py)")
     args = parser.parse_args(argv)
@@ -58,7 +65,8 @@ def main(argv=None):
         print(f"note: {runtime.ONEDNN}=1 in the environment makes training steps ~40% faster on x86 CPUs "
               "(it must be set before Python starts)", file=sys.stderr)
 
-    from tfbit.finetune.trainer import NonFiniteLossError, finetune
+    from tfbit.finetune.trainer import NonFiniteLossError, ShortScheduleWarning, finetune
+    _plain_warnings(ShortScheduleWarning)
     overrides = {k: v for k, v in dict(base_lr=args.base_lr, crop_size=args.crop_size,
                                        resize_size=args.resize_size, mixup_alpha=args.mixup_alpha).items()
                  if v is not None}
@@ -72,16 +80,32 @@ def main(argv=None):
         result = finetune(args.source, train, args.output, validation, batch_size=args.batch_size,
                           epochs=args.epochs, steps=args.steps, plan_overrides=overrides,
                           freeze_backbone=args.freeze_backbone, strategy=strategy,
-                          mixed_precision=args.mixed_precision, random_flip=not args.no_flip)
+                          mixed_precision=args.mixed_precision, random_flip=not args.no_flip,
+                          preset=args.preset)
     except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"best checkpoint: {os.path.join(args.output, 'best.keras')}")
+    if args.save_pretrained:
+        print("transformers checkpoint:", result.model.save_pretrained(
+            os.path.join(args.output, "transformers"), preprocessor=args.output))
     if "validation" in result.metrics:
         print(f"validation accuracy: {result.metrics['validation']['accuracy']:.2%}")
     if args.export is not None:
         return _export(args)
     return 0
+
+
+def _plain_warnings(category):
+    """Warnings of `category` as one "warning: ..." line on stderr, without file and line."""
+    show = warnings.showwarning
+
+    def show_plain(message, cls, filename, lineno, file=None, line=None):
+        if issubclass(cls, category):
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        else:
+            show(message, cls, filename, lineno, file, line)
+    warnings.showwarning = show_plain
 
 
 def _export(args):
@@ -94,7 +118,8 @@ def _export(args):
     if args.validation and os.path.isdir(args.validation):
         command += ["--images", args.validation]
     print("exporting:", " ".join(command), flush=True)
-    return subprocess.run(command).returncode
+    # exports need TensorFlow; a fine-tune run under JAX or torch still converts its .keras file
+    return subprocess.run(command, env={**os.environ, "KERAS_BACKEND": "tensorflow"}).returncode
 
 
 if __name__ == "__main__":

@@ -29,11 +29,20 @@ import numbers
 from collections.abc import Sequence
 
 import keras
+import numpy as np
 
 from tfbit.schedules import BiTSchedule
 
 REFERENCE_BATCH_SIZE = 512
 _SMALL_AREA = 96 * 96
+# Below this fraction of the full HyperRule schedule's learning (`total_learning`) a run is
+# warned about: on the digits, 0.4% (batch 32, 30 steps) left the model at 12% accuracy where
+# the short-run preset (48%) reached 98% (README, "Short runs").
+MIN_LEARNING_FRACTION = 0.1
+# The short-run preset (`short_run_plan`): what the measurements found for runs of 30-300 steps.
+SHORT_RUN_LEARNING_RATE = 0.01
+SHORT_RUN_WARMUP_FRACTION = 0.1
+SHORT_RUN_DECAY_FRACTION = 0.8
 
 # (exclusive upper bound on dataset size, warm-up, decay boundaries, total steps, MixUp α)
 _SCHEDULES = (
@@ -155,6 +164,21 @@ class HyperRulePlan:
     def schedule(self) -> BiTSchedule:
         return BiTSchedule(self.learning_rate, self.warmup_steps, self.decay_boundaries)
 
+    def learning_rates(self) -> np.ndarray:
+        """The learning rate of each optimizer step 0 .. total_steps - 1 (`BiTSchedule`'s rule, in
+        NumPy so that a 20 000-step plan is summed at once)."""
+        step = np.arange(self.total_steps, dtype=np.float64)
+        decays = (step[:, None] > np.asarray(self.decay_boundaries, np.float64)[None, :]).sum(axis=1)
+        rates = self.learning_rate * 0.1 ** decays
+        if self.warmup_steps:
+            rates = np.where(step < self.warmup_steps, self.learning_rate * step / self.warmup_steps, rates)
+        return rates
+
+    def total_learning(self) -> float:
+        """The sum of the learning rate over the run: how far SGD can move the weights, in units
+        of gradient steps. The full HyperRule schedule at batch 512 sums to ~0.48."""
+        return float(self.learning_rates().sum())
+
     def optimizer(self, **kwargs) -> keras.optimizers.SGD:
         """SGD with momentum and no weight decay; `kwargs` go to `keras.optimizers.SGD`."""
         return keras.optimizers.SGD(learning_rate=self.schedule(), momentum=self.momentum, **kwargs)
@@ -192,3 +216,55 @@ def hyperrule_plan(dataset_size: int, image_size, batch_size: int = REFERENCE_BA
     if unknown:
         raise TypeError(f"unknown HyperRulePlan field(s): {sorted(unknown)}")
     return HyperRulePlan(**{**fields, **overrides})
+
+
+def short_run_plan(dataset_size: int, image_size, total_steps: int, batch_size: int = REFERENCE_BATCH_SIZE,
+                   source_resolution: int | None = None, **overrides) -> HyperRulePlan:
+    """The short-run preset: what a practitioner picks for a run of a few hundred steps or fewer,
+    where the HyperRule schedule scaled down (`scaled_to`) barely trains (measured in the README).
+
+    Against `hyperrule_plan(...).scaled_to(total_steps)` it changes three things:
+    - the peak learning rate is 0.01 at any batch size (HyperRule: 0.003 x batch / 512, 1.9e-4
+      at batch 32);
+    - warm-up is the first 10% of the steps and the rate drops once, ÷10, at 80% (HyperRule:
+      warm-up 20%, decays at 40%, 60% and 80%);
+    - images smaller than 96x96 are trained at their own size, or at the source model's
+      `source_resolution` if that is larger, up to HyperRule's 128 px (HyperRule always
+      upsamples them to 128: a model trained at 32 px then sees digits four times larger than
+      it learnt them).
+    MixUp and the rest follow the rule. `overrides` replace fields as in `hyperrule_plan`; a
+    `base_lr` sets the learning rate to `base_lr * batch_size / 512` as there.
+    """
+    _check(_is_int(total_steps) and total_steps > 0, "total_steps", total_steps, "a positive int")
+    _check(source_resolution is None or (_is_int(source_resolution) and source_resolution > 0),
+           "source_resolution", source_resolution, "a positive int or None")
+    rule = hyperrule_plan(dataset_size, image_size, batch_size)
+    h, w = rule.image_size
+    fields = dict(total_steps=total_steps, warmup_steps=int(total_steps * SHORT_RUN_WARMUP_FRACTION),
+                  decay_boundaries=(int(total_steps * SHORT_RUN_DECAY_FRACTION),),
+                  learning_rate=SHORT_RUN_LEARNING_RATE,
+                  base_lr=SHORT_RUN_LEARNING_RATE * REFERENCE_BATCH_SIZE / batch_size)
+    if h * w < _SMALL_AREA:
+        crop = min(rule.crop_size, max(h, w, source_resolution or 0))
+        fields.update(crop_size=crop, resize_size=max(crop, rule.resize_size * crop // rule.crop_size))
+    if "base_lr" in overrides:
+        fields["learning_rate"] = overrides["base_lr"] * batch_size / REFERENCE_BATCH_SIZE
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(HyperRulePlan)}
+    if unknown:
+        raise TypeError(f"unknown HyperRulePlan field(s): {sorted(unknown)}")
+    return dataclasses.replace(rule, **{**fields, **overrides})
+
+
+def learning_shortfall(plan: HyperRulePlan) -> str | None:
+    """A warning when `plan` gives the model less than `MIN_LEARNING_FRACTION` of the learning
+    (`total_learning`) of the full HyperRule schedule for its data at batch 512, else None."""
+    reference = hyperrule_plan(plan.dataset_size, plan.image_size)
+    fraction = plan.total_learning() / reference.total_learning()
+    if fraction >= MIN_LEARNING_FRACTION:
+        return None
+    return (f"this schedule gives the model {100 * fraction:.2g}% of the learning of the full BiT-HyperRule "
+            f"schedule (its learning rate sums to {plan.total_learning():.2g} over {plan.total_steps} steps, "
+            f"peak {plan.learning_rate:.2g}; the full schedule's sums to {reference.total_learning():.2g} over "
+            f"{reference.total_steps} steps at batch {REFERENCE_BATCH_SIZE}): the model will barely move from "
+            "its starting point. For a short run use the short-run preset (--preset short, "
+            "finetune(..., preset='short')), or train more steps or with a higher base learning rate")

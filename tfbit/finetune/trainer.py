@@ -1,9 +1,10 @@
 """`finetune`: BiT-HyperRule transfer with plain `model.fit`, resumable, distributable.
 
 Writes into `output_dir`: `best.keras` (best checkpoint), `metrics.json`, `training_curve.png`
-(loss, accuracy, learning rate), `config.json` + `preprocessor_config.json` (so the result
-converts like any checkpoint), and `backup/` while training (removed when training completes;
-rerunning the same command after a crash resumes from it).
+(loss and learning rate per step, accuracy per epoch), `config.json` +
+`preprocessor_config.json` (so the result converts like any checkpoint), and `backup/` while
+training (removed when training completes; rerunning the same command after a crash resumes
+from it).
 """
 
 import contextlib
@@ -12,18 +13,27 @@ import json
 import math
 import numbers
 import os
+import sys
+import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from tfbit.finetune.data import Normalize, PipelineOptions, make_pipeline
-from tfbit.finetune.hyperrule import hyperrule_plan
+from tfbit.finetune.hyperrule import hyperrule_plan, learning_shortfall, short_run_plan
 from tfbit.finetune.transfer import with_new_head
+
+
+PRESETS = ("hyperrule", "short")
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+class ShortScheduleWarning(UserWarning):
+    """The schedule gives the model too little learning (`hyperrule.learning_shortfall`)."""
 
 
 class _StopOnNonFiniteLoss(keras.callbacks.Callback):
@@ -75,6 +85,30 @@ class _LearningRateLog(keras.callbacks.Callback):
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
 
 
+class _StepLog(keras.callbacks.Callback):
+    """The training loss of every optimizer step. Keras reports at each batch the mean loss of
+    the epoch so far (batches of one size: the pipeline repeats and drops no remainder), so step
+    b's own loss is (b + 1) * mean_b - b * mean_(b-1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps, self.losses, self.epoch_ends = [], [], []
+        self._previous_mean = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._previous_mean = 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        mean = float((logs or {}).get("loss", math.nan))
+        self.steps.append(int(self.model.optimizer.iterations.numpy()))
+        self.losses.append((batch + 1) * mean - batch * self._previous_mean)
+        self._previous_mean = mean
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.steps:
+            self.epoch_ends.append(self.steps[-1])
+
+
 @dataclasses.dataclass
 class FinetuneResult:
     model: keras.Model
@@ -85,30 +119,54 @@ class FinetuneResult:
 
 
 def load_model_source(source):
-    """A tfbit model from a model object, an exported `.keras` file or any converter source."""
+    """(a tfbit model, the image side it was trained at or None) from a model object, an exported
+    `.keras` file or any converter source (the side from its preprocessor_config.json)."""
     if isinstance(source, keras.Model):
-        return source
+        return source, None
+    from tfbit.image_processor import BitImageProcessor
     from tfbit.pretrained import load_model
-    return load_model(source, task="features")[0]  # the body: the head is replaced anyway
+    model, checkpoint = load_model(source, task="features")  # the body: the head is replaced anyway
+    if checkpoint.preprocessor is None:
+        return model, None
+    processor = BitImageProcessor.from_dict(checkpoint.preprocessor)
+    side = processor.crop_size["height"] if processor.do_center_crop else min(processor.output_size(1, 1))
+    return model, side
 
 
-def _plot(history, path):
+def _plot(steps, history, plan, path):
+    """Loss per optimizer step (validation per epoch, at the step it ended on), accuracy per
+    epoch, and the learning rate of every step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [("loss", ["loss", "val_loss"]), ("accuracy", ["accuracy", "val_accuracy"]),
-              ("learning rate", ["learning_rate"])]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (title, keys) in zip(axes, panels):
+    fig, (loss_ax, accuracy_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.6))
+    loss_ax.plot(steps.steps, steps.losses, linewidth=0.8, alpha=0.6 if len(steps.steps) > 20 else 1, label="loss")
+    if len(steps.steps) > 20:  # a moving average shows the trend through the per-batch noise
+        window = max(5, len(steps.steps) // 20)
+        smooth = np.convolve(steps.losses, np.ones(window) / window, mode="valid")
+        loss_ax.plot(steps.steps[window - 1:], smooth, label=f"loss (mean of {window})")
+    ends = steps.epoch_ends
+    for ax, keys in ((loss_ax, ["val_loss"]), (accuracy_ax, ["accuracy", "val_accuracy"])):
         for key in keys:
-            if key in history:
-                ax.plot(np.arange(1, len(history[key]) + 1), history[key], marker="o", label=key)
+            if key in history and len(history[key]) == len(ends):
+                ax.plot(ends, history[key], marker="o", label=f"{key} (epoch)")
+    lr_ax.plot(np.arange(1, plan.total_steps + 1), plan.learning_rates(), label="learning_rate")
+    for ax, title in ((loss_ax, "loss"), (accuracy_ax, "accuracy"), (lr_ax, "learning rate")):
         ax.set_title(title)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("step")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plan(train, batch_size, steps, preset, overrides, source_side=None):
+    if preset == "short":
+        total_steps = steps or hyperrule_plan(train.num_examples, train.image_size).total_steps
+        return short_run_plan(train.num_examples, train.image_size, total_steps, batch_size, source_side,
+                              **(overrides or {}))
+    plan = hyperrule_plan(train.num_examples, train.image_size, batch_size=batch_size, **(overrides or {}))
+    return plan if steps is None else plan.scaled_to(steps)
 
 
 def _check_positive_int(name, value):
@@ -130,7 +188,7 @@ def _naming_undecodable_examples(*datasets):
 
 def finetune(source, train, output_dir, validation=None, *, batch_size=64, epochs=10, steps=None,
              plan_overrides=None, freeze_backbone=False, strategy=None, mixed_precision=None,
-             preprocess=None, random_flip=True, seed=0, backup_every=None, verbose="auto"):
+             preprocess=None, random_flip=True, seed=0, backup_every=None, verbose="auto", preset="hyperrule"):
     """Fine-tunes `source` on `train` with BiT-HyperRule and plain `model.fit`.
 
     The run makes exactly the plan's `total_steps` optimizer steps, also when it resumes
@@ -161,7 +219,11 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
         random_flip: random left-right flips; turn off where mirroring changes the class.
         seed: seed of shuffling, augmentation and MixUp.
         backup_every: back up every this many steps (default: at the end of each epoch).
-        verbose: `model.fit`'s verbosity.
+        verbose: `model.fit`'s verbosity; "auto" is a progress bar on a terminal or in a
+            notebook and one line per epoch otherwise (no carriage returns in log files).
+        preset: "hyperrule" (the paper's rule, `hyperrule_plan`) or "short" (`short_run_plan`:
+            for runs of a few hundred steps or fewer; `steps` defaults to the rule's). A plan
+            with less than a tenth of the full rule's learning warns (`ShortScheduleWarning`).
 
     Returns:
         A `FinetuneResult` with the best model, the plan, the Keras history and the metrics
@@ -172,6 +234,10 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
     for name, value in (("steps", steps), ("backup_every", backup_every)):
         if value is not None:
             _check_positive_int(name, value)
+    if strategy is not None and keras.backend.backend() != "tensorflow":
+        raise ValueError(f"strategy= takes a tf.distribute strategy, which only the TensorFlow backend trains "
+                         f"with (Keras runs on {keras.backend.backend()}): under JAX set a keras.distribution "
+                         "instead, e.g. keras.distribution.set_distribution(keras.distribution.DataParallel())")
     if train.num_classes < 2:
         raise ValueError(f"the training data has {train.num_classes} class {list(train.class_names)}: "
                          "a classifier needs at least 2 classes to tell apart")
@@ -180,11 +246,13 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
             validation = validation.relabeled(train.class_names)
         except ValueError as e:
             raise ValueError(f"validation data: {e} of the training data") from None
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     os.makedirs(output_dir, exist_ok=True)
-    plan = hyperrule_plan(train.num_examples, train.image_size, batch_size=batch_size,
-                          **(plan_overrides or {}))
-    if steps is not None:
-        plan = plan.scaled_to(steps)
+    plan = _plan(train, batch_size, steps, preset, plan_overrides)  # checked before the slow load
+    shortfall = learning_shortfall(plan)
+    if shortfall:
+        warnings.warn(shortfall, ShortScheduleWarning, stacklevel=2)
     steps_per_epoch = math.ceil(plan.total_steps / epochs)
     epochs = math.ceil(plan.total_steps / steps_per_epoch)
     options = PipelineOptions(preprocess=preprocess or Normalize(), random_flip=random_flip, seed=seed)
@@ -193,7 +261,9 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
     if mixed_precision:
         keras.config.set_dtype_policy(mixed_precision)
     try:
-        donor = load_model_source(source)
+        donor, source_side = load_model_source(source)
+        if preset == "short" and source_side:
+            plan = _plan(train, batch_size, steps, preset, plan_overrides, source_side)
         with strategy.scope():
             model = with_new_head(donor, id2label=train.id2label, freeze_backbone=freeze_backbone)
             one_hot = bool(plan.mixup_alpha)
@@ -211,7 +281,7 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
         val_ds = make_pipeline(validation, plan, batch_size, one_hot=one_hot, options=options)
     best_path = os.path.join(output_dir, "best.keras")
     monitor = "val_accuracy" if val_ds is not None else "accuracy"
-    nan_guard, resume = _StopOnNonFiniteLoss(), _ResumeLog()
+    nan_guard, resume, step_log = _StopOnNonFiniteLoss(), _ResumeLog(), _StepLog()
     callbacks = [
         # double_checkpoint: a kill while the backup is being written leaves the previous one.
         # Epoch-end backups (written after on_epoch_end) resume at the next epoch; batch-level
@@ -222,8 +292,11 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
         nan_guard,
         _StopAtStep(plan.total_steps),
         _LearningRateLog(),
+        step_log,
         keras.callbacks.ModelCheckpoint(best_path, monitor=monitor, mode="max", save_best_only=True),
     ]
+    if verbose == "auto":  # Keras draws its bar with \r and ANSI codes on any Linux stdout, files too
+        verbose = 1 if sys.stdout.isatty() or "ipykernel" in sys.modules else 2
     with _naming_undecodable_examples(train, validation):
         history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
                             validation_data=val_ds, callbacks=callbacks, verbose=verbose, shuffle=False)
@@ -233,8 +306,10 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
     best = keras.saving.load_model(best_path)
     metrics = {"plan": plan.to_dict(), "steps_per_epoch": steps_per_epoch, "epochs": epochs,
                "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
-               "num_replicas": strategy.num_replicas_in_sync, "resumed_from_step": resume.start_step,
-               "final_step": int(model.optimizer.iterations.numpy())}
+               "num_replicas": _num_replicas(strategy), "resumed_from_step": resume.start_step,
+               "final_step": int(model.optimizer.iterations.numpy()), "preset": preset,
+               "total_learning": plan.total_learning(),
+               "steps": {"step": step_log.steps, "loss": step_log.losses}}
     if val_ds is not None:
         with _naming_undecodable_examples(validation):
             results = best.evaluate(val_ds, verbose=0, return_dict=True)
@@ -243,8 +318,18 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
         json.dump(metrics, f, indent=2)
     best.config.save_pretrained(output_dir)
     _write_preprocessor(output_dir, plan.crop_size, options.preprocess)
-    _plot(history.history, os.path.join(output_dir, "training_curve.png"))
+    _plot(step_log, history.history, plan, os.path.join(output_dir, "training_curve.png"))
     return FinetuneResult(best, plan, history.history, metrics, output_dir)
+
+
+def _num_replicas(strategy):
+    """Replicas the global batch is split across: the batch axis of a keras.distribution (JAX),
+    else the tf.distribute strategy's."""
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return strategy.num_replicas_in_sync
+    mesh = distribution.device_mesh
+    return mesh.shape[mesh.axis_names.index(distribution.batch_dim_name)]
 
 
 def _write_preprocessor(output_dir, crop_size, preprocess):
