@@ -94,3 +94,13 @@ def native_logs_filtered(enabled=True):
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
+
+
+def require_tensorflow_backend(needs, command):
+    """SavedModel and TFLite are TensorFlow graphs, so exporting or running them takes Keras on
+    TensorFlow; raises ValueError saying so (`needs`: "exports need", `command`: the CLI)."""
+    import keras
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise ValueError(f"{needs} the TensorFlow backend of Keras, but it runs on {backend} "
+                         f"(KERAS_BACKEND or ~/.keras/keras.json): run {command} with KERAS_BACKEND=tensorflow")

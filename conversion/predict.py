@@ -23,7 +23,7 @@ import os
 import re
 import sys
 
-from conversion import cli
+from conversion import cli, environment
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 
@@ -103,6 +103,7 @@ class Classifier:
     encoded files (it decodes and preprocesses them itself, as under TF Serving)."""
 
     def __init__(self, artifact, threads=None, xla=False):
+        environment.require_tensorflow_backend("predict needs", "predict")
         from conversion import runners
         from tfbit.config import BitConfig
         from tfbit.image_processor import BitImageProcessor
@@ -152,7 +153,6 @@ class Classifier:
         decoder refuses is rerun image by image, so only that image is skipped."""
         import numpy as np
         import tensorflow as tf
-        from conversion import environment
         batch = np.array(inputs, dtype=object) if self.encoded else np.stack(inputs)
         try:
             with environment.cli_logs_filtered():  # LiteRT's XNNPACK notice at the first call
@@ -315,7 +315,6 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from conversion import environment
     environment.configure(args.verbose)  # before anything else imports TensorFlow
     from tfbit import runtime
     threads = runtime.set_threads(args.threads)

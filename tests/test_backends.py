@@ -118,6 +118,15 @@ def test_converter_says_exports_need_tensorflow(tmp_path):
     assert not output.exists()
 
 
+def test_predict_says_it_needs_tensorflow(tmp_path):
+    pytest.importorskip("jax")
+    result = run(["-m", "conversion.predict", os.path.join(ROOT, "conversion", "default_checkpoint"),
+                  os.path.join(ROOT, "conversion", "photos", "coffee.jpg")], "jax")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert ("error: predict needs the TensorFlow backend of Keras, but it runs on jax (KERAS_BACKEND or "
+            "~/.keras/keras.json): run predict with KERAS_BACKEND=tensorflow") in result.stderr
+
+
 def test_data_parallel_finetune_under_jax_on_two_devices(tmp_path):
     """The README's example: `keras.distribution.DataParallel` over two (CPU) devices trains as
     one device does, with the weights replicated on both."""

@@ -1,5 +1,5 @@
 """Short fine-tuning runs: the HyperRule schedule scaled to 30 steps barely trains and says so;
-the short-run preset reaches what a practitioner's hand-picked settings reach; the training curve
+the short-run schedule reaches what a practitioner's hand-picked settings reach; the training curve
 has one loss per step. Through `python -m tfbit.finetune` as typed, on the embedded digits
 checkpoint and digits images."""
 
@@ -43,11 +43,11 @@ def finetune_cli(digits, output, *args):
     return done, json.loads((output / "metrics.json").read_text())
 
 
-def test_scaled_hyperrule_warns_and_barely_trains_where_the_preset_learns(digits, tmp_path):
+def test_scaled_hyperrule_warns_and_barely_trains_where_the_short_schedule_learns(digits, tmp_path):
     done, metrics = finetune_cli(digits, tmp_path / "hyperrule")
-    assert WARNING in done.stderr and "--preset short" in done.stderr
+    assert WARNING in done.stderr and "--schedule short" in done.stderr
     assert metrics["validation"]["accuracy"] < 0.5  # 12% on all held-out digits (README)
-    done, metrics = finetune_cli(digits, tmp_path / "short", "--preset", "short")
+    done, metrics = finetune_cli(digits, tmp_path / "short", "--schedule", "short")
     assert "warning:" not in done.stderr, done.stderr
     assert metrics["validation"]["accuracy"] >= 0.9  # 98% on all held-out digits (README)
     assert metrics["plan"]["crop_size"] == 32 and metrics["plan"]["learning_rate"] == 0.01
@@ -94,9 +94,9 @@ def test_short_run_plan():
         short_run_plan(100, (32, 32), 30, lr=0.1)
 
 
-def test_unknown_preset_is_refused(tmp_path):
+def test_unknown_schedule_is_refused(tmp_path):
     from tfbit.finetune import from_arrays
     from tfbit.finetune.trainer import finetune
     data = from_arrays(np.zeros((4, 8, 8, 3), np.uint8), [0, 1, 0, 1])
-    with pytest.raises(ValueError, match=r"preset must be one of \('hyperrule', 'short'\), got 'fast'"):
-        finetune(DEFAULT_CHECKPOINT, data, str(tmp_path), preset="fast")
+    with pytest.raises(ValueError, match=r"schedule must be one of \('hyperrule', 'short'\), got 'fast'"):
+        finetune(DEFAULT_CHECKPOINT, data, str(tmp_path), schedule="fast")

@@ -39,7 +39,7 @@ def main(argv=None):
                         help="Keras epochs the HyperRule steps are spread over (default 10)")
     parser.add_argument("--steps", type=runtime.positive_int,
                         help="train this many steps instead of the HyperRule's; warm-up and decays scale with it")
-    parser.add_argument("--preset", choices=("hyperrule", "short"), default="hyperrule",
+    parser.add_argument("--schedule", choices=("hyperrule", "short"), default="hyperrule",
                         help="short: for runs of a few hundred steps or fewer (peak lr 0.01 at any batch size, "
                              "10%% warm-up, one decay at 80%%, small images at their own size; README 'Short runs')")
     parser.add_argument("--base-lr", type=float, help="override the base learning rate (at batch 512)")
@@ -81,7 +81,7 @@ def main(argv=None):
                           epochs=args.epochs, steps=args.steps, plan_overrides=overrides,
                           freeze_backbone=args.freeze_backbone, strategy=strategy,
                           mixed_precision=args.mixed_precision, random_flip=not args.no_flip,
-                          preset=args.preset)
+                          schedule=args.schedule)
     except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,9 +37,9 @@ REFERENCE_BATCH_SIZE = 512
 _SMALL_AREA = 96 * 96
 # Below this fraction of the full HyperRule schedule's learning (`total_learning`) a run is
 # warned about: on the digits, 0.4% (batch 32, 30 steps) left the model at 12% accuracy where
-# the short-run preset (48%) reached 98% (README, "Short runs").
+# the short-run schedule (48%) reached 98% (README, "Short runs").
 MIN_LEARNING_FRACTION = 0.1
-# The short-run preset (`short_run_plan`): what the measurements found for runs of 30-300 steps.
+# The short-run schedule (`short_run_plan`): what the measurements found for runs of 30-300 steps.
 SHORT_RUN_LEARNING_RATE = 0.01
 SHORT_RUN_WARMUP_FRACTION = 0.1
 SHORT_RUN_DECAY_FRACTION = 0.8
@@ -220,7 +220,7 @@ def hyperrule_plan(dataset_size: int, image_size, batch_size: int = REFERENCE_BA
 
 def short_run_plan(dataset_size: int, image_size, total_steps: int, batch_size: int = REFERENCE_BATCH_SIZE,
                    source_resolution: int | None = None, **overrides) -> HyperRulePlan:
-    """The short-run preset: what a practitioner picks for a run of a few hundred steps or fewer,
+    """The short-run schedule: what a practitioner picks for a run of a few hundred steps or fewer,
     where the HyperRule schedule scaled down (`scaled_to`) barely trains (measured in the README).
 
     Against `hyperrule_plan(...).scaled_to(total_steps)` it changes three things:
@@ -266,5 +266,5 @@ def learning_shortfall(plan: HyperRulePlan) -> str | None:
             f"schedule (its learning rate sums to {plan.total_learning():.2g} over {plan.total_steps} steps, "
             f"peak {plan.learning_rate:.2g}; the full schedule's sums to {reference.total_learning():.2g} over "
             f"{reference.total_steps} steps at batch {REFERENCE_BATCH_SIZE}): the model will barely move from "
-            "its starting point. For a short run use the short-run preset (--preset short, "
-            "finetune(..., preset='short')), or train more steps or with a higher base learning rate")
+            "its starting point. For a short run use the short-run schedule (--schedule short, "
+            "finetune(..., schedule='short')), or train more steps or with a higher base learning rate")

@@ -25,7 +25,7 @@ from tfbit.finetune.hyperrule import hyperrule_plan, learning_shortfall, short_r
 from tfbit.finetune.transfer import with_new_head
 
 
-PRESETS = ("hyperrule", "short")
+SCHEDULES = ("hyperrule", "short")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -160,8 +160,8 @@ def _plot(steps, history, plan, path):
     plt.close(fig)
 
 
-def _plan(train, batch_size, steps, preset, overrides, source_side=None):
-    if preset == "short":
+def _plan(train, batch_size, steps, schedule, overrides, source_side=None):
+    if schedule == "short":
         total_steps = steps or hyperrule_plan(train.num_examples, train.image_size).total_steps
         return short_run_plan(train.num_examples, train.image_size, total_steps, batch_size, source_side,
                               **(overrides or {}))
@@ -188,7 +188,7 @@ def _naming_undecodable_examples(*datasets):
 
 def finetune(source, train, output_dir, validation=None, *, batch_size=64, epochs=10, steps=None,
              plan_overrides=None, freeze_backbone=False, strategy=None, mixed_precision=None,
-             preprocess=None, random_flip=True, seed=0, backup_every=None, verbose="auto", preset="hyperrule"):
+             preprocess=None, random_flip=True, seed=0, backup_every=None, verbose="auto", schedule="hyperrule"):
     """Fine-tunes `source` on `train` with BiT-HyperRule and plain `model.fit`.
 
     The run makes exactly the plan's `total_steps` optimizer steps, also when it resumes
@@ -221,7 +221,7 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
         backup_every: back up every this many steps (default: at the end of each epoch).
         verbose: `model.fit`'s verbosity; "auto" is a progress bar on a terminal or in a
             notebook and one line per epoch otherwise (no carriage returns in log files).
-        preset: "hyperrule" (the paper's rule, `hyperrule_plan`) or "short" (`short_run_plan`:
+        schedule: "hyperrule" (the paper's rule, `hyperrule_plan`) or "short" (`short_run_plan`:
             for runs of a few hundred steps or fewer; `steps` defaults to the rule's). A plan
             with less than a tenth of the full rule's learning warns (`ShortScheduleWarning`).
 
@@ -246,10 +246,10 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
             validation = validation.relabeled(train.class_names)
         except ValueError as e:
             raise ValueError(f"validation data: {e} of the training data") from None
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     os.makedirs(output_dir, exist_ok=True)
-    plan = _plan(train, batch_size, steps, preset, plan_overrides)  # checked before the slow load
+    plan = _plan(train, batch_size, steps, schedule, plan_overrides)  # checked before the slow load
     shortfall = learning_shortfall(plan)
     if shortfall:
         warnings.warn(shortfall, ShortScheduleWarning, stacklevel=2)
@@ -262,8 +262,8 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
         keras.config.set_dtype_policy(mixed_precision)
     try:
         donor, source_side = load_model_source(source)
-        if preset == "short" and source_side:
-            plan = _plan(train, batch_size, steps, preset, plan_overrides, source_side)
+        if schedule == "short" and source_side:
+            plan = _plan(train, batch_size, steps, schedule, plan_overrides, source_side)
         with strategy.scope():
             model = with_new_head(donor, id2label=train.id2label, freeze_backbone=freeze_backbone)
             one_hot = bool(plan.mixup_alpha)
@@ -307,7 +307,7 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
     metrics = {"plan": plan.to_dict(), "steps_per_epoch": steps_per_epoch, "epochs": epochs,
                "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
                "num_replicas": _num_replicas(strategy), "resumed_from_step": resume.start_step,
-               "final_step": int(model.optimizer.iterations.numpy()), "preset": preset,
+               "final_step": int(model.optimizer.iterations.numpy()), "schedule": schedule,
                "total_learning": plan.total_learning(),
                "steps": {"step": step_log.steps, "loss": step_log.losses}}
     if val_ds is not None:
