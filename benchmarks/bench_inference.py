@@ -2,6 +2,7 @@
 
     python benchmarks/bench_inference.py [--quick] [--repeats N] [--parts ...] [--groups ...]
     python -m benchmarks.bench_inference ...    (the same, from the repository root)
+    python -m benchmarks.bench_inference --preset tf-paths   (issue 13's rows only, ~10 min)
 
 Every system runs in its own subprocess (`--serve NAME`), so imports, environment variables read
 at import time (TF_ENABLE_ONEDNN_OPTS) and peak RSS are per system. The systems of a group and the
@@ -10,6 +11,7 @@ come from samples taken moments apart: the machine is shared, read the ratios mo
 """
 
 import argparse
+import glob
 import json
 import os
 import resource
@@ -42,6 +44,12 @@ SYSTEMS = {
     "tfbit_folded_graph_prevgn": ("tfbit folded, previous GN, tf.function", {}, "graph"),
     "tfbit_folded_xla_prevgn": ("tfbit folded, previous GN, XLA", {}, "xla"),
     "tfbit_saved_model": ("tfbit SavedModel, pixel_values signature", {}, "graph"),
+    "tfbit_default_pob": ("tfbit Keras default (WS cached), predict_on_batch", {}, "graph"),
+    "tfbit_folded_pob": ("tfbit folded, predict_on_batch", {}, "graph"),
+    "tfbit_saved_model_bytes": ("tfbit SavedModel, serving_default (JPEG/PNG photos)", {}, "graph"),
+    "tfbit_saved_model_onednn": ("tfbit SavedModel, pixel_values, oneDNN", {"TF_ENABLE_ONEDNN_OPTS": "1"}, "onednn"),
+    "tfbit_saved_model_xla": ("tfbit SavedModel --saved-model-xla, pixel_values", {}, "xla"),
+    "tfbit_saved_model_xla_bytes": ("tfbit SavedModel --saved-model-xla, serving_default", {}, "xla"),
     "tflite_fp32": ("TFLite fp32 (LiteRT, XNNPACK)", {}, "graph"),
     "tflite_fp16": ("TFLite fp16 weights", {}, "graph"),
     "tflite_dynamic_int8": ("TFLite dynamic-range int8", {}, "graph"),
@@ -52,8 +60,13 @@ SYSTEMS = {
     "rn50v2_graph": ("keras ResNet50V2 (BatchNorm), tf.function", {}, "graph"),
     "rn50v2_xla": ("keras ResNet50V2 (BatchNorm), XLA", {}, "xla"),
     "rn50v2_graph_onednn": ("keras ResNet50V2, tf.function, oneDNN", {"TF_ENABLE_ONEDNN_OPTS": "1"}, "onednn"),
+    "rn50v2_saved_model": ("keras ResNet50V2, SavedModel (model.export)", {}, "saved_model"),
 }
 RN50V2_OF_FAMILY = {"graph": "rn50v2_graph", "xla": "rn50v2_xla", "onednn": "rn50v2_graph_onednn"}
+# Issue 13's goals, paired ratios in one run: (system, peer, goal); printed after the table.
+GOALS = [("tfbit_default_pob", "tfbit_folded_pob", 0.95), ("tfbit_graph", "tfbit_folded_graph", 0.95)] + [
+    (saved_model, peer, goal) for saved_model in ("tfbit_saved_model", "tfbit_saved_model_onednn", "tfbit_saved_model_xla")
+    for peer, goal in (("rn50v2_saved_model", 0.90), ("hf_onnxruntime", 1.0))]
 
 
 def keras_runner(model, jit_compile=None, eager=False):
@@ -77,22 +90,28 @@ def load_tfbit(workdir, folded):
 def build(name, workdir):
     if name.endswith("_prevgn"):
         use_previous_groupnorm()
-    if name.startswith("tfbit_") and name != "tfbit_saved_model":
+    if name.endswith("_pob"):  # what a user who loads a model and calls predict_on_batch runs
+        model = load_tfbit(workdir, folded="folded" in name)
+        return lambda batch: (lambda x=images(batch): model.predict_on_batch(x))
+    if name.startswith("tfbit_saved_model"):
+        return saved_model_runner(os.path.join(workdir, "saved_model_xla" if "_xla" in name else "saved_model"),
+                                  encoded=name.endswith("_bytes"))
+    if name.startswith("tfbit_"):
         model = load_tfbit(workdir, folded="folded" in name)
         return keras_runner(model, jit_compile="xla" in name or None, eager=name == "tfbit_eager")
+    if name == "rn50v2_saved_model":
+        tf = setup_tf()
+        loaded = tf.saved_model.load(os.path.join(workdir, "rn50v2_saved_model"))  # owns the variables
+
+        def make(batch):
+            x = tf.constant(images(batch))
+            return lambda: loaded.serve(x).numpy()
+        return make
     if name.startswith("rn50v2"):
         setup_tf()
         import keras
         return keras_runner(keras.applications.ResNet50V2(weights=None, classes=NUM_CLASSES),
                             jit_compile="xla" in name or None)
-    if name == "tfbit_saved_model":
-        tf = setup_tf()
-        fn = tf.saved_model.load(os.path.join(workdir, "saved_model")).signatures["pixel_values"]
-
-        def make(batch):
-            x = tf.constant(images(batch))
-            return lambda: fn(pixel_values=x)["logits"].numpy()
-        return make
     if name.startswith("tflite_"):
         from ai_edge_litert.interpreter import Interpreter
         path = os.path.join(workdir, name[len("tflite_"):] + ".tflite")
@@ -131,6 +150,28 @@ def build(name, workdir):
             with torch.no_grad():
                 return forward(x).numpy()
         return call
+    return make
+
+
+def saved_model_runner(path, encoded):
+    """A SavedModel signature as TF Serving runs it: `pixel_values` on preprocessed images, or
+    `serving_default` on the shipped photos' JPEG/PNG bytes (decoded and preprocessed in the graph)."""
+    tf = setup_tf()
+    signatures = tf.saved_model.load(path).signatures
+    if encoded:
+        photos = sorted(glob.glob(os.path.join(ROOT, "conversion", "photos", "*.[jp][pn]g")))
+        data = [open(f, "rb").read() for f in photos]
+        fn = signatures["serving_default"]
+
+        def make(batch):
+            x = tf.constant([data[i % len(data)] for i in range(batch)])
+            return lambda: fn(image_bytes=x)["logits"].numpy()
+        return make
+    fn = signatures["pixel_values"]
+
+    def make(batch):
+        x = tf.constant(images(batch))
+        return lambda: fn(pixel_values=x)["logits"].numpy()
     return make
 
 
@@ -209,12 +250,18 @@ def child_conversion(args):
     timed("SavedModel (TF Serving)", lambda: export.write_saved_model(
         inference, "classification", BitImageProcessor().to_dict(), config.id2label,
         os.path.join(args.workdir, "saved_model")))
+    timed("SavedModel, XLA forward pass (--saved-model-xla)", lambda: export.write_saved_model(
+        inference, "classification", BitImageProcessor().to_dict(), config.id2label,
+        os.path.join(args.workdir, "saved_model_xla"), xla=True))
     models = timed(f"TFLite {', '.join(args.quantizations)}", lambda: export.tflite_models(
         inference, "classification", (SIZE, SIZE), args.quantizations, calibration))
     for quantization, flatbuffer in models.items():
         with open(os.path.join(args.workdir, quantization + ".tflite"), "wb") as f:
             f.write(flatbuffer)
     inference.save(os.path.join(args.workdir, "folded.keras"))  # for the system runs, not timed
+    # The TF Serving peer: keras' own SavedModel export of ResNet50V2 (not timed).
+    keras.applications.ResNet50V2(weights=None, classes=NUM_CLASSES).export(
+        os.path.join(args.workdir, "rn50v2_saved_model"), verbose=False)
     # The int8 worker runs beside this process: count both peaks (an upper bound of the total).
     worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     emit({"seconds": seconds, "total_s": sum(seconds.values()), "rss_before_mb": rss_before,
@@ -337,7 +384,7 @@ def child_groupnorm(args):
     model = tfbit.fold_weight_standardization(tfbit.BitForImageClassification(tfbit.BitConfig(num_labels=NUM_CLASSES)))
     original = tfbit.GroupNormActivation.call
     no_stats = lambda self, x: self.activation(x * self.gamma + self.beta)
-    batches = (1,) if args.quick else (1, 16)
+    batches = (1,) if args.quick else tuple(args.batches)
     inputs = {b: tf.constant(images(b)) for b in batches}
     fns, outputs = {}, {}
     for name, call in [("layers.py", original), ("previous", previous_groupnorm_call), ("no statistics", no_stats)]:
@@ -389,7 +436,14 @@ ANCHORS = ["hf_torch", "rn50v2_graph"]
 SYSTEM_GROUPS = [["tfbit_folded_graph", "tfbit_folded_graph_prevgn", "tfbit_graph", "tfbit_eager"],
                  ["tfbit_folded_xla", "tfbit_folded_xla_prevgn", "rn50v2_xla", "tfbit_saved_model"],
                  ["tfbit_folded_graph", "tfbit_folded_graph_onednn", "rn50v2_graph_onednn", "timm"],
-                 ["tflite_fp32", "tflite_fp16", "tflite_dynamic_int8", "tflite_int8", "hf_onnxruntime"]]
+                 ["tflite_fp32", "tflite_fp16", "tflite_dynamic_int8", "tflite_int8", "hf_onnxruntime"],
+                 # issue 13: the default Keras path against the folded one, and TF Serving's SavedModel
+                 # (each variant, both signatures) against keras ResNet50V2's and onnxruntime
+                 ["tfbit_default_pob", "tfbit_folded_pob", "tfbit_graph", "tfbit_folded_graph"],
+                 ["tfbit_saved_model", "tfbit_saved_model_bytes", "tfbit_saved_model_onednn", "tfbit_saved_model_xla",
+                  "tfbit_saved_model_xla_bytes", "rn50v2_saved_model", "hf_onnxruntime"]]
+# `--preset tf-paths`: exactly the issue-13 rows (groups 5 and 6) and the artifacts they need.
+TF_PATHS_GROUPS = [5, 6]
 QUICK_GROUPS = [["tfbit_folded_graph", "tfbit_folded_graph_prevgn", "tflite_fp32"]]
 
 
@@ -447,6 +501,16 @@ def report_systems(results, info, batches):
     return table(header, rows)
 
 
+def report_goals(results, batches):
+    lines = []
+    for name, peer, goal in GOALS:
+        ratios = {b: paired_ratio(results, name, peer, b) for b in batches}
+        if any(ratios.values()):
+            cells = ", ".join(f"b{b} {r:.2f}" if r else f"b{b} –" for b, r in ratios.items())
+            lines.append(f"- {SYSTEMS[name][0]} / {SYSTEMS[peer][0]}: {cells} (goal ≥ {goal:.2f})")
+    return "\n".join(["Issue 13 ratios (median of paired repeats):"] + lines) if lines else ""
+
+
 def report_conversion(out):
     rows = [[k, f"{v:.1f}"] for k, v in out["seconds"].items()]
     rows.append(["total", f"{out['total_s']:.1f}"])
@@ -494,7 +558,13 @@ def main():
     parser.add_argument("--child", choices=["conversion", "groupnorm", "profile"], help=argparse.SUPPRESS)
     parser.add_argument("--profile", choices=list(PROFILES), help=argparse.SUPPRESS)
     parser.add_argument("--quantizations", nargs="+", default=["fp32", "fp16", "dynamic_int8", "int8"])
+    parser.add_argument("--preset", choices=["tf-paths"],
+                        help="tf-paths: the issue-13 rows only (default Keras path vs folded, the TF Serving "
+                             "SavedModel and its variants vs keras ResNet50V2's SavedModel and onnxruntime), "
+                             "i.e. --parts conversion systems --groups 5 6 --quantizations fp32; ~10 min")
     args = parser.parse_args()
+    if args.preset == "tf-paths":
+        args.parts, args.groups, args.quantizations = ["conversion", "systems"], TF_PATHS_GROUPS, ["fp32"]
     if args.serve:
         return serve_system(args)
     if args.child == "conversion":
@@ -523,10 +593,12 @@ def main():
         print(f"\n## Inference, R50x1 {SIZE}x{SIZE}, img/s, {args.repeats} interleaved samples per group", flush=True)
         results, info = run_systems(groups, args, workdir)
         print("\n" + report_systems(results, info, args.batches), flush=True)
+        print("\n" + report_goals(results, args.batches), flush=True)
         print("# raw " + json.dumps({"results": results, "info": info}), flush=True)
     if "groupnorm" in args.parts:
         print("\n## GroupNorm(32)+ReLU variants (one subprocess, 2 threads)", flush=True)
-        out = run_child([__file__, "--child", "groupnorm"] + (["--quick"] if args.quick else []))
+        out = run_child([__file__, "--child", "groupnorm", "--batches", *map(str, args.batches)]
+                        + (["--quick"] if args.quick else []))
         print(report_groupnorm(out) if "error" not in out else f"FAILED: {out['error']}", flush=True)
     if "profile" in args.parts:
         print("\n## Op profile (TF profiler, one call after warm-up, one subprocess each)", flush=True)

@@ -25,9 +25,12 @@ from typing import Callable
 
 import numpy as np
 
+from conversion import environment
+
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_checkpoint")
 DEFAULT_OUTPUT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "saved_models")
 OUTPUT_FORMATS = ("keras", "saved_model", "tflite")
+TFLITE_INPUTS = ("float32", "uint8")
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
 
 
@@ -46,6 +49,11 @@ class Artifact:
     inputs: str = "pixels"
     lossless: bool = True
     error: str = ""  # why it could not be produced (then it has no runner)
+
+
+def tflite_path(name, quantization, tflite_input="float32"):
+    """A TFLite file's path in the output; files taking raw uint8 pixels end in `_uint8`."""
+    return os.path.join("tflite", f"{name}_{quantization}{'_uint8' if tflite_input == 'uint8' else ''}.tflite")
 
 
 def _log(message):
@@ -105,10 +113,11 @@ def gather_images(demo, images, num_images, calibration_images, label2id, need_c
 # -- step 3: export ------------------------------------------------------------------------------
 
 def export_artifacts(model, inference, processor, task, name, formats, quantizations, staging,
-                     version, image_size, calibration, top_k, threads, log):
+                     version, image_size, calibration, top_k, threads, log, tflite_input="float32",
+                     saved_model_xla=False):
     """The artifacts of `model` (`inference`: its float32 folded form, which every graph is
     exported from) written into `staging`."""
-    from conversion import export, runners
+    from conversion import export, runners, tflite_metadata
     artifacts = []
     model.config.save_pretrained(staging)
     processor.save_pretrained(staging)
@@ -122,25 +131,34 @@ def export_artifacts(model, inference, processor, task, name, formats, quantizat
         log(f"      TF Serving SavedModel (version {version})")
         path = os.path.join("serving", str(version))
         export.write_saved_model(inference, task, processor.to_dict(), model.config.id2label,
-                                 os.path.join(staging, path), top_k)
+                                 os.path.join(staging, path), top_k, xla=saved_model_xla)
         artifacts.append(Artifact("saved_model[pixel_values]", path,
                                   lambda p: runners.saved_model_runner(p, "pixel_values")))
         artifacts.append(Artifact("saved_model[image_bytes]", path,
                                   lambda p: runners.saved_model_runner(p, "serving_default"),
                                   inputs="encoded", lossless=False))
     if "tflite" in formats:
-        log(f"      TFLite {', '.join(quantizations)}")
+        raw = tflite_input == "uint8"  # raw RGB crops in, normalized inside
+        log(f"      TFLite {', '.join(quantizations)}{' (raw uint8 input)' if raw else ''}")
         os.makedirs(os.path.join(staging, "tflite"))
-        calib = None if calibration is None else processor(calibration)
-        for q, flatbuffer in export.tflite_models(inference, task, image_size, quantizations, calib).items():
-            path = os.path.join("tflite", f"{name}_{q}.tflite")
+        calib = None
+        if calibration is not None:
+            calib = runners.raw_crops(processor, calibration) if raw else processor(calibration)
+        files = export.tflite_models(inference, task, image_size, quantizations, calib, processor if raw else None)
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        for q, flatbuffer in files.items():
+            path, artifact = tflite_path(name, q, tflite_input), f"tflite_{q}{'[uint8]' if raw else ''}"
             if isinstance(flatbuffer, export.VariantError):  # reported as a failed artifact
-                artifacts.append(Artifact(f"tflite_{q}", path, None, lossless=False, error=str(flatbuffer)))
+                artifacts.append(Artifact(artifact, path, None, lossless=False, error=str(flatbuffer)))
                 continue
+            if task == "classification":  # labels and normalization for the LiteRT support tooling
+                flatbuffer = tflite_metadata.add_classifier_metadata(
+                    flatbuffer, labels, *tflite_metadata.pixel_normalization(processor), name,
+                    f"BiT image classifier ({q}) converted by tfbit")
             with open(os.path.join(staging, path), "wb") as f:
                 f.write(flatbuffer)
-            artifacts.append(Artifact(f"tflite_{q}", path, lambda p: runners.tflite_runner(p, threads),
-                                      lossless=q == "fp32"))
+            artifacts.append(Artifact(artifact, path, lambda p: runners.tflite_runner(p, threads),
+                                      inputs="crops" if raw else "pixels", lossless=q == "fp32"))
     return artifacts
 
 
@@ -164,9 +182,10 @@ def reference_outputs(model, inference, checkpoint, task, pixel_values, log):
     return (out if isinstance(out, dict) else {"logits": out}), "keras"
 
 
-def verify_artifacts(artifacts, staging, reference, pixel_values, images):
+def verify_artifacts(artifacts, staging, reference, pixel_values, images, crops=None):
+    """`crops`: the raw uint8 crops of the images, for files taking them."""
     from conversion import verify
-    inputs = {"pixels": pixel_values, "encoded": np.array(images.encoded, dtype=object)}
+    inputs = {"pixels": pixel_values, "encoded": np.array(images.encoded, dtype=object), "crops": crops}
     rows = []
     for artifact in artifacts:
         if artifact.error:
@@ -185,7 +204,7 @@ def verify_artifacts(artifacts, staging, reference, pixel_values, images):
 def convert(source=None, output=None, name=None, formats=OUTPUT_FORMATS, quantizations=None,
             task="classification", source_format=None, overwrite=False, images=None,
             num_images=32, top_k=5, calibration_images=16, threads=None, keep_failed=False,
-            preprocessor=None, log=_log):
+            preprocessor=None, log=_log, tflite_input="float32", saved_model_xla=False):
     """Convert, export, verify, publish; returns the report dict.
 
     Args:
@@ -198,16 +217,26 @@ def convert(source=None, output=None, name=None, formats=OUTPUT_FORMATS, quantiz
             photos; the digits for the demo).
         keep_failed: publish artifacts that failed verification too (still reported).
         preprocessor: a preprocessor_config.json (or its folder) replacing the source's.
+        tflite_input: "uint8" writes TFLite files taking raw RGB uint8 crops at batch 1, which
+            normalize inside (`tflite/<name>_<q>_uint8.tflite`), instead of float pixel values.
+        saved_model_xla: compile the SavedModel's forward pass with XLA (TF Serving then needs
+            `--xla_cpu_compilation_enabled=true`; see `conversion.export.write_saved_model`).
 
     Raises ConversionError on bad input.
     """
     from conversion import export, publish
 
+    try:
+        environment.require_tensorflow_backend("exports need", "the converter")
+    except ValueError as e:
+        raise ConversionError(f"{e}; .keras files written under JAX or PyTorch convert as they are") from None
     quantizations = tuple(quantizations or export.TFLITE_QUANTIZATIONS)
     unknown = sorted(set(formats) - set(OUTPUT_FORMATS)) + sorted(set(quantizations) - set(export.TFLITE_QUANTIZATIONS))
     if unknown:
         raise ConversionError(f"unknown format(s) {unknown}: choose from {OUTPUT_FORMATS} and TFLite "
                               f"quantizations {export.TFLITE_QUANTIZATIONS}")
+    if tflite_input not in TFLITE_INPUTS:
+        raise ConversionError(f"unknown TFLite input {tflite_input!r}: choose from {TFLITE_INPUTS}")
     from tfbit.pretrained import TASKS
     if task not in TASKS:
         raise ConversionError(f"unknown task {task!r}: choose from {TASKS}")
@@ -238,30 +267,34 @@ def convert(source=None, output=None, name=None, formats=OUTPUT_FORMATS, quantiz
         with publish.OutputLock(output):
             return _export_verify_publish(model, checkpoint, processor, task, name, formats, quantizations,
                                           output, overwrite, keep_failed, image_size, calibration, top_k,
-                                          threads, real, pixel_values, demo, source, started, log)
+                                          threads, real, pixel_values, demo, source, started, log,
+                                          tflite_input, saved_model_xla)
     except publish.OutputError as e:  # the output is locked, or publishing would lose a file
         raise ConversionError(str(e)) from e
 
 
 def _export_verify_publish(model, checkpoint, processor, task, name, formats, quantizations, output,
                            overwrite, keep_failed, image_size, calibration, top_k, threads, real,
-                           pixel_values, demo, source, started, log):
-    from conversion import export, publish, verify
+                           pixel_values, demo, source, started, log, tflite_input, saved_model_xla=False):
+    from conversion import export, publish, runners, verify
     version = publish.next_serving_version(output)
     planned = ["config.json", "preprocessor_config.json", "report.json"]
     planned += [f"{name}.keras"] * ("keras" in formats) + [f"serving/{version}"] * ("saved_model" in formats)
-    planned += [f"tflite/{name}_{q}.tflite" for q in quantizations if "tflite" in formats]
+    planned += [tflite_path(name, q, tflite_input) for q in quantizations if "tflite" in formats]
     # Refused before the slow export, not after it.
     publish.check_output(output, planned, source_paths=checkpoint.files, overwrite=overwrite)
     with publish.staging_dir(output) as staging:
         log(f"[2/5] exporting into {staging}")
         inference = export.float32_inference_model(model)
         artifacts = export_artifacts(model, inference, processor, task, name, formats, quantizations, staging,
-                                     version, image_size, calibration, top_k, threads, log)
+                                     version, image_size, calibration, top_k, threads, log, tflite_input,
+                                     saved_model_xla)
         export_seconds = time.perf_counter() - started
         log(f"[3/5] verifying {len(artifacts)} artifacts on {real.description}")
         reference, reference_kind = reference_outputs(model, inference, checkpoint, task, pixel_values, log)
-        rows = verify_artifacts(artifacts, staging, reference, pixel_values, real)
+        crops = runners.raw_crops(processor, real.images) if tflite_input == "uint8" and "tflite" in formats else None
+        with environment.cli_logs_filtered():  # LiteRT's notice when it first runs a file
+            rows = verify_artifacts(artifacts, staging, reference, pixel_values, real, crops)
         failed = {r.path for r in rows if not r.passed}
         missing = {a.path for a in artifacts if a.error}  # could not be produced: nothing to publish
         published = sorted({a.path for a in artifacts} - missing - (set() if keep_failed else failed))
@@ -290,19 +323,19 @@ def _export_verify_publish(model, checkpoint, processor, task, name, formats, qu
         publish.publish(staging, output, written, source_paths=checkpoint.files, overwrite=overwrite)
     if failed:
         log(f"[5/5] verification FAILED for {', '.join(r.artifact for r in rows if not r.passed)}: "
-            + _failure_advice(failed, missing, keep_failed, formats, quantizations, name, output))
+            + _failure_advice(failed, missing, keep_failed, formats, quantizations, name, output, tflite_input))
     else:
         log(f"[5/5] all artifacts verified -> {output}")
     return report
 
 
-def _failure_advice(failed, missing, keep_failed, formats, quantizations, name, output):
+def _failure_advice(failed, missing, keep_failed, formats, quantizations, name, output, tflite_input="float32"):
     """What happened to the failed artifacts, and the flags that keep or skip them."""
     kept = failed - missing
     if keep_failed:
         return "; ".join(filter(None, ["published anyway (--keep-failed)" if kept else "",
                                        f"{', '.join(sorted(missing))} could not be produced" if missing else ""]))
-    variants = [q for q in quantizations if os.path.join("tflite", f"{name}_{q}.tflite") not in failed]
+    variants = [q for q in quantizations if tflite_path(name, q, tflite_input) not in failed]
     dropped = {"keras": f"{name}.keras" in failed, "tflite": not variants,
                "saved_model": any(p.startswith("serving") for p in failed)}
     keep = [f for f in formats if not dropped[f]]
@@ -317,19 +350,16 @@ def _failure_advice(failed, missing, keep_failed, formats, quantizations, name, 
 
 
 def main(argv=None):
-    from conversion import environment
-    environment.inference_defaults()  # before anything imports TensorFlow
-    from tfbit import runtime
-    from conversion import processes
-    from conversion.export import TFLITE_QUANTIZATIONS
-    from tfbit.pretrained import TASKS
-    from tfbit.weights import FORMATS as SOURCE_FORMATS
+    # The parser imports no TensorFlow (conversion.cli): --help answers at once.
+    from conversion import cli
+    from conversion.cli import SOURCE_FORMATS, TASKS, TFLITE_QUANTIZATIONS
     parser = argparse.ArgumentParser(
         prog="python -m conversion.convert", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="SOURCE: a Hugging Face hub id (google/bit-50) or checkpoint directory, a timm "
                "name (timm/resnetv2_50x1_bit.goog_in21k) or state-dict file (.safetensors/.pth/"
-               ".bin), an original BiT .npz file, or a tfbit .keras file. Omit it for the offline "
+               ".bin), an original BiT .npz file, a tfbit .keras file, or a preset name (bit-m-r50x1, "
+               "bit-s-r101x3, ...: tfbit.presets()). Omit it for the offline "
                "demo.\n\nExit codes: 0 all verified, 1 some artifacts failed verification (left out "
                "unless --keep-failed), 2 bad input, 3 internal error.")
     parser.add_argument("source", nargs="?", help="checkpoint to convert (default: embedded digits demo)")
@@ -339,32 +369,43 @@ def main(argv=None):
     parser.add_argument("--formats", nargs="+", default=list(OUTPUT_FORMATS), choices=OUTPUT_FORMATS)
     parser.add_argument("--tflite", nargs="+", default=list(TFLITE_QUANTIZATIONS), choices=TFLITE_QUANTIZATIONS,
                         dest="quantizations", help="TFLite variants to export")
+    parser.add_argument("--tflite-input", choices=TFLITE_INPUTS, default="float32",
+                        help="float32: preprocessed pixel values [N, H, W, 3] (default); uint8: raw RGB "
+                             "crops [1, H, W, 3], normalized inside (files named <name>_<q>_uint8.tflite)")
     parser.add_argument("--task", default="classification", choices=TASKS,
                         help="classification (logits), features (pooled vector) or backbone (stage maps)")
     parser.add_argument("--images", help="folder of real images for verification/calibration "
                                          "(default: the photos shipped with tfbit)")
     parser.add_argument("--preprocessor", help="preprocessor_config.json (or its folder) to use instead "
                                                "of the source's")
-    parser.add_argument("--num-images", type=runtime.positive_int, default=32,
+    parser.add_argument("--num-images", type=cli.positive_int, default=32,
                         help="verification images (default 32)")
-    parser.add_argument("--calibration-images", type=runtime.positive_int, default=16,
+    parser.add_argument("--calibration-images", type=cli.positive_int, default=16,
                         help="images to calibrate full int8 TFLite on (default 16)")
-    parser.add_argument("--top-k", type=runtime.positive_int, default=5,
+    parser.add_argument("--top-k", type=cli.positive_int, default=5,
                         help="classes returned by the serving signature")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace artifacts a previous conversion wrote into the output (other files "
                              "and earlier serving versions are kept)")
     parser.add_argument("--keep-failed", action="store_true",
                         help="publish artifacts that fail verification too (they stay marked in report.json)")
-    parser.add_argument("--threads", type=runtime.positive_int,
+    parser.add_argument("--saved-model-xla", action="store_true",
+                        help="compile the SavedModel's forward pass with XLA; TF Serving must run with "
+                             "--xla_cpu_compilation_enabled=true and compiles once per new batch/image size")
+    parser.add_argument("--threads", type=cli.positive_int,
                         help="CPU threads (default: every available core; see tfbit/runtime.py)")
+    cli.add_verbose(parser)
     args = parser.parse_args(argv)
+    environment.configure(args.verbose)  # before anything else imports TensorFlow
+    from conversion import processes
+    from tfbit import runtime
     threads = runtime.set_threads(args.threads)
     try:
         with processes.termination_as_exit():  # SIGTERM runs the clean-up of a normal exit
             report = convert(args.source, args.output, args.name, args.formats, args.quantizations, args.task,
                              args.source_format, args.overwrite, args.images, args.num_images, args.top_k,
-                             args.calibration_images, threads, args.keep_failed, args.preprocessor)
+                             args.calibration_images, threads, args.keep_failed, args.preprocessor,
+                             tflite_input=args.tflite_input, saved_model_xla=args.saved_model_xla)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -16,6 +16,7 @@ import tensorflow as tf
 import tfbit
 from conversion import processes
 from tfbit import image_ops
+from tfbit.image_processor import BitImageProcessor
 
 TFLITE_QUANTIZATIONS = ("fp32", "fp16", "dynamic_int8", "int8")
 
@@ -57,24 +58,35 @@ def _save(model, path, endpoints):
     tf.Variables, so tracking exactly those lets TF deduplicate them.
     """
     module = tf.Module()
-    module.weights = [v.value for v in model.weights]
     signatures = {}
     for name, (fn, spec) in endpoints.items():
         function = tf.function(fn, input_signature=[spec], autograph=False)
         setattr(module, name, function)
         signatures[name] = function.get_concrete_function()
+    # the weights, and an unfolded model's cached standardized kernels (tfbit.layers.WSConv2D)
+    module.captured = list({id(v): v for c in signatures.values() for v in c.variables}.values())
     tf.saved_model.save(module, path, signatures=signatures)
     return path
 
 
-def write_saved_model(model, task, processor, labels, path, top_k=5):
+def write_saved_model(model, task, processor, labels, path, top_k=5, xla=False):
     """SavedModel with `serving_default` (encoded images -> in-graph preprocessing -> outputs)
-    and `pixel_values` (already preprocessed NHWC floats -> outputs)."""
+    and `pixel_values` (already preprocessed NHWC floats -> outputs).
+
+    `xla=True` compiles the model's forward pass with XLA (decoding and the label lookup stay
+    TF ops). TF Serving runs such a graph only with `--xla_cpu_compilation_enabled=true` and
+    compiles it again for every new input shape (batch size, image size); benchmarks/RESULTS.md
+    has the measurements.
+    """
     channels = model.inputs[0].shape[-1]
     pixel_spec = tf.TensorSpec([None, None, None, channels], tf.float32, name="pixel_values")
+    forward = model
+    if xla:
+        compiled = tf.function(lambda x: model(x, training=False), jit_compile=True, autograph=False)
+        forward = lambda x, training: compiled(x)  # noqa: E731  task_outputs calls model(x, training=False)
     # Both signatures call one concrete function, so the model is traced once (R50x1: 12 s -> 9 s
     # against a shared tf.function, which re-traces on first call).
-    outputs = tf.function(task_outputs(model, task, labels, top_k), autograph=False).get_concrete_function(pixel_spec)
+    outputs = tf.function(task_outputs(forward, task, labels, top_k), autograph=False).get_concrete_function(pixel_spec)
     return _save(model, path, {
         "serving_default": (lambda image_bytes: outputs(image_ops.preprocess_image_bytes(image_bytes, processor)),
                             tf.TensorSpec([None], tf.string, name="image_bytes")),
@@ -89,13 +101,20 @@ def _configure(converter, quantization, representative_images=None):
     converter.optimizations = set() if quantization == "fp32" else {tf.lite.Optimize.DEFAULT}
     converter.target_spec.supported_types = {tf.float16} if quantization == "fp16" else set()
     converter.representative_dataset = None
+    converter.inference_input_type = tf.float32
     if quantization == "int8":
-        data = np.asarray(representative_images, np.float32)
-        converter.representative_dataset = lambda: ([x[None]] for x in data)
-        # GroupNorm's statistics have no int8 kernels: those ops stay float (builtin)
-        # while every convolution and elementwise op runs in int8.
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
-                                               tf.lite.OpsSet.TFLITE_BUILTINS]
+        data = np.asarray(representative_images)
+        if data.dtype == np.uint8:  # raw crops: the file's input is uint8 raw pixels
+            # Quantized with scale 1 and zero point 0 (the identity) only if calibration sees
+            # both 0 and 255: two pixels make sure it does.
+            data = data.copy()
+            data[0, 0, 0], data[0, -1, -1] = 0, 255
+            converter.inference_input_type = tf.uint8
+        converter.representative_dataset = lambda: ([x[None].astype(np.float32)] for x in data)
+        # Integer kernels only: phones' integer accelerators take a graph only when every op
+        # is integer, so an op with no int8 kernel must fail the variant here, not fall back
+        # to float. Input and output stay float (quantized at the edges).
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     return converter
 
 
@@ -116,7 +135,7 @@ class _Int8Worker:
 
     def __init__(self, representative_images, workdir):
         calibration = os.path.join(workdir, "calibration.npy")
-        np.save(calibration, np.asarray(representative_images, np.float32))
+        np.save(calibration, np.asarray(representative_images))  # uint8 raw crops stay uint8
         self.output = os.path.join(workdir, "int8.tflite")
         self.log = open(os.path.join(workdir, "int8_worker.log"), "wb")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,14 +181,16 @@ class _Int8Worker:
         self.log.close()
 
 
-def tflite_models(model, task, image_size, quantizations, representative_images=None):
+def tflite_models(model, task, image_size, quantizations, representative_images=None, input_processor=None):
     """{quantization: builtin-ops-only TFLite flatbuffer}, each with a `serving_default` signature.
 
-    Input `pixel_values` (dynamic batch, fixed image_size, preprocessed floats); outputs
-    `logits` (classification), `features`, or one tensor per backbone stage. The graph is
-    saved once; the float variants share one converter while full int8 converts in parallel,
-    in a child process that also runs the result once: a full int8 that cannot be produced or
-    run is returned as a `VariantError` in place of its bytes.
+    Input `pixel_values` (dynamic batch, fixed image_size, preprocessed floats), or with
+    `input_processor` (a BitImageProcessor) `image`: raw RGB uint8 crops [1, H, W, 3], rescaled
+    and normalized inside as the processor does (`representative_images` are then raw uint8
+    crops too); outputs `logits` (classification), `features`, or one tensor per backbone stage.
+    The graph is saved once (raw input with full int8: twice, see `int8_graph`); the float
+    variants share one converter while full int8 converts in parallel, in a child process that also runs the result once: a full int8 that cannot be
+    produced or run is returned as a `VariantError` in place of its bytes.
     """
     unknown = [q for q in quantizations if q not in TFLITE_QUANTIZATIONS]
     if unknown:
@@ -180,21 +201,37 @@ def tflite_models(model, task, image_size, quantizations, representative_images=
     if "int8" in quantizations and np.shape(representative_images)[1:] != (*image_size, channels):
         raise ValueError(f"representative images have shape {np.shape(representative_images)[1:]}; "
                          f"the TFLite graph takes {(*image_size, channels)}")
-    spec = tf.TensorSpec([None, *image_size, channels], tf.float32, name="pixel_values")
     outputs = task_outputs(model, task, {0: ""}, 1)
 
-    def serve(pixel_values):
+    def result(pixel_values):
         out = outputs(pixel_values)
         return {"logits": out["logits"]} if task == "classification" else out
+
+    if input_processor is None:
+        def serve(pixel_values):
+            return result(pixel_values)
+        spec = tf.TensorSpec([None, *image_size, channels], tf.float32, name="pixel_values")
+        float_graph = int8_graph = (serve, spec)
+    else:
+        normalize = BitImageProcessor.from_dict(input_processor.to_dict(), backend=input_processor.backend,
+                                                do_resize=False, do_center_crop=False)
+
+        def serve(image):
+            return result(image_ops.preprocess_images(image, normalize))
+        float_graph = (serve, tf.TensorSpec([1, *image_size, 3], tf.uint8, name="image"))
+        # Full int8 quantizes a float input of 0-255 values into uint8 with the identity
+        # (`_configure`): no float op is left for integer accelerators, unlike a uint8 -> float cast.
+        int8_graph = (serve, tf.TensorSpec([1, *image_size, 3], tf.float32, name="image"))
 
     floats = [q for q in quantizations if q != "int8"]
     with tempfile.TemporaryDirectory() as workdir:
         worker = _Int8Worker(representative_images, workdir) if "int8" in quantizations else None
         try:
-            graph = _save(model, os.path.join(workdir, "graph"), {"serving_default": (serve, spec)})
-            converter = _converter(graph)
+            graph = _save(model, os.path.join(workdir, "graph"), {"serving_default": float_graph})
             if worker:
-                worker.convert(graph)
+                worker.convert(graph if int8_graph is float_graph else
+                               _save(model, os.path.join(workdir, "int8_graph"), {"serving_default": int8_graph}))
+            converter = _converter(graph)
             results = {q: _configure(converter, q).convert() for q in floats}
             if worker:
                 try:
@@ -226,7 +263,8 @@ def _int8_worker_main(calibration, output, parent_pid):
     # run it once here, where an abort costs this variant only, not the whole conversion.
     print("running the int8 file once in LiteRT (an abort here is a LiteRT kernel failure)", flush=True)
     from ai_edge_litert.interpreter import Interpreter
-    Interpreter(model_content=flatbuffer).get_signature_runner("serving_default")(pixel_values=images[:1])
+    runner = Interpreter(model_content=flatbuffer).get_signature_runner("serving_default")
+    runner(**{name: images[:1] for name in runner.get_input_details()})
     with open(output, "wb") as f:
         f.write(flatbuffer)
 

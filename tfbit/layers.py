@@ -2,6 +2,8 @@
 
 import keras
 from keras import ops
+# Not public API: whether variables are being read from and written to a StatelessScope.
+from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 _register = keras.saving.register_keras_serializable(package="tfbit")
 
@@ -23,6 +25,58 @@ def conv_padding(global_padding, kernel_size, stride=1, dilation=1):
     return pad
 
 
+class _WatchedKernel(keras.Variable):
+    """A WSConv2D kernel that marks its layer's standardized copy stale whenever it is assigned
+    (`set_weights`, `load_weights`, `.keras` loading, checkpoint loading, `kernel.assign`).
+    Optimizer updates in TensorFlow write the underlying tf.Variable directly: training calls
+    mark the copy stale themselves (`WSConv2D.call`)."""
+
+    standardized_cache = None
+
+    def assign(self, value):
+        value = super().assign(value)
+        if self.standardized_cache is not None and not in_stateless_scope():
+            self.standardized_cache.invalidate()
+        return value
+
+
+class _StandardizedKernelCache:
+    """The standardized kernel of one WSConv2D, recomputed at the first inference call after its
+    kernel changed, as graph state: a float32 copy and a stale flag, both variables, so compiled
+    functions (`predict`, tf.function, XLA) see every change without retracing.
+
+    A plain object, so Keras does not track its variables as layer weights: they are not saved,
+    not listed by `get_weights`, and not trained. Keras' SavedModel export collects the
+    variables its functions capture. Assignments use `only_first_replica` so that replicas of a
+    `tf.distribute` strategy may update them (they all compute the same value).
+    """
+
+    def __init__(self, layer):
+        self.layer = layer
+        kernel = layer._kernel
+        # float32 under any policy, as `standardized_kernel` computes it (no autocast on read)
+        self.kernel = keras.Variable(initializer="zeros", shape=kernel.shape, dtype="float32",
+                                     trainable=False, autocast=False, aggregation="only_first_replica",
+                                     name="standardized_kernel")
+        self.stale = keras.Variable(initializer=True, shape=(), dtype="bool", trainable=False,
+                                    aggregation="only_first_replica", name="standardized_kernel_stale")
+        kernel.__class__ = _WatchedKernel  # adds behaviour only: keras.Variable has no slots to change
+        kernel.standardized_cache = self
+
+    def invalidate(self):
+        self.stale.assign(True)
+
+    def read(self):
+        def refresh():
+            kernel = self.layer.standardized_kernel()
+            self.kernel.assign(kernel)
+            self.stale.assign(False)
+            return kernel
+        # An op's result, not the variable: TensorFlow's cond tests a variable predicate by hashing it.
+        stale = ops.logical_and(self.stale, True)
+        return ops.cond(stale, refresh, lambda: ops.convert_to_tensor(self.kernel))
+
+
 @_register
 class WSConv2D(keras.layers.Conv2D):
     """Conv2D with weight standardization (per output filter, biased variance), no bias.
@@ -31,6 +85,14 @@ class WSConv2D(keras.layers.Conv2D):
     is always computed in float32 from the stored kernel, so a mixed-precision policy cannot
     underflow the tiny eps. `standardize=False` is the inference form whose kernel already holds
     standardized weights (see `tfbit.fold_weight_standardization`).
+
+    Inference calls (`training=False`: `predict`, `predict_on_batch`, `evaluate`,
+    `model(x, training=False)`) reuse the standardized kernel computed at the first such call
+    after the kernel last changed, so they run as fast as the folded form (benchmarks/RESULTS.md).
+    Other calls standardize afresh (gradients reach the kernel) and mark the copy stale, as does
+    any assignment to the kernel. Under a stateless call (JAX's compiled functions,
+    `stateless_call`) the kernel values are arguments, not the variable's, so those standardize
+    afresh too. The copy costs one float32 kernel of memory per layer.
     """
 
     def __init__(self, filters, kernel_size, strides=1, padding="valid", dilation_rate=1,
@@ -42,18 +104,43 @@ class WSConv2D(keras.layers.Conv2D):
                          **kwargs)
         self.eps = eps
         self.standardize = standardize
+        self._standardized_cache = None
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.standardize and type(self._kernel) is keras.Variable:
+            self._standardized_cache = _StandardizedKernelCache(self)
 
     def standardized_kernel(self):
         kernel = ops.cast(self.kernel, "float32")
         mean, var = ops.moments(kernel, axes=(0, 1, 2), keepdims=True)
         return (kernel - mean) * ops.rsqrt(var + self.eps)
 
-    def call(self, inputs):
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        # TensorFlow only: `tf.saved_model.save` must reach the cache's variables, which the
+        # functions capture but Keras does not track as weights.
+        children = super()._trackable_children(save_type, **kwargs)
+        if save_type == "savedmodel" and self._standardized_cache is not None:
+            cache = self._standardized_cache
+            children.update(standardized_kernel=cache.kernel.value, standardized_kernel_stale=cache.stale.value)
+        return children
+
+    def _kernel_for(self, training):
+        if not self.standardize:
+            return self.kernel
+        cache = self._standardized_cache
+        if cache is None or in_stateless_scope():
+            return self.standardized_kernel()
+        if training is False:
+            return cache.read()
+        cache.invalidate()  # a training step may update the kernel after this call
+        return self.standardized_kernel()
+
+    def call(self, inputs, training=None):
         if self.explicit_padding:
             p = self.explicit_padding
             inputs = ops.pad(inputs, ((0, 0), (p, p), (p, p), (0, 0)))
-        kernel = self.standardized_kernel() if self.standardize else self.kernel
-        return self.convolution_op(inputs, ops.cast(kernel, self.compute_dtype))
+        return self.convolution_op(inputs, ops.cast(self._kernel_for(training), self.compute_dtype))
 
     def compute_output_shape(self, input_shape):
         p = 2 * self.explicit_padding
@@ -103,10 +190,17 @@ class GroupNormActivation(keras.layers.Layer):
         # Statistics per channel over the contiguous spatial axis first (TF's CPU reductions of
         # a strided (N, HW, G, C/G) view are several times slower), then per group by the law of
         # total variance: mean of channel variances + variance of channel means. Each step is
-        # two-pass, so this is as accurate as reducing the group directly.
+        # two-pass, so this is as accurate as reducing the group directly. The batch size is
+        # left to reshape (-1): a graph that read it (SHAPE) would put a float op into
+        # full-int8 TFLite, whose spatial size is fixed.
         channels = self.gamma.shape[0]
         per_group = channels // self.groups
-        x = ops.reshape(ops.cast(inputs, "float32"), (ops.shape(inputs)[0], -1, channels))
+        height, width = inputs.shape[1:3]
+        if height is None or width is None:  # a graph for any image size reads it at run time
+            spatial = ops.shape(inputs)[1] * ops.shape(inputs)[2]
+        else:
+            spatial = height * width
+        x = ops.reshape(ops.cast(inputs, "float32"), (-1, spatial, channels))
         channel_mean = ops.mean(x, axis=1, keepdims=True)  # (N, 1, C)
         channel_var = ops.mean(_squared(x - channel_mean), axis=1)  # (N, C)
         channel_mean = ops.reshape(channel_mean, (-1, self.groups, per_group))
@@ -147,7 +241,10 @@ class StemMaxPool(keras.layers.Layer):
 
     def _same_pad(self, size):
         k, s = self.pool_size, self.strides
-        total = ops.maximum((-(-size // s) - 1) * s + k - size, 0)
+        total = (-(-size // s) - 1) * s + k - size
+        # Python ints for static sizes (always under JAX, whose jit needs concrete pad widths);
+        # a tensor only for a size unknown until run time in a TF graph.
+        total = max(total, 0) if isinstance(total, int) else ops.maximum(total, 0)
         return total // 2, total - total // 2
 
     def call(self, inputs):

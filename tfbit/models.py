@@ -284,9 +284,10 @@ def copy_weights(donor, target, skip=(), weights_of=None):
 def fold_weight_standardization(model):
     """The same model in inference form: kernels standardized once, plain convs at run time.
 
-    The result computes the same function as `model` (to float32 rounding) without the per-call
-    standardization; it is what exports and fast inference use. Training it would train the
-    standardized kernels directly, so fine-tune the original model instead.
+    The result computes the same function as `model` (to float32 rounding) with plain kernels:
+    what exports use. `model` itself infers as fast (its WSConv2D layers cache their standardized
+    kernels between weight changes) but holds each kernel twice. Training the result would train
+    the standardized kernels directly, so fine-tune the original model instead.
     """
     if not model.standardize_weights:
         return model

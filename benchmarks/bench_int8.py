@@ -1,0 +1,266 @@
+"""Mobile int8 on a realistic R50x1: speed, fidelity and integer-only graphs of every TFLite
+variant, next to onnxruntime running transformers' model in fp32 and static int8.
+
+    python benchmarks/bench_int8.py [--repeats N] [--calibration 2 8 16 32] [--views 4]
+    python -m benchmarks.bench_int8 ...        (the same, from the repository root)
+
+The model is benchmarks/realistic_model.py's full-size R50x1 (a head fitted so that each shipped
+photo is a class of its own; built and cached on first use, ~2 min). Three subprocesses:
+
+1. tflite (TensorFlow): tfbit loads the checkpoint, `conversion.export` writes fp32, fp16,
+   dynamic-range int8 and full int8 (calibrated on N mirrored photos, as `conversion.convert`
+   does, for each N of --calibration), plus full int8 in the 16x8 mode (int16 activations) as
+   the alternative; the float model's logits are the reference (it equals transformers within
+   the project's 1e-4 contract, tests/test_parity_hf.py).
+2. onnx (PyTorch): transformers loads the same checkpoint, exports ONNX (opset 17), and
+   onnxruntime's static quantization (QDQ, per-channel weights) calibrates on the same images.
+3. measure (neither framework): every file runs on the evaluation set — the 32 photos and
+   --views augmented views of each (crop, flip, brightness/contrast; not the views the head was
+   fitted on) — for top-1 agreement with the reference, max |delta logits| in units of the
+   logits' per-image spread, and accuracy (the class of a view is its photo); then batch-1
+   latency, interleaved over the systems --repeats times, 2 threads each (LiteRT with
+   XNNPACK, onnxruntime intra-op 2).
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import THREADS, TORCH_ENV, cpu_model, emit, median, run_child, setup_tf, setup_torch, table, versions  # noqa: E402
+
+DEFAULT_CALIBRATION = 16  # conversion.convert's --calibration-images default
+EVAL_SEED = 1000          # realistic_model fits its head on views drawn with seed 0
+
+
+def _inputs(workdir):
+    return {k: np.load(os.path.join(workdir, f"{k}.npy")) for k in ("eval", "labels", "reference")}
+
+
+def _calibration(processor, count):
+    """What `conversion.convert` calibrates on for photos: mirrored photos, spread over the set."""
+    from conversion import images as real
+    photos = real.photo_images().images
+    return processor(real.mirrored(real.spread(photos, count)))
+
+
+def child_tflite(args):
+    """Stage 1: the evaluation set, the float reference and every TFLite file."""
+    tf = setup_tf()
+    import tfbit
+    from benchmarks import realistic_model
+    from conversion import export, images as real, tflite_graph
+    from tfbit.image_processor import BitImageProcessor
+
+    path = realistic_model.realistic_checkpoint(log=lambda m: print(m, file=sys.stderr))
+    model, checkpoint = tfbit.load_model(path, task="classification")
+    processor = BitImageProcessor.from_dict(checkpoint.preprocessor)
+    photos = real.photo_images().images
+    rng = np.random.RandomState(EVAL_SEED)
+    views = [realistic_model._augment(p, rng) for p in photos for _ in range(args.views)]
+    labels = list(range(len(photos))) + [i for i in range(len(photos)) for _ in range(args.views)]
+    pixels = processor(photos + views)
+    inference = export.float32_inference_model(model)
+    reference = inference.predict(pixels, batch_size=16, verbose=0)
+    np.save(os.path.join(args.workdir, "eval.npy"), pixels)
+    np.save(os.path.join(args.workdir, "labels.npy"), np.asarray(labels))
+    np.save(os.path.join(args.workdir, "reference.npy"), reference)
+    size = tuple(pixels.shape[1:3])
+
+    files, seconds = {}, {}
+
+    def write(name, flatbuffer, started):
+        seconds[name] = time.perf_counter() - started
+        files[name] = os.path.join(args.workdir, f"{name}.tflite")
+        with open(files[name], "wb") as f:
+            f.write(flatbuffer)
+
+    for calibration in sorted(set(args.calibration) | {DEFAULT_CALIBRATION}):
+        started = time.perf_counter()
+        quantizations = ("fp32", "fp16", "dynamic_int8", "int8") if calibration == DEFAULT_CALIBRATION else ("int8",)
+        for q, flatbuffer in export.tflite_models(inference, "classification", size, quantizations,
+                                                   _calibration(processor, calibration)).items():
+            if isinstance(flatbuffer, Exception):
+                print(f"{q} (calibration {calibration}) failed: {flatbuffer}", file=sys.stderr)
+                continue
+            write(q if calibration == DEFAULT_CALIBRATION or q != "int8" else f"int8_cal{calibration}",
+                  flatbuffer, started)
+
+    # The alternative the issue names: int16 activations (statistics kept finer), int8 weights.
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as graph_dir:
+        spec = tf.TensorSpec([None, *size, 3], tf.float32, name="pixel_values")
+        logits = lambda x: {"logits": inference(x, training=False)}
+        graph = export._save(inference, os.path.join(graph_dir, "graph"), {"serving_default": (logits, spec)})
+        converter = export._configure(export._converter(graph), "int8",
+                                      _calibration(processor, DEFAULT_CALIBRATION))
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        try:
+            write("int16x8", converter.convert(), started)
+        except Exception as e:  # a failed alternative is a result, not a crash
+            print(f"int16x8 failed: {e}", file=sys.stderr)
+
+    emit({"files": files, "seconds": seconds,
+          "float_ops": {name: len(tflite_graph.float_ops(open(p, "rb").read())) for name, p in files.items()},
+          "sizes_mb": {name: os.path.getsize(p) / 2**20 for name, p in files.items()}})
+
+
+def child_onnx(args):
+    """Stage 2: transformers' model from the same checkpoint as ONNX, fp32 and static int8."""
+    import tensorflow  # noqa: F401  loaded before torch: the other order can abort (see README)
+    torch = setup_torch()
+    import onnxruntime.quantization as oq
+    import transformers
+    from benchmarks import realistic_model
+
+    path = realistic_model.realistic_checkpoint(log=lambda m: print(m, file=sys.stderr))
+    model = transformers.BitForImageClassification.from_pretrained(path).eval()
+    fp32 = os.path.join(args.workdir, "hf_fp32.onnx")
+    torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), fp32, input_names=["pixel_values"],
+                      output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}}, opset_version=17,
+                      dynamo=False)
+    processor = transformers.AutoImageProcessor.from_pretrained(path)
+    from conversion import images as real
+    photos = real.photo_images().images
+    calibration = processor(real.mirrored(real.spread(photos, DEFAULT_CALIBRATION)), return_tensors="np")["pixel_values"]
+
+    class Reader(oq.CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"pixel_values": x[None]} for x in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    prepared = os.path.join(args.workdir, "hf_fp32_prepared.onnx")
+    oq.quant_pre_process(fp32, prepared)
+    int8 = os.path.join(args.workdir, "hf_int8.onnx")
+    started = time.perf_counter()
+    oq.quantize_static(prepared, int8, Reader(), quant_format=oq.QuantFormat.QDQ, per_channel=True,
+                       activation_type=oq.QuantType.QInt8, weight_type=oq.QuantType.QInt8)
+    emit({"files": {"onnxruntime_fp32": fp32, "onnxruntime_int8": int8},
+          "seconds": {"onnxruntime_int8": time.perf_counter() - started}})
+
+
+def _runner(path):
+    """fn(NHWC float32 batch) -> logits, for a .tflite or .onnx file."""
+    if path.endswith(".onnx"):
+        import onnxruntime
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        run = lambda x: session.run(None, {"pixel_values": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})[0]
+    else:
+        from ai_edge_litert.interpreter import Interpreter
+        interpreter = Interpreter(model_path=path, num_threads=THREADS)
+        interpreter.allocate_tensors()
+        inp, out = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
+
+        def run(x):
+            if tuple(interpreter.get_input_details()[0]["shape"]) != x.shape:
+                interpreter.resize_tensor_input(inp, x.shape)
+                interpreter.allocate_tensors()
+            interpreter.set_tensor(inp, x)
+            interpreter.invoke()
+            return interpreter.get_tensor(out)
+    return run
+
+
+def child_measure(args):
+    """Stage 3: fidelity on the evaluation set, then interleaved batch-1 latency."""
+    data = _inputs(args.workdir)
+    files = json.loads(args.files)
+    reference, labels, x = data["reference"], data["labels"], data["eval"]
+    spread = float(np.mean(reference.max(1) - reference.min(1)))
+    runs = {name: _runner(path) for name, path in files.items()}
+    fidelity = {"reference": {"accuracy": float(np.mean(reference.argmax(1) == labels)), "spread": spread}}
+    for name, run in runs.items():
+        logits = np.concatenate([run(x[i:i + 16]) for i in range(0, len(x), 16)])
+        delta = float(np.abs(logits - reference).max())
+        fidelity[name] = {"agreement": float(np.mean(logits.argmax(1) == reference.argmax(1))),
+                          "accuracy": float(np.mean(logits.argmax(1) == labels)),
+                          "max_abs_diff": delta, "per_spread": delta / spread}
+    one = x[:1]
+    for run in runs.values():  # XNNPACK packing, allocator warm-up
+        run(one), run(one)
+    latency = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(args.repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            n, start = 0, time.perf_counter()
+            while n < 3 or time.perf_counter() - start < 1.0:
+                runs[name](one)
+                n += 1
+            latency[name].append((time.perf_counter() - start) / n * 1000)
+    emit({"fidelity": fidelity, "latency_ms": latency, "images": len(x)})
+
+
+def ratio(latency, name, other):
+    """Median of per-repeat speed ratios name/other (samples taken moments apart)."""
+    return median([b / a for a, b in zip(latency[name], latency[other])])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved latency samples per system")
+    parser.add_argument("--calibration", type=int, nargs="+", default=[2, 8, 32],
+                        help=f"calibration set sizes for full int8 besides the default {DEFAULT_CALIBRATION}")
+    parser.add_argument("--views", type=int, default=4, help="augmented views per photo in the evaluation set")
+    parser.add_argument("--workdir", help="keep the files here")
+    parser.add_argument("--child", choices=["tflite", "onnx", "measure"], help=argparse.SUPPRESS)
+    parser.add_argument("--files", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return {"tflite": child_tflite, "onnx": child_onnx, "measure": child_measure}[args.child](args)
+
+    started = time.perf_counter()
+    print(f"# bench_int8  {time.strftime('%Y-%m-%d %H:%M')}  CPU: {cpu_model()}, {os.cpu_count()} cores, "
+          f"{THREADS} threads per system\n# {json.dumps(versions())}", flush=True)
+    scratch = None if args.workdir else tempfile.TemporaryDirectory(prefix="tfbit_int8_")
+    workdir = args.workdir or scratch.name
+    os.makedirs(workdir, exist_ok=True)
+    common = ["--workdir", workdir, "--views", str(args.views)]
+    tflite = run_child([__file__, "--child", "tflite", "--calibration", *map(str, args.calibration), *common])
+    if "error" in tflite:
+        sys.exit(f"tflite stage failed: {tflite['error']}")
+    onnx = run_child([__file__, "--child", "onnx", *common], TORCH_ENV)
+    if "error" in onnx:
+        print(f"onnx stage failed (the onnxruntime rows are missing; `make bench` installs it): {onnx['error']}")
+        onnx = {"files": {}, "seconds": {}}
+    files = {**tflite["files"], **onnx["files"]}
+    out = run_child([__file__, "--child", "measure", "--files", json.dumps(files), *common])
+    if "error" in out:
+        sys.exit(f"measure stage failed: {out['error']}")
+
+    fidelity, latency = out["fidelity"], out["latency_ms"]
+    ref = fidelity["reference"]
+    print(f"\n## Realistic R50x1, 224x224: {out['images']} images (32 photos + {args.views} views each); "
+          f"float reference accuracy {ref['accuracy']:.1%}, mean logit spread {ref['spread']:.2f}")
+    rows = []
+    for name in files:
+        f, lat = fidelity[name], latency[name]
+        rows.append([name, f"{median(lat):.1f}",
+                     f"{ratio(latency, name, 'fp32'):.2f}" if "fp32" in latency else "–",
+                     f"{ratio(latency, name, 'onnxruntime_int8'):.2f}" if "onnxruntime_int8" in latency else "–",
+                     f"{f['agreement']:.1%}", f"{f['accuracy']:.1%}", f"{f['max_abs_diff']:.2f}",
+                     f"{f['per_spread']:.3f}", str(tflite["float_ops"].get(name, "–")),
+                     f"{tflite['sizes_mb'][name]:.1f}" if name in tflite["sizes_mb"] else "–",
+                     f"{(tflite['seconds'].get(name) or onnx['seconds'].get(name) or float('nan')):.0f}"])
+    print(table(["system", "b1 ms", "× TFLite fp32", "× ORT int8", "top-1 agreement", "accuracy", "max |Δ|",
+                 "|Δ| / spread", "float ops", "MB", "convert s"], rows))
+    print("\n(× columns: speed ratios, median of interleaved samples; convert s for the default-calibration"
+          " TFLite row is the time of all four variants together)")
+    print("# raw " + json.dumps({"tflite": tflite, "onnx": onnx, "measure": out}))
+    print(f"\n# total {time.perf_counter() - started:.0f} s" + ("" if scratch else f"; files in {workdir}"))
+    if scratch:
+        scratch.cleanup()
+
+
+if __name__ == "__main__":
+    main()
