@@ -23,8 +23,8 @@ import numpy as np
 
 if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (NUM_CLASSES, THREADS, TORCH_ENV, Worker, cpu_model, images, interleave,  # noqa: E402
-                               median, serve, table, versions)
+from benchmarks.common import (NUM_CLASSES, THREADS, TORCH_ENV, Worker, cpu_model, fit_step_times, images,  # noqa: E402
+                               interleave, median, serve, table, versions)
 
 BACKENDS = ("tensorflow", "jax", "torch")
 ANCHOR = "tensorflow"
@@ -64,20 +64,7 @@ def trainer(args):
     labels = np.random.RandomState(0).randint(0, NUM_CLASSES, 2 * args.batch)
     data = tf.data.Dataset.from_tensor_slices((images(2 * args.batch, args.size), labels))
     data = data.batch(args.batch, drop_remainder=True).repeat()
-
-    class StepTimer(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.times.append(time.perf_counter() - self.start)
-
-    timer = StepTimer()
-
-    def run(k):
-        timer.times = []
-        model.fit(data, steps_per_epoch=k, epochs=1, verbose=0, callbacks=[timer])
-        return timer.times
+    run = fit_step_times(model, data)
     return run, {"max_delta": delta, "tolerance": tolerance, "backend": keras.backend.backend()}
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (NUM_CLASSES, THREADS, TORCH_ENV, Worker, cpu_model, emit, images,  # noqa: E402
+from benchmarks.common import (NUM_CLASSES, THREADS, TORCH_ENV, Worker, cpu_model, emit, fit_step_times, images,  # noqa: E402
                                interleave, median, op_profile, report_profile, run_child, serve, setup_tf,
                                setup_torch, table, use_previous_groupnorm, versions)
 
@@ -63,21 +63,7 @@ def tfbit_trainer(name, size):
                   jit_compile=name.endswith("_xla"))
     data = tf.data.Dataset.from_tensor_slices((images(2 * BATCH, size), labels(2 * BATCH)))
     data = data.batch(BATCH, drop_remainder=True).repeat()
-
-    class StepTimer(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.times.append(time.perf_counter() - self.start)
-
-    timer = StepTimer()
-
-    def run(k):
-        timer.times = []
-        model.fit(data, steps_per_epoch=k, epochs=1, verbose=0, callbacks=[timer])
-        return timer.times
-    return run
+    return fit_step_times(model, data)
 
 
 def torch_trainer(size):

@@ -56,6 +56,26 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def fit_step_times(model, data):
+    """run(k) -> the seconds of each of k `model.fit` steps on `data` (a repeating dataset)."""
+    import keras
+
+    class StepTimer(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = StepTimer()
+
+    def run(k):
+        timer.times = []
+        model.fit(data, steps_per_epoch=k, epochs=1, verbose=0, callbacks=[timer])
+        return timer.times
+    return run
+
+
 # ---- subprocesses -----------------------------------------------------------------------------
 
 def emit(result):

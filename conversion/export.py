@@ -189,8 +189,11 @@ def tflite_models(model, task, image_size, quantizations, representative_images=
     and normalized inside as the processor does (`representative_images` are then raw uint8
     crops too); outputs `logits` (classification), `features`, or one tensor per backbone stage.
     The graph is saved once (raw input with full int8: twice, see `int8_graph`); the float
-    variants share one converter while full int8 converts in parallel, in a child process that also runs the result once: a full int8 that cannot be
-    produced or run is returned as a `VariantError` in place of its bytes.
+    variants share one converter while full int8 converts in parallel, in a child process that
+    also runs the result once: a full int8 that cannot be produced or run is returned as a
+    `VariantError` in place of its bytes. `model` is the folded inference model
+    (`float32_inference_model`): an unfolded one computes its kernels at run time, which full
+    int8 cannot quantize as weights.
     """
     unknown = [q for q in quantizations if q not in TFLITE_QUANTIZATIONS]
     if unknown:
