@@ -113,7 +113,11 @@ def test_inside_a_functional_model_saved_and_reloaded_in_a_fresh_process(tmp_pat
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["pil", "56"]
-    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
+    # Another process may pick other convolution kernels (the oneDNN switch and thread count
+    # come from the environment it inherits, which earlier tests' CLIs set): float32 rounding
+    # differences only (1.2e-7 seen in a full-suite run).
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0,
+                               atol=1e-6 * max(1.0, float(np.abs(expected).max())))
 
 
 def test_config_is_complete():
