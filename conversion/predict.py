@@ -61,7 +61,8 @@ def _images_in(folder):
 
 
 def expand_paths(paths):
-    """Image files named by `paths`: files as given, folders recursively, glob patterns."""
+    """Image files named by `paths`: files as given, folders recursively, glob patterns; each
+    file once, in the order first named (a folder and a glob inside it may overlap)."""
     found = []
     for path in paths:
         if os.path.isdir(path):
@@ -72,7 +73,7 @@ def expand_paths(paths):
             found += sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
         else:
             found.append(path)  # reported as unreadable with the others
-    return found
+    return list(dict.fromkeys(os.path.normpath(p) for p in found))
 
 
 def labelled_paths(roots, labels):
