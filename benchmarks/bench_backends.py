@@ -23,8 +23,8 @@ import numpy as np
 
 if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (NUM_CLASSES, THREADS, TORCH_ENV, Worker, cpu_model, fit_step_times, images,  # noqa: E402
-                               interleave, median, serve, table, versions)
+from benchmarks.common import (NUM_CLASSES, THREADS, TORCH_ENV, Worker, fit_step_times, images,  # noqa: E402
+                               interleave, median, serve, table, header)
 
 BACKENDS = ("tensorflow", "jax", "torch")
 ANCHOR = "tensorflow"
@@ -87,8 +87,7 @@ def main():
     if args.serve:
         return serve_backend(args)
     started = time.perf_counter()
-    print(f"# bench_backends  {time.strftime('%Y-%m-%d %H:%M')}  CPU: {cpu_model()}, {os.cpu_count()} cores, "
-          f"{THREADS} threads per backend; R50x1 fit at {args.size}², batch {args.batch}\n# {versions()}",
+    print(header("bench_backends", f"{THREADS} threads per backend; R50x1 fit at {args.size}², batch {args.batch}"),
           flush=True)
     options = ["--size", str(args.size), "--batch", str(args.batch)]
     workers = [Worker(__file__, b, options, {"KERAS_BACKEND": b, **(TORCH_ENV if b == "torch" else {})})

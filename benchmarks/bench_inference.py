@@ -23,10 +23,10 @@ import numpy as np
 
 if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (NUM_CLASSES, ROOT, SIZE, THREADS, TORCH_ENV, Worker, cpu_model, emit,  # noqa: E402
+from benchmarks.common import (NUM_CLASSES, ROOT, SIZE, THREADS, TORCH_ENV, Worker, emit,  # noqa: E402
                                images, interleave, median, op_profile, peak_rss_mb, previous_groupnorm_call,
                                report_profile, run_child, serve, setup_tf, setup_torch, table,
-                               use_previous_groupnorm, versions)
+                               use_previous_groupnorm, header)
 
 CALIBRATION_IMAGES = 16  # `conversion.convert`'s default
 
@@ -578,8 +578,7 @@ def main():
         args.repeats, args.batches = min(args.repeats, 2), [1]
     groups = QUICK_GROUPS if args.quick else [SYSTEM_GROUPS[i - 1] for i in args.groups or range(1, len(SYSTEM_GROUPS) + 1)]
     started = time.perf_counter()
-    print(f"# bench_inference  {time.strftime('%Y-%m-%d %H:%M')}  CPU: {cpu_model()}, {os.cpu_count()} cores, "
-          f"{THREADS} threads per system\n# {json.dumps(versions())}", flush=True)
+    print(header("bench_inference", f"{THREADS} threads per system"), flush=True)
     # Artifacts (~400 MB) are deleted at exit unless --workdir keeps them for a later --parts run.
     scratch = None if args.workdir else tempfile.TemporaryDirectory(prefix="tfbit_bench_")
     workdir = args.workdir or scratch.name

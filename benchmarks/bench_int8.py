@@ -33,7 +33,7 @@ import numpy as np
 
 if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import THREADS, TORCH_ENV, cpu_model, emit, median, run_child, setup_tf, setup_torch, table, versions  # noqa: E402
+from benchmarks.common import THREADS, TORCH_ENV, emit, median, run_child, setup_tf, setup_torch, table, header  # noqa: E402
 
 DEFAULT_CALIBRATION = 16  # conversion.convert's --calibration-images default
 EVAL_SEED = 1000          # realistic_model fits its head on views drawn with seed 0
@@ -43,11 +43,11 @@ def _inputs(workdir):
     return {k: np.load(os.path.join(workdir, f"{k}.npy")) for k in ("eval", "labels", "reference")}
 
 
-def _calibration(processor, count):
-    """What `conversion.convert` calibrates on for photos: mirrored photos, spread over the set."""
+def _calibration_photos(count):
+    """What `conversion.convert` calibrates on for photos: mirrored photos, spread over the set
+    (PIL images, for either framework's processor)."""
     from conversion import images as real
-    photos = real.photo_images().images
-    return processor(real.mirrored(real.spread(photos, count)))
+    return real.mirrored(real.spread(real.photo_images().images, count))
 
 
 def child_tflite(args):
@@ -85,7 +85,7 @@ def child_tflite(args):
         started = time.perf_counter()
         quantizations = ("fp32", "fp16", "dynamic_int8", "int8") if calibration == DEFAULT_CALIBRATION else ("int8",)
         for q, flatbuffer in export.tflite_models(inference, "classification", size, quantizations,
-                                                   _calibration(processor, calibration)).items():
+                                                   processor(_calibration_photos(calibration))).items():
             if isinstance(flatbuffer, Exception):
                 print(f"{q} (calibration {calibration}) failed: {flatbuffer}", file=sys.stderr)
                 continue
@@ -99,7 +99,7 @@ def child_tflite(args):
         logits = lambda x: {"logits": inference(x, training=False)}
         graph = export._save(inference, os.path.join(graph_dir, "graph"), {"serving_default": (logits, spec)})
         converter = export._configure(export._converter(graph), "int8",
-                                      _calibration(processor, DEFAULT_CALIBRATION))
+                                      processor(_calibration_photos(DEFAULT_CALIBRATION)))
         converter.target_spec.supported_ops = [
             tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
         try:
@@ -127,9 +127,7 @@ def child_onnx(args):
                       output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}}, opset_version=17,
                       dynamo=False)
     processor = transformers.AutoImageProcessor.from_pretrained(path)
-    from conversion import images as real
-    photos = real.photo_images().images
-    calibration = processor(real.mirrored(real.spread(photos, DEFAULT_CALIBRATION)), return_tensors="np")["pixel_values"]
+    calibration = processor(_calibration_photos(DEFAULT_CALIBRATION), return_tensors="np")["pixel_values"]
 
     class Reader(oq.CalibrationDataReader):
         def __init__(self):
@@ -220,8 +218,7 @@ def main():
         return {"tflite": child_tflite, "onnx": child_onnx, "measure": child_measure}[args.child](args)
 
     started = time.perf_counter()
-    print(f"# bench_int8  {time.strftime('%Y-%m-%d %H:%M')}  CPU: {cpu_model()}, {os.cpu_count()} cores, "
-          f"{THREADS} threads per system\n# {json.dumps(versions())}", flush=True)
+    print(header("bench_int8", f"{THREADS} threads per system"), flush=True)
     scratch = None if args.workdir else tempfile.TemporaryDirectory(prefix="tfbit_int8_")
     workdir = args.workdir or scratch.name
     os.makedirs(workdir, exist_ok=True)

@@ -21,9 +21,9 @@ import numpy as np
 
 if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (NUM_CLASSES, THREADS, TORCH_ENV, Worker, cpu_model, emit, fit_step_times, images,  # noqa: E402
+from benchmarks.common import (NUM_CLASSES, THREADS, TORCH_ENV, Worker, emit, fit_step_times, images,  # noqa: E402
                                interleave, median, op_profile, report_profile, run_child, serve, setup_tf,
-                               setup_torch, table, use_previous_groupnorm, versions)
+                               setup_torch, table, use_previous_groupnorm, header)
 
 BATCH = 16
 LEARNING_RATE = 0.01
@@ -170,8 +170,7 @@ def main():
         args.sizes, args.repeats, args.steps = [128], 2, 2
         args.systems = [n for n in args.systems if n in ("tfbit_fit", ANCHOR)]
     started = time.perf_counter()
-    print(f"# bench_training  {time.strftime('%Y-%m-%d %H:%M')}  CPU: {cpu_model()}, {os.cpu_count()} cores, "
-          f"{THREADS} threads per system, batch {BATCH}\n# {versions()}", flush=True)
+    print(header("bench_training", f"{THREADS} threads per system, batch {BATCH}"), flush=True)
     if "throughput" in args.parts:
         run_throughput(args)
     if "profile" in args.parts:

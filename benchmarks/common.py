@@ -221,6 +221,12 @@ def versions():
     return run_child(["-c", code])
 
 
+def header(script, detail):
+    """The first lines of a benchmark's output: what ran, when, where, with which versions."""
+    return (f"# {script}  {time.strftime('%Y-%m-%d %H:%M')}  CPU: {cpu_model()}, {os.cpu_count()} cores, "
+            f"{detail}\n# {json.dumps(versions())}")
+
+
 def cpu_model():
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
