@@ -28,7 +28,7 @@ from conversion import cli, environment
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 
 
-def _export_root(artifact):
+def export_root(artifact):
     """The export directory holding config.json for any artifact inside it."""
     path = os.path.abspath(artifact)
     for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path)),
@@ -38,7 +38,7 @@ def _export_root(artifact):
     raise FileNotFoundError(f"no config.json found beside {artifact}: is it inside a tfbit export?")
 
 
-def _resolve(artifact):
+def resolve_artifact(artifact):
     from conversion.publish import next_serving_version
     if not os.path.exists(artifact):
         raise FileNotFoundError(f"no artifact at {artifact}")
@@ -108,11 +108,11 @@ class Classifier:
         from conversion import runners
         from tfbit.config import BitConfig
         from tfbit.image_processor import BitImageProcessor
-        self.path = path = _resolve(artifact)
+        self.path = path = resolve_artifact(artifact)
         if xla and not path.endswith(".keras"):
             raise ValueError(f"--xla compiles .keras models only; {path} is a "
                              f"{'TFLite file' if path.endswith('.tflite') else 'SavedModel'}")
-        root = _export_root(path)
+        root = export_root(path)
         self.labels = BitConfig.from_pretrained(root).id2label
         if path.endswith(".keras"):
             self.run = runners.keras_runner(path, jit_compile=xla)
@@ -161,7 +161,7 @@ class Classifier:
         except tf.errors.InvalidArgumentError as e:
             if len(inputs) > 1:
                 return [out for x, p in zip(inputs, paths) for out in self._run([x], [p])]
-            return [(None, f"cannot read {paths[0]} as an image: {_decoder_message(e.message)}")]
+            return [(None, f"cannot read {paths[0]} as an image: {decoder_message(e.message)}")]
 
     def _output(self, outputs):
         if "logits" not in outputs:  # a features or backbone export
@@ -169,7 +169,7 @@ class Classifier:
         return outputs["logits"]
 
 
-def _decoder_message(message):
+def decoder_message(message):
     """The serving decoder's reason ("could not decode image: ...") out of TensorFlow's report."""
     found = re.search(r"tfbit: image \d+ of the batch: ([^\]]*)\]", message)
     return found.group(1) if found else message.strip().splitlines()[0]

@@ -77,6 +77,16 @@ class _StandardizedKernelCache:
         return ops.cond(stale, refresh, lambda: ops.convert_to_tensor(self.kernel))
 
 
+def _in_strategy_replica():
+    """Whether this runs in a `tf.distribute` strategy's replica function (Keras `evaluate` under
+    a strategy), where the cache's assignments would synchronize replicas inside a `cond`,
+    which TensorFlow refuses (a `merge_call` in a control-flow branch)."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+    return tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
+
+
 @_register
 class WSConv2D(keras.layers.Conv2D):
     """Conv2D with weight standardization (per output filter, biased variance), no bias.
@@ -92,7 +102,8 @@ class WSConv2D(keras.layers.Conv2D):
     Other calls standardize afresh (gradients reach the kernel) and mark the copy stale, as does
     any assignment to the kernel. Under a stateless call (JAX's compiled functions,
     `stateless_call`) the kernel values are arguments, not the variable's, so those standardize
-    afresh too. The copy costs one float32 kernel of memory per layer.
+    afresh too, as do calls inside a `tf.distribute` strategy's replicas (validation during a
+    distributed `fit`). The copy costs one float32 kernel of memory per layer.
     """
 
     def __init__(self, filters, kernel_size, strides=1, padding="valid", dilation_rate=1,
@@ -129,7 +140,7 @@ class WSConv2D(keras.layers.Conv2D):
         if not self.standardize:
             return self.kernel
         cache = self._standardized_cache
-        if cache is None or in_stateless_scope():
+        if cache is None or in_stateless_scope() or _in_strategy_replica():
             return self.standardized_kernel()
         if training is False:
             return cache.read()

@@ -11,6 +11,7 @@ import keras
 
 from tfbit.config import BitConfig
 from tfbit.layers import DropPath, GroupNormActivation, StemMaxPool, WSConv2D, conv_padding
+from tfbit.multi_worker import MultiWorkerFit
 
 GN_EPS = 1e-5  # GroupNorm eps of every BiT implementation
 
@@ -113,8 +114,9 @@ def _as_config(config):
     return BitConfig.from_dict(config) if isinstance(config, dict) else config or BitConfig()
 
 
-class _BitBase(keras.Model):
-    """Shared construction protocol: a functional model built from a `BitConfig`.
+class _BitBase(MultiWorkerFit, keras.Model):
+    """Shared construction protocol: a functional model built from a `BitConfig`; trains with
+    `fit` under any strategy, multi-worker included (`tfbit.multi_worker`).
 
     `standardize_weights=False` builds the inference form: its conv kernels hold already
     standardized weights (see `fold_weight_standardization`), so no call recomputes them.

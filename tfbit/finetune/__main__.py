@@ -50,8 +50,10 @@ def main(argv=None):
                         help="no random left-right flips (for classes that mirroring changes)")
     parser.add_argument("--freeze-backbone", action="store_true", help="train the new head only")
     parser.add_argument("--mixed-precision", choices=("mixed_float16", "mixed_bfloat16"))
-    parser.add_argument("--distribute", choices=("none", "mirrored"), default="none",
-                        help="mirrored: tf.distribute.MirroredStrategy over all local devices")
+    parser.add_argument("--distribute", choices=("none", "mirrored", "multi_worker"), default="none",
+                        help="mirrored: tf.distribute.MirroredStrategy over all local devices; multi_worker: "
+                             "MultiWorkerMirroredStrategy over the cluster in TF_CONFIG, the same command on "
+                             "every worker (README 'Scaling out')")
     parser.add_argument("--export", nargs="*", choices=("keras", "saved_model", "tflite"),
                         help="also convert the best checkpoint (into OUTPUT/export)")
     parser.add_argument("--save-pretrained", action="store_true",
@@ -71,12 +73,9 @@ def main(argv=None):
                                        resize_size=args.resize_size, mixup_alpha=args.mixup_alpha).items()
                  if v is not None}
     try:
+        strategy = _strategy(args.distribute)  # before the data: collectives start with TensorFlow's runtime
         train = _dataset(args.data, args.data_dir, args.download)
         validation = _dataset(args.validation, args.data_dir, args.download) if args.validation else None
-        strategy = None
-        if args.distribute == "mirrored":
-            import tensorflow as tf
-            strategy = tf.distribute.MirroredStrategy()
         result = finetune(args.source, train, args.output, validation, batch_size=args.batch_size,
                           epochs=args.epochs, steps=args.steps, plan_overrides=overrides,
                           freeze_backbone=args.freeze_backbone, strategy=strategy,
@@ -85,6 +84,16 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if args.distribute != "multi_worker" or not _is_op_error(e):
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: distributed training stopped ({type(e).__name__}: {reason} ...). When every worker "
+              "can run again, the same command on each resumes from the last backup", file=sys.stderr)
+        return 1
+    if result.output_dir is None:
+        print("training done; the chief writes the outputs")
+        return 0
     print(f"best checkpoint: {os.path.join(args.output, 'best.keras')}")
     if args.save_pretrained:
         print("transformers checkpoint:", result.model.save_pretrained(
@@ -94,6 +103,21 @@ def main(argv=None):
     if args.export is not None:
         return _export(args)
     return 0
+
+
+def _strategy(name):
+    if name == "mirrored":
+        import tensorflow as tf
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        from tfbit.finetune.workers import multi_worker_strategy
+        return multi_worker_strategy()
+    return None
+
+
+def _is_op_error(error):
+    import tensorflow as tf
+    return isinstance(error, tf.errors.OpError)
 
 
 def _plain_warnings(category):

@@ -116,6 +116,12 @@ class ImageDataset:
 
         return dataclasses.replace(self, class_names=class_names, decode=decode)
 
+    def shard(self, num_shards: int, index: int) -> ImageDataset:
+        """Every `num_shards`-th example from the `index`-th on: one worker's part of the data."""
+        count = len(range(index, self.num_examples, num_shards))
+        paths = None if self.paths is None else self.paths[index::num_shards]
+        return dataclasses.replace(self, source=self.source.shard(num_shards, index), num_examples=count, paths=paths)
+
     def verify(self) -> np.ndarray:
         """Decodes every example once, as training does, and returns their (h, w) sizes.
 

@@ -4,7 +4,7 @@ Writes into `output_dir`: `best.keras` (best checkpoint), `metrics.json`, `train
 (loss and learning rate per step, accuracy per epoch), `config.json` +
 `preprocessor_config.json` (so the result converts like any checkpoint), and `backup/` while
 training (removed when training completes; rerunning the same command after a crash resumes
-from it).
+from it). Under a multi-worker strategy only the chief writes these (`workers`).
 """
 
 import contextlib
@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import os
+import shutil
 import sys
 import warnings
 
@@ -23,6 +24,7 @@ import tensorflow as tf
 from tfbit.finetune.data import Normalize, PipelineOptions, make_pipeline
 from tfbit.finetune.hyperrule import hyperrule_plan, learning_shortfall, short_run_plan
 from tfbit.finetune.transfer import with_new_head
+from tfbit.finetune import workers
 
 
 SCHEDULES = ("hyperrule", "short")
@@ -212,7 +214,12 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
         plan_overrides: `HyperRulePlan` fields replacing the rule's (e.g. `base_lr`,
             `mixup_alpha`, `crop_size`), applied before `steps`.
         freeze_backbone: train the new head only.
-        strategy: a `tf.distribute` strategy to train under; default the current one.
+        strategy: a `tf.distribute` strategy to train under; default the current one. Under
+            `MultiWorkerMirroredStrategy` (`workers.multi_worker_strategy()`) every worker
+            calls `finetune` with the same arguments: each trains on its shard of `train`,
+            evaluates all of `validation` (collectives need the same number of batches on
+            every worker), and only the chief writes `output_dir`'s files; the others back up
+            into `output_dir/.worker-<i>` (removed at the end) and return without writing.
         mixed_precision: "mixed_float16" or "mixed_bfloat16" to build the model under that
             dtype policy (weight standardization and logits stay float32).
         preprocess: maps float [0, 255] pixels to model input; default `Normalize()`.
@@ -227,7 +234,8 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
 
     Returns:
         A `FinetuneResult` with the best model, the plan, the Keras history and the metrics
-        written to `metrics.json`.
+        written to `metrics.json`; on a worker that is not the chief, with the last model
+        and `output_dir` None (it writes nothing).
     """
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("epochs", epochs)
@@ -248,7 +256,12 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
             raise ValueError(f"validation data: {e} of the training data") from None
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    os.makedirs(output_dir, exist_ok=True)
+    strategy = strategy or tf.distribute.get_strategy()
+    worker = workers.worker_of(strategy)
+    if train.num_examples < worker.count:
+        raise ValueError(f"{train.num_examples} training examples cannot be shared by {worker.count} workers")
+    scratch = worker.scratch_dir(output_dir)
+    os.makedirs(scratch, exist_ok=True)
     plan = _plan(train, batch_size, steps, schedule, plan_overrides)  # checked before the slow load
     shortfall = learning_shortfall(plan)
     if shortfall:
@@ -256,7 +269,6 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
     steps_per_epoch = math.ceil(plan.total_steps / epochs)
     epochs = math.ceil(plan.total_steps / steps_per_epoch)
     options = PipelineOptions(preprocess=preprocess or Normalize(), random_flip=random_flip, seed=seed)
-    strategy = strategy or tf.distribute.get_strategy()
     previous_policy = keras.config.dtype_policy()
     if mixed_precision:
         keras.config.set_dtype_policy(mixed_precision)
@@ -275,10 +287,19 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
     finally:
         keras.config.set_dtype_policy(previous_policy)
 
-    train_ds = make_pipeline(train, plan, batch_size, training=True, one_hot=one_hot, options=options)
+    def training_pipeline(dataset, batch):
+        return make_pipeline(dataset, plan, batch, training=True, one_hot=one_hot, options=options)
+
+    def evaluation_pipeline(dataset, batch):
+        return make_pipeline(dataset, plan, batch, one_hot=one_hot, options=options)
+
+    train_ds = workers.distribute(strategy, training_pipeline, train, batch_size, shard=True)
     val_ds = None
     if validation is not None:
-        val_ds = make_pipeline(validation, plan, batch_size, one_hot=one_hot, options=options)
+        val_ds = workers.distribute(strategy, evaluation_pipeline, validation, batch_size, shard=False)
+    backup_dir = os.path.join(scratch, "backup")
+    if not worker.is_chief:
+        workers.take_chief_backup(os.path.join(output_dir, "backup"), backup_dir)
     best_path = os.path.join(output_dir, "best.keras")
     monitor = "val_accuracy" if val_ds is not None else "accuracy"
     nan_guard, resume, step_log = _StopOnNonFiniteLoss(), _ResumeLog(), _StepLog()
@@ -286,15 +307,15 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
         # double_checkpoint: a kill while the backup is being written leaves the previous one.
         # Epoch-end backups (written after on_epoch_end) resume at the next epoch; batch-level
         # ones restart the interrupted epoch, which _StopAtStep keeps within the plan.
-        keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup"),
-                                         save_freq=backup_every or "epoch", double_checkpoint=True),
+        keras.callbacks.BackupAndRestore(backup_dir, save_freq=backup_every or "epoch", double_checkpoint=True),
         resume,  # after BackupAndRestore, which restores the step in its on_train_begin
         nan_guard,
         _StopAtStep(plan.total_steps),
         _LearningRateLog(),
         step_log,
-        keras.callbacks.ModelCheckpoint(best_path, monitor=monitor, mode="max", save_best_only=True),
     ]
+    if worker.is_chief:
+        callbacks.append(keras.callbacks.ModelCheckpoint(best_path, monitor=monitor, mode="max", save_best_only=True))
     if verbose == "auto":  # Keras draws its bar with \r and ANSI codes on any Linux stdout, files too
         verbose = 1 if sys.stdout.isatty() or "ipykernel" in sys.modules else 2
     with _naming_undecodable_examples(train, validation):
@@ -303,14 +324,20 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
     if nan_guard.failure:
         raise NonFiniteLossError(f"{nan_guard.failure}; training stopped. Lower the learning rate "
                                  "(plan_overrides={'base_lr': ...}) or check the input data")
-    best = keras.saving.load_model(best_path)
     metrics = {"plan": plan.to_dict(), "steps_per_epoch": steps_per_epoch, "epochs": epochs,
                "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
-               "num_replicas": _num_replicas(strategy), "resumed_from_step": resume.start_step,
+               "num_replicas": _num_replicas(strategy), "num_workers": worker.count,
+               "resumed_from_step": resume.start_step,
                "final_step": int(model.optimizer.iterations.numpy()), "schedule": schedule,
                "total_learning": plan.total_learning(),
                "steps": {"step": step_log.steps, "loss": step_log.losses}}
+    if not worker.is_chief:
+        shutil.rmtree(scratch, ignore_errors=True)
+        return FinetuneResult(model, plan, history.history, metrics, None)
+    best = keras.saving.load_model(best_path)
     if val_ds is not None:
+        # the best model outside the strategy: evaluated here, on the chief's own pipeline
+        val_ds = evaluation_pipeline(validation, batch_size)
         with _naming_undecodable_examples(validation):
             results = best.evaluate(val_ds, verbose=0, return_dict=True)
         metrics["validation"] = {k: float(v) for k, v in results.items()}

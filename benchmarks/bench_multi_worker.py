@@ -1,0 +1,109 @@
+"""Multi-worker fine-tuning on one host: the step time of `python -m tfbit.finetune` on one worker
+(every core) against two workers (a core each, MultiWorkerMirroredStrategy over gRPC on
+localhost), same global batch and data, in one run. It measures what synchronizing the replicas
+costs, not a speed-up: two workers on the cores one worker already uses cannot be faster.
+
+    python benchmarks/bench_multi_worker.py [--model r50x1] [--steps 16] [--batch-size 16] [--size 128]
+
+The step time is Keras' own "ms/step" of the second epoch (the first includes tracing).
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
+
+MODELS = {"r50x1": {}, "small": dict(embedding_size=32, hidden_sizes=[64, 128, 256, 512], depths=[1, 1, 1, 1],
+                                     num_groups=8)}
+
+
+def _free_ports(count):
+    import socket
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _photo_classes(root):
+    """The shipped photos as a two-class folder (classes do not matter for speed)."""
+    from PIL import Image
+    photos = sorted(os.listdir(os.path.join(common.ROOT, "conversion", "photos")))
+    photos = [p for p in photos if p.lower().endswith((".jpg", ".jpeg", ".png"))]
+    for i, name in enumerate(photos):
+        folder = os.path.join(root, "ab"[i % 2])
+        os.makedirs(folder, exist_ok=True)
+        Image.open(os.path.join(common.ROOT, "conversion", "photos", name)).convert("RGB").save(
+            os.path.join(folder, os.path.splitext(name)[0] + ".png"))
+    return root
+
+
+def _second_epoch_step_seconds(log):
+    times = re.findall(r"(\d+(?:\.\d+)?)(ms|s)/step", log)
+    if len(times) < 2:
+        raise RuntimeError(f"no second epoch in the log:\n{log[-3000:]}")
+    value, unit = times[1]
+    return float(value) / (1000 if unit == "ms" else 1)
+
+
+def _run(workers, command, workdir, threads):
+    env = {**os.environ, **common.BASE_ENV}
+    envs = [env]
+    if workers > 1:
+        cluster = {"worker": [f"localhost:{port}" for port in _free_ports(workers)]}
+        envs = [{**env, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
+                for i in range(workers)]
+    extra = ["--distribute", "multi_worker"] if workers > 1 else []
+    output = os.path.join(workdir, f"run{workers}")
+    logs = [os.path.join(workdir, f"log{workers}-{i}") for i in range(workers)]
+    started = time.perf_counter()
+    processes = [subprocess.Popen([*command, "--output", output, "--threads", str(threads), *extra], env=e,
+                                  stdout=open(log, "w"), stderr=subprocess.STDOUT) for e, log in zip(envs, logs)]
+    codes = [p.wait() for p in processes]
+    wall = time.perf_counter() - started
+    text = open(logs[0]).read()
+    if any(codes):
+        raise RuntimeError(f"{workers} worker(s) exited with {codes}:\n{text[-3000:]}")
+    with open(os.path.join(output, "metrics.json")) as f:
+        replicas = json.load(f)["num_replicas"]
+    return _second_epoch_step_seconds(text), wall, replicas
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="r50x1")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--size", type=int, default=128)
+    args = parser.parse_args()
+    print(common.header("bench_multi_worker.py", f"model {args.model}, {args.size} px, global batch "
+                                                  f"{args.batch_size}, {args.steps} steps in 2 epochs"))
+    with tempfile.TemporaryDirectory() as workdir:
+        source = os.path.join(workdir, "model.keras")
+        subprocess.run([sys.executable, "-c", "import sys, tfbit; tfbit.BitForImageClassification("
+                        f"tfbit.BitConfig(**{MODELS[args.model]!r})).save(sys.argv[1])", source],
+                       env={**os.environ, **common.BASE_ENV}, check=True)
+        data = _photo_classes(os.path.join(workdir, "photos"))
+        command = [sys.executable, "-m", "tfbit.finetune", source, "--data", data, "--steps", str(args.steps),
+                   "--epochs", "2", "--batch-size", str(args.batch_size), "--crop-size", str(args.size),
+                   "--resize-size", str(args.size + args.size // 8)]
+        one = _run(1, command, workdir, threads=common.THREADS)
+        two = _run(2, command, workdir, threads=common.THREADS // 2)
+    rows = [["1 worker", f"{common.THREADS} threads", one[2], f"{one[0] * 1000:.0f}", f"{one[1]:.0f}"],
+            ["2 workers", f"{common.THREADS // 2} thread each", two[2], f"{two[0] * 1000:.0f}", f"{two[1]:.0f}"]]
+    print(common.table(["run", "threads", "replicas", "step ms (epoch 2)", "wall s"], rows))
+    print(f"2 workers / 1 worker step time: {two[0] / one[0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
