@@ -88,6 +88,7 @@ def test_two_workers_train_and_only_the_chief_writes(tmp_path, source, digits_fo
     assert (metrics["num_workers"], metrics["num_replicas"]) == (2, 2)
     assert metrics["final_step"] == metrics["plan"]["total_steps"] == 24
     assert metrics["plan"]["batch_size"] == 8  # the global batch: 4 per worker
+    assert len(metrics["steps"]["seconds"]) == 24 and min(metrics["steps"]["seconds"]) > 0
     assert "best checkpoint" in _log(tmp_path, "run", 0)
     assert "the chief writes the outputs" in _log(tmp_path, "run", 1)
     # the worker's backups lived in its own folder, removed at the end

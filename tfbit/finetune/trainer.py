@@ -15,6 +15,7 @@ import numbers
 import os
 import shutil
 import sys
+import time
 import warnings
 
 import keras
@@ -88,23 +89,28 @@ class _LearningRateLog(keras.callbacks.Callback):
 
 
 class _StepLog(keras.callbacks.Callback):
-    """The training loss of every optimizer step. Keras reports at each batch the mean loss of
-    the epoch so far (batches of one size: the pipeline repeats and drops no remainder), so step
-    b's own loss is (b + 1) * mean_b - b * mean_(b-1)."""
+    """The training loss and wall time of every optimizer step. Keras reports at each batch the
+    mean loss of the epoch so far (batches of one size: the pipeline repeats and drops no
+    remainder), so step b's own loss is (b + 1) * mean_b - b * mean_(b-1). A step's time runs
+    from the previous step's end (or the epoch's start) and includes its input pipeline."""
 
     def __init__(self):
         super().__init__()
-        self.steps, self.losses, self.epoch_ends = [], [], []
+        self.steps, self.losses, self.seconds, self.epoch_ends = [], [], [], []
         self._previous_mean = 0.0
+        self._previous_end = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._previous_mean = 0.0
+        self._previous_end = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
         mean = float((logs or {}).get("loss", math.nan))
         self.steps.append(int(self.model.optimizer.iterations.numpy()))
         self.losses.append((batch + 1) * mean - batch * self._previous_mean)
-        self._previous_mean = mean
+        self.seconds.append(now - self._previous_end)
+        self._previous_mean, self._previous_end = mean, now
 
     def on_epoch_end(self, epoch, logs=None):
         if self.steps:
@@ -330,7 +336,7 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
                "resumed_from_step": resume.start_step,
                "final_step": int(model.optimizer.iterations.numpy()), "schedule": schedule,
                "total_learning": plan.total_learning(),
-               "steps": {"step": step_log.steps, "loss": step_log.losses}}
+               "steps": {"step": step_log.steps, "loss": step_log.losses, "seconds": step_log.seconds}}
     if not worker.is_chief:
         shutil.rmtree(scratch, ignore_errors=True)
         return FinetuneResult(model, plan, history.history, metrics, None)
