@@ -16,7 +16,8 @@ Output files (Beam shards: SSSSS-of-NNNNN, e.g. PREFIX-00000-of-00001.jsonl):
       features:       {"path", "features": pooled feature vector (unit length with --normalize)}
       (TFRecord: tf.train.Example with the same names, strings as bytes_list, numbers as float_list)
   PREFIX-errors-SSSSS-of-NNNNN.jsonl   {"path", "error"} of each image that could not be read
-Exit codes: 0 every image predicted, 1 some images skipped (see the errors file), 2 bad arguments.
+Exit codes: 0 every image predicted, 1 some images skipped (see the errors file), 2 bad arguments
+or no image could be read (as `conversion.predict`).
 
 Other options are Beam's PipelineOptions (default --runner DirectRunner, in this process; a
 misspelt option is dropped with Beam's "Discarding unparseable args" warning). Option names below
@@ -236,7 +237,7 @@ def check_tfrecord_writer():
         _default_crc32c_fn(b"")
     except RuntimeError:
         raise ValueError("--format tfrecord needs a CRC32C library for Beam's TFRecord writer: "
-                         "pip install 'apache-beam[tfrecord]' (crcmod) or google-crc32c") from None
+                         "pip install 'tfbit[beam]' (google-crc32c) or 'apache-beam[tfrecord]' (crcmod)") from None
 
 
 def signature_outputs(saved_model):
@@ -307,15 +308,15 @@ def _metric(result, name):
 
 
 def summary(result, seconds):
-    """(images skipped, the line saying what was done). RunInference's own metrics give
-    the time in model calls and in loading it, so the rate without start-up is known too."""
+    """(images predicted, images skipped, the line saying what was done). RunInference's own
+    metrics give the time in model calls and in loading it, so the rate without start-up is known too."""
     predicted, skipped = _metric(result, "predicted"), _metric(result, "skipped")
     calls = _metric(result, "inference_batch_latency_micro_secs") / 1e6
     loading = _metric(result, "load_model_latency_milli_secs") / 1e3
     line = (f"predicted {predicted} images, skipped {skipped} in {seconds:.1f} s "
             f"({predicted / seconds:.1f} images/s); model calls {calls:.1f} s "
             f"({predicted / max(calls, 1e-9):.1f} images/s), model loading {loading:.1f} s")
-    return skipped, line
+    return predicted, skipped, line
 
 
 def _pipeline(args, beam_args):
@@ -354,9 +355,12 @@ def main(argv=None):
     started = time.perf_counter()
     result = pipeline.run()
     result.wait_until_finish()
-    skipped, line = summary(result, time.perf_counter() - started)
+    predicted, skipped, line = summary(result, time.perf_counter() - started)
     print(line)
     print(f"records: {args.output}-SSSSS-of-NNNNN.{args.format}; errors: {args.output}-errors-SSSSS-of-NNNNN.jsonl")
+    if not predicted:
+        print("error: none of the images could be read (see the errors file)", file=sys.stderr)
+        return 2
     return 1 if skipped else 0
 
 

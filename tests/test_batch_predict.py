@@ -136,6 +136,13 @@ def test_classification_equals_predict_and_bad_images_are_reported(exports, imag
                                     "image: truncated JPEG data (2000 bytes)"}
 
 
+def test_no_readable_image_exits_2_like_predict(exports, images, tmp_path):
+    done = cli("conversion.batch_predict", exports["classification"], f"{images}/bad/*", "--output", tmp_path / "p")
+    assert done.returncode == 2, done.stderr
+    assert done.stdout.startswith("predicted 0 images, skipped 2 in ")
+    assert "error: none of the images could be read (see the errors file)" in done.stderr
+
+
 def test_top_k_other_than_the_exports_in_parquet(exports, images, predicted, tmp_path):
     """The export ranks 5 labels; --top-k 3 ranks its probabilities instead."""
     done = cli("conversion.batch_predict", exports["classification"], f"{images}/good/*", "--output",
@@ -292,7 +299,7 @@ def test_tfrecord_without_a_crc32c_library_is_refused_before_predicting(exports,
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2
     assert ("--format tfrecord needs a CRC32C library for Beam's TFRecord writer: pip install "
-            "'apache-beam[tfrecord]' (crcmod) or google-crc32c") in error_line(done)
+            "'tfbit[beam]' (google-crc32c) or 'apache-beam[tfrecord]' (crcmod)") in error_line(done)
 
 
 @pytest.mark.parametrize("module", ["conversion.batch_predict", "conversion.neighbours"])
