@@ -2,6 +2,7 @@
 variant, next to onnxruntime running transformers' model in fp32 and static int8.
 
     python benchmarks/bench_int8.py [--repeats N] [--calibration 2 8 16 32] [--views 4]
+    python benchmarks/bench_int8.py --layers   (only the per-layer error profile of full int8, below)
     python -m benchmarks.bench_int8 ...        (the same, from the repository root)
 
 The model is benchmarks/realistic_model.py's full-size R50x1 (a head fitted so that each shipped
@@ -20,9 +21,16 @@ photo is a class of its own; built and cached on first use, ~2 min). Three subpr
    logits' per-image spread, and accuracy (the class of a view is its photo); then batch-1
    latency, interleaved over the systems --repeats times, 2 threads each (LiteRT with
    XNNPACK, onnxruntime intra-op 2).
+
+--layers: where full int8's error comes from. TensorFlow's QuantizationDebugger runs the full
+int8 model (the converter's settings, 16 calibration photos) on the evaluation set and compares
+every quantized op's output with the float op fed the same quantized input: each op's own
+error in quantization steps of its output (RMSE, mean and max; rounding alone gives RMSE 0.29),
+by op type, by layer group and the ten worst.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -50,12 +58,12 @@ def _calibration_photos(count):
     return real.mirrored(real.spread(real.photo_images().images, count))
 
 
-def child_tflite(args):
-    """Stage 1: the evaluation set, the float reference and every TFLite file."""
-    tf = setup_tf()
+def _realistic(views):
+    """(the folded float model, its processor, evaluation pixels, their labels): the realistic
+    R50x1 and the 32 photos plus `views` augmented views of each (the class of a view is its photo)."""
     import tfbit
     from benchmarks import realistic_model
-    from conversion import export, images as real, tflite_graph
+    from conversion import export, images as real
     from tfbit.image_processor import BitImageProcessor
 
     path = realistic_model.realistic_checkpoint(log=lambda m: print(m, file=sys.stderr))
@@ -63,10 +71,30 @@ def child_tflite(args):
     processor = BitImageProcessor.from_dict(checkpoint.preprocessor)
     photos = real.photo_images().images
     rng = np.random.RandomState(EVAL_SEED)
-    views = [realistic_model._augment(p, rng) for p in photos for _ in range(args.views)]
-    labels = list(range(len(photos))) + [i for i in range(len(photos)) for _ in range(args.views)]
-    pixels = processor(photos + views)
-    inference = export.float32_inference_model(model)
+    augmented = [realistic_model._augment(p, rng) for p in photos for _ in range(views)]
+    labels = list(range(len(photos))) + [i for i in range(len(photos)) for _ in range(views)]
+    return export.float32_inference_model(model), processor, processor(photos + augmented), labels
+
+
+@contextlib.contextmanager
+def _int8_converter(tf, inference, processor, size):
+    """A TFLite converter set up as `conversion.export` sets up full int8 (16 calibration photos),
+    on a graph saved in a temporary folder that lives as long as the context."""
+    from conversion import export
+    with tempfile.TemporaryDirectory() as graph_dir:
+        spec = tf.TensorSpec([None, *size, 3], tf.float32, name="pixel_values")
+        graph = export._save(inference, os.path.join(graph_dir, "graph"),
+                             {"serving_default": (lambda x: {"logits": inference(x, training=False)}, spec)})
+        yield export._configure(export._converter(graph), "int8",
+                                processor(_calibration_photos(DEFAULT_CALIBRATION)))
+
+
+def child_tflite(args):
+    """Stage 1: the evaluation set, the float reference and every TFLite file."""
+    tf = setup_tf()
+    from conversion import export, tflite_graph
+
+    inference, processor, pixels, labels = _realistic(args.views)
     reference = inference.predict(pixels, batch_size=16, verbose=0)
     np.save(os.path.join(args.workdir, "eval.npy"), pixels)
     np.save(os.path.join(args.workdir, "labels.npy"), np.asarray(labels))
@@ -94,12 +122,7 @@ def child_tflite(args):
 
     # The alternative the issue names: int16 activations (statistics kept finer), int8 weights.
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as graph_dir:
-        spec = tf.TensorSpec([None, *size, 3], tf.float32, name="pixel_values")
-        logits = lambda x: {"logits": inference(x, training=False)}
-        graph = export._save(inference, os.path.join(graph_dir, "graph"), {"serving_default": (logits, spec)})
-        converter = export._configure(export._converter(graph), "int8",
-                                      processor(_calibration_photos(DEFAULT_CALIBRATION)))
+    with _int8_converter(tf, inference, processor, size) as converter:
         converter.target_spec.supported_ops = [
             tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
         try:
@@ -110,6 +133,57 @@ def child_tflite(args):
     emit({"files": files, "seconds": seconds,
           "float_ops": {name: len(tflite_graph.float_ops(open(p, "rb").read())) for name, p in files.items()},
           "sizes_mb": {name: os.path.getsize(p) / 2**20 for name, p in files.items()}})
+
+
+def child_layers(args):
+    """Per-op error of full int8 (QuantizationDebugger's layer statistics)."""
+    tf = setup_tf()
+    inference, processor, evaluation, _ = _realistic(args.views)
+    with _int8_converter(tf, inference, processor, tuple(evaluation.shape[1:3])) as converter:
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=lambda: ([x[None]] for x in evaluation))
+        debugger.run()
+    stats = os.path.join(args.workdir, "layer_stats.csv")
+    with open(stats, "w") as f:
+        debugger.layer_statistics_dump(f)
+    import csv
+    with open(stats) as f:
+        rows = list(csv.DictReader(f))
+    layers = []
+    for depth, row in enumerate(rows):
+        scale = float(row["scale"])
+        if not scale:
+            continue
+        layers.append({"depth": depth, "op": row["op_name"], "tensor": row["tensor_name"],
+                       "rmse_steps": float(row["mean_squared_error"]) ** 0.5 / scale,
+                       "bias_steps": float(row["mean_error"]) / scale,
+                       "max_steps": float(row["max_abs_error"]) / scale})
+    emit({"layers": layers, "images": len(evaluation)})
+
+
+def report_layers(out):
+    """Each op's own error in quantization steps of its output (the debugger's statistics are of
+    the difference int8 - float): RMSE, mean (a bias) and max; rounding alone gives RMSE 0.29."""
+    layers = out["layers"]
+    print(f"\n## Full int8 per-op error (QuantizationDebugger, {out['images']} images, 16 calibration photos)")
+    by_op = {}
+    for layer in layers:
+        by_op.setdefault(layer["op"], []).append(layer)
+    rows = [[op, len(group), f"{median([g['rmse_steps'] for g in group]):.2f}",
+             f"{max(g['rmse_steps'] for g in group):.2f}", f"{max(abs(g['bias_steps']) for g in group):.2f}",
+             f"{max(g['max_steps'] for g in group):.1f}"]
+            for op, group in sorted(by_op.items(), key=lambda item: -max(g["rmse_steps"] for g in item[1]))]
+    print(table(["op", "count", "median RMSE", "max RMSE", "max |bias|", "max |error|"], rows))
+    stages = {}
+    for layer in layers:
+        stage = layer["tensor"].split("/")[1].split("_")[0] if "/" in layer["tensor"] else "?"
+        stages.setdefault(stage, []).append(layer["rmse_steps"])
+    print(table(["layer group", "ops", "median RMSE", "max RMSE"],
+                [[stage, len(v), f"{median(v):.2f}", f"{max(v):.2f}"] for stage, v in stages.items()]))
+    worst = sorted(layers, key=lambda g: -g["rmse_steps"])[:10]
+    print(table(["depth", "op", "RMSE", "bias", "max |error|", "tensor"],
+                [[g["depth"], g["op"], f"{g['rmse_steps']:.2f}", f"{g['bias_steps']:.2f}", f"{g['max_steps']:.1f}",
+                  g["tensor"][:70]] for g in worst]))
 
 
 def child_onnx(args):
@@ -211,11 +285,13 @@ def main():
                         help=f"calibration set sizes for full int8 besides the default {DEFAULT_CALIBRATION}")
     parser.add_argument("--views", type=int, default=4, help="augmented views per photo in the evaluation set")
     parser.add_argument("--workdir", help="keep the files here")
-    parser.add_argument("--child", choices=["tflite", "onnx", "measure"], help=argparse.SUPPRESS)
+    parser.add_argument("--layers", action="store_true", help="only the per-op error profile of full int8")
+    parser.add_argument("--child", choices=["tflite", "onnx", "measure", "layers"], help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return {"tflite": child_tflite, "onnx": child_onnx, "measure": child_measure}[args.child](args)
+        return {"tflite": child_tflite, "onnx": child_onnx, "measure": child_measure,
+                "layers": child_layers}[args.child](args)
 
     started = time.perf_counter()
     print(header("bench_int8", f"{THREADS} threads per system"), flush=True)
@@ -223,6 +299,13 @@ def main():
     workdir = args.workdir or scratch.name
     os.makedirs(workdir, exist_ok=True)
     common = ["--workdir", workdir, "--views", str(args.views)]
+    if args.layers:
+        out = run_child([__file__, "--child", "layers", *common])
+        if "error" in out:
+            sys.exit(f"layers stage failed: {out['error']}")
+        report_layers(out)
+        print(f"\n# total {time.perf_counter() - started:.0f} s")
+        return
     tflite = run_child([__file__, "--child", "tflite", "--calibration", *map(str, args.calibration), *common])
     if "error" in tflite:
         sys.exit(f"tflite stage failed: {tflite['error']}")

@@ -24,17 +24,6 @@ MODELS = {"r50x1": {}, "small": dict(embedding_size=32, hidden_sizes=[64, 128, 2
                                      num_groups=8)}
 
 
-def _free_ports(count):
-    import socket
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _photo_classes(root):
     """The shipped photos as a two-class folder (classes do not matter for speed)."""
     from PIL import Image
@@ -52,9 +41,8 @@ def _run(workers, command, workdir, threads):
     env = {**os.environ, **common.BASE_ENV}
     envs = [env]
     if workers > 1:
-        cluster = {"worker": [f"localhost:{port}" for port in _free_ports(workers)]}
-        envs = [{**env, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
-                for i in range(workers)]
+        from tfbit.finetune.workers import localhost_tf_configs
+        envs = [{**env, "TF_CONFIG": config} for config in localhost_tf_configs(workers)]
     extra = ["--distribute", "multi_worker"] if workers > 1 else []
     output = os.path.join(workdir, f"run{workers}")
     logs = [os.path.join(workdir, f"log{workers}-{i}") for i in range(workers)]

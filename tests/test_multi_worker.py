@@ -5,7 +5,6 @@ killed mid-run and the cluster restarted resumes to exactly the planned steps.""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,25 +15,13 @@ import pytest
 
 import tfbit
 from tests.test_finetune_cli import SMALL_RUN, TINY, _write_digits
+from tfbit.finetune.workers import localhost_tf_configs
 
 STEPS = ["--steps", "24", "--epochs", "6"]  # 4 steps per epoch, a backup after each
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _worker_envs(count):
-    """Each worker's environment: TF_CONFIG naming the cluster and its index, one thread each."""
-    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(count)]}
-    return [{**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
-            for i in range(count)]
+    return [{**os.environ, "TF_CONFIG": config} for config in localhost_tf_configs(count)]
 
 
 def _start(command, envs, log_dir, tag):
@@ -60,15 +47,11 @@ def _log(log_dir, tag, i):
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    path = tmp_path_factory.mktemp("source") / "tiny.keras"
-    tfbit.BitForImageClassification(tfbit.BitConfig(**TINY)).save(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def digits_folder(tmp_path_factory):
-    return _write_digits(tmp_path_factory.mktemp("digits"), count=60)
+def inputs(tmp_path_factory):
+    """(a tiny classifier's .keras file, a two-class folder of 60 digits)."""
+    root = tmp_path_factory.mktemp("inputs")
+    tfbit.BitForImageClassification(tfbit.BitConfig(**TINY)).save(root / "tiny.keras")
+    return str(root / "tiny.keras"), _write_digits(root / "digits", count=60)
 
 
 def _command(source, digits_folder, output, validation=False):
@@ -79,7 +62,8 @@ def _command(source, digits_folder, output, validation=False):
             "--distribute", "multi_worker", "--threads", "1", *STEPS, *SMALL_RUN]
 
 
-def test_two_workers_train_and_only_the_chief_writes(tmp_path, source, digits_folder):
+def test_two_workers_train_and_only_the_chief_writes(tmp_path, inputs):
+    source, digits_folder = inputs
     output = tmp_path / "run"
     processes = _start(_command(source, digits_folder, output, validation=True), _worker_envs(2), tmp_path, "run")
     codes = _wait(processes, tmp_path, "run")
@@ -105,7 +89,8 @@ def test_two_workers_train_and_only_the_chief_writes(tmp_path, source, digits_fo
     assert "validation" in metrics
 
 
-def test_without_tf_config_the_message_says_what_to_set(tmp_path, source, digits_folder):
+def test_without_tf_config_the_message_says_what_to_set(tmp_path, inputs):
+    source, digits_folder = inputs
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     process = subprocess.run(_command(source, digits_folder, tmp_path / "run"), env=env, capture_output=True,
                              text=True, timeout=300)
@@ -117,9 +102,10 @@ def test_without_tf_config_the_message_says_what_to_set(tmp_path, source, digits
     assert process.returncode == 2 and "TF_CONFIG's \"task\" must name" in process.stderr, process.stderr[-2000:]
 
 
-def test_a_killed_worker_restarted_with_the_cluster_resumes_the_plan(tmp_path, source, digits_folder):
+def test_a_killed_worker_restarted_with_the_cluster_resumes_the_plan(tmp_path, inputs):
     """Worker 1 is killed once a backup exists; the chief stops with a message (TensorFlow
     ends collectives when a peer stops sending heartbeats); both restarted finish 24 steps."""
+    source, digits_folder = inputs
     output = tmp_path / "run"
     command = _command(source, digits_folder, output)
     envs = _worker_envs(2)
@@ -166,7 +152,8 @@ PYTHON_API = textwrap.dedent("""
 """)
 
 
-def test_python_api_trains_one_model_on_both_workers(tmp_path, source, digits_folder):
+def test_python_api_trains_one_model_on_both_workers(tmp_path, inputs):
+    source, digits_folder = inputs
     script = tmp_path / "train.py"
     script.write_text(PYTHON_API)
     processes = [subprocess.Popen([sys.executable, str(script), source, str(digits_folder), str(tmp_path / "run")],

@@ -67,6 +67,19 @@ def worker_of(strategy):
     return Worker(is_chief, "chief" if resolver.task_type == "chief" else f"worker-{resolver.task_id}", count)
 
 
+def localhost_tf_configs(count):
+    """TF_CONFIG values of a `count`-worker cluster on this machine (free localhost ports), to try
+    multi-worker training without a cluster: worker i runs with TF_CONFIG=configs[i]."""
+    import socket
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    cluster = {"worker": [f"localhost:{s.getsockname()[1]}" for s in sockets]}
+    for s in sockets:
+        s.close()
+    return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(count)]
+
+
 def take_chief_backup(chief_backup, own_backup):
     """Start a restarted worker from the chief's backup when it can see it (a shared file
     system): its own may be one save behind if it was killed while writing, and workers that
