@@ -89,7 +89,8 @@ def _exif_orientation(tiff):
     if ifd + 2 > len(tiff):
         return False, 0
     for entry in range(ifd + 2, ifd + 2 + 12 * min(_uint(tiff, ifd, 2, little), (len(tiff) - ifd - 2) // 12), 12):
-        if _uint(tiff, entry, 2, little) == 0x0112:  # PIL keeps the first one
+        # The first tag, as Pillow >= 13 reads it (Pillow 12 takes the last of duplicate tags)
+        if _uint(tiff, entry, 2, little) == 0x0112:
             size = EXIF_INTEGERS.get(_uint(tiff, entry + 2, 2, little))
             inline = size and 1 <= _uint(tiff, entry + 4, 4, little) <= 4 // size
             return True, _uint(tiff, entry + 8, size, little) if inline else 0
