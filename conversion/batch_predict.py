@@ -36,7 +36,6 @@ process; otherwise the path must exist on every worker (a shared mount or the co
 INPUT_GLOB and PREFIX may be on any filesystem the workers reach (gs://, s3://, hdfs://).
 """
 
-import argparse
 import json
 import logging
 import os
@@ -263,9 +262,7 @@ def check_task(task, outputs, saved_model):
 # -- the command line ------------------------------------------------------------------------
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m conversion.batch_predict", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("conversion.batch_predict", __doc__)
     parser.add_argument("artifact", help="export directory (saved_models/<name>) or SavedModel directory")
     parser.add_argument("globs", nargs="+", metavar="INPUT_GLOB", help="image file patterns (any Beam filesystem)")
     parser.add_argument("--output", required=True, metavar="PREFIX", help="output file prefix (see below)")

@@ -28,6 +28,13 @@ def positive_int(text):
     return value
 
 
+def parser(module, doc):
+    """The parser of `python -m <module>`: the module docstring's first paragraph describes the
+    command, the paragraphs after its usage line are the epilog."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0],
+                                   epilog=doc.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_verbose(parser):
     parser.add_argument("--verbose", action="store_true",
                         help="show TensorFlow's and LiteRT's own log lines (hidden by default)")

@@ -11,7 +11,6 @@ ten thousand images; for millions of vectors the same records feed an approximat
 Exit codes: 0 done, 2 bad arguments (no records, a query that is not among them, ...).
 """
 
-import argparse
 import json
 import os
 import sys
@@ -109,9 +108,7 @@ def _queries(requested, paths):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m conversion.neighbours", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("conversion.neighbours", __doc__)
     parser.add_argument("features", nargs="+", metavar="FEATURES", help="batch_predict --output prefix or record files")
     parser.add_argument("--k", type=cli.positive_int, default=5, help="neighbours per query (default: 5)")
     parser.add_argument("--query", nargs="+", metavar="PATH", help="images to search for (default: every image)")

@@ -15,7 +15,6 @@ the top-1 accuracy and writes a confusion-matrix PNG.
 Exit codes: 0 every image predicted, 1 some images skipped, 2 bad arguments or no usable image.
 """
 
-import argparse
 import csv
 import glob
 import json
@@ -277,9 +276,7 @@ def evaluate(results, truth, png):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m conversion.predict", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("conversion.predict", __doc__)
     parser.add_argument("artifact")
     parser.add_argument("images", nargs="+", help="image files, folders (recursive) or glob patterns")
     parser.add_argument("--top-k", type=cli.positive_int, default=5)

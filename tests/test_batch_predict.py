@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import SMALL
+from test_predict_cli import error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = os.path.join(ROOT, "conversion", "photos")
@@ -29,12 +30,6 @@ def cli(*args):
     env = {**{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
-
-
-def error_line(done):
-    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

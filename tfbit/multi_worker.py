@@ -17,13 +17,19 @@ import keras
 WORKER_JOBS = ("chief", "worker")  # the jobs MultiWorkerMirroredStrategy trains on
 
 
-def is_multi_worker(strategy):
-    """Whether `strategy` is a MultiWorkerMirroredStrategy over more than one task."""
+def worker_count(strategy):
+    """The tasks `strategy` trains on: those of its cluster for a MultiWorkerMirroredStrategy
+    started from a cluster spec, else 1."""
     import tensorflow as tf
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return False
+        return 1
     spec = strategy.cluster_resolver.cluster_spec()
-    return sum(spec.num_tasks(job) for job in spec.jobs if job in WORKER_JOBS) > 1
+    return max(1, sum(spec.num_tasks(job) for job in spec.jobs if job in WORKER_JOBS))
+
+
+def is_multi_worker(strategy):
+    """Whether `strategy` is a MultiWorkerMirroredStrategy over more than one task."""
+    return worker_count(strategy) > 1
 
 
 def _multi_worker_tf(model):

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 
-from tfbit.multi_worker import WORKER_JOBS, is_multi_worker
+from tfbit.multi_worker import WORKER_JOBS, is_multi_worker, worker_count
 
 
 def multi_worker_strategy():
@@ -58,12 +58,11 @@ SINGLE = Worker(is_chief=True, name="chief", count=1)
 
 def worker_of(strategy):
     """The chief is the "chief" task, or worker 0 when the cluster has none (TensorFlow's rule)."""
-    if not is_multi_worker(strategy):
+    count = worker_count(strategy)
+    if count == 1:
         return SINGLE
     resolver = strategy.cluster_resolver
-    jobs = resolver.cluster_spec().jobs
-    count = sum(resolver.cluster_spec().num_tasks(job) for job in jobs if job in WORKER_JOBS)
-    is_chief = resolver.task_type == "chief" or ("chief" not in jobs and resolver.task_id == 0)
+    is_chief = resolver.task_type == "chief" or ("chief" not in resolver.cluster_spec().jobs and resolver.task_id == 0)
     return Worker(is_chief, "chief" if resolver.task_type == "chief" else f"worker-{resolver.task_id}", count)
 
 
