@@ -319,7 +319,7 @@ def summary(result, seconds):
 def _pipeline(args, beam_args):
     """The whole pipeline, built after every check that can fail (the cheap ones before TensorFlow
     is imported); FileNotFoundError/ValueError naming the problem."""
-    from conversion import environment
+    from tfbit import environment
     if args.normalize and args.task != "features":
         raise ValueError("--normalize scales feature vectors: it needs --task features")
     if args.format == "tfrecord":

@@ -1,31 +1,24 @@
 """What the converter and predict command lines need before TensorFlow is imported: argument
 types, the choices they list, the `--verbose` switch and progress output.
 
-`--help` must not import TensorFlow (5-10 s), and importing `tfbit` imports it: so the choices
-that the library defines are repeated here, and tests/test_quiet_cli.py checks that they
-equal the library's (`conversion.export.TFLITE_QUANTIZATIONS`, `tfbit.pretrained.TASKS`,
-`tfbit.weights.FORMATS`). Nothing here imports `tfbit`, TensorFlow or numpy.
+`--help` must not import TensorFlow (5-10 s), and the library modules that define these
+choices import it: so the choices are repeated here, and tests/test_quiet_cli.py checks that
+they equal the library's (`conversion.export.TFLITE_QUANTIZATIONS`, `tfbit.pretrained.TASKS`,
+`tfbit.weights.FORMATS`). Nothing here imports TensorFlow or numpy (`tfbit.runtime` does not,
+and in a CLI's process neither does `tfbit` itself: `tfbit.api`).
 """
 
 import argparse
 import sys
 import time
 
+from tfbit import runtime
+
+positive_int = runtime.positive_int  # the argparse type of counts (--threads, --top-k, ...)
+
 TFLITE_QUANTIZATIONS = ("fp32", "fp16", "dynamic_int8", "int8")
 TASKS = ("classification", "features", "backbone")
 SOURCE_FORMATS = ("hf", "timm", "npz", "keras")
-
-
-def positive_int(text):
-    """argparse type of counts (`--threads`, `--top-k`, ...); `tfbit.runtime.positive_int` is the
-    same rule for the fine-tuning CLI, which imports `tfbit` anyway."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parser(module, doc):

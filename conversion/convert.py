@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from conversion import environment
+from tfbit import environment
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_checkpoint")
 DEFAULT_OUTPUT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "saved_models")

@@ -50,7 +50,7 @@ def read_records(path, verbose=False):
 
 
 def _tfrecord_records(path, verbose=False):
-    from conversion import environment
+    from tfbit import environment
     environment.configure(verbose)  # TensorFlow's import-time lines hidden unless --verbose
     import tensorflow as tf
     records = []

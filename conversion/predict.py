@@ -22,7 +22,8 @@ import os
 import re
 import sys
 
-from conversion import cli, environment
+from conversion import cli
+from tfbit import environment
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 

@@ -6,8 +6,8 @@ the reference (the PyTorch source when torch is installed, else the Keras model)
 * Lossless artifacts (`.keras`, the SavedModel on pixel values, TFLite fp32) compute the same
   function in float32: max |Δ| <= 1e-4 * max(1, max |reference|), the parity contract.
 * Lossy ones (TFLite fp16, dynamic-range and full int8) and the SavedModel on encoded images
-  (in-graph decoding and resizing, within one uint8 level of the Python processor) cannot be
-  held to that. They pass when
+  (in-graph decoding, by TensorFlow's image decoders rather than Pillow's) cannot be held to
+  that. They pass when
   - their error is small against the outputs' own scale: max |Δ| <= factor * spread, where
     spread is the reference output's mean per-image range (max - min), for logits, pooled
     features and each backbone stage alike, so the bound means the same for a 10-class digits

@@ -31,3 +31,24 @@ def test_convert_works_on_a_plain_install(tmp_path, hf_checkpoint):
     report = json.loads((output / "report.json").read_text())
     assert report["reference"] == "keras" and report["images"] == "32 shipped photos"
     assert all(row["published"] for row in report["artifacts"])
+
+    # The newest Pillow (13 or later: the test extra's apache-beam holds the test environment at 12)
+    # orders its two resize passes by shape; the serving graph's fixed-point resize must follow it.
+    done = subprocess.run([python, "-c", PILLOW_ORDER_CHECK], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    version, delta = done.stdout.split()[-2:]
+    assert int(version.split(".")[0]) >= 13 and float(delta) <= 1e-6, done.stdout
+
+
+PILLOW_ORDER_CHECK = """
+import numpy as np, PIL
+from conversion import images
+from tfbit import image_ops
+from tfbit.image_processor import BitImageProcessor
+photo = np.asarray(images.photo_images().images[0].convert("RGB"))
+shapes = [np.tile(photo, (4, 1, 1))[:2000, :300], np.tile(photo, (1, 4, 1))[:300, :2000], photo]
+deltas = [np.abs(image_ops.preprocess_images(x, p).numpy() - p(x)).max()
+          for resample in (2, 3) for p in [BitImageProcessor(backend="pil", resample=resample)] for x in shapes]
+print(PIL.__version__, max(deltas))
+"""

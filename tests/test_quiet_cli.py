@@ -11,34 +11,47 @@ import pytest
 
 from conftest import SMALL
 from conversion import cli
-from conversion.environment import _NATIVE_LOG_LINE
+from tfbit.environment import _NATIVE_LOG_LINE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_ENV = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
 
 
-def run(*args, **kwargs):
+def run(*args, env=None):
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**USER_ENV, "HF_HUB_OFFLINE": "1"}, **kwargs)
+                          timeout=600, env={**USER_ENV, "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
 def native_lines(text):
     return [line for line in text.splitlines() if _NATIVE_LOG_LINE.match(line)]
 
 
-@pytest.mark.parametrize("module", ["conversion.convert", "conversion.predict"])
+def imported_modules(importtime_stderr):
+    """Top-level packages in `python -X importtime` output."""
+    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in importtime_stderr.splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+@pytest.mark.parametrize("module", ["conversion.convert", "conversion.predict", "tfbit.finetune"])
 def test_help_imports_no_tensorflow(module):
-    done = run("-c", f"import runpy, sys; sys.argv = ['{module}', '--help']\n"
-                     f"try:\n    runpy.run_module('{module}', run_name='__main__')\n"
-                     "except SystemExit:\n    pass\n"
-                     "print(sorted({'tensorflow', 'keras', 'tfbit', 'torch'} & set(sys.modules)))")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[-1] == "[]" and "--verbose" in done.stdout
+    done = run("-X", "importtime", "-m", module, "--help")
+    assert done.returncode == 0 and "--verbose" in done.stdout, done.stderr[-2000:]
+    imported = imported_modules(done.stderr)
+    assert "tfbit" in imported and not {"tensorflow", "keras", "torch"} & imported
     started = time.perf_counter()
     done = run("-m", module, "--help")
     seconds = time.perf_counter() - started
     assert done.returncode == 0 and done.stderr == ""
     assert seconds < 3, f"{module} --help took {seconds:.1f} s"  # importing TensorFlow alone takes 5-10 s
+
+
+def test_import_tfbit_elsewhere_registers_the_layers(tmp_path):
+    """Outside the command lines `import tfbit` imports the API at once, so a `.keras` file
+    with tfbit's layers loads with Keras alone; a command line imports it after configuring."""
+    import tfbit
+    tfbit.BitForImageClassification(tfbit.BitConfig(**SMALL)).save(tmp_path / "m.keras")
+    done = run("-c", f"import tfbit, keras; print(type(keras.saving.load_model({str(tmp_path / 'm.keras')!r})).__name__)")
+    assert done.returncode == 0 and done.stdout.split()[-1] == "BitForImageClassification", done.stderr[-2000:]
 
 
 def test_the_cli_choices_are_the_librarys():
@@ -83,11 +96,14 @@ def test_predict_is_quiet_and_inference_defaults_apply(tmp_path):
     done = run("-m", "conversion.predict", tmp_path / "m.tflite", tmp_path / "x.png", "--verbose")
     assert done.returncode == 0 and native_lines(done.stderr), done.stderr
     assert "oneDNN custom operations are on" not in done.stderr
+    done = run("-m", "conversion.predict", tmp_path / "m.tflite", tmp_path / "x.png", "--verbose",
+               env={"TF_ENABLE_ONEDNN_OPTS": "1"})
+    assert done.returncode == 0 and "oneDNN custom operations are on" in done.stderr, done.stderr  # exported wins
 
 
 def test_filtering_keeps_everything_but_native_log_lines():
     done = run("-c", "import os, sys, warnings\n"
-                     "from conversion.environment import native_logs_filtered\n"
+                     "from tfbit.environment import native_logs_filtered\n"
                      "try:\n"
                      "    with native_logs_filtered():\n"
                      "        os.write(2, b'W0000 00:00:1795969144.623448   22771 helpers.cc:364] Ignored output_format.\\n')\n"
@@ -99,3 +115,24 @@ def test_filtering_keeps_everything_but_native_log_lines():
     assert done.returncode == 0
     assert "UserWarning: a Python warning" in done.stderr and done.stderr.endswith("after\n")
     assert "Ignored output_format" not in done.stderr and "XNNPACK" not in done.stderr
+
+
+def test_finetune_is_quiet_unless_verbose(tmp_path):
+    """`python -m tfbit.finetune` printed 5-7 TensorFlow lines (and a oneDNN note) at every start."""
+    import tfbit
+    from PIL import Image
+    tfbit.BitForImageClassification(tfbit.BitConfig(**dict(SMALL, num_labels=2))).save(tmp_path / "m.keras")
+    for label, value in (("dark", 40), ("light", 210)):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (36, 36), (value + i, value, value)).save(tmp_path / "data" / label / f"{i}.png")
+    command = ["-m", "tfbit.finetune", tmp_path / "m.keras", "--data", tmp_path / "data", "--steps", "2",
+               "--batch-size", "4", "--crop-size", "32", "--resize-size", "36", "--epochs", "1"]
+    done = run(*command, "--output", tmp_path / "quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not native_lines(done.stderr) and "oneDNN" not in done.stderr, done.stderr
+    assert "best checkpoint:" in done.stdout
+    done = run(*command, "--output", tmp_path / "verbose", "--verbose")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert native_lines(done.stderr), done.stderr
+    assert "oneDNN custom operations are on" in done.stderr  # fine-tuning's default (tfbit/runtime.py)

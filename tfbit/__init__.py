@@ -1,16 +1,25 @@
 """tfbit: BiT (Big Transfer) ResNetV2 models as Keras 3 / TensorFlow, numerically identical to
 Hugging Face transformers' BiT."""
 
-from tfbit.weights.checkpoint import CheckpointError
-from tfbit.config import BitConfig
-from tfbit.layers import DropPath, GroupNormActivation, StemMaxPool, WSConv2D
-from tfbit.models import BitBackbone, BitForImageClassification, BitModel, fold_weight_standardization
-from tfbit.schedules import BiTSchedule
-from tfbit.pretrained import load_model
-from tfbit.presets import presets
-from tfbit.preprocessing_layer import BitPreprocessing
+from tfbit import api as _api
 
 __version__ = "0.1.0"
 
-__all__ = ["BitConfig", "BitModel", "BitForImageClassification", "BitBackbone", "CheckpointError", "fold_weight_standardization", "load_model", "presets",
-           "WSConv2D", "GroupNormActivation", "StemMaxPool", "DropPath", "BiTSchedule", "BitPreprocessing"]
+import_api = _api.expose(globals(), {
+    "BitConfig": "tfbit.config",
+    "BitModel": "tfbit.models",
+    "BitForImageClassification": "tfbit.models",
+    "BitBackbone": "tfbit.models",
+    "CheckpointError": "tfbit.weights.checkpoint",
+    "fold_weight_standardization": "tfbit.models",
+    "load_model": "tfbit.pretrained",
+    "presets": "tfbit.presets",
+    "WSConv2D": "tfbit.layers",
+    "GroupNormActivation": "tfbit.layers",
+    "StemMaxPool": "tfbit.layers",
+    "DropPath": "tfbit.layers",
+    "BiTSchedule": "tfbit.schedules",
+    "BitPreprocessing": "tfbit.preprocessing_layer",
+})
+if not _api.deferred():
+    import_api()

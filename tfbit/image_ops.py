@@ -1,11 +1,14 @@
 """BiT preprocessing as TensorFlow ops, for serving graphs (SavedModel / TF Serving).
 
 Same steps as :class:`tfbit.image_processor.BitImageProcessor` built from core TF ops only (no
-``py_function``). ``tf.image.resize(antialias=True)`` uses Pillow's filters and support but float
-weights; running its two passes separately and rounding each to uint8, as Pillow and torch do,
-makes it agree with both to within one uint8 level on under 1% of the values of downscaled photos.
-A one-level difference after the first pass can become two after the second (its negative lobes):
-upscaled images (e.g. 128-pixel GIFs) and sharp JPEG-compressed edges show two on up to ~2.5%.
+``py_function``). uint8 images are resized in the processor's own integer arithmetic: the
+weights Pillow or torch compute in float64, quantized to fixed point (22 bits of int32 for
+Pillow, int16 with up to 22 bits for torch), two passes (horizontal first, except where Pillow 13
+goes vertical first), each rounded half up and clamped to uint8; so the pixels equal the
+processor's bit for bit.
+``tf.image.resize(antialias=True)`` has the same filters and support but float32 weights, which
+left up to two uint8 levels of difference; it still resizes float images, where the processor
+uses unquantized weights too.
 
 ``preprocess_image_bytes`` takes encoded images: ``tfbit.image_decode`` checks their headers and
 decodes them to the pixels of ``load_image``'s PIL image (its docstring lists the formats, what each
@@ -15,6 +18,7 @@ transparency colour kept by ``convert("RGB")`` becomes white (see ``_whiten``).
 
 from __future__ import annotations
 
+import PIL
 import tensorflow as tf
 
 from tfbit import image_decode
@@ -22,7 +26,12 @@ from tfbit.image_files import MAX_PIXELS
 from tfbit.image_processor import BitImageProcessor
 
 _METHODS = {2: "bilinear", 3: "bicubic"}
-_STRIP_ROWS = 256
+_PIL_BITS = 22  # Pillow's PRECISION_BITS: 32 - 8 - 2
+# Pillow 13 runs the vertical pass first when the height shrinks by more than twice as many
+# pixels as the width (Resample.c); earlier Pillow and torch always go horizontal first. The
+# pil backend matches the Pillow installed where the graph is built (rounded passes do not
+# commute: the two orders differ by up to ~9 levels).
+_PILLOW_ORDERS_BY_SHAPE = int(PIL.__version__.split(".")[0]) >= 13
 
 
 def _processor(processor):
@@ -40,34 +49,80 @@ def _output_size(height, width, p):
     return tf.where(portrait, new_long, target), tf.where(portrait, target, new_long)
 
 
-def _resize_width(x, width, method):
-    """Horizontal pass over uint8 (N, H, W, C), a strip of rows at a time: ScaleAndTranslate
-    converts its whole input to float32 (12 bytes a pixel, 0.8 GB for 64 megapixels); a strip is
-    a few MB. Rows are resized independently, so the result is the same."""
-    height = tf.shape(x)[1]
+def _filter(x, resample):
+    """Pillow's triangle (2) and Keys a=-0.5 cubic (3) in its expression order, float64."""
+    x = tf.abs(x)
+    if resample == 2:
+        return tf.maximum(1.0 - x, 0.0)
+    return tf.where(x < 1.0, (1.5 * x - 2.5) * x * x + 1,
+                    tf.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * -0.5, tf.zeros_like(x)))
 
-    def strip(start, strips):
-        rows = tf.minimum(_STRIP_ROWS, height - start)
-        out = tf.image.resize(x[:, start:start + rows], tf.stack([rows, width]), method=method, antialias=True)
-        return start + _STRIP_ROWS, strips.write(start // _STRIP_ROWS, tf.transpose(out, [1, 0, 2, 3]))
 
-    strips = tf.TensorArray(tf.float32, size=0, dynamic_size=True, infer_shape=False)
-    _, strips = tf.while_loop(lambda start, _: start < height, strip, [tf.constant(0), strips])
-    return tf.transpose(strips.concat(), [1, 0, 2, 3])
+def _fixed_point_weights(in_size, out_size, resample, backend):
+    """What Pillow's precompute_coeffs + normalize_coeffs_8bpc and torch's uint8 antialias kernel
+    compute, as `tfbit.image_processor._resample_weights` does in NumPy: input index and int32
+    weight of every tap, (out_size, taps), and the fixed-point bits."""
+    radius = {2: 1.0, 3: 2.0}[resample]
+    scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
+    filter_scale = tf.maximum(scale, 1.0)
+    support = radius * filter_scale
+    center = scale * (tf.range(out_size, dtype=tf.float64) + 0.5)
+    first = tf.maximum(tf.cast(center - support + 0.5, tf.int32), 0)  # C's (int): toward zero
+    count = tf.minimum(tf.cast(center + support + 0.5, tf.int32), in_size) - first
+    taps = tf.range(tf.cast(tf.math.ceil(support), tf.int32) * 2 + 1)
+    index = first[:, None] + taps
+    offset = (tf.cast(index, tf.float64) - center[:, None] + 0.5) * (1.0 / filter_scale)
+    weights = tf.where(taps < count[:, None], _filter(offset, resample), tf.zeros_like(offset))
+    # summed tap by tap, as C does (a CPU cumsum runs in order), so that rounding ties break identically
+    total = tf.math.cumsum(weights, axis=1)[:, -1]
+    weights /= tf.where(total == 0.0, tf.ones_like(total), total)[:, None]
+    if backend == "pil":
+        bits = tf.constant(_PIL_BITS)
+    else:  # the most bits (<= 22) that keep torch's largest int16 weight below 2**15
+        candidates = tf.range(_PIL_BITS + 1)
+        fits = tf.cast(0.5 + tf.reduce_max(weights) * tf.pow(tf.constant(2.0, tf.float64), tf.cast(candidates, tf.float64)), tf.int64) < 2 ** 15
+        bits = tf.reduce_max(tf.where(fits, candidates, 0))
+    scaled = weights * tf.pow(tf.constant(2.0, tf.float64), tf.cast(bits, tf.float64))
+    fixed = tf.cast(tf.where(weights < 0, scaled - 0.5, scaled + 0.5), tf.int32)  # truncation
+    return tf.minimum(index, in_size - 1), fixed, bits
+
+
+def _resize_axis_fixed(x, axis, size, resample, backend):
+    """One pass over axis 1 (vertical) or 2 (horizontal) of uint8 (N, H, W, C) in the processor's
+    integer arithmetic, one tap at a time: the int32 sum is as large as the output, where
+    gathering every tap at once would take ~0.6 GB for a 12-megapixel photo."""
+    index, weights, bits = _fixed_point_weights(tf.shape(x)[axis], size, resample, backend)
+    shape = tf.tensor_scatter_nd_update(tf.shape(x), [[axis]], [size])
+    weights = tf.reshape(weights, tf.stack([size, -1] + [1] * (3 - axis)))  # (size, taps, 1[, 1])
+
+    def tap(j, acc):
+        return j + 1, acc + tf.cast(tf.gather(x, index[:, j], axis=axis), tf.int32) * weights[:, j]
+
+    start = tf.fill(shape, tf.bitwise.left_shift(1, bits) // 2)  # rounds half up
+    _, acc = tf.while_loop(lambda j, _: j < tf.shape(index)[1], tap, [tf.constant(0), start])
+    return tf.cast(tf.clip_by_value(tf.bitwise.right_shift(acc, bits), 0, 255), tf.uint8)
 
 
 def _resize(x, p):
     """x: uint8 or float32 (N, H, W, C) of 0-255 values, all of one size -> float32."""
     height, width = tf.shape(x)[1], tf.shape(x)[2]
     new_h, new_w = _output_size(height, width, p)
-    method = _METHODS[p.resample]
     if x.dtype != tf.uint8:
-        return tf.image.resize(x, tf.stack([new_h, new_w]), method=method, antialias=True)
-    # Horizontal then vertical pass, each rounded half up and clamped to uint8 like Pillow/torch.
-    # A pass over an unchanged axis is an exact identity (cubic/triangle weights are 1, 0, 0).
-    x = tf.clip_by_value(tf.floor(_resize_width(x, new_w, method) + 0.5), 0.0, 255.0)
-    x = tf.image.resize(x, tf.stack([new_h, new_w]), method=method, antialias=True)
-    return tf.clip_by_value(tf.floor(x + 0.5), 0.0, 255.0)
+        return tf.image.resize(x, tf.stack([new_h, new_w]), method=_METHODS[p.resample], antialias=True)
+    def horizontal(x):
+        return _resize_axis_fixed(x, 2, new_w, p.resample, p.backend)
+
+    def vertical(x):
+        return _resize_axis_fixed(x, 1, new_h, p.resample, p.backend)
+
+    # A pass over an unchanged axis is an exact identity, so both always run.
+    if p.backend == "pil" and _PILLOW_ORDERS_BY_SHAPE:
+        shrink_h, shrink_w = height - new_h, width - new_w
+        x = tf.cond((shrink_h > 0) & (shrink_h > 2 * shrink_w), lambda: horizontal(vertical(x)),
+                    lambda: vertical(horizontal(x)))
+    else:
+        x = vertical(horizontal(x))
+    return tf.cast(x, tf.float32)
 
 
 def _center_crop(x, height, width, ceil_padding):

@@ -2,8 +2,8 @@
 
 The computation is `tfbit.image_ops` (the serving graph's preprocessing), so a model with this
 layer in front takes what the SavedModel's `serving_default` takes after decoding: images of any
-size, uint8 or floats holding 0-255 values, and agrees with the Python processor within one uint8
-level. TensorFlow backend only: the antialiased resize is TF's.
+size, uint8 or floats holding 0-255 values. On uint8 images it equals the Python processor (its
+fixed-point resize); floats are resized with TF's antialiased resize. TensorFlow backend only.
 """
 
 import keras

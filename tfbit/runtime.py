@@ -4,19 +4,16 @@
   whose Python interpreter otherwise runs on a single thread.
 - oneDNN (`TF_ENABLE_ONEDNN_OPTS`, read once when TensorFlow is imported): off for inference,
   where it slows BiT at batch 1 by ~20% (nothing fuses with GroupNorm) and gains ~7% at
-  batch 16. Some TensorFlow builds turn it on by default, so the converter and predict CLIs
-  say it explicitly before anything imports TensorFlow (`conversion.environment`, which
-  cannot live here: importing `tfbit` imports TensorFlow); a value already in the environment
-  wins. Fine-tuning is the opposite case (its convolution gradients make a step 40-45%
-  faster), but `python -m tfbit.finetune` imports `tfbit` first, so it can only recommend it.
+  batch 16; on for fine-tuning, where its convolution gradients make a step 40-45% faster.
+  Some TensorFlow builds turn it on by default, so every CLI says it explicitly before
+  anything imports TensorFlow (`tfbit.environment.configure`); a value already in the
+  environment wins.
 - XLA stays opt-in: +5-20% img/s for inference, but compiling R50x1 takes 20-40 s.
 """
 
 import argparse
 import os
 import warnings
-
-ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
 
 
 def available_cores():

@@ -23,7 +23,7 @@ def _dataset(spec, data_dir, download):
 
 
 def main(argv=None):
-    from tfbit import runtime
+    from tfbit import environment, runtime
     parser = argparse.ArgumentParser(prog="python -m tfbit.finetune", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,11 +61,10 @@ def main(argv=None):
                              "OUTPUT/transformers: config.json, model.safetensors, preprocessor_config.json)")
     parser.add_argument("--threads", type=runtime.positive_int,
                         help="CPU threads (default: every available core; see tfbit/runtime.py)")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's C++ log lines")
     args = parser.parse_args(argv)
+    environment.configure(args.verbose, training=True)  # before anything else imports TensorFlow
     runtime.set_threads(args.threads)
-    if runtime.ONEDNN not in os.environ:
-        print(f"note: {runtime.ONEDNN}=1 in the environment makes training steps ~40% faster on x86 CPUs "
-              "(it must be set before Python starts)", file=sys.stderr)
 
     from tfbit.finetune.trainer import NonFiniteLossError, ShortScheduleWarning, finetune
     _plain_warnings(ShortScheduleWarning)
