@@ -2,11 +2,14 @@
 variant, next to onnxruntime running transformers' model in fp32 and static int8.
 
     python benchmarks/bench_int8.py [--repeats N] [--calibration 2 8 16 32] [--views 4]
+                                    [--image-size 224] [--train-steps 0]
     python benchmarks/bench_int8.py --layers   (only the per-layer error profile of full int8, below)
     python -m benchmarks.bench_int8 ...        (the same, from the repository root)
 
 The model is benchmarks/realistic_model.py's full-size R50x1 (a head fitted so that each shipped
-photo is a class of its own; built and cached on first use, ~2 min). Three subprocesses:
+photo is a class of its own; built and cached on first use, ~2 min); --train-steps N selects its
+trained-body variant (the body trained end to end for N steps first; 200 steps at --image-size 128
+take ~7 min). Three subprocesses:
 
 1. tflite (TensorFlow): tfbit loads the checkpoint, `conversion.export` writes fp32, fp16,
    dynamic-range int8 and full int8 (calibrated on N mirrored photos, as `conversion.convert`
@@ -17,8 +20,9 @@ photo is a class of its own; built and cached on first use, ~2 min). Three subpr
    onnxruntime's static quantization (QDQ, per-channel weights) calibrates on the same images.
 3. measure (neither framework): every file runs on the evaluation set — the 32 photos and
    --views augmented views of each (crop, flip, brightness/contrast; not the views the head was
-   fitted on) — for top-1 agreement with the reference, max |delta logits| in units of the
-   logits' per-image spread, and accuracy (the class of a view is its photo); then batch-1
+   fitted on) — for top-1 agreement with the reference (also on the images whose float top-1
+   margin is at least a fifth of the logits' spread, i.e. not near-ties), max |delta logits| in
+   units of the logits' per-image spread, and accuracy (the class of a view is its photo); then batch-1
    latency, interleaved over the systems --repeats times, 2 threads each (LiteRT with
    XNNPACK, onnxruntime intra-op 2).
 
@@ -58,21 +62,26 @@ def _calibration_photos(count):
     return real.mirrored(real.spread(real.photo_images().images, count))
 
 
-def _realistic(views):
+def _checkpoint(args):
+    from benchmarks import realistic_model
+    return realistic_model.realistic_checkpoint(image_size=args.image_size, train_steps=args.train_steps,
+                                                log=lambda m: print(m, file=sys.stderr))
+
+
+def _realistic(args):
     """(the folded float model, its processor, evaluation pixels, their labels): the realistic
-    R50x1 and the 32 photos plus `views` augmented views of each (the class of a view is its photo)."""
+    R50x1 and the 32 photos plus `args.views` augmented views of each (the class of a view is its photo)."""
     import tfbit
     from benchmarks import realistic_model
     from conversion import export, images as real
     from tfbit.image_processor import BitImageProcessor
 
-    path = realistic_model.realistic_checkpoint(log=lambda m: print(m, file=sys.stderr))
-    model, checkpoint = tfbit.load_model(path, task="classification")
+    model, checkpoint = tfbit.load_model(_checkpoint(args), task="classification")
     processor = BitImageProcessor.from_dict(checkpoint.preprocessor)
     photos = real.photo_images().images
     rng = np.random.RandomState(EVAL_SEED)
-    augmented = [realistic_model._augment(p, rng) for p in photos for _ in range(views)]
-    labels = list(range(len(photos))) + [i for i in range(len(photos)) for _ in range(views)]
+    augmented = [realistic_model._augment(p, rng) for p in photos for _ in range(args.views)]
+    labels = list(range(len(photos))) + [i for i in range(len(photos)) for _ in range(args.views)]
     return export.float32_inference_model(model), processor, processor(photos + augmented), labels
 
 
@@ -94,7 +103,7 @@ def child_tflite(args):
     tf = setup_tf()
     from conversion import export, tflite_graph
 
-    inference, processor, pixels, labels = _realistic(args.views)
+    inference, processor, pixels, labels = _realistic(args)
     reference = inference.predict(pixels, batch_size=16, verbose=0)
     np.save(os.path.join(args.workdir, "eval.npy"), pixels)
     np.save(os.path.join(args.workdir, "labels.npy"), np.asarray(labels))
@@ -138,7 +147,7 @@ def child_tflite(args):
 def child_layers(args):
     """Per-op error of full int8 (QuantizationDebugger's layer statistics)."""
     tf = setup_tf()
-    inference, processor, evaluation, _ = _realistic(args.views)
+    inference, processor, evaluation, _ = _realistic(args)
     with _int8_converter(tf, inference, processor, tuple(evaluation.shape[1:3])) as converter:
         debugger = tf.lite.experimental.QuantizationDebugger(
             converter=converter, debug_dataset=lambda: ([x[None]] for x in evaluation))
@@ -192,12 +201,11 @@ def child_onnx(args):
     torch = setup_torch()
     import onnxruntime.quantization as oq
     import transformers
-    from benchmarks import realistic_model
 
-    path = realistic_model.realistic_checkpoint(log=lambda m: print(m, file=sys.stderr))
+    path = _checkpoint(args)
     model = transformers.BitForImageClassification.from_pretrained(path).eval()
     fp32 = os.path.join(args.workdir, "hf_fp32.onnx")
-    torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), fp32, input_names=["pixel_values"],
+    torch.onnx.export(model, (torch.zeros(1, 3, args.image_size, args.image_size),), fp32, input_names=["pixel_values"],
                       output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}}, opset_version=17,
                       dynamo=False)
     processor = transformers.AutoImageProcessor.from_pretrained(path)
@@ -250,12 +258,16 @@ def child_measure(args):
     files = json.loads(args.files)
     reference, labels, x = data["reference"], data["labels"], data["eval"]
     spread = float(np.mean(reference.max(1) - reference.min(1)))
+    top = np.sort(reference, axis=1)
+    clear = (top[:, -1] - top[:, -2]) >= 0.2 * spread  # not a near-tie of the float model
     runs = {name: _runner(path) for name, path in files.items()}
-    fidelity = {"reference": {"accuracy": float(np.mean(reference.argmax(1) == labels)), "spread": spread}}
+    fidelity = {"reference": {"accuracy": float(np.mean(reference.argmax(1) == labels)), "spread": spread,
+                              "clear": int(clear.sum())}}
     for name, run in runs.items():
         logits = np.concatenate([run(x[i:i + 16]) for i in range(0, len(x), 16)])
         delta = float(np.abs(logits - reference).max())
-        fidelity[name] = {"agreement": float(np.mean(logits.argmax(1) == reference.argmax(1))),
+        agree = logits.argmax(1) == reference.argmax(1)
+        fidelity[name] = {"agreement": float(np.mean(agree)), "clear_agreement": float(np.mean(agree[clear])),
                           "accuracy": float(np.mean(logits.argmax(1) == labels)),
                           "max_abs_diff": delta, "per_spread": delta / spread}
     one = x[:1]
@@ -284,6 +296,9 @@ def main():
     parser.add_argument("--calibration", type=int, nargs="+", default=[2, 8, 32],
                         help=f"calibration set sizes for full int8 besides the default {DEFAULT_CALIBRATION}")
     parser.add_argument("--views", type=int, default=4, help="augmented views per photo in the evaluation set")
+    parser.add_argument("--image-size", type=int, default=224, help="the realistic model's resolution")
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="the realistic model's trained-body variant (0: random body, head fitted)")
     parser.add_argument("--workdir", help="keep the files here")
     parser.add_argument("--layers", action="store_true", help="only the per-op error profile of full int8")
     parser.add_argument("--child", choices=["tflite", "onnx", "measure", "layers"], help=argparse.SUPPRESS)
@@ -298,7 +313,8 @@ def main():
     scratch = None if args.workdir else tempfile.TemporaryDirectory(prefix="tfbit_int8_")
     workdir = args.workdir or scratch.name
     os.makedirs(workdir, exist_ok=True)
-    common = ["--workdir", workdir, "--views", str(args.views)]
+    common = ["--workdir", workdir, "--views", str(args.views), "--image-size", str(args.image_size),
+              "--train-steps", str(args.train_steps)]
     if args.layers:
         out = run_child([__file__, "--child", "layers", *common])
         if "error" in out:
@@ -320,19 +336,21 @@ def main():
 
     fidelity, latency = out["fidelity"], out["latency_ms"]
     ref = fidelity["reference"]
-    print(f"\n## Realistic R50x1, 224x224: {out['images']} images (32 photos + {args.views} views each); "
-          f"float reference accuracy {ref['accuracy']:.1%}, mean logit spread {ref['spread']:.2f}")
+    body = f"body trained {args.train_steps} steps" if args.train_steps else "random body"
+    print(f"\n## Realistic R50x1 ({body}), {args.image_size}x{args.image_size}: {out['images']} images (32 photos + "
+          f"{args.views} views each); float reference accuracy {ref['accuracy']:.1%}, mean logit spread "
+          f"{ref['spread']:.2f}; {ref['clear']} images with a top-1 margin >= 0.2 spread")
     rows = []
     for name in files:
         f, lat = fidelity[name], latency[name]
         rows.append([name, f"{median(lat):.1f}",
                      f"{ratio(latency, name, 'fp32'):.2f}" if "fp32" in latency else "–",
                      f"{ratio(latency, name, 'onnxruntime_int8'):.2f}" if "onnxruntime_int8" in latency else "–",
-                     f"{f['agreement']:.1%}", f"{f['accuracy']:.1%}", f"{f['max_abs_diff']:.2f}",
+                     f"{f['agreement']:.1%}", f"{f['clear_agreement']:.1%}", f"{f['accuracy']:.1%}", f"{f['max_abs_diff']:.2f}",
                      f"{f['per_spread']:.3f}", str(tflite["float_ops"].get(name, "–")),
                      f"{tflite['sizes_mb'][name]:.1f}" if name in tflite["sizes_mb"] else "–",
                      f"{(tflite['seconds'].get(name) or onnx['seconds'].get(name) or float('nan')):.0f}"])
-    print(table(["system", "b1 ms", "× TFLite fp32", "× ORT int8", "top-1 agreement", "accuracy", "max |Δ|",
+    print(table(["system", "b1 ms", "× TFLite fp32", "× ORT int8", "top-1 agreement", "on margin >= 0.2 spread", "accuracy", "max |Δ|",
                  "|Δ| / spread", "float ops", "MB", "convert s"], rows))
     print("\n(× columns: speed ratios, median of interleaved samples; convert s for the default-calibration"
           " TFLite row is the time of all four variants together)")
