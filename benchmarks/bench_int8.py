@@ -30,7 +30,9 @@ take ~7 min). Three subprocesses:
 int8 model (the converter's settings, 16 calibration photos) on the evaluation set and compares
 every quantized op's output with the float op fed the same quantized input: each op's own
 error in quantization steps of its output (RMSE, mean and max; rounding alone gives RMSE 0.29),
-by op type, by layer group and the ten worst.
+by op type, by layer group and the ten worst. Then full int8 is converted again with some op
+types left in float (`KEEP_FLOAT`) and measured for top-1 agreement: which ops, made exact,
+win the answers back.
 """
 
 import argparse
@@ -144,14 +146,51 @@ def child_tflite(args):
           "sizes_mb": {name: os.path.getsize(p) / 2**20 for name, p in files.items()}})
 
 
+# Op types kept in float (the debugger's denylist; float kernels allowed for them) to see which
+# of them, computed exactly, win the answers back.
+KEEP_FLOAT = {"nothing (full int8)": [], "GroupNorm statistics (MEAN)": ["MEAN"],
+              "every GroupNorm op (MEAN, SUB, MUL, ADD, RSQRT)": ["MEAN", "SUB", "MUL", "ADD", "RSQRT"],
+              "convolutions (CONV_2D)": ["CONV_2D"]}
+
+
+def _agreement(logits, reference):
+    """Top-1 agreement, overall and on the images that are not near-ties of the float model."""
+    spread = np.mean(reference.max(1) - reference.min(1))
+    top = np.sort(reference, axis=1)
+    clear = (top[:, -1] - top[:, -2]) >= 0.2 * spread
+    agree = logits.argmax(1) == reference.argmax(1)
+    return {"agreement": float(np.mean(agree)), "clear_agreement": float(np.mean(agree[clear])),
+            "clear": int(clear.sum()), "per_spread": float(np.abs(logits - reference).max() / spread)}
+
+
 def child_layers(args):
-    """Per-op error of full int8 (QuantizationDebugger's layer statistics)."""
+    """Per-op error of full int8 (QuantizationDebugger's layer statistics), then the agreement
+    of full int8 with each group of KEEP_FLOAT left in float."""
     tf = setup_tf()
     inference, processor, evaluation, _ = _realistic(args)
     with _int8_converter(tf, inference, processor, tuple(evaluation.shape[1:3])) as converter:
         debugger = tf.lite.experimental.QuantizationDebugger(
             converter=converter, debug_dataset=lambda: ([x[None]] for x in evaluation))
         debugger.run()
+    reference = inference.predict(evaluation, batch_size=16, verbose=0)
+    keep_float = {}
+    for name, ops in KEEP_FLOAT.items():
+        with _int8_converter(tf, inference, processor, tuple(evaluation.shape[1:3])) as converter:
+            if ops:
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                                                       tf.lite.OpsSet.TFLITE_BUILTINS]
+                flatbuffer = tf.lite.experimental.QuantizationDebugger(
+                    converter=converter, debug_dataset=lambda: ([x[None]] for x in evaluation[:1]),
+                    debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=ops),
+                ).get_nondebug_quantized_model()
+            else:
+                flatbuffer = converter.convert()
+        path = os.path.join(args.workdir, f"keep_float_{len(keep_float)}.tflite")
+        with open(path, "wb") as f:
+            f.write(flatbuffer)
+        run = _runner(path)
+        keep_float[name] = _agreement(np.concatenate([run(evaluation[i:i + 16]) for i in range(0, len(evaluation), 16)]),
+                                      reference)
     stats = os.path.join(args.workdir, "layer_stats.csv")
     with open(stats, "w") as f:
         debugger.layer_statistics_dump(f)
@@ -167,7 +206,7 @@ def child_layers(args):
                        "rmse_steps": float(row["mean_squared_error"]) ** 0.5 / scale,
                        "bias_steps": float(row["mean_error"]) / scale,
                        "max_steps": float(row["max_abs_error"]) / scale})
-    emit({"layers": layers, "images": len(evaluation)})
+    emit({"layers": layers, "images": len(evaluation), "keep_float": keep_float})
 
 
 def report_layers(out):
@@ -193,6 +232,10 @@ def report_layers(out):
     print(table(["depth", "op", "RMSE", "bias", "max |error|", "tensor"],
                 [[g["depth"], g["op"], f"{g['rmse_steps']:.2f}", f"{g['bias_steps']:.2f}", f"{g['max_steps']:.1f}",
                   g["tensor"][:70]] for g in worst]))
+    print(f"\n## Full int8 with some op types left in float ({out['images']} images)")
+    print(table(["kept in float", "top-1 agreement", "on margin >= 0.2 spread", "max |Δ| / spread"],
+                [[name, f"{k['agreement']:.1%}", f"{k['clear_agreement']:.1%} of {k['clear']}", f"{k['per_spread']:.3f}"]
+                 for name, k in out["keep_float"].items()]))
 
 
 def child_onnx(args):
@@ -258,18 +301,13 @@ def child_measure(args):
     files = json.loads(args.files)
     reference, labels, x = data["reference"], data["labels"], data["eval"]
     spread = float(np.mean(reference.max(1) - reference.min(1)))
-    top = np.sort(reference, axis=1)
-    clear = (top[:, -1] - top[:, -2]) >= 0.2 * spread  # not a near-tie of the float model
     runs = {name: _runner(path) for name, path in files.items()}
     fidelity = {"reference": {"accuracy": float(np.mean(reference.argmax(1) == labels)), "spread": spread,
-                              "clear": int(clear.sum())}}
+                              "clear": _agreement(reference, reference)["clear"]}}
     for name, run in runs.items():
         logits = np.concatenate([run(x[i:i + 16]) for i in range(0, len(x), 16)])
-        delta = float(np.abs(logits - reference).max())
-        agree = logits.argmax(1) == reference.argmax(1)
-        fidelity[name] = {"agreement": float(np.mean(agree)), "clear_agreement": float(np.mean(agree[clear])),
-                          "accuracy": float(np.mean(logits.argmax(1) == labels)),
-                          "max_abs_diff": delta, "per_spread": delta / spread}
+        fidelity[name] = {**_agreement(logits, reference), "accuracy": float(np.mean(logits.argmax(1) == labels)),
+                          "max_abs_diff": float(np.abs(logits - reference).max())}
     one = x[:1]
     for run in runs.values():  # XNNPACK packing, allocator warm-up
         run(one), run(one)

@@ -29,6 +29,7 @@ ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
 LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"
 HF_PROGRESS_BARS = "HF_HUB_DISABLE_PROGRESS_BARS"
 _quiet = False  # set by `configure`: the running CLI filters native log lines
+_exported = dict(os.environ)  # before any default below: what a child CLI should inherit
 
 # abseil/glog records ("I0000 00:00:1795969131.85 22771 file.cc:31] ..."), the notice abseil
 # prints before it is initialized, the continuation line of TensorFlow's CPU feature notice,
@@ -67,6 +68,12 @@ def configure(verbose=False, training=False):
     with native_logs_filtered(enabled=not verbose):
         importlib.import_module("tensorflow")  # here, so that its import-time lines are filtered
         importlib.import_module("tfbit").import_api()
+
+
+def exported_environment():
+    """The environment as the user exported it, without the defaults set here: for a child
+    process that is another CLI (it sets its own, e.g. oneDNN off for inference)."""
+    return dict(_exported)
 
 
 def cli_logs_filtered():

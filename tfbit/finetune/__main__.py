@@ -141,8 +141,11 @@ def _export(args):
     if args.validation and os.path.isdir(args.validation):
         command += ["--images", args.validation]
     print("exporting:", " ".join(command), flush=True)
-    # exports need TensorFlow; a fine-tune run under JAX or torch still converts its .keras file
-    return subprocess.run(command, env={**os.environ, "KERAS_BACKEND": "tensorflow"}).returncode
+    from tfbit import environment
+    # the converter sets its own defaults (oneDNN off), so it gets the environment as exported;
+    # exports need TensorFlow: a fine-tune run under JAX or torch still converts its .keras file
+    env = {**environment.exported_environment(), "KERAS_BACKEND": "tensorflow"}
+    return subprocess.run(command, env=env).returncode
 
 
 if __name__ == "__main__":
