@@ -58,6 +58,10 @@ def _filter(x, resample):
                     tf.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * -0.5, tf.zeros_like(x)))
 
 
+def _power_of_two(bits):
+    return tf.pow(tf.constant(2.0, tf.float64), tf.cast(bits, tf.float64))
+
+
 def _fixed_point_weights(in_size, out_size, resample, backend):
     """What Pillow's precompute_coeffs + normalize_coeffs_8bpc and torch's uint8 antialias kernel
     compute, as `tfbit.image_processor._resample_weights` does in NumPy: input index and int32
@@ -80,9 +84,9 @@ def _fixed_point_weights(in_size, out_size, resample, backend):
         bits = tf.constant(_PIL_BITS)
     else:  # the most bits (<= 22) that keep torch's largest int16 weight below 2**15
         candidates = tf.range(_PIL_BITS + 1)
-        fits = tf.cast(0.5 + tf.reduce_max(weights) * tf.pow(tf.constant(2.0, tf.float64), tf.cast(candidates, tf.float64)), tf.int64) < 2 ** 15
+        fits = tf.cast(0.5 + tf.reduce_max(weights) * _power_of_two(candidates), tf.int64) < 2 ** 15
         bits = tf.reduce_max(tf.where(fits, candidates, 0))
-    scaled = weights * tf.pow(tf.constant(2.0, tf.float64), tf.cast(bits, tf.float64))
+    scaled = weights * _power_of_two(bits)
     fixed = tf.cast(tf.where(weights < 0, scaled - 0.5, scaled + 0.5), tf.int32)  # truncation
     return tf.minimum(index, in_size - 1), fixed, bits
 
@@ -109,6 +113,7 @@ def _resize(x, p):
     new_h, new_w = _output_size(height, width, p)
     if x.dtype != tf.uint8:
         return tf.image.resize(x, tf.stack([new_h, new_w]), method=_METHODS[p.resample], antialias=True)
+
     def horizontal(x):
         return _resize_axis_fixed(x, 2, new_w, p.resample, p.backend)
 
