@@ -8,24 +8,17 @@ they equal the library's (`conversion.export.TFLITE_QUANTIZATIONS`, `tfbit.pretr
 and in a CLI's process neither does `tfbit` itself: `tfbit.api`).
 """
 
-import argparse
 import sys
 import time
 
 from tfbit import runtime
 
 positive_int = runtime.positive_int  # the argparse type of counts (--threads, --top-k, ...)
+parser = runtime.parser  # the parser of `python -m <module>` from its docstring
 
 TFLITE_QUANTIZATIONS = ("fp32", "fp16", "dynamic_int8", "int8")
 TASKS = ("classification", "features", "backbone")
 SOURCE_FORMATS = ("hf", "timm", "npz", "keras")
-
-
-def parser(module, doc):
-    """The parser of `python -m <module>`: the module docstring's first paragraph describes the
-    command, the paragraphs after its usage line are the epilog."""
-    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0],
-                                   epilog=doc.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_verbose(parser):

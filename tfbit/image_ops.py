@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from tfbit import image_decode
 from tfbit.image_files import MAX_PIXELS
-from tfbit.image_processor import BitImageProcessor
+from tfbit.image_processor import _FILTERS, BitImageProcessor
 
 _METHODS = {2: "bilinear", 3: "bicubic"}
 _PIL_BITS = 22  # Pillow's PRECISION_BITS: 32 - 8 - 2
@@ -66,7 +66,7 @@ def _fixed_point_weights(in_size, out_size, resample, backend):
     """What Pillow's precompute_coeffs + normalize_coeffs_8bpc and torch's uint8 antialias kernel
     compute, as `tfbit.image_processor._resample_weights` does in NumPy: input index and int32
     weight of every tap, (out_size, taps), and the fixed-point bits."""
-    radius = {2: 1.0, 3: 2.0}[resample]
+    radius = _FILTERS[resample][1]
     scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
     filter_scale = tf.maximum(scale, 1.0)
     support = radius * filter_scale

@@ -22,8 +22,15 @@ def available_cores():
     return os.cpu_count() or 1
 
 
+def parser(module, doc):
+    """The parser of `python -m <module>`: the module docstring's first paragraph describes the
+    command, the paragraphs after its usage line are the epilog."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0],
+                                   epilog=doc.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def positive_int(text):
-    """argparse type of `--threads`."""
+    """argparse type of counts (`--threads`, `--top-k`, ...)."""
     try:
         value = int(text)
     except ValueError:

@@ -8,10 +8,11 @@ SOURCE: anything the converter loads (hub id, checkpoint directory, timm file, .
 Rerunning the same command after an interruption resumes from the last backup.
 """
 
-import argparse
 import os
 import sys
 import warnings
+
+from tfbit import environment, runtime
 
 
 def _dataset(spec, data_dir, download):
@@ -23,10 +24,7 @@ def _dataset(spec, data_dir, download):
 
 
 def main(argv=None):
-    from tfbit import environment, runtime
-    parser = argparse.ArgumentParser(prog="python -m tfbit.finetune", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = runtime.parser("tfbit.finetune", __doc__)
     parser.add_argument("source")
     parser.add_argument("--data", required=True, help="training data: image folder or tfds name[:split]")
     parser.add_argument("--validation", help="validation data, same forms as --data")
@@ -141,7 +139,6 @@ def _export(args):
     if args.validation and os.path.isdir(args.validation):
         command += ["--images", args.validation]
     print("exporting:", " ".join(command), flush=True)
-    from tfbit import environment
     # the converter sets its own defaults (oneDNN off), so it gets the environment as exported;
     # exports need TensorFlow: a fine-tune run under JAX or torch still converts its .keras file
     env = {**environment.exported_environment(), "KERAS_BACKEND": "tensorflow"}
