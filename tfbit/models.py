@@ -125,27 +125,73 @@ class _BitBase(MultiWorkerFit, keras.Model):
     def __init__(self, inputs, outputs, config, standardize_weights, name, trainable):
         # Explicit arguments only: the Functional base class would silently swallow unknown
         # keywords (`include_top=False` keeping the head), Python now names them in a TypeError.
-        super().__init__(inputs=inputs, outputs=outputs, name=name, trainable=trainable)
+        super().__init__(inputs=inputs, outputs=outputs, name=name)
+        # Keras' `trainable` setter, not the constructor argument: only the setter reaches the
+        # layers, and a model nested in another lists its layers' weights, not its own flag.
+        self.trainable = trainable
         self.config = config
         self.standardize_weights = standardize_weights
 
+    def freeze_stages(self, through):
+        """Freeze the stem and every stage up to `through`; later stages, the final norm and the
+        head stay as they are (BiT fine-tunes often train only the top stages).
+
+        Args:
+            through: a stage name ("stem", "stage1", ..., as `config.stage_names`) or its index
+                (0 is the stem, as in `out_indices`).
+
+        Returns the names of the layers now frozen. `model.trainable = True` unfreezes every
+        layer again, as in Keras. The frozen layers are part of `get_config`, so a `.keras` file
+        reloads with the same layers frozen (and its optimizer state for the others).
+        """
+        names = list(self.config.stage_names)
+        if isinstance(through, str):
+            if through not in names:
+                raise ValueError(f"freeze_stages: {through!r} is not a stage of this model: "
+                                 f"choose from {', '.join(names)}")
+            last = names.index(through)
+        else:
+            last = int(through)
+            if not 0 <= last < len(names):
+                raise ValueError(f"freeze_stages: stage index {through} is out of range: "
+                                 f"0 (stem) to {len(names) - 1}")
+        stages = ("stem_",) + tuple(f"stage{i}_" for i in range(1, last + 1))
+        frozen = [layer for layer in self.layers if layer.weights and layer.name.startswith(stages)]
+        for layer in frozen:
+            layer.trainable = False
+        return [layer.name for layer in frozen]
+
+    def frozen_layers(self):
+        """Names of the layers frozen inside a trainable model (empty when the whole model is
+        frozen or trainable)."""
+        if not self.trainable:
+            return []
+        return [layer.name for layer in self.layers if layer.weights and not layer.trainable]
+
     def get_config(self):
-        return {"config": self.config.to_dict(), "standardize_weights": self.standardize_weights,
-                "name": self.name, "trainable": self.trainable, "dtype_policy": self.dtype_policy.name}
+        config = {"config": self.config.to_dict(), "standardize_weights": self.standardize_weights,
+                  "name": self.name, "trainable": self.trainable, "dtype_policy": self.dtype_policy.name}
+        frozen = self.frozen_layers()
+        return {**config, "frozen_layers": frozen} if frozen else config
 
     @classmethod
     def from_config(cls, config):
-        """Rebuild under the precision policy the model was built with: a mixed-precision
-        fine-tune reloads as one, with its loss-scaling optimizer state."""
+        """Rebuild under the precision policy the model was built with (a mixed-precision
+        fine-tune reloads as one, with its loss-scaling optimizer state), with the layers that
+        were frozen frozen again."""
         config = dict(config)
         policy = config.pop("dtype_policy", None)
+        frozen = config.pop("frozen_layers", ())
         previous = keras.config.dtype_policy()
         if policy is not None:
             keras.config.set_dtype_policy(policy)
         try:
-            return cls(**config)
+            model = cls(**config)
         finally:
             keras.config.set_dtype_policy(previous)
+        for name in frozen:
+            model.get_layer(name).trainable = False
+        return model
 
     @classmethod
     def from_pretrained(cls, source, config=None, **kwargs):
