@@ -22,10 +22,9 @@ TFLITE_QUANTIZATIONS = ("fp32", "fp16", "dynamic_int8", "int8")
 
 
 def float32_inference_model(model):
-    """A float32, folded copy of `model` (a mixed-precision model does not convert to builtins)."""
-    clone = type(model).from_config({**model.get_config(), "dtype_policy": "float32"})
-    tfbit.models.copy_weights(model, clone)
-    return tfbit.fold_weight_standardization(clone)
+    """A float32, folded copy of `model`, a tfbit model or a user's model built on one (a
+    mixed-precision model does not convert to builtins)."""
+    return tfbit.inference_model(model, dtype_policy="float32")
 
 
 def task_outputs(model, task, labels, top_k):

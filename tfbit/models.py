@@ -119,7 +119,7 @@ class _BitBase(MultiWorkerFit, keras.Model):
     `fit` under any strategy, multi-worker included (`tfbit.multi_worker`).
 
     `standardize_weights=False` builds the inference form: its conv kernels hold already
-    standardized weights (see `fold_weight_standardization`), so no call recomputes them.
+    standardized weights (see `tfbit.fold_weight_standardization`), so no call recomputes them.
     """
 
     def __init__(self, inputs, outputs, config, standardize_weights, name, trainable):
@@ -312,10 +312,10 @@ class BitBackbone(_BitBase):
         return weight.startswith(("classifier/", "norm/")) or (stage is not None and int(stage[1]) > last)
 
 
-def copy_weights(donor, target, skip=(), weights_of=None):
+def copy_weights(donor, target, skip=()):
     """Give each layer of `target` that has weights those of `donor`'s layer of the same name
-    (layer names are the weight map), except the names in `skip`. `weights_of(layer)` may
-    transform them. Returns the names `donor` lacks, for the caller to report."""
+    (layer names are the weight map), except the names in `skip`. Returns the names `donor`
+    lacks, for the caller to report."""
     layers = {layer.name: layer for layer in donor.layers}
     missing = []
     for layer in target.layers:
@@ -325,25 +325,5 @@ def copy_weights(donor, target, skip=(), weights_of=None):
             missing.append(layer.name)
             continue
         source = layers[layer.name]
-        layer.set_weights(weights_of(source) if weights_of else source.get_weights())
+        layer.set_weights(source.get_weights())
     return missing
-
-
-def fold_weight_standardization(model):
-    """The same model in inference form: kernels standardized once, plain convs at run time.
-
-    The result computes the same function as `model` (to float32 rounding) with plain kernels:
-    what exports use. `model` itself infers as fast (its WSConv2D layers cache their standardized
-    kernels between weight changes) but holds each kernel twice. Training the result would train
-    the standardized kernels directly, so fine-tune the original model instead.
-    """
-    if not model.standardize_weights:
-        return model
-    folded = type(model).from_config({**model.get_config(), "standardize_weights": False})
-
-    def standardized(layer):
-        if isinstance(layer, WSConv2D):
-            return [keras.ops.convert_to_numpy(layer.standardized_kernel())]
-        return layer.get_weights()
-    copy_weights(model, folded, weights_of=standardized)
-    return folded
