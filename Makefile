@@ -4,6 +4,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# one pytest worker per core (at most 4: each imports TensorFlow and torch, ~3 GB)
+WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
 
 .PHONY: demo test bench install install-test clean
 
@@ -35,7 +37,7 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m conversion.convert
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_inference.py

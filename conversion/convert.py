@@ -56,23 +56,113 @@ def tflite_path(name, quantization, tflite_input="float32"):
     return os.path.join("tflite", f"{name}_{quantization}{'_uint8' if tflite_input == 'uint8' else ''}.tflite")
 
 
+@dataclasses.dataclass
+class Request:
+    """What to convert and how: `convert`'s keyword arguments, checked once (see `convert`)."""
+    source: str | None = None
+    output: str | None = None
+    name: str | None = None
+    formats: tuple = OUTPUT_FORMATS
+    quantizations: tuple | None = None
+    task: str = "classification"
+    source_format: str | None = None
+    overwrite: bool = False
+    images: str | None = None
+    num_images: int = 32
+    top_k: int = 5
+    calibration_images: int = 16
+    threads: int | None = None
+    keep_failed: bool = False
+    preprocessor: str | None = None
+    labels: str | None = None
+    out_features: tuple | None = None
+    tflite_input: str = "float32"
+    saved_model_xla: bool = False
+
+    @property
+    def demo(self):
+        return self.source is None
+
+    @property
+    def need_calibration(self):
+        return "tflite" in self.formats and "int8" in self.quantizations
+
+    def check(self):
+        """Fill the defaults that depend on others; ConversionError on a bad value."""
+        from conversion.export import TFLITE_QUANTIZATIONS
+        from tfbit.pretrained import TASKS
+        self.formats = tuple(self.formats)
+        self.quantizations = tuple(self.quantizations or TFLITE_QUANTIZATIONS)
+        unknown = sorted(set(self.formats) - set(OUTPUT_FORMATS)) + sorted(set(self.quantizations) - set(TFLITE_QUANTIZATIONS))
+        if unknown:
+            raise ConversionError(f"unknown format(s) {unknown}: choose from {OUTPUT_FORMATS} and TFLite "
+                                  f"quantizations {TFLITE_QUANTIZATIONS}")
+        if self.tflite_input not in TFLITE_INPUTS:
+            raise ConversionError(f"unknown TFLite input {self.tflite_input!r}: choose from {TFLITE_INPUTS}")
+        if self.task not in TASKS:
+            raise ConversionError(f"unknown task {self.task!r}: choose from {TASKS}")
+        if self.need_calibration and self.calibration_images < 1:
+            raise ConversionError("full int8 TFLite needs calibration images, got "
+                                  f"calibration_images={self.calibration_images}")
+        if self.num_images < 1:
+            raise ConversionError(f"verification needs at least one image, got num_images={self.num_images}")
+        return self
+
+
 def _log(message):
     print(message, flush=True)
 
 
 # -- step 1: the source --------------------------------------------------------------------------
 
-def load_source(source, task, source_format, preprocessor_path, log):
+@dataclasses.dataclass
+class Source:
+    """The model to export, loaded once: tfbit's own class, or a model a user built on tfbit."""
+    model: object  # as loaded: what the `.keras` artifact holds
+    pixel_model: object  # pixel values -> outputs: `model` without its BitPreprocessing layer
+    checkpoint: object
+    processor: object
+    config: object  # the export's config.json: the body's architecture, the output's labels
+    task: str
+
+    @property
+    def user_model(self):
+        from tfbit.config import BitConfig
+        return not isinstance(getattr(self.model, "config", None), BitConfig)
+
+
+def load_source(request, log):
     import tfbit
+    from tfbit import user_models
     from tfbit.image_processor import BitImageProcessor
+    source = DEFAULT_CHECKPOINT if request.demo else request.source
+    task, preprocessor_path, labels_path, out_features = (request.task, request.preprocessor, request.labels,
+                                                          request.out_features)
+    if out_features and task != "backbone":
+        raise ConversionError("--out-features chooses the stages of a backbone: add --task backbone")
     try:
-        model, checkpoint = tfbit.load_model(source, task=task, format=source_format)
+        model, checkpoint = tfbit.load_model(source, task=task, format=request.source_format,
+                                             out_features=out_features)
+        own_processor, pixel_model = user_models.split_preprocessing(model)
+        id2label = user_models.read_labels(labels_path) if labels_path else None
+        if id2label and task != "classification":
+            raise ValueError(f"--labels names a classifier's classes; task {task!r} has none")
+        if isinstance(getattr(model, "config", None), tfbit.BitConfig):
+            if task == "classification" and not isinstance(model, tfbit.BitForImageClassification):
+                raise ValueError(f"{source} has no classification head: export it with --task features "
+                                 "or --task backbone")
+        else:
+            user_models.check_task(pixel_model, task, source)
+        labels = user_models.output_labels(pixel_model, id2label) if task == "classification" else None
+        config = user_models.export_config(pixel_model, labels)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise ConversionError(str(e)) from e
-    if task == "classification" and not isinstance(model, tfbit.BitForImageClassification):
-        raise ConversionError(f"{source} has no classification head: export it with --task features "
-                              "or --task backbone")
-    if preprocessor_path:
+    if own_processor is not None:
+        if preprocessor_path:
+            raise ConversionError(f"{source} preprocesses its input itself (a BitPreprocessing layer), which "
+                                  "the exports take over: drop --preprocessor")
+        processor = own_processor
+    elif preprocessor_path:
         try:
             processor = BitImageProcessor.from_pretrained(preprocessor_path)
         except (FileNotFoundError, ValueError, TypeError) as e:
@@ -82,56 +172,59 @@ def load_source(source, task, source_format, preprocessor_path, log):
     elif checkpoint.format == "keras":
         raise ConversionError(f"{source} has no preprocessor_config.json beside it, so the image size and "
                               "normalization it was trained with are unknown: put that file beside it "
-                              "(tfbit.finetune writes one) or pass --preprocessor FILE")
+                              "(tfbit.finetune writes one), pass --preprocessor FILE, or start the model "
+                              "with a tfbit.BitPreprocessing layer")
     else:
         processor = BitImageProcessor()
         log("      warning: the checkpoint has no preprocessor_config.json: using transformers' "
             "BitImageProcessor defaults (224 px crop, CLIP mean/std); pass --preprocessor to override")
-    return model, checkpoint, processor
+    return Source(model, pixel_model, checkpoint, processor, config, task)
 
 
 # -- step 2: images ------------------------------------------------------------------------------
 
-def gather_images(demo, images, num_images, calibration_images, label2id, need_calibration):
+def gather_images(request, label2id):
     """(verification images, calibration images or None)."""
     from conversion import images as real
+    calibration_images = request.calibration_images if request.need_calibration else 0
     try:
-        if demo:
+        if request.demo:
             verification = real.digits_images("test")
-            calibration = real.digits_images("train", calibration_images).images if need_calibration else None
+            calibration = real.digits_images("train", calibration_images).images if calibration_images else None
             return verification, calibration
-        if images:
-            return real.folder_images(images, num_images, label2id, calibration_images if need_calibration else 0)
-        verification = real.photo_images(num_images)
+        if request.images:
+            return real.folder_images(request.images, request.num_images, label2id, calibration_images)
+        verification = real.photo_images(request.num_images)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise ConversionError(str(e)) from e
     # 32 photos are too few to set some aside: calibrate on their mirror images
-    calibration = real.mirrored(real.spread(verification.images, calibration_images)) if need_calibration else None
-    return verification, calibration
+    return verification, (real.mirrored(real.spread(verification.images, calibration_images))
+                          if calibration_images else None)
 
 
 # -- step 3: export ------------------------------------------------------------------------------
 
-def export_artifacts(model, inference, processor, task, name, formats, quantizations, staging,
-                     version, image_size, calibration, top_k, threads, log, tflite_input="float32",
-                     saved_model_xla=False):
-    """The artifacts of `model` (`inference`: its float32 folded form, which every graph is
-    exported from) written into `staging`."""
+def export_artifacts(source, request, inference, staging, version, image_size, calibration, log):
+    """The artifacts of `source` (`inference`: its float32 folded pixel model, which every graph
+    is exported from) written into `staging`."""
     from conversion import export, runners, tflite_metadata
+    from tfbit import user_models
+    task, processor, config, name = source.task, source.processor, source.config, request.name
+    formats, quantizations, tflite_input = request.formats, request.quantizations, request.tflite_input
     artifacts = []
-    model.config.save_pretrained(staging)
+    config.save_pretrained(staging)
     processor.save_pretrained(staging)
     if "keras" in formats:
         log("      .keras")
-        model.save(os.path.join(staging, f"{name}.keras"))
+        source.model.save(os.path.join(staging, f"{name}.keras"))
         # a mixed-precision model (a fine-tune) computes in float16/bfloat16: not float32 parity
         artifacts.append(Artifact("keras", f"{name}.keras", lambda p: runners.keras_runner(p, task=task),
-                                  lossless=model.dtype_policy.name == "float32"))
+                                  lossless=user_models.computes_in_float32(source.model)))
     if "saved_model" in formats:
         log(f"      TF Serving SavedModel (version {version})")
         path = os.path.join("serving", str(version))
-        export.write_saved_model(inference, task, processor.to_dict(), model.config.id2label,
-                                 os.path.join(staging, path), top_k, xla=saved_model_xla)
+        export.write_saved_model(inference, task, processor.to_dict(), config.id2label,
+                                 os.path.join(staging, path), request.top_k, xla=request.saved_model_xla)
         artifacts.append(Artifact("saved_model[pixel_values]", path,
                                   lambda p: runners.saved_model_runner(p, "pixel_values")))
         artifacts.append(Artifact("saved_model[image_bytes]", path,
@@ -145,7 +238,7 @@ def export_artifacts(model, inference, processor, task, name, formats, quantizat
         if calibration is not None:
             calib = runners.raw_crops(processor, calibration) if raw else processor(calibration)
         files = export.tflite_models(inference, task, image_size, quantizations, calib, processor if raw else None)
-        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        labels = [config.id2label[i] for i in range(config.num_labels)]
         for q, flatbuffer in files.items():
             path, artifact = tflite_path(name, q, tflite_input), f"tflite_{q}{'[uint8]' if raw else ''}"
             if isinstance(flatbuffer, export.VariantError):  # reported as a failed artifact
@@ -157,29 +250,40 @@ def export_artifacts(model, inference, processor, task, name, formats, quantizat
                     f"BiT image classifier ({q}) converted by tfbit")
             with open(os.path.join(staging, path), "wb") as f:
                 f.write(flatbuffer)
-            artifacts.append(Artifact(artifact, path, lambda p: runners.tflite_runner(p, threads),
+            artifacts.append(Artifact(artifact, path, lambda p: runners.tflite_runner(p, request.threads),
                                       inputs="crops" if raw else "pixels", lossless=q == "fp32"))
     return artifacts
 
 
 # -- step 4: verify ------------------------------------------------------------------------------
 
-def reference_outputs(model, inference, checkpoint, task, pixel_values, log):
+def reference_outputs(source, pixel_values, log):
     """Reference outputs on the preprocessed images: the PyTorch source where possible, else
-    the float32 inference form of the Keras model."""
+    the Keras model itself (in float32: a mixed-precision model is rebuilt in float32)."""
+    import tfbit
     from conversion.references import torch_reference
-    reference = torch_reference(checkpoint, model) if task == "classification" else None
+    from tfbit import user_models
+    reference = None
+    # timm and .npz references are headless: logits or pooled features, no stage maps
+    backbone_maps = source.task == "backbone" and source.checkpoint.format == "hf"
+    if (source.task == "classification" or backbone_maps) and not source.user_model:
+        reference = torch_reference(source.checkpoint, source.model)
     if reference is not None:
         import torch
         with torch.no_grad():
             out = reference(torch.from_numpy(np.ascontiguousarray(pixel_values.transpose(0, 3, 1, 2))))
         log(f"      reference: the PyTorch source model ({type(reference).__name__})")
+        if backbone_maps:
+            maps = zip(source.model.out_features, out.feature_maps)
+            return {name: m.numpy().transpose(0, 2, 3, 1) for name, m in maps}, "pytorch"
         return {"logits": (out.logits if hasattr(out, "logits") else out).numpy()}, "pytorch"
-    log("      reference: the Keras model (no PyTorch source for this task/source)")
-    out = inference.predict(pixel_values, verbose=0, batch_size=16)
-    if task == "features":
-        out = {"features": out["pooler_output"]}
-    return (out if isinstance(out, dict) else {"logits": out}), "keras"
+    what = "your Keras model" if source.user_model else "the Keras model"
+    log(f"      reference: {what} (no PyTorch source for this task/source)")
+    model = source.pixel_model
+    if not user_models.computes_in_float32(model):
+        model = tfbit.inference_model(model, dtype_policy="float32", fold=False)
+    out = user_models.task_outputs(model, model.predict(pixel_values, verbose=0, batch_size=16), source.task)
+    return {k: np.asarray(v) for k, v in out.items()}, "keras"
 
 
 def verify_artifacts(artifacts, staging, reference, pixel_values, images, crops=None):
@@ -201,136 +305,143 @@ def verify_artifacts(artifacts, staging, reference, pixel_values, images, crops=
 
 # -- the pipeline --------------------------------------------------------------------------------
 
-def convert(source=None, output=None, name=None, formats=OUTPUT_FORMATS, quantizations=None,
-            task="classification", source_format=None, overwrite=False, images=None,
-            num_images=32, top_k=5, calibration_images=16, threads=None, keep_failed=False,
-            preprocessor=None, log=_log, tflite_input="float32", saved_model_xla=False):
+def convert(source=None, output=None, *, log=_log, **options):
     """Convert, export, verify, publish; returns the report dict.
 
     Args:
-        source: anything `tfbit.load_model` loads; None converts the embedded digits demo.
+        source: anything `tfbit.load_model` loads (a checkpoint, a preset, a tfbit `.keras`
+            file, or the `.keras` file of a model you built on tfbit); None converts the
+            embedded digits demo.
         output: the output folder (default `saved_models/<name>`).
-        formats: a subset of `OUTPUT_FORMATS`; quantizations: TFLite variants
-            (`conversion.export.TFLITE_QUANTIZATIONS`).
-        overwrite: replace artifacts tfbit wrote before in `output` (never other files).
-        images: a folder of real images to verify and calibrate on (default: the shipped
-            photos; the digits for the demo).
-        keep_failed: publish artifacts that failed verification too (still reported).
-        preprocessor: a preprocessor_config.json (or its folder) replacing the source's.
-        tflite_input: "uint8" writes TFLite files taking raw RGB uint8 crops at batch 1, which
-            normalize inside (`tflite/<name>_<q>_uint8.tflite`), instead of float pixel values.
-        saved_model_xla: compile the SavedModel's forward pass with XLA (TF Serving then needs
-            `--xla_cpu_compilation_enabled=true`; see `conversion.export.write_saved_model`).
+        **options: the fields of `Request`:
+            formats: a subset of `OUTPUT_FORMATS`; quantizations: TFLite variants
+                (`conversion.export.TFLITE_QUANTIZATIONS`).
+            task: "classification", "features" or "backbone"; out_features: a backbone's
+                stages (default: the checkpoint's `out_features`).
+            overwrite: replace artifacts tfbit wrote before in `output` (never other files).
+            images: a folder of real images to verify and calibrate on (default: the shipped
+                photos; the digits for the demo); num_images, calibration_images: how many.
+            keep_failed: publish artifacts that failed verification too (still reported).
+            preprocessor: a preprocessor_config.json (or its folder) replacing the source's.
+            labels: a text file of the classifier's labels, one per line, replacing the model's.
+            tflite_input: "uint8" writes TFLite files taking raw RGB uint8 crops at batch 1,
+                which normalize inside (`tflite/<name>_<q>_uint8.tflite`).
+            saved_model_xla: compile the SavedModel's forward pass with XLA (TF Serving then
+                needs `--xla_cpu_compilation_enabled=true`; see `conversion.export.write_saved_model`).
+            top_k, threads, source_format, name: see `python -m conversion.convert --help`.
 
     Raises ConversionError on bad input.
     """
-    from conversion import export, publish
+    from conversion import publish
 
+    try:
+        request = Request(source=source, output=output, **options)
+    except TypeError as e:
+        raise TypeError(f"convert() {str(e).removeprefix('Request.__init__() ')}") from None
     try:
         environment.require_tensorflow_backend("exports need", "the converter")
     except ValueError as e:
         raise ConversionError(f"{e}; .keras files written under JAX or PyTorch convert as they are") from None
-    quantizations = tuple(quantizations or export.TFLITE_QUANTIZATIONS)
-    unknown = sorted(set(formats) - set(OUTPUT_FORMATS)) + sorted(set(quantizations) - set(export.TFLITE_QUANTIZATIONS))
-    if unknown:
-        raise ConversionError(f"unknown format(s) {unknown}: choose from {OUTPUT_FORMATS} and TFLite "
-                              f"quantizations {export.TFLITE_QUANTIZATIONS}")
-    if tflite_input not in TFLITE_INPUTS:
-        raise ConversionError(f"unknown TFLite input {tflite_input!r}: choose from {TFLITE_INPUTS}")
-    from tfbit.pretrained import TASKS
-    if task not in TASKS:
-        raise ConversionError(f"unknown task {task!r}: choose from {TASKS}")
-    need_calibration = "tflite" in formats and "int8" in quantizations
-    if need_calibration and calibration_images < 1:
-        raise ConversionError(f"full int8 TFLite needs calibration images, got calibration_images={calibration_images}")
-    if num_images < 1:
-        raise ConversionError(f"verification needs at least one image, got num_images={num_images}")
-    demo = source is None
+    request.check()
     started = time.perf_counter()
-    log(f"[1/5] loading {'the embedded digits checkpoint' if demo else source}")
-    model, checkpoint, processor = load_source(DEFAULT_CHECKPOINT if demo else source, task, source_format,
-                                               preprocessor, log)
-    config = model.config
-    name = name or ("digits" if demo else checkpoint.name)
-    output = os.path.abspath(output or os.path.join(DEFAULT_OUTPUT_ROOT, name))
-    log(f"      {checkpoint.format} checkpoint, {config.num_labels} labels, "
-        f"{sum(int(np.prod(w.shape)) for w in model.weights) / 1e6:.1f} M parameters")
-    real, calibration = gather_images(demo, images, num_images, calibration_images, config.label2id,
-                                      need_calibration)
+    log(f"[1/5] loading {'the embedded digits checkpoint' if request.demo else request.source}")
+    loaded = load_source(request, log)
+    config = loaded.config
+    request.name = request.name or ("digits" if request.demo else loaded.checkpoint.name)
+    request.output = os.path.abspath(request.output or os.path.join(DEFAULT_OUTPUT_ROOT, request.name))
+    kind = f"your {type(loaded.model).__name__} built on tfbit" if loaded.user_model else \
+        f"{loaded.checkpoint.format} checkpoint"
+    log(f"      {kind}, {config.num_labels if request.task == 'classification' else 'no'} labels, "
+        f"{sum(int(np.prod(w.shape)) for w in loaded.model.weights) / 1e6:.1f} M parameters")
+    real, calibration = gather_images(request, config.label2id)
     try:
-        pixel_values = processor(real.images)
+        pixel_values = loaded.processor(real.images)
     except ValueError as e:
         raise ConversionError(f"the images cannot be preprocessed: {e}") from e
     image_size = pixel_values.shape[1:3]
-
+    expected = tuple(loaded.pixel_model.inputs[0].shape[1:3])
+    if any(want is not None and want != got for want, got in zip(expected, image_size)):
+        raise ConversionError(f"{request.source} takes {expected[0]}x{expected[1]} images, but its preprocessing "
+                              f"gives {image_size[0]}x{image_size[1]}: pass the preprocessor_config.json it was "
+                              "trained with (--preprocessor)")
     try:
-        with publish.OutputLock(output):
-            return _export_verify_publish(model, checkpoint, processor, task, name, formats, quantizations,
-                                          output, overwrite, keep_failed, image_size, calibration, top_k,
-                                          threads, real, pixel_values, demo, source, started, log,
-                                          tflite_input, saved_model_xla)
+        with publish.OutputLock(request.output):
+            return _export_verify_publish(loaded, request, image_size, calibration, real, pixel_values, started, log)
     except publish.OutputError as e:  # the output is locked, or publishing would lose a file
         raise ConversionError(str(e)) from e
 
 
-def _export_verify_publish(model, checkpoint, processor, task, name, formats, quantizations, output,
-                           overwrite, keep_failed, image_size, calibration, top_k, threads, real,
-                           pixel_values, demo, source, started, log, tflite_input, saved_model_xla=False):
-    from conversion import export, publish, runners, verify
-    version = publish.next_serving_version(output)
+def _planned_files(request, version):
+    name = request.name
     planned = ["config.json", "preprocessor_config.json", "report.json"]
-    planned += [f"{name}.keras"] * ("keras" in formats) + [f"serving/{version}"] * ("saved_model" in formats)
-    planned += [tflite_path(name, q, tflite_input) for q in quantizations if "tflite" in formats]
+    planned += [f"{name}.keras"] * ("keras" in request.formats)
+    planned += [f"serving/{version}"] * ("saved_model" in request.formats)
+    planned += [tflite_path(name, q, request.tflite_input) for q in request.quantizations if "tflite" in request.formats]
+    return planned
+
+
+def _report(loaded, request, real, image_size, version, rows, published, failed, export_seconds, started, reference):
+    report = {
+        "source": str(request.source or DEFAULT_CHECKPOINT), "format": loaded.checkpoint.format,
+        "model": type(loaded.model).__name__, "task": request.task, "name": request.name, "reference": reference,
+        "images": real.description, "num_images": len(real.encoded), "image_size": list(image_size),
+        "serving_version": version if os.path.join("serving", str(version)) in published else None,
+        "export_seconds": round(export_seconds, 1),
+        "verification_seconds": round(time.perf_counter() - started - export_seconds, 1),
+        "artifacts": [dataclasses.asdict(r) | {"published": r.path in published} for r in rows],
+        "passed": not failed,
+    }
+    if request.demo:
+        with open(os.path.join(DEFAULT_CHECKPOINT, "metrics.json"), encoding="utf-8") as f:
+            report["transformers_accuracy"] = json.load(f)["heldout_accuracy_transformers"]
+    return report
+
+
+def _export_verify_publish(loaded, request, image_size, calibration, real, pixel_values, started, log):
+    from conversion import export, publish, runners, verify
+    output = request.output
+    version = publish.next_serving_version(output)
     # Refused before the slow export, not after it.
-    publish.check_output(output, planned, source_paths=checkpoint.files, overwrite=overwrite)
+    publish.check_output(output, _planned_files(request, version), source_paths=loaded.checkpoint.files,
+                         overwrite=request.overwrite)
     with publish.staging_dir(output) as staging:
         log(f"[2/5] exporting into {staging}")
-        inference = export.float32_inference_model(model)
-        artifacts = export_artifacts(model, inference, processor, task, name, formats, quantizations, staging,
-                                     version, image_size, calibration, top_k, threads, log, tflite_input,
-                                     saved_model_xla)
+        inference = export.float32_inference_model(loaded.pixel_model)
+        artifacts = export_artifacts(loaded, request, inference, staging, version, image_size, calibration, log)
         export_seconds = time.perf_counter() - started
         log(f"[3/5] verifying {len(artifacts)} artifacts on {real.description}")
-        reference, reference_kind = reference_outputs(model, inference, checkpoint, task, pixel_values, log)
-        crops = runners.raw_crops(processor, real.images) if tflite_input == "uint8" and "tflite" in formats else None
+        reference, reference_kind = reference_outputs(loaded, pixel_values, log)
+        uint8 = request.tflite_input == "uint8" and "tflite" in request.formats
+        crops = runners.raw_crops(loaded.processor, real.images) if uint8 else None
         with environment.cli_logs_filtered():  # LiteRT's notice when it first runs a file
             rows = verify_artifacts(artifacts, staging, reference, pixel_values, real, crops)
         failed = {r.path for r in rows if not r.passed}
         missing = {a.path for a in artifacts if a.error}  # could not be produced: nothing to publish
-        published = sorted({a.path for a in artifacts} - missing - (set() if keep_failed else failed))
-        report = {
-            "source": str(source or DEFAULT_CHECKPOINT), "format": checkpoint.format, "task": task,
-            "name": name, "reference": reference_kind, "images": real.description,
-            "num_images": len(real.encoded), "image_size": list(image_size),
-            "serving_version": version if os.path.join("serving", str(version)) in published else None,
-            "export_seconds": round(export_seconds, 1),
-            "verification_seconds": round(time.perf_counter() - started - export_seconds, 1),
-            "artifacts": [dataclasses.asdict(r) | {"published": r.path in published} for r in rows],
-            "passed": not failed,
-        }
-        if demo:
-            with open(os.path.join(DEFAULT_CHECKPOINT, "metrics.json"), encoding="utf-8") as f:
-                report["transformers_accuracy"] = json.load(f)["heldout_accuracy_transformers"]
+        published = sorted({a.path for a in artifacts} - missing - (set() if request.keep_failed else failed))
+        report = _report(loaded, request, real, image_size, version, rows, published, failed, export_seconds,
+                         started, reference_kind)
         with open(os.path.join(staging, "report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
         log("\n" + verify.format_table(rows))
-        if demo:
+        if request.demo:
             log(f"\nheld-out digits accuracy measured by transformers (PyTorch): "
                 f"{report['transformers_accuracy']:.2%}")
         log(f"\nloading + export {report['export_seconds']} s, verification {report['verification_seconds']} s")
         log(f"[4/5] publishing {len(published)} verified artifact{'s' if len(published) != 1 else ''} into {output}")
         written = ["config.json", "preprocessor_config.json", *published, "report.json"]
-        publish.publish(staging, output, written, source_paths=checkpoint.files, overwrite=overwrite)
+        publish.publish(staging, output, written, source_paths=loaded.checkpoint.files, overwrite=request.overwrite)
     if failed:
         log(f"[5/5] verification FAILED for {', '.join(r.artifact for r in rows if not r.passed)}: "
-            + _failure_advice(failed, missing, keep_failed, formats, quantizations, name, output, tflite_input))
+            + _failure_advice(request, failed, missing))
     else:
         log(f"[5/5] all artifacts verified -> {output}")
     return report
 
 
-def _failure_advice(failed, missing, keep_failed, formats, quantizations, name, output, tflite_input="float32"):
+def _failure_advice(request, failed, missing):
     """What happened to the failed artifacts, and the flags that keep or skip them."""
+    formats, quantizations, name, output = request.formats, request.quantizations, request.name, request.output
+    tflite_input, keep_failed = request.tflite_input, request.keep_failed
     kept = failed - missing
     if keep_failed:
         return "; ".join(filter(None, ["published anyway (--keep-failed)" if kept else "",
@@ -358,7 +469,8 @@ def main(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="SOURCE: a Hugging Face hub id (google/bit-50) or checkpoint directory, a timm "
                "name (timm/resnetv2_50x1_bit.goog_in21k) or state-dict file (.safetensors/.pth/"
-               ".bin), an original BiT .npz file, a tfbit .keras file, or a preset name (bit-m-r50x1, "
+               ".bin), an original BiT .npz file, a .keras file (a tfbit model, or your own Keras model "
+               "built on one), or a preset name (bit-m-r50x1, "
                "bit-s-r101x3, ...: tfbit.presets()). Omit it for the offline "
                "demo.\n\nExit codes: 0 all verified, 1 some artifacts failed verification (left out "
                "unless --keep-failed), 2 bad input, 3 internal error.")
@@ -378,6 +490,11 @@ def main(argv=None):
                                          "(default: the photos shipped with tfbit)")
     parser.add_argument("--preprocessor", help="preprocessor_config.json (or its folder) to use instead "
                                                "of the source's")
+    parser.add_argument("--labels", help="text file of the classifier's labels, one per line, in the order of "
+                                         "its outputs (default: the model's own, else LABEL_<i>)")
+    parser.add_argument("--out-features", nargs="+", metavar="STAGE",
+                        help="with --task backbone: the stages to export, e.g. stage2 stage4 (default: the "
+                             "checkpoint's out_features, as transformers' BitBackbone returns)")
     parser.add_argument("--num-images", type=cli.positive_int, default=32,
                         help="verification images (default 32)")
     parser.add_argument("--calibration-images", type=cli.positive_int, default=16,
@@ -402,10 +519,13 @@ def main(argv=None):
     threads = runtime.set_threads(args.threads)
     try:
         with processes.termination_as_exit():  # SIGTERM runs the clean-up of a normal exit
-            report = convert(args.source, args.output, args.name, args.formats, args.quantizations, args.task,
-                             args.source_format, args.overwrite, args.images, args.num_images, args.top_k,
-                             args.calibration_images, threads, args.keep_failed, args.preprocessor,
-                             tflite_input=args.tflite_input, saved_model_xla=args.saved_model_xla)
+            report = convert(args.source, args.output, name=args.name, formats=args.formats,
+                             quantizations=args.quantizations, task=args.task, source_format=args.source_format,
+                             overwrite=args.overwrite, images=args.images, num_images=args.num_images,
+                             top_k=args.top_k, calibration_images=args.calibration_images, threads=threads,
+                             keep_failed=args.keep_failed, preprocessor=args.preprocessor, labels=args.labels,
+                             out_features=args.out_features, tflite_input=args.tflite_input,
+                             saved_model_xla=args.saved_model_xla)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

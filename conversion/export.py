@@ -15,7 +15,7 @@ import tensorflow as tf
 
 import tfbit
 from conversion import processes
-from tfbit import image_ops
+from tfbit import image_ops, user_models
 from tfbit.image_processor import BitImageProcessor
 
 TFLITE_QUANTIZATIONS = ("fp32", "fp16", "dynamic_int8", "int8")
@@ -27,23 +27,27 @@ def float32_inference_model(model):
     return tfbit.inference_model(model, dtype_policy="float32")
 
 
-def task_outputs(model, task, labels, top_k):
-    """fn(pixel_values) -> the output dict of a task's serving signature."""
-    if task == "classification":
-        names = tf.constant([labels[i] for i in range(len(labels))])
-        k = min(top_k, len(labels))
+def task_outputs(model, task, labels, top_k, forward=None):
+    """fn(pixel_values) -> the output dict of a task's serving signature. `forward(x)` replaces
+    `model(x, training=False)` (an XLA-compiled call of the same model)."""
+    forward = forward or (lambda x: model(x, training=False))
 
-        def outputs(pixel_values):
-            logits = model(pixel_values, training=False)
-            probabilities = tf.nn.softmax(logits)
-            top = tf.math.top_k(probabilities, k=k)
-            return {"logits": logits, "probabilities": probabilities,
-                    "classes": top.indices, "scores": top.values,
-                    "labels": tf.gather(names, top.indices)}
-        return outputs
-    if task == "features":
-        return lambda pixel_values: {"features": model(pixel_values, training=False)["pooler_output"]}
-    return lambda pixel_values: dict(model(pixel_values, training=False))
+    def named(pixel_values):
+        return user_models.task_outputs(model, forward(pixel_values), task)
+
+    if task != "classification":
+        return named
+    names = tf.constant([labels[i] for i in range(len(labels))])
+    k = min(top_k, len(labels))
+
+    def outputs(pixel_values):
+        logits = named(pixel_values)["logits"]
+        probabilities = tf.nn.softmax(logits)
+        top = tf.math.top_k(probabilities, k=k)
+        return {"logits": logits, "probabilities": probabilities,
+                "classes": top.indices, "scores": top.values,
+                "labels": tf.gather(names, top.indices)}
+    return outputs
 
 
 def _save(model, path, endpoints):
@@ -77,15 +81,15 @@ def write_saved_model(model, task, processor, labels, path, top_k=5, xla=False):
     compiles it again for every new input shape (batch size, image size); benchmarks/RESULTS.md
     has the measurements.
     """
-    channels = model.inputs[0].shape[-1]
-    pixel_spec = tf.TensorSpec([None, None, None, channels], tf.float32, name="pixel_values")
-    forward = model
+    # a model built for one image size (a user's keras.Input((224, 224, 3))) keeps it
+    pixel_spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32, name="pixel_values")
+    forward = None
     if xla:
-        compiled = tf.function(lambda x: model(x, training=False), jit_compile=True, autograph=False)
-        forward = lambda x, training: compiled(x)  # noqa: E731  task_outputs calls model(x, training=False)
+        forward = tf.function(lambda x: model(x, training=False), jit_compile=True, autograph=False)
     # Both signatures call one concrete function, so the model is traced once (R50x1: 12 s -> 9 s
     # against a shared tf.function, which re-traces on first call).
-    outputs = tf.function(task_outputs(forward, task, labels, top_k), autograph=False).get_concrete_function(pixel_spec)
+    outputs = tf.function(task_outputs(model, task, labels, top_k, forward),
+                          autograph=False).get_concrete_function(pixel_spec)
     return _save(model, path, {
         "serving_default": (lambda image_bytes: outputs(image_ops.preprocess_image_bytes(image_bytes, processor)),
                             tf.TensorSpec([None], tf.string, name="image_bytes")),

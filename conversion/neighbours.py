@@ -75,6 +75,11 @@ def feature_matrix(files, verbose=False):
         raise ValueError(f"no records in {', '.join(files)}")
     paths = sorted(rows)
     matrix = np.array([rows[p] for p in paths], dtype=np.float64)
+    bad = [p for p, row in zip(paths, matrix) if not np.isfinite(row).all()]
+    if bad:  # a NaN row would compare as -inf with every image, itself included
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ValueError(f"the feature vector of {bad[0]}{more} holds NaN or infinite values: rerun "
+                         "batch_predict on that image (a damaged export or image gives such features)")
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     return paths, matrix / np.where(norms > 0, norms, 1.0)  # unit rows: cosine = dot product
 

@@ -4,11 +4,13 @@
            [--output preds.csv|preds.jsonl] [--evaluate [--confusion-matrix FILE]] [--json]
 
 ARTIFACT: an export directory (saved_models/<name>: uses its newest SavedModel), a fine-tuning
-output folder (uses best.keras), a `.keras` file, a SavedModel directory (serving/<version>) or
-a `.tflite` file. PATH: image files, folders (searched recursively) or glob patterns. Images
-that cannot be read are reported by path and skipped. Labels and preprocessing come from the
-config.json / preprocessor_config.json beside the artifact. CPU defaults (every core, oneDNN
-off, XLA opt-in) are explained in `tfbit/runtime.py`.
+output folder (uses best.keras), a `.keras` file (a tfbit model or your own Keras model built on
+one), a SavedModel directory (serving/<version>) or a `.tflite` file. PATH: image files, folders
+(searched recursively) or glob patterns. Images that cannot be read are reported by path and
+skipped. Labels and preprocessing come from the config.json / preprocessor_config.json beside
+the artifact; a `.keras` file without them uses its own labels (else LABEL_<i>, or --labels)
+and its BitPreprocessing layer (else --preprocessor). CPU defaults (every core, oneDNN off,
+XLA opt-in) are explained in `tfbit/runtime.py`.
 
 --evaluate: each PATH is a labelled folder, root/<label>/... (any depth below <label>); prints
 the top-1 accuracy and writes a confusion-matrix PNG.
@@ -28,13 +30,16 @@ from tfbit import environment
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 
 
-def export_root(artifact):
-    """The export directory holding config.json for any artifact inside it."""
+def export_root(artifact, required=True):
+    """The export directory holding config.json for any artifact inside it; None when there is
+    none and not `required` (a `.keras` file knows its own labels)."""
     path = os.path.abspath(artifact)
     for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path)),
                       os.path.dirname(os.path.dirname(os.path.dirname(path)))):
         if os.path.isfile(os.path.join(candidate, "config.json")):
             return candidate
+    if not required:
+        return None
     raise FileNotFoundError(f"no config.json found beside {artifact}: is it inside a tfbit export?")
 
 
@@ -103,27 +108,58 @@ class Classifier:
     batch at a time: `.keras` and TFLite files on images preprocessed in Python, a SavedModel on
     encoded files (it decodes and preprocesses them itself, as under TF Serving)."""
 
-    def __init__(self, artifact, threads=None, xla=False):
+    def __init__(self, artifact, threads=None, xla=False, labels=None, preprocessor=None):
+        """`labels`: a labels file (one per line) replacing the export's; `preprocessor`: a
+        preprocessor_config.json (or its folder) for a `.keras` file that has none beside it."""
         environment.require_tensorflow_backend("predict needs", "predict")
         from conversion import runners
+        from tfbit import user_models
         from tfbit.config import BitConfig
-        from tfbit.image_processor import BitImageProcessor
         self.path = path = resolve_artifact(artifact)
         if xla and not path.endswith(".keras"):
             raise ValueError(f"--xla compiles .keras models only; {path} is a "
                              f"{'TFLite file' if path.endswith('.tflite') else 'SavedModel'}")
-        root = export_root(path)
-        self.labels = BitConfig.from_pretrained(root).id2label
+        root = export_root(path, required=not path.endswith(".keras"))
+        own_processor = None
         if path.endswith(".keras"):
-            self.run = runners.keras_runner(path, jit_compile=xla)
+            own_processor, model = runners.load_keras(path)
+            try:
+                user_models.check_task(model, "classification", path)
+            except ValueError:
+                raise ValueError(f"{path} has no logits output: predict needs a classification export "
+                                 f"(its outputs: {', '.join(user_models.output_shapes(model))})") from None
+            self.run = runners.model_runner(model, jit_compile=xla)
         elif path.endswith(".tflite"):
             self.run = runners.tflite_runner(path, threads)
         else:
             self.run = runners.saved_model_runner(path, "serving_default")
+        self.labels = user_models.read_labels(labels) if labels else None
+        if root is not None and self.labels is None:
+            self.labels = BitConfig.from_pretrained(root).id2label
+        elif path.endswith(".keras"):  # the model's own labels, checked against its output
+            self.labels = user_models.output_labels(model, self.labels)
         self.encoded = not path.endswith((".keras", ".tflite"))
-        self.processor = None if self.encoded else BitImageProcessor.from_pretrained(root)
+        self.processor = None if self.encoded else self._processor(path, root, own_processor, preprocessor)
         # a `--tflite-input uint8` file takes the processor's crops unnormalized
         self.raw_crops = path.endswith(".tflite") and runners.tflite_takes_uint8(path)
+
+    @staticmethod
+    def _processor(path, root, own, preprocessor):
+        """The model's own BitPreprocessing layer, else --preprocessor, else the export's file."""
+        from tfbit.image_processor import BitImageProcessor
+        if own is not None:
+            if preprocessor:
+                raise ValueError(f"{path} preprocesses its input itself (a BitPreprocessing layer): drop "
+                                 "--preprocessor")
+            return own
+        if preprocessor:
+            return BitImageProcessor.from_pretrained(preprocessor)
+        for folder in filter(None, (root, os.path.dirname(os.path.abspath(path)))):
+            if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+                return BitImageProcessor.from_pretrained(folder)
+        raise ValueError(f"{path} has no preprocessor_config.json beside it, so its image size and "
+                         "normalization are unknown: pass --preprocessor FILE (or start the model with a "
+                         "tfbit.BitPreprocessing layer)")
 
     def logits(self, paths):
         """[(path, logits or None, why not)] of one batch of image files."""
@@ -185,7 +221,7 @@ def ranked(logits, labels, k):
 
 
 def predict(artifact, image_paths, top_k=5, threads=None, xla=False, on_error=None, batch_size=32,
-            progress=None):
+            progress=None, labels=None, preprocessor=None):
     """[(image path, [(label, probability), ...]), ...] for each readable image.
 
     Args:
@@ -197,8 +233,10 @@ def predict(artifact, image_paths, top_k=5, threads=None, xla=False, on_error=No
             the first one raises ValueError.
         batch_size: images per model call (TFLite files still run them one at a time).
         progress: called with the number of images done after each batch.
+        labels: a labels file, one per line, replacing the export's (or a `.keras` model's).
+        preprocessor: a preprocessor_config.json for a `.keras` file that has none beside it.
     """
-    classifier = Classifier(artifact, threads, xla)
+    classifier = Classifier(artifact, threads, xla, labels, preprocessor)
     paths = expand_paths(image_paths)
     return list(_predictions(classifier, paths, top_k, batch_size, on_error, progress))
 
@@ -292,6 +330,10 @@ def build_parser():
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--threads", type=cli.positive_int, help="CPU threads (default: every available core)")
     parser.add_argument("--xla", action="store_true", help="compile a .keras model with XLA (for many images)")
+    parser.add_argument("--labels", help="labels file, one per line in the order of the model's outputs "
+                                         "(default: the export's config.json, or a .keras model's own)")
+    parser.add_argument("--preprocessor", help="preprocessor_config.json (or its folder) for a .keras file "
+                                               "that has none beside it and no BitPreprocessing layer")
     cli.add_verbose(parser)
     return parser
 
@@ -324,7 +366,7 @@ def main(argv=None):
         print(f"skipped: {message}", file=sys.stderr)
 
     try:
-        classifier = Classifier(args.artifact, threads, args.xla)
+        classifier = Classifier(args.artifact, threads, args.xla, args.labels, args.preprocessor)
         truth = dict(labelled_paths(args.images, set(classifier.labels.values()))) if args.evaluate else None
         paths = list(truth) if truth else expand_paths(args.images)
         progress = cli.Progress(len(paths), "images", single_step=len(paths) <= args.batch_size)

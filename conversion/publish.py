@@ -259,10 +259,11 @@ def _overlap(a, b):
     return a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep)
 
 
-def check_output(output, written, *, source_paths=(), overwrite=False):
+def check_output(output, written, *, source_paths=(), overwrite=False, staging=None):
     """Raise OutputError if publishing `written` into `output` would be refused; changes nothing.
 
-    `publish` runs it itself; call it before a long export as well, to fail early.
+    `publish` runs it itself (with `staging`, the folder the paths are staged in); call it before
+    a long export as well, to fail early.
     """
     output = os.path.realpath(output)
     written = _normalized(written)
@@ -286,6 +287,17 @@ def check_output(output, written, *, source_paths=(), overwrite=False):
         raise OutputError(f"{', '.join(stale)}: {output} already has serving version {lowest - 1}, and versions "
                           "are never replaced or added below it (take next_serving_version under the lock)")
     existing = [rel for rel in written if os.path.lexists(os.path.join(output, rel))]
+    # --overwrite never replaces a folder (a user's, which may hold anything) with a file of the
+    # same name. Before the export the kinds are the converter's (files, serving versions
+    # folders); `publish` checks again with the staged ones.
+    if staging is None:
+        is_folder = {rel: bool(_SERVING_VERSION.fullmatch(rel)) for rel in existing}
+    else:
+        is_folder = {rel: _is_folder(os.path.join(staging, rel)) for rel in existing}
+    folders = [rel for rel in existing if _is_folder(os.path.join(output, rel)) and not is_folder[rel]]
+    if folders:
+        raise OutputError(f"{output} has folders where tfbit writes files: {', '.join(folders)}; tfbit never "
+                          "replaces a folder (not even with --overwrite): move them away or choose another --output")
     if existing and not overwrite:
         raise ArtifactCollision(output, existing)
 
@@ -334,7 +346,7 @@ def publish(staging, output, written, *, source_paths=(), overwrite=False):
     missing = [rel for rel in written if not os.path.lexists(os.path.join(staging, rel))]
     if missing:
         raise FileNotFoundError(f"not in the staging folder {staging}: {', '.join(missing)}")
-    check_output(output, written, source_paths=source_paths, overwrite=overwrite)
+    check_output(output, written, source_paths=source_paths, overwrite=overwrite, staging=staging)
     ordered = sorted(written, key=lambda rel: rel == REPORT)  # stable: the rest keeps its order
     with processes.deferred_termination():  # SIGTERM or Ctrl-C waits for the last rename
         os.makedirs(output, exist_ok=True)

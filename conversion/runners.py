@@ -4,24 +4,33 @@ Shared by verification (what is checked is what is deployed) and `predict`."""
 import numpy as np
 
 
-def keras_runner(path, jit_compile=False, task="classification"):
-    """A `.keras` file, folded for inference and traced once (XLA-compiled on request); its
-    outputs named as the exported task's (`features`: the pooled vector)."""
+def load_keras(path):
+    """(the processor of its BitPreprocessing layer or None, the model from pixel values on,
+    folded for inference) of a `.keras` file: a tfbit model or one a user built on tfbit."""
     import keras
-    import tensorflow as tf
 
     import tfbit
-    model = tfbit.fold_weight_standardization(keras.saving.load_model(path))
+    from tfbit import user_models
+    processor, model = user_models.split_preprocessing(keras.saving.load_model(path))
+    return processor, tfbit.fold_weight_standardization(model)
+
+
+def model_runner(model, jit_compile=False, task="classification"):
+    """A Keras model (pixel values -> outputs) traced once (XLA-compiled on request), its
+    outputs named as the exported task's (`tfbit.user_models.task_outputs`)."""
+    import tensorflow as tf
+
+    from tfbit import user_models
     call = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile, autograph=False)
 
     def run(x):
-        out = call(x)
-        if task == "features":
-            out = {"features": out["pooler_output"]}
-        elif not isinstance(out, dict):
-            out = {"logits": out}
-        return {k: np.asarray(v) for k, v in out.items()}
+        return {k: np.asarray(v) for k, v in user_models.task_outputs(model, call(x), task).items()}
     return run
+
+
+def keras_runner(path, jit_compile=False, task="classification"):
+    """A `.keras` file (see `load_keras`) as a runner on pixel values."""
+    return model_runner(load_keras(path)[1], jit_compile, task)
 
 
 def saved_model_runner(path, signature):

@@ -4,7 +4,13 @@ Each artifact is reloaded from disk (what a user deploys is what is checked) and
 the reference (the PyTorch source when torch is installed, else the Keras model). Criteria:
 
 * Lossless artifacts (`.keras`, the SavedModel on pixel values, TFLite fp32) compute the same
-  function in float32: max |Δ| <= 1e-4 * max(1, max |reference|), the parity contract.
+  function in float32: max |Δ| <= 1e-4 * max(1, max |reference|), the parity contract, for each
+  output on its own scale (a backbone's stage maps differ in magnitude). Float32 itself allows
+  less as the network gets deeper: measured against float64 on a random-weight R50x1 backbone
+  (32 photos), PyTorch's float32 error grows from 1.4e-6 x max |reference| at stage1 to 3.0e-5
+  at stage4, and tfbit's TFLite fp32 file matches it (3.3e-5 at stage4). So the contract leaves
+  a 3x margin at the deepest output for summation-order noise, and anything larger is a
+  difference in what is computed, not rounding.
 * Lossy ones (TFLite fp16, dynamic-range and full int8) and the SavedModel on encoded images
   (in-graph decoding, by TensorFlow's image decoders rather than Pillow's) cannot be held to
   that. They pass when
@@ -112,9 +118,9 @@ def compare(name, path, run, inputs, reference, labels=None, *, lossless, batch=
     if missing:
         raise KeyError(f"{name} has no output {missing[0]!r} (has {sorted(outputs)})")
     diffs = {k: float(np.abs(outputs[k].astype(np.float64) - ref).max()) for k, ref in reference.items()}
-    if lossless:
-        scale = max([1.0] + [float(np.abs(ref).max()) for ref in reference.values()])
-        tolerances, criterion = {k: LOSSLESS_FACTOR * scale for k in reference}, "parity"
+    if lossless:  # each output on its own scale
+        tolerances = {k: LOSSLESS_FACTOR * max(1.0, float(np.abs(ref).max())) for k, ref in reference.items()}
+        criterion = "parity"
     else:  # each output (a backbone has several) against its own spread
         factor = lossy_factor(name)
         tolerances = {k: factor * spread(ref) for k, ref in reference.items()}

@@ -241,6 +241,12 @@ def test_neighbours_argument_errors(features, tmp_path, exports, images):
     assert done.returncode == 2
     assert (f"{labels} holds no feature vectors (fields: labels, path, scores): write them with batch_predict "
             "--task features") in error_line(done)
+    broken = tmp_path / "nan.jsonl"  # one NaN vector would find itself as its own neighbour
+    broken.write_text("".join(json.dumps({"path": p, "features": f}) + "\n" for p, f in
+                              [("a.jpg", [1.0, 0.0]), ("b.jpg", [float("nan"), 1.0]), ("c.jpg", [0.0, 1.0])]))
+    done = cli("conversion.neighbours", broken)
+    assert done.returncode == 2 and not done.stdout
+    assert "the feature vector of b.jpg holds NaN or infinite values" in error_line(done)
 
 
 @pytest.mark.parametrize("args, message", [

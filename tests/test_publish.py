@@ -315,3 +315,18 @@ with processes.termination_as_exit():
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 128 + signal.SIGTERM
     assert done.stdout.splitlines() == ["finished the critical section"]
+
+
+def test_overwrite_never_replaces_a_users_folder_with_a_file(output):
+    """A folder named like an artifact (report.json/) is the user's: refused before the export
+    and at publishing, with --overwrite too, and nothing moves."""
+    _stage(output, {"report.json/notes.txt": "mine", "config.json": "old"})
+    written = ["config.json", "report.json"]
+    message = r"has folders where tfbit writes files: report.json; tfbit never replaces a folder"
+    with pytest.raises(publish.OutputError, match=message):
+        publish.check_output(output, written, overwrite=True)
+    with publish.staging_dir(output) as staging:
+        _stage(staging, {"config.json": "new", "report.json": "new"})
+        with pytest.raises(publish.OutputError, match=message):
+            publish.publish(staging, output, written, overwrite=True)
+    assert _tree(output) == {"report.json/notes.txt": "mine", "config.json": "old"}

@@ -135,7 +135,7 @@ def test_features_and_backbone_match_timm(timm_wide, tmp_path):
             stages.append(h)
     delta = assert_parity(features.model(x)["pooler_output"], pooled, "pooled features")
     assert np.array_equal(run_torch(torch_reference(features.checkpoint, features.model), x).numpy(), pooled.numpy())
-    backbone = load_source(path, task="backbone")
+    backbone = load_source(path, task="backbone", out_features=["stage1", "stage2", "stage3", "stage4"])
     maps = backbone.model(x)
     assert list(maps) == ["stage1", "stage2", "stage3", "stage4"]
     for (name, value), ref in zip(maps.items(), stages):

@@ -119,7 +119,8 @@ def test_hf_directory_source_matches_its_reference(hf_checkpoint):
     delta = assert_parity(loaded.model(x), ref, "hf source")
     assert np.array_equal(run_torch(torch_reference(loaded.checkpoint, loaded.model), x).logits.numpy(), ref.numpy())
     assert isinstance(load_source(hf_dir, task="features").model, tfbit.BitModel)
-    backbone = load_source(hf_dir, task="backbone")
+    assert load_source(hf_dir, task="backbone").model.out_features == ["stage4"]  # transformers' default
+    backbone = load_source(hf_dir, task="backbone", out_features=["stage1", "stage2", "stage3", "stage4"])
     assert backbone.model.out_features == ["stage1", "stage2", "stage3", "stage4"]
     maps = run_torch(torch_reference(backbone.checkpoint, backbone.model), x).feature_maps
     for (name, value), r in zip(backbone.model(x).items(), maps):

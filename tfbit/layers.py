@@ -2,8 +2,8 @@
 
 import keras
 from keras import ops
-# Not public API: whether variables are being read from and written to a StatelessScope.
-from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+from tfbit.private_api import conv_kernel, in_stateless_scope, watch_assignments
 
 _register = keras.saving.register_keras_serializable(package="tfbit")
 
@@ -53,15 +53,14 @@ class _StandardizedKernelCache:
 
     def __init__(self, layer):
         self.layer = layer
-        kernel = layer._kernel
+        kernel = conv_kernel(layer)
         # float32 under any policy, as `standardized_kernel` computes it (no autocast on read)
         self.kernel = keras.Variable(initializer="zeros", shape=kernel.shape, dtype="float32",
                                      trainable=False, autocast=False, aggregation="only_first_replica",
                                      name="standardized_kernel")
         self.stale = keras.Variable(initializer=True, shape=(), dtype="bool", trainable=False,
                                     aggregation="only_first_replica", name="standardized_kernel_stale")
-        kernel.__class__ = _WatchedKernel  # adds behaviour only: keras.Variable has no slots to change
-        kernel.standardized_cache = self
+        watch_assignments(kernel, _WatchedKernel).standardized_cache = self
 
     def invalidate(self):
         self.stale.assign(True)
@@ -119,7 +118,7 @@ class WSConv2D(keras.layers.Conv2D):
 
     def build(self, input_shape):
         super().build(input_shape)
-        if self.standardize and type(self._kernel) is keras.Variable:
+        if self.standardize and type(conv_kernel(self)) is keras.Variable:
             self._standardized_cache = _StandardizedKernelCache(self)
 
     def standardized_kernel(self):
@@ -128,8 +127,8 @@ class WSConv2D(keras.layers.Conv2D):
         return (kernel - mean) * ops.rsqrt(var + self.eps)
 
     def _trackable_children(self, save_type="checkpoint", **kwargs):
-        # TensorFlow only: `tf.saved_model.save` must reach the cache's variables, which the
-        # functions capture but Keras does not track as weights.
+        # A private TensorFlow hook (tfbit.private_api): `tf.saved_model.save` must reach the
+        # cache's variables, which the functions capture but Keras does not track as weights.
         children = super()._trackable_children(save_type, **kwargs)
         if save_type == "savedmodel" and self._standardized_cache is not None:
             cache = self._standardized_cache

@@ -39,6 +39,7 @@ def _multi_worker_tf(model):
 class MultiWorkerFit:
     """Mixin for `keras.Model` subclasses; see the module docstring."""
 
+    # a private Keras hook (tfbit.private_api)
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         if iterator is None or not _multi_worker_tf(self):
             return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
