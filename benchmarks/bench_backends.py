@@ -23,8 +23,19 @@ import numpy as np
 
 if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (NUM_CLASSES, THREADS, TORCH_ENV, Worker, fit_step_times, images,  # noqa: E402
-                               interleave, median, serve, table, header)
+from benchmarks.common import (
+    NUM_CLASSES,
+    THREADS,
+    TORCH_ENV,
+    Worker,
+    fit_step_times,
+    header,
+    images,  # noqa: E402
+    interleave,
+    median,
+    serve,
+    table,
+)
 
 BACKENDS = ("tensorflow", "jax", "torch")
 ANCHOR = "tensorflow"
@@ -33,9 +44,11 @@ ANCHOR = "tensorflow"
 def parity(model_dir):
     """(max |Δ logits|, the contract's tolerance) of tfbit under this backend vs transformers."""
     import keras
-    import tfbit
     import torch  # after keras and its backend
     import transformers
+
+    import tfbit
+
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     reference = transformers.BitForImageClassification(transformers.BitConfig(num_labels=NUM_CLASSES)).eval()
@@ -55,12 +68,15 @@ def parity(model_dir):
 def trainer(args):
     import keras
     import tensorflow as tf
+
     tf.config.threading.set_intra_op_parallelism_threads(THREADS)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     with tempfile.TemporaryDirectory() as model_dir:
         model, delta, tolerance = parity(model_dir)
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     labels = np.random.RandomState(0).randint(0, NUM_CLASSES, 2 * args.batch)
     data = tf.data.Dataset.from_tensor_slices((images(2 * args.batch, args.size), labels))
     data = data.batch(args.batch, drop_remainder=True).repeat()
@@ -87,11 +103,14 @@ def main():
     if args.serve:
         return serve_backend(args)
     started = time.perf_counter()
-    print(header("bench_backends", f"{THREADS} threads per backend; R50x1 fit at {args.size}², batch {args.batch}"),
-          flush=True)
+    print(
+        header("bench_backends", f"{THREADS} threads per backend; R50x1 fit at {args.size}², batch {args.batch}"),
+        flush=True,
+    )
     options = ["--size", str(args.size), "--batch", str(args.batch)]
-    workers = [Worker(__file__, b, options, {"KERAS_BACKEND": b, **(TORCH_ENV if b == "torch" else {})})
-               for b in args.backends]
+    workers = [
+        Worker(__file__, b, options, {"KERAS_BACKEND": b, **(TORCH_ENV if b == "torch" else {})}) for b in args.backends
+    ]
     info, ready = {}, []
     for w in workers:
         try:
@@ -108,12 +127,23 @@ def main():
         times = samples.get(name, {}).get(str(args.steps), [])
         ratios = [t / a for t, a in zip(times, anchor)]
         i = info.get(name, {})
-        rows.append([name, f"{i['max_delta']:.2e}" if i else "FAILED", f"{i['tolerance']:.1e}" if i else "",
-                     f"{1e3 * median(times):.0f}" if times else "FAILED",
-                     f"{median(ratios):.2f}" if ratios and name != ANCHOR else "–",
-                     f"{i['warmup_s']:.0f}" if i else ""])
-    print("\n" + table(["backend", "max |Δ logits| vs transformers", "tolerance", "fit step ms",
-                        "× TensorFlow time", "warm-up s"], rows))
+        rows.append(
+            [
+                name,
+                f"{i['max_delta']:.2e}" if i else "FAILED",
+                f"{i['tolerance']:.1e}" if i else "",
+                f"{1e3 * median(times):.0f}" if times else "FAILED",
+                f"{median(ratios):.2f}" if ratios and name != ANCHOR else "–",
+                f"{i['warmup_s']:.0f}" if i else "",
+            ]
+        )
+    print(
+        "\n"
+        + table(
+            ["backend", "max |Δ logits| vs transformers", "tolerance", "fit step ms", "× TensorFlow time", "warm-up s"],
+            rows,
+        )
+    )
     print(f"\n# total {time.perf_counter() - started:.0f} s")
 
 

@@ -23,10 +23,29 @@ import numpy as np
 
 if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (NUM_CLASSES, ROOT, SIZE, THREADS, TORCH_ENV, Worker, emit,  # noqa: E402
-                               images, interleave, median, op_profile, peak_rss_mb, previous_groupnorm_call,
-                               report_profile, run_child, serve, setup_tf, setup_torch, table,
-                               use_previous_groupnorm, header)
+from benchmarks.common import (
+    NUM_CLASSES,
+    ROOT,
+    SIZE,
+    THREADS,
+    TORCH_ENV,
+    Worker,
+    emit,  # noqa: E402
+    header,
+    images,
+    interleave,
+    median,
+    op_profile,
+    peak_rss_mb,
+    previous_groupnorm_call,
+    report_profile,
+    run_child,
+    serve,
+    setup_tf,
+    setup_torch,
+    table,
+    use_previous_groupnorm,
+)
 
 CALIBRATION_IMAGES = 16  # `conversion.convert`'s default
 
@@ -65,8 +84,10 @@ SYSTEMS = {
 RN50V2_OF_FAMILY = {"graph": "rn50v2_graph", "xla": "rn50v2_xla", "onednn": "rn50v2_graph_onednn"}
 # Issue 13's goals, paired ratios in one run: (system, peer, goal); printed after the table.
 GOALS = [("tfbit_default_pob", "tfbit_folded_pob", 0.95), ("tfbit_graph", "tfbit_folded_graph", 0.95)] + [
-    (saved_model, peer, goal) for saved_model in ("tfbit_saved_model", "tfbit_saved_model_onednn", "tfbit_saved_model_xla")
-    for peer, goal in (("rn50v2_saved_model", 0.90), ("hf_onnxruntime", 1.0))]
+    (saved_model, peer, goal)
+    for saved_model in ("tfbit_saved_model", "tfbit_saved_model_onednn", "tfbit_saved_model_xla")
+    for peer, goal in (("rn50v2_saved_model", 0.90), ("hf_onnxruntime", 1.0))
+]
 
 
 def keras_runner(model, jit_compile=None, eager=False):
@@ -76,15 +97,17 @@ def keras_runner(model, jit_compile=None, eager=False):
     def make(batch):
         x = tf.constant(images(batch))
         return lambda: np.asarray(fn(x))
+
     return make
 
 
 def load_tfbit(workdir, folded):
     setup_tf()
     import keras
+
     import tfbit  # noqa: F401  registers the layers for load_model
-    return keras.saving.load_model(os.path.join(workdir, "folded.keras" if folded else "model.keras"),
-                                   compile=False)
+
+    return keras.saving.load_model(os.path.join(workdir, "folded.keras" if folded else "model.keras"), compile=False)
 
 
 def build(name, workdir):
@@ -92,10 +115,12 @@ def build(name, workdir):
         use_previous_groupnorm()
     if name.endswith("_pob"):  # what a user who loads a model and calls predict_on_batch runs
         model = load_tfbit(workdir, folded="folded" in name)
-        return lambda batch: (lambda x=images(batch): model.predict_on_batch(x))
+        return lambda batch: lambda x=images(batch): model.predict_on_batch(x)
     if name.startswith("tfbit_saved_model"):
-        return saved_model_runner(os.path.join(workdir, "saved_model_xla" if "_xla" in name else "saved_model"),
-                                  encoded=name.endswith("_bytes"))
+        return saved_model_runner(
+            os.path.join(workdir, "saved_model_xla" if "_xla" in name else "saved_model"),
+            encoded=name.endswith("_bytes"),
+        )
     if name.startswith("tfbit_"):
         model = load_tfbit(workdir, folded="folded" in name)
         return keras_runner(model, jit_compile="xla" in name or None, eager=name == "tfbit_eager")
@@ -106,15 +131,19 @@ def build(name, workdir):
         def make(batch):
             x = tf.constant(images(batch))
             return lambda: loaded.serve(x).numpy()
+
         return make
     if name.startswith("rn50v2"):
         setup_tf()
         import keras
-        return keras_runner(keras.applications.ResNet50V2(weights=None, classes=NUM_CLASSES),
-                            jit_compile="xla" in name or None)
+
+        return keras_runner(
+            keras.applications.ResNet50V2(weights=None, classes=NUM_CLASSES), jit_compile="xla" in name or None
+        )
     if name.startswith("tflite_"):
         from ai_edge_litert.interpreter import Interpreter
-        path = os.path.join(workdir, name[len("tflite_"):] + ".tflite")
+
+        path = os.path.join(workdir, name[len("tflite_") :] + ".tflite")
 
         def make(batch):
             # One interpreter per batch size so that both stay allocated while interleaved.
@@ -128,17 +157,21 @@ def build(name, workdir):
             def call():
                 interpreter.invoke()
                 return interpreter.get_tensor(out)
+
             return call
+
         return make
     torch = setup_torch()
     if name == "hf_onnxruntime":
         return onnxruntime_runner(torch, workdir)
     if name == "hf_torch":
         import transformers
+
         model = transformers.BitForImageClassification(transformers.BitConfig(num_labels=NUM_CLASSES))
         forward = lambda x: model(x).logits
     else:
         import timm
+
         model = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=NUM_CLASSES)
         forward = model
     model.eval()
@@ -149,7 +182,9 @@ def build(name, workdir):
         def call():
             with torch.no_grad():
                 return forward(x).numpy()
+
         return call
+
     return make
 
 
@@ -166,12 +201,14 @@ def saved_model_runner(path, encoded):
         def make(batch):
             x = tf.constant([data[i % len(data)] for i in range(batch)])
             return lambda: fn(image_bytes=x)["logits"].numpy()
+
         return make
     fn = signatures["pixel_values"]
 
     def make(batch):
         x = tf.constant(images(batch))
         return lambda: fn(pixel_values=x)["logits"].numpy()
+
     return make
 
 
@@ -181,11 +218,19 @@ def onnxruntime_runner(torch, workdir):
     which fuses GroupNorm."""
     import onnxruntime
     import transformers
+
     model = transformers.BitForImageClassification(transformers.BitConfig(num_labels=NUM_CLASSES)).eval()
     path = os.path.join(workdir, "hf_bit.onnx")
-    torch.onnx.export(model, (torch.zeros(1, 3, SIZE, SIZE),), path, input_names=["pixel_values"],
-                      output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}}, opset_version=17,
-                      dynamo=False)
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, 3, SIZE, SIZE),),
+        path,
+        input_names=["pixel_values"],
+        output_names=["logits"],
+        dynamic_axes={"pixel_values": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
     session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -193,6 +238,7 @@ def onnxruntime_runner(torch, workdir):
     def make(batch):
         x = np.ascontiguousarray(images(batch).transpose(0, 3, 1, 2))
         return lambda: session.run(None, {"pixel_values": x})[0]
+
     return make
 
 
@@ -213,21 +259,22 @@ def serve_system(args):
     for call in calls.values():  # tracing, XLA compilation, allocator and XNNPACK warm-up
         call()
         call()
-    serve(lambda batch: sample(calls[batch], batch),
-          {"load_s": load, "warmup_s": time.perf_counter() - started - load})
+    serve(lambda batch: sample(calls[batch], batch), {"load_s": load, "warmup_s": time.perf_counter() - started - load})
 
 
 # ---- conversion ------------------------------------------------------------------------------
 
+
 def vm_rss_mb():
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
 def child_conversion(args):
     """Times every export of a random R50x1 and leaves the artifacts for the system runs."""
     setup_tf()
     import keras
+
     import tfbit
     from conversion import export
     from tfbit.image_processor import BitImageProcessor
@@ -247,25 +294,50 @@ def child_conversion(args):
 
     timed(".keras save", lambda: model.save(os.path.join(args.workdir, "model.keras")))
     inference = timed("float32_inference_model (fold)", lambda: export.float32_inference_model(model))
-    timed("SavedModel (TF Serving)", lambda: export.write_saved_model(
-        inference, "classification", BitImageProcessor().to_dict(), config.id2label,
-        os.path.join(args.workdir, "saved_model")))
-    timed("SavedModel, XLA forward pass (--saved-model-xla)", lambda: export.write_saved_model(
-        inference, "classification", BitImageProcessor().to_dict(), config.id2label,
-        os.path.join(args.workdir, "saved_model_xla"), xla=True))
-    models = timed(f"TFLite {', '.join(args.quantizations)}", lambda: export.tflite_models(
-        inference, "classification", (SIZE, SIZE), args.quantizations, calibration))
+    timed(
+        "SavedModel (TF Serving)",
+        lambda: export.write_saved_model(
+            inference,
+            "classification",
+            BitImageProcessor().to_dict(),
+            config.id2label,
+            os.path.join(args.workdir, "saved_model"),
+        ),
+    )
+    timed(
+        "SavedModel, XLA forward pass (--saved-model-xla)",
+        lambda: export.write_saved_model(
+            inference,
+            "classification",
+            BitImageProcessor().to_dict(),
+            config.id2label,
+            os.path.join(args.workdir, "saved_model_xla"),
+            xla=True,
+        ),
+    )
+    models = timed(
+        f"TFLite {', '.join(args.quantizations)}",
+        lambda: export.tflite_models(inference, "classification", (SIZE, SIZE), args.quantizations, calibration),
+    )
     for quantization, flatbuffer in models.items():
         with open(os.path.join(args.workdir, quantization + ".tflite"), "wb") as f:
             f.write(flatbuffer)
     inference.save(os.path.join(args.workdir, "folded.keras"))  # for the system runs, not timed
     # The TF Serving peer: keras' own SavedModel export of ResNet50V2 (not timed).
     keras.applications.ResNet50V2(weights=None, classes=NUM_CLASSES).export(
-        os.path.join(args.workdir, "rn50v2_saved_model"), verbose=False)
+        os.path.join(args.workdir, "rn50v2_saved_model"), verbose=False
+    )
     # The int8 worker runs beside this process: count both peaks (an upper bound of the total).
     worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    emit({"seconds": seconds, "total_s": sum(seconds.values()), "rss_before_mb": rss_before,
-          "rss_mb": peak_rss_mb() + worker_mb, "worker_rss_mb": worker_mb})
+    emit(
+        {
+            "seconds": seconds,
+            "total_s": sum(seconds.values()),
+            "rss_before_mb": rss_before,
+            "rss_mb": peak_rss_mb() + worker_mb,
+            "worker_rss_mb": worker_mb,
+        }
+    )
 
 
 # ---- GroupNorm variants ----------------------------------------------------------------------
@@ -277,6 +349,7 @@ GN_GROUPS, EPS = 32, 1e-5
 def gn_variants(tf, keras, channels):
     """name -> fn(x) for GroupNorm(32)+ReLU with gamma=1.3, beta=0.1 (any affine will do)."""
     import tfbit
+
     gamma = np.full(channels, 1.3, "float32")
     beta = np.full(channels, 0.1, "float32")
 
@@ -287,8 +360,9 @@ def gn_variants(tf, keras, channels):
         return obj
 
     current = layer(tfbit.GroupNormActivation, groups=GN_GROUPS, epsilon=EPS)
-    previous = layer(type("Previous", (tfbit.GroupNormActivation,), {"call": previous_groupnorm_call}),
-                     groups=GN_GROUPS, epsilon=EPS)
+    previous = layer(
+        type("Previous", (tfbit.GroupNormActivation,), {"call": previous_groupnorm_call}), groups=GN_GROUPS, epsilon=EPS
+    )
     keras_gn = layer(keras.layers.GroupNormalization, groups=GN_GROUPS, epsilon=EPS)
 
     def grouped_affine(x, mean, var):
@@ -309,9 +383,13 @@ def gn_variants(tf, keras, channels):
         mean, var = tf.nn.normalize_moments(count, m_ss, v_ss, shift)
         return grouped_affine(x, mean, var)
 
-    return {"tfbit layers.py (per-channel moments)": current, "previous tfbit (grouped-view moments)": previous,
-            "keras GroupNormalization+ReLU": lambda x: tf.nn.relu(keras_gn(x)),
-            "one-pass E[x2]-E[x]2, grouped view": one_pass, "shifted one-pass (sufficient_statistics)": shifted}
+    return {
+        "tfbit layers.py (per-channel moments)": current,
+        "previous tfbit (grouped-view moments)": previous,
+        "keras GroupNormalization+ReLU": lambda x: tf.nn.relu(keras_gn(x)),
+        "one-pass E[x2]-E[x]2, grouped view": one_pass,
+        "shifted one-pass (sufficient_statistics)": shifted,
+    }
 
 
 def gn_reference(x):
@@ -339,6 +417,7 @@ def activation_ratios(tf, model, x):
     """max over GroupNorm inputs of |group mean| / group std: how much cancellation a one-pass
     variance would face on these activations."""
     import tfbit
+
     original, ratios = tfbit.GroupNormActivation.call, []
 
     def spy(self, inputs):
@@ -346,6 +425,7 @@ def activation_ratios(tf, model, x):
         g = g.reshape(g.shape[0], -1, self.groups, g.shape[-1] // self.groups)
         ratios.append(float((np.abs(g.mean((1, 3))) / (g.std((1, 3)) + 1e-12)).max()))
         return original(self, inputs)
+
     tfbit.GroupNormActivation.call = spy
     try:
         model(tf.constant(x))
@@ -357,6 +437,7 @@ def activation_ratios(tf, model, x):
 def child_groupnorm(args):
     tf = setup_tf()
     import keras
+
     import tfbit
     from conversion.digits import load_digits_split
     from tfbit.image_processor import BitImageProcessor
@@ -401,14 +482,17 @@ def child_groupnorm(args):
                 samples.setdefault(f"{name}|{xla}|{b}", []).append(b / time_call(fn, inputs[b], 1.0, 1))
     result["model"] = {k: median(v) for k, v in samples.items()}
     ref = outputs[("previous", False, batches[-1])]
-    result["model_delta"] = float(np.abs(outputs[("layers.py", False, batches[-1])] - ref).max() / max(1, np.abs(ref).max()))
+    result["model_delta"] = float(
+        np.abs(outputs[("layers.py", False, batches[-1])] - ref).max() / max(1, np.abs(ref).max())
+    )
 
     # Activations that real inputs produce: random-init R50 and the trained digits checkpoint.
     result["ratios"]["R50x1 random init, random images"] = activation_ratios(tf, model, images(2))
     digits = tfbit.BitForImageClassification.from_pretrained(os.path.join(ROOT, "conversion", "default_checkpoint"))
     processor = BitImageProcessor.from_pretrained(os.path.join(ROOT, "conversion", "default_checkpoint"))
     result["ratios"]["digits checkpoint (trained), 32 test digits"] = activation_ratios(
-        tf, digits, processor(list(load_digits_split()[2][:32])))
+        tf, digits, processor(list(load_digits_split()[2][:32]))
+    )
     emit(result)
 
 
@@ -433,15 +517,24 @@ def child_profile(args):
 # Each group runs as live workers next to the anchors, so every ratio is taken between samples
 # measured moments apart; a system's RN50V2 counterpart is always in its group.
 ANCHORS = ["hf_torch", "rn50v2_graph"]
-SYSTEM_GROUPS = [["tfbit_folded_graph", "tfbit_folded_graph_prevgn", "tfbit_graph", "tfbit_eager"],
-                 ["tfbit_folded_xla", "tfbit_folded_xla_prevgn", "rn50v2_xla", "tfbit_saved_model"],
-                 ["tfbit_folded_graph", "tfbit_folded_graph_onednn", "rn50v2_graph_onednn", "timm"],
-                 ["tflite_fp32", "tflite_fp16", "tflite_dynamic_int8", "tflite_int8", "hf_onnxruntime"],
-                 # issue 13: the default Keras path against the folded one, and TF Serving's SavedModel
-                 # (each variant, both signatures) against keras ResNet50V2's and onnxruntime
-                 ["tfbit_default_pob", "tfbit_folded_pob", "tfbit_graph", "tfbit_folded_graph"],
-                 ["tfbit_saved_model", "tfbit_saved_model_bytes", "tfbit_saved_model_onednn", "tfbit_saved_model_xla",
-                  "tfbit_saved_model_xla_bytes", "rn50v2_saved_model", "hf_onnxruntime"]]
+SYSTEM_GROUPS = [
+    ["tfbit_folded_graph", "tfbit_folded_graph_prevgn", "tfbit_graph", "tfbit_eager"],
+    ["tfbit_folded_xla", "tfbit_folded_xla_prevgn", "rn50v2_xla", "tfbit_saved_model"],
+    ["tfbit_folded_graph", "tfbit_folded_graph_onednn", "rn50v2_graph_onednn", "timm"],
+    ["tflite_fp32", "tflite_fp16", "tflite_dynamic_int8", "tflite_int8", "hf_onnxruntime"],
+    # issue 13: the default Keras path against the folded one, and TF Serving's SavedModel
+    # (each variant, both signatures) against keras ResNet50V2's and onnxruntime
+    ["tfbit_default_pob", "tfbit_folded_pob", "tfbit_graph", "tfbit_folded_graph"],
+    [
+        "tfbit_saved_model",
+        "tfbit_saved_model_bytes",
+        "tfbit_saved_model_onednn",
+        "tfbit_saved_model_xla",
+        "tfbit_saved_model_xla_bytes",
+        "rn50v2_saved_model",
+        "hf_onnxruntime",
+    ],
+]
 # `--preset tf-paths`: exactly the issue-13 rows (groups 5 and 6) and the artifacts they need.
 TF_PATHS_GROUPS = [5, 6]
 QUICK_GROUPS = [["tfbit_folded_graph", "tfbit_folded_graph_prevgn", "tflite_fp32"]]
@@ -475,14 +568,21 @@ def run_systems(groups, args, workdir):
 
 def paired_ratio(results, name, other, batch):
     """Median over groups and repeats of name/other, each pair measured in the same repeat."""
-    ratios = [a / b for g in results if name in g and other in g
-              for a, b in zip(g[name].get(batch, []), g[other].get(batch, []))]
+    ratios = [
+        a / b
+        for g in results
+        if name in g and other in g
+        for a, b in zip(g[name].get(batch, []), g[other].get(batch, []))
+    ]
     return median(ratios) if ratios else None
 
 
 def report_systems(results, info, batches):
-    header = (["system"] + [h for b in batches for h in (f"b{b} img/s", f"b{b} ×HF", f"b{b} ×RN50V2")]
-              + ["peak RSS MB", "warm-up s"])
+    header = (
+        ["system"]
+        + [h for b in batches for h in (f"b{b} img/s", f"b{b} ×HF", f"b{b} ×RN50V2")]
+        + ["peak RSS MB", "warm-up s"]
+    )
     rows = []
     for name, (label, _, family) in SYSTEMS.items():
         speeds = {b: [v for g in results for v in g.get(name, {}).get(b, [])] for b in batches}
@@ -494,8 +594,11 @@ def report_systems(results, info, batches):
         row = [label]
         for b in batches:
             hf, rn = paired_ratio(results, name, "hf_torch", b), rn50 and paired_ratio(results, name, rn50, b)
-            row += [f"{median(speeds[b]):.2f}" if speeds[b] else "–",
-                    f"{hf:.2f}" if hf and name != "hf_torch" else "–", f"{rn:.2f}" if rn else "–"]
+            row += [
+                f"{median(speeds[b]):.2f}" if speeds[b] else "–",
+                f"{hf:.2f}" if hf and name != "hf_torch" else "–",
+                f"{rn:.2f}" if rn else "–",
+            ]
         row += [f"{info[name].get('rss_mb', 0):.0f}", f"{info[name].get('warmup_s', 0):.1f}"]
         rows.append(row)
     return table(header, rows)
@@ -514,9 +617,11 @@ def report_goals(results, batches):
 def report_conversion(out):
     rows = [[k, f"{v:.1f}"] for k, v in out["seconds"].items()]
     rows.append(["total", f"{out['total_s']:.1f}"])
-    return (table(["conversion step (R50x1, random weights)", "seconds"], rows)
-            + f"\npeak RSS {out['rss_mb']:.0f} MB: this process + the int8 worker's {out['worker_rss_mb']:.0f} MB "
-            f"(model built: {out['rss_before_mb']:.0f} MB)")
+    return (
+        table(["conversion step (R50x1, random weights)", "seconds"], rows)
+        + f"\npeak RSS {out['rss_mb']:.0f} MB: this process + the int8 worker's {out['worker_rss_mb']:.0f} MB "
+        f"(model built: {out['rss_before_mb']:.0f} MB)"
+    )
 
 
 def report_groupnorm(out):
@@ -530,18 +635,26 @@ def report_groupnorm(out):
     for offset, name, err in out["numerics"]:
         errors.setdefault(name, {})[offset] = err
     offsets = sorted({r[0] for r in out["numerics"]})
-    error_table = table(["variant: max|err| / max(1,|ref|) vs float64"] + [f"mean {o}, std 1" for o in offsets],
-                        [[n] + [f"{e[o]:.1e}" for o in offsets] for n, e in errors.items()])
+    error_table = table(
+        ["variant: max|err| / max(1,|ref|) vs float64"] + [f"mean {o}, std 1" for o in offsets],
+        [[n] + [f"{e[o]:.1e}" for o in offsets] for n, e in errors.items()],
+    )
     model_rows = {}
     for key, v in out["model"].items():
         name, xla, b = key.split("|")
         model_rows.setdefault(name, {})[(xla == "True", int(b))] = v
     cols = sorted(next(iter(model_rows.values())))
-    model_table = table(["R50x1 folded, GroupNorm as"] + [f"{'XLA' if x else 'graph'} b{b} img/s" for x, b in cols],
-                        [[n] + [f"{v[c]:.2f}" for c in cols] for n, v in model_rows.items()])
-    ratios = "\n".join(f"- max |group mean| / group std of GroupNorm inputs, {k}: {v:.1f}" for k, v in out["ratios"].items())
-    return (f"{speed_table}\n\n{error_table}\n\n{model_table}\n(layers.py vs previous GN, whole-model logits: "
-            f"max|delta|/max(1,|ref|) = {out['model_delta']:.1e})\n{ratios}")
+    model_table = table(
+        ["R50x1 folded, GroupNorm as"] + [f"{'XLA' if x else 'graph'} b{b} img/s" for x, b in cols],
+        [[n] + [f"{v[c]:.2f}" for c in cols] for n, v in model_rows.items()],
+    )
+    ratios = "\n".join(
+        f"- max |group mean| / group std of GroupNorm inputs, {k}: {v:.1f}" for k, v in out["ratios"].items()
+    )
+    return (
+        f"{speed_table}\n\n{error_table}\n\n{model_table}\n(layers.py vs previous GN, whole-model logits: "
+        f"max|delta|/max(1,|ref|) = {out['model_delta']:.1e})\n{ratios}"
+    )
 
 
 def main():
@@ -549,19 +662,26 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smoke run: few systems, batch 1")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved samples per system and batch")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--parts", nargs="+", default=["conversion", "systems", "groupnorm"],
-                        choices=["conversion", "systems", "groupnorm", "profile"],
-                        help="profile (op breakdown of a few graphs) is not in the default set")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["conversion", "systems", "groupnorm"],
+        choices=["conversion", "systems", "groupnorm", "profile"],
+        help="profile (op breakdown of a few graphs) is not in the default set",
+    )
     parser.add_argument("--groups", nargs="+", type=int, help="run only these system groups (1-based)")
     parser.add_argument("--workdir", help="keep the converted artifacts here (or reuse them: --parts profile)")
     parser.add_argument("--serve", choices=list(SYSTEMS), help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["conversion", "groupnorm", "profile"], help=argparse.SUPPRESS)
     parser.add_argument("--profile", choices=list(PROFILES), help=argparse.SUPPRESS)
     parser.add_argument("--quantizations", nargs="+", default=["fp32", "fp16", "dynamic_int8", "int8"])
-    parser.add_argument("--preset", choices=["tf-paths"],
-                        help="tf-paths: the issue-13 rows only (default Keras path vs folded, the TF Serving "
-                             "SavedModel and its variants vs keras ResNet50V2's SavedModel and onnxruntime), "
-                             "i.e. --parts conversion systems --groups 5 6 --quantizations fp32; ~10 min")
+    parser.add_argument(
+        "--preset",
+        choices=["tf-paths"],
+        help="tf-paths: the issue-13 rows only (default Keras path vs folded, the TF Serving "
+        "SavedModel and its variants vs keras ResNet50V2's SavedModel and onnxruntime), "
+        "i.e. --parts conversion systems --groups 5 6 --quantizations fp32; ~10 min",
+    )
     args = parser.parse_args()
     if args.preset == "tf-paths":
         args.parts, args.groups, args.quantizations = ["conversion", "systems"], TF_PATHS_GROUPS, ["fp32"]
@@ -576,7 +696,9 @@ def main():
 
     if args.quick:
         args.repeats, args.batches = min(args.repeats, 2), [1]
-    groups = QUICK_GROUPS if args.quick else [SYSTEM_GROUPS[i - 1] for i in args.groups or range(1, len(SYSTEM_GROUPS) + 1)]
+    groups = (
+        QUICK_GROUPS if args.quick else [SYSTEM_GROUPS[i - 1] for i in args.groups or range(1, len(SYSTEM_GROUPS) + 1)]
+    )
     started = time.perf_counter()
     print(header("bench_inference", f"{THREADS} threads per system"), flush=True)
     # Artifacts (~400 MB) are deleted at exit unless --workdir keeps them for a later --parts run.
@@ -596,14 +718,18 @@ def main():
         print("# raw " + json.dumps({"results": results, "info": info}), flush=True)
     if "groupnorm" in args.parts:
         print("\n## GroupNorm(32)+ReLU variants (one subprocess, 2 threads)", flush=True)
-        out = run_child([__file__, "--child", "groupnorm", "--batches", *map(str, args.batches)]
-                        + (["--quick"] if args.quick else []))
+        out = run_child(
+            [__file__, "--child", "groupnorm", "--batches", *map(str, args.batches)]
+            + (["--quick"] if args.quick else [])
+        )
         print(report_groupnorm(out) if "error" not in out else f"FAILED: {out['error']}", flush=True)
     if "profile" in args.parts:
         print("\n## Op profile (TF profiler, one call after warm-up, one subprocess each)", flush=True)
         for target, (_, env) in PROFILES.items():
             out = run_child([__file__, "--child", "profile", "--profile", target, "--workdir", workdir], env)
-            print(report_profile(target, out) if "error" not in out else f"- {target}: FAILED {out['error']}", flush=True)
+            print(
+                report_profile(target, out) if "error" not in out else f"- {target}: FAILED {out['error']}", flush=True
+            )
     print(f"\n# total {time.perf_counter() - started:.0f} s" + ("" if scratch else f"; artifacts in {workdir}"))
     if scratch:
         scratch.cleanup()

@@ -47,10 +47,10 @@ import numpy as np
 
 if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import THREADS, TORCH_ENV, emit, median, run_child, setup_tf, setup_torch, table, header  # noqa: E402
+from benchmarks.common import THREADS, TORCH_ENV, emit, header, median, run_child, setup_tf, setup_torch, table  # noqa: E402
 
 DEFAULT_CALIBRATION = 16  # conversion.convert's --calibration-images default
-EVAL_SEED = 1000          # realistic_model fits its head on views drawn with seed 0
+EVAL_SEED = 1000  # realistic_model fits its head on views drawn with seed 0
 
 
 def _inputs(workdir):
@@ -61,13 +61,16 @@ def _calibration_photos(count):
     """What `conversion.convert` calibrates on for photos: mirrored photos, spread over the set
     (PIL images, for either framework's processor)."""
     from conversion import images as real
+
     return real.mirrored(real.spread(real.photo_images().images, count))
 
 
 def _checkpoint(args):
     from benchmarks import realistic_model
-    return realistic_model.realistic_checkpoint(image_size=args.image_size, train_steps=args.train_steps,
-                                                log=lambda m: print(m, file=sys.stderr))
+
+    return realistic_model.realistic_checkpoint(
+        image_size=args.image_size, train_steps=args.train_steps, log=lambda m: print(m, file=sys.stderr)
+    )
 
 
 def _realistic(args):
@@ -75,7 +78,8 @@ def _realistic(args):
     R50x1 and the 32 photos plus `args.views` augmented views of each (the class of a view is its photo)."""
     import tfbit
     from benchmarks import realistic_model
-    from conversion import export, images as real
+    from conversion import export
+    from conversion import images as real
     from tfbit.image_processor import BitImageProcessor
 
     model, checkpoint = tfbit.load_model(_checkpoint(args), task="classification")
@@ -92,12 +96,15 @@ def _int8_converter(tf, inference, processor, size):
     """A TFLite converter set up as `conversion.export` sets up full int8 (16 calibration photos),
     on a graph saved in a temporary folder that lives as long as the context."""
     from conversion import export
+
     with tempfile.TemporaryDirectory() as graph_dir:
         spec = tf.TensorSpec([None, *size, 3], tf.float32, name="pixel_values")
-        graph = export._save(inference, os.path.join(graph_dir, "graph"),
-                             {"serving_default": (lambda x: {"logits": inference(x, training=False)}, spec)})
-        yield export._configure(export._converter(graph), "int8",
-                                processor(_calibration_photos(DEFAULT_CALIBRATION)))
+        graph = export._save(
+            inference,
+            os.path.join(graph_dir, "graph"),
+            {"serving_default": (lambda x: {"logits": inference(x, training=False)}, spec)},
+        )
+        yield export._configure(export._converter(graph), "int8", processor(_calibration_photos(DEFAULT_CALIBRATION)))
 
 
 def child_tflite(args):
@@ -123,34 +130,47 @@ def child_tflite(args):
     for calibration in sorted(set(args.calibration) | {DEFAULT_CALIBRATION}):
         started = time.perf_counter()
         quantizations = ("fp32", "fp16", "dynamic_int8", "int8") if calibration == DEFAULT_CALIBRATION else ("int8",)
-        for q, flatbuffer in export.tflite_models(inference, "classification", size, quantizations,
-                                                   processor(_calibration_photos(calibration))).items():
+        for q, flatbuffer in export.tflite_models(
+            inference, "classification", size, quantizations, processor(_calibration_photos(calibration))
+        ).items():
             if isinstance(flatbuffer, Exception):
                 print(f"{q} (calibration {calibration}) failed: {flatbuffer}", file=sys.stderr)
                 continue
-            write(q if calibration == DEFAULT_CALIBRATION or q != "int8" else f"int8_cal{calibration}",
-                  flatbuffer, started)
+            write(
+                q if calibration == DEFAULT_CALIBRATION or q != "int8" else f"int8_cal{calibration}",
+                flatbuffer,
+                started,
+            )
 
     # The alternative the issue names: int16 activations (statistics kept finer), int8 weights.
     started = time.perf_counter()
     with _int8_converter(tf, inference, processor, size) as converter:
         converter.target_spec.supported_ops = [
-            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+        ]
         try:
             write("int16x8", converter.convert(), started)
         except Exception as e:  # a failed alternative is a result, not a crash
             print(f"int16x8 failed: {e}", file=sys.stderr)
 
-    emit({"files": files, "seconds": seconds,
-          "float_ops": {name: len(tflite_graph.float_ops(open(p, "rb").read())) for name, p in files.items()},
-          "sizes_mb": {name: os.path.getsize(p) / 2**20 for name, p in files.items()}})
+    emit(
+        {
+            "files": files,
+            "seconds": seconds,
+            "float_ops": {name: len(tflite_graph.float_ops(open(p, "rb").read())) for name, p in files.items()},
+            "sizes_mb": {name: os.path.getsize(p) / 2**20 for name, p in files.items()},
+        }
+    )
 
 
 # Op types kept in float (the debugger's denylist; float kernels allowed for them) to see which
 # of them, computed exactly, win the answers back.
-KEEP_FLOAT = {"nothing (full int8)": [], "GroupNorm statistics (MEAN)": ["MEAN"],
-              "every GroupNorm op (MEAN, SUB, MUL, ADD, RSQRT)": ["MEAN", "SUB", "MUL", "ADD", "RSQRT"],
-              "convolutions (CONV_2D)": ["CONV_2D"]}
+KEEP_FLOAT = {
+    "nothing (full int8)": [],
+    "GroupNorm statistics (MEAN)": ["MEAN"],
+    "every GroupNorm op (MEAN, SUB, MUL, ADD, RSQRT)": ["MEAN", "SUB", "MUL", "ADD", "RSQRT"],
+    "convolutions (CONV_2D)": ["CONV_2D"],
+}
 
 
 def _agreement(logits, reference):
@@ -159,8 +179,12 @@ def _agreement(logits, reference):
     top = np.sort(reference, axis=1)
     clear = (top[:, -1] - top[:, -2]) >= 0.2 * spread
     agree = logits.argmax(1) == reference.argmax(1)
-    return {"agreement": float(np.mean(agree)), "clear_agreement": float(np.mean(agree[clear])),
-            "clear": int(clear.sum()), "per_spread": float(np.abs(logits - reference).max() / spread)}
+    return {
+        "agreement": float(np.mean(agree)),
+        "clear_agreement": float(np.mean(agree[clear])),
+        "clear": int(clear.sum()),
+        "per_spread": float(np.abs(logits - reference).max() / spread),
+    }
 
 
 def child_layers(args):
@@ -170,17 +194,21 @@ def child_layers(args):
     inference, processor, evaluation, _ = _realistic(args)
     with _int8_converter(tf, inference, processor, tuple(evaluation.shape[1:3])) as converter:
         debugger = tf.lite.experimental.QuantizationDebugger(
-            converter=converter, debug_dataset=lambda: ([x[None]] for x in evaluation))
+            converter=converter, debug_dataset=lambda: ([x[None]] for x in evaluation)
+        )
         debugger.run()
     reference = inference.predict(evaluation, batch_size=16, verbose=0)
     keep_float = {}
     for name, ops in KEEP_FLOAT.items():
         with _int8_converter(tf, inference, processor, tuple(evaluation.shape[1:3])) as converter:
             if ops:
-                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
-                                                       tf.lite.OpsSet.TFLITE_BUILTINS]
+                converter.target_spec.supported_ops = [
+                    tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                    tf.lite.OpsSet.TFLITE_BUILTINS,
+                ]
                 flatbuffer = tf.lite.experimental.QuantizationDebugger(
-                    converter=converter, debug_dataset=lambda: ([x[None]] for x in evaluation[:1]),
+                    converter=converter,
+                    debug_dataset=lambda: ([x[None]] for x in evaluation[:1]),
                     debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=ops),
                 ).get_nondebug_quantized_model()
             else:
@@ -189,12 +217,14 @@ def child_layers(args):
         with open(path, "wb") as f:
             f.write(flatbuffer)
         run = _runner(path)
-        keep_float[name] = _agreement(np.concatenate([run(evaluation[i:i + 16]) for i in range(0, len(evaluation), 16)]),
-                                      reference)
+        keep_float[name] = _agreement(
+            np.concatenate([run(evaluation[i : i + 16]) for i in range(0, len(evaluation), 16)]), reference
+        )
     stats = os.path.join(args.workdir, "layer_stats.csv")
     with open(stats, "w") as f:
         debugger.layer_statistics_dump(f)
     import csv
+
     with open(stats) as f:
         rows = list(csv.DictReader(f))
     layers = []
@@ -202,10 +232,16 @@ def child_layers(args):
         scale = float(row["scale"])
         if not scale:
             continue
-        layers.append({"depth": depth, "op": row["op_name"], "tensor": row["tensor_name"],
-                       "rmse_steps": float(row["mean_squared_error"]) ** 0.5 / scale,
-                       "bias_steps": float(row["mean_error"]) / scale,
-                       "max_steps": float(row["max_abs_error"]) / scale})
+        layers.append(
+            {
+                "depth": depth,
+                "op": row["op_name"],
+                "tensor": row["tensor_name"],
+                "rmse_steps": float(row["mean_squared_error"]) ** 0.5 / scale,
+                "bias_steps": float(row["mean_error"]) / scale,
+                "max_steps": float(row["max_abs_error"]) / scale,
+            }
+        )
     emit({"layers": layers, "images": len(evaluation), "keep_float": keep_float})
 
 
@@ -217,30 +253,61 @@ def report_layers(out):
     by_op = {}
     for layer in layers:
         by_op.setdefault(layer["op"], []).append(layer)
-    rows = [[op, len(group), f"{median([g['rmse_steps'] for g in group]):.2f}",
-             f"{max(g['rmse_steps'] for g in group):.2f}", f"{max(abs(g['bias_steps']) for g in group):.2f}",
-             f"{max(g['max_steps'] for g in group):.1f}"]
-            for op, group in sorted(by_op.items(), key=lambda item: -max(g["rmse_steps"] for g in item[1]))]
+    rows = [
+        [
+            op,
+            len(group),
+            f"{median([g['rmse_steps'] for g in group]):.2f}",
+            f"{max(g['rmse_steps'] for g in group):.2f}",
+            f"{max(abs(g['bias_steps']) for g in group):.2f}",
+            f"{max(g['max_steps'] for g in group):.1f}",
+        ]
+        for op, group in sorted(by_op.items(), key=lambda item: -max(g["rmse_steps"] for g in item[1]))
+    ]
     print(table(["op", "count", "median RMSE", "max RMSE", "max |bias|", "max |error|"], rows))
     stages = {}
     for layer in layers:
         stage = layer["tensor"].split("/")[1].split("_")[0] if "/" in layer["tensor"] else "?"
         stages.setdefault(stage, []).append(layer["rmse_steps"])
-    print(table(["layer group", "ops", "median RMSE", "max RMSE"],
-                [[stage, len(v), f"{median(v):.2f}", f"{max(v):.2f}"] for stage, v in stages.items()]))
+    print(
+        table(
+            ["layer group", "ops", "median RMSE", "max RMSE"],
+            [[stage, len(v), f"{median(v):.2f}", f"{max(v):.2f}"] for stage, v in stages.items()],
+        )
+    )
     worst = sorted(layers, key=lambda g: -g["rmse_steps"])[:10]
-    print(table(["depth", "op", "RMSE", "bias", "max |error|", "tensor"],
-                [[g["depth"], g["op"], f"{g['rmse_steps']:.2f}", f"{g['bias_steps']:.2f}", f"{g['max_steps']:.1f}",
-                  g["tensor"][:70]] for g in worst]))
+    print(
+        table(
+            ["depth", "op", "RMSE", "bias", "max |error|", "tensor"],
+            [
+                [
+                    g["depth"],
+                    g["op"],
+                    f"{g['rmse_steps']:.2f}",
+                    f"{g['bias_steps']:.2f}",
+                    f"{g['max_steps']:.1f}",
+                    g["tensor"][:70],
+                ]
+                for g in worst
+            ],
+        )
+    )
     print(f"\n## Full int8 with some op types left in float ({out['images']} images)")
-    print(table(["kept in float", "top-1 agreement", "on margin >= 0.2 spread", "max |Δ| / spread"],
-                [[name, f"{k['agreement']:.1%}", f"{k['clear_agreement']:.1%} of {k['clear']}", f"{k['per_spread']:.3f}"]
-                 for name, k in out["keep_float"].items()]))
+    print(
+        table(
+            ["kept in float", "top-1 agreement", "on margin >= 0.2 spread", "max |Δ| / spread"],
+            [
+                [name, f"{k['agreement']:.1%}", f"{k['clear_agreement']:.1%} of {k['clear']}", f"{k['per_spread']:.3f}"]
+                for name, k in out["keep_float"].items()
+            ],
+        )
+    )
 
 
 def child_onnx(args):
     """Stage 2: transformers' model from the same checkpoint as ONNX, fp32 and static int8."""
     import tensorflow  # noqa: F401  loaded before torch: the other order can abort (see README)
+
     torch = setup_torch()
     import onnxruntime.quantization as oq
     import transformers
@@ -248,9 +315,16 @@ def child_onnx(args):
     path = _checkpoint(args)
     model = transformers.BitForImageClassification.from_pretrained(path).eval()
     fp32 = os.path.join(args.workdir, "hf_fp32.onnx")
-    torch.onnx.export(model, (torch.zeros(1, 3, args.image_size, args.image_size),), fp32, input_names=["pixel_values"],
-                      output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}}, opset_version=17,
-                      dynamo=False)
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, 3, args.image_size, args.image_size),),
+        fp32,
+        input_names=["pixel_values"],
+        output_names=["logits"],
+        dynamic_axes={"pixel_values": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
     processor = transformers.AutoImageProcessor.from_pretrained(path)
     calibration = processor(_calibration_photos(DEFAULT_CALIBRATION), return_tensors="np")["pixel_values"]
 
@@ -265,22 +339,35 @@ def child_onnx(args):
     oq.quant_pre_process(fp32, prepared)
     int8 = os.path.join(args.workdir, "hf_int8.onnx")
     started = time.perf_counter()
-    oq.quantize_static(prepared, int8, Reader(), quant_format=oq.QuantFormat.QDQ, per_channel=True,
-                       activation_type=oq.QuantType.QInt8, weight_type=oq.QuantType.QInt8)
-    emit({"files": {"onnxruntime_fp32": fp32, "onnxruntime_int8": int8},
-          "seconds": {"onnxruntime_int8": time.perf_counter() - started}})
+    oq.quantize_static(
+        prepared,
+        int8,
+        Reader(),
+        quant_format=oq.QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=oq.QuantType.QInt8,
+        weight_type=oq.QuantType.QInt8,
+    )
+    emit(
+        {
+            "files": {"onnxruntime_fp32": fp32, "onnxruntime_int8": int8},
+            "seconds": {"onnxruntime_int8": time.perf_counter() - started},
+        }
+    )
 
 
 def _runner(path):
     """fn(NHWC float32 batch) -> logits, for a .tflite or .onnx file."""
     if path.endswith(".onnx"):
         import onnxruntime
+
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
         session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         run = lambda x: session.run(None, {"pixel_values": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})[0]
     else:
         from ai_edge_litert.interpreter import Interpreter
+
         interpreter = Interpreter(model_path=path, num_threads=THREADS)
         interpreter.allocate_tensors()
         inp, out = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
@@ -292,6 +379,7 @@ def _runner(path):
             interpreter.set_tensor(inp, x)
             interpreter.invoke()
             return interpreter.get_tensor(out)
+
     return run
 
 
@@ -302,19 +390,27 @@ def child_measure(args):
     reference, labels, x = data["reference"], data["labels"], data["eval"]
     spread = float(np.mean(reference.max(1) - reference.min(1)))
     runs = {name: _runner(path) for name, path in files.items()}
-    fidelity = {"reference": {"accuracy": float(np.mean(reference.argmax(1) == labels)), "spread": spread,
-                              "clear": _agreement(reference, reference)["clear"]}}
+    fidelity = {
+        "reference": {
+            "accuracy": float(np.mean(reference.argmax(1) == labels)),
+            "spread": spread,
+            "clear": _agreement(reference, reference)["clear"],
+        }
+    }
     for name, run in runs.items():
-        logits = np.concatenate([run(x[i:i + 16]) for i in range(0, len(x), 16)])
-        fidelity[name] = {**_agreement(logits, reference), "accuracy": float(np.mean(logits.argmax(1) == labels)),
-                          "max_abs_diff": float(np.abs(logits - reference).max())}
+        logits = np.concatenate([run(x[i : i + 16]) for i in range(0, len(x), 16)])
+        fidelity[name] = {
+            **_agreement(logits, reference),
+            "accuracy": float(np.mean(logits.argmax(1) == labels)),
+            "max_abs_diff": float(np.abs(logits - reference).max()),
+        }
     one = x[:1]
     for run in runs.values():  # XNNPACK packing, allocator warm-up
         run(one), run(one)
     latency = {name: [] for name in runs}
     names = list(runs)
     for r in range(args.repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             n, start = 0, time.perf_counter()
             while n < 3 or time.perf_counter() - start < 1.0:
                 runs[name](one)
@@ -331,28 +427,46 @@ def ratio(latency, name, other):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved latency samples per system")
-    parser.add_argument("--calibration", type=int, nargs="+", default=[2, 8, 32],
-                        help=f"calibration set sizes for full int8 besides the default {DEFAULT_CALIBRATION}")
+    parser.add_argument(
+        "--calibration",
+        type=int,
+        nargs="+",
+        default=[2, 8, 32],
+        help=f"calibration set sizes for full int8 besides the default {DEFAULT_CALIBRATION}",
+    )
     parser.add_argument("--views", type=int, default=4, help="augmented views per photo in the evaluation set")
     parser.add_argument("--image-size", type=int, default=224, help="the realistic model's resolution")
-    parser.add_argument("--train-steps", type=int, default=0,
-                        help="the realistic model's trained-body variant (0: random body, head fitted)")
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        help="the realistic model's trained-body variant (0: random body, head fitted)",
+    )
     parser.add_argument("--workdir", help="keep the files here")
     parser.add_argument("--layers", action="store_true", help="only the per-op error profile of full int8")
     parser.add_argument("--child", choices=["tflite", "onnx", "measure", "layers"], help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return {"tflite": child_tflite, "onnx": child_onnx, "measure": child_measure,
-                "layers": child_layers}[args.child](args)
+        return {"tflite": child_tflite, "onnx": child_onnx, "measure": child_measure, "layers": child_layers}[
+            args.child
+        ](args)
 
     started = time.perf_counter()
     print(header("bench_int8", f"{THREADS} threads per system"), flush=True)
     scratch = None if args.workdir else tempfile.TemporaryDirectory(prefix="tfbit_int8_")
     workdir = args.workdir or scratch.name
     os.makedirs(workdir, exist_ok=True)
-    common = ["--workdir", workdir, "--views", str(args.views), "--image-size", str(args.image_size),
-              "--train-steps", str(args.train_steps)]
+    common = [
+        "--workdir",
+        workdir,
+        "--views",
+        str(args.views),
+        "--image-size",
+        str(args.image_size),
+        "--train-steps",
+        str(args.train_steps),
+    ]
     if args.layers:
         out = run_child([__file__, "--child", "layers", *common])
         if "error" in out:
@@ -375,23 +489,53 @@ def main():
     fidelity, latency = out["fidelity"], out["latency_ms"]
     ref = fidelity["reference"]
     body = f"body trained {args.train_steps} steps" if args.train_steps else "random body"
-    print(f"\n## Realistic R50x1 ({body}), {args.image_size}x{args.image_size}: {out['images']} images (32 photos + "
-          f"{args.views} views each); float reference accuracy {ref['accuracy']:.1%}, mean logit spread "
-          f"{ref['spread']:.2f}; {ref['clear']} images with a top-1 margin >= 0.2 spread")
+    print(
+        f"\n## Realistic R50x1 ({body}), {args.image_size}x{args.image_size}: {out['images']} images (32 photos + "
+        f"{args.views} views each); float reference accuracy {ref['accuracy']:.1%}, mean logit spread "
+        f"{ref['spread']:.2f}; {ref['clear']} images with a top-1 margin >= 0.2 spread"
+    )
     rows = []
     for name in files:
         f, lat = fidelity[name], latency[name]
-        rows.append([name, f"{median(lat):.1f}",
-                     f"{ratio(latency, name, 'fp32'):.2f}" if "fp32" in latency else "–",
-                     f"{ratio(latency, name, 'onnxruntime_int8'):.2f}" if "onnxruntime_int8" in latency else "–",
-                     f"{f['agreement']:.1%}", f"{f['clear_agreement']:.1%}", f"{f['accuracy']:.1%}", f"{f['max_abs_diff']:.2f}",
-                     f"{f['per_spread']:.3f}", str(tflite["float_ops"].get(name, "–")),
-                     f"{tflite['sizes_mb'][name]:.1f}" if name in tflite["sizes_mb"] else "–",
-                     f"{(tflite['seconds'].get(name) or onnx['seconds'].get(name) or float('nan')):.0f}"])
-    print(table(["system", "b1 ms", "× TFLite fp32", "× ORT int8", "top-1 agreement", "on margin >= 0.2 spread", "accuracy", "max |Δ|",
-                 "|Δ| / spread", "float ops", "MB", "convert s"], rows))
-    print("\n(× columns: speed ratios, median of interleaved samples; convert s for the default-calibration"
-          " TFLite row is the time of all four variants together)")
+        rows.append(
+            [
+                name,
+                f"{median(lat):.1f}",
+                f"{ratio(latency, name, 'fp32'):.2f}" if "fp32" in latency else "–",
+                f"{ratio(latency, name, 'onnxruntime_int8'):.2f}" if "onnxruntime_int8" in latency else "–",
+                f"{f['agreement']:.1%}",
+                f"{f['clear_agreement']:.1%}",
+                f"{f['accuracy']:.1%}",
+                f"{f['max_abs_diff']:.2f}",
+                f"{f['per_spread']:.3f}",
+                str(tflite["float_ops"].get(name, "–")),
+                f"{tflite['sizes_mb'][name]:.1f}" if name in tflite["sizes_mb"] else "–",
+                f"{(tflite['seconds'].get(name) or onnx['seconds'].get(name) or float('nan')):.0f}",
+            ]
+        )
+    print(
+        table(
+            [
+                "system",
+                "b1 ms",
+                "× TFLite fp32",
+                "× ORT int8",
+                "top-1 agreement",
+                "on margin >= 0.2 spread",
+                "accuracy",
+                "max |Δ|",
+                "|Δ| / spread",
+                "float ops",
+                "MB",
+                "convert s",
+            ],
+            rows,
+        )
+    )
+    print(
+        "\n(× columns: speed ratios, median of interleaved samples; convert s for the default-calibration"
+        " TFLite row is the time of all four variants together)"
+    )
     print("# raw " + json.dumps({"tflite": tflite, "onnx": onnx, "measure": out}))
     print(f"\n# total {time.perf_counter() - started:.0f} s" + ("" if scratch else f"; files in {workdir}"))
     if scratch:

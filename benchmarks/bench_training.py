@@ -21,9 +21,26 @@ import numpy as np
 
 if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (NUM_CLASSES, THREADS, TORCH_ENV, Worker, emit, fit_step_times, images,  # noqa: E402
-                               interleave, median, op_profile, report_profile, run_child, serve, setup_tf,
-                               setup_torch, table, use_previous_groupnorm, header)
+from benchmarks.common import (
+    NUM_CLASSES,
+    THREADS,
+    TORCH_ENV,
+    Worker,
+    emit,
+    fit_step_times,
+    header,
+    images,  # noqa: E402
+    interleave,
+    median,
+    op_profile,
+    report_profile,
+    run_child,
+    serve,
+    setup_tf,
+    setup_torch,
+    table,
+    use_previous_groupnorm,
+)
 
 BATCH = 16
 LEARNING_RATE = 0.01
@@ -42,7 +59,7 @@ MAX_WORKERS = {128: 5, 224: 3}
 def groups_for(size, systems):
     others = [n for n in systems if n != ANCHOR]
     per_group = max(1, MAX_WORKERS.get(size, 3) - (ANCHOR in systems))
-    chunks = [others[i:i + per_group] for i in range(0, len(others), per_group)] or [[]]
+    chunks = [others[i : i + per_group] for i in range(0, len(others), per_group)] or [[]]
     return [([ANCHOR] if ANCHOR in systems else []) + chunk for chunk in chunks]
 
 
@@ -53,14 +70,18 @@ def labels(n, seed=0):
 def tfbit_trainer(name, size):
     tf = setup_tf()
     import keras
+
     import tfbit
+
     if name.endswith("_prevgn"):
         use_previous_groupnorm()
     keras.utils.set_random_seed(0)
     model = tfbit.BitForImageClassification(tfbit.BitConfig(num_labels=NUM_CLASSES))
-    model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=0.9),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=name.endswith("_xla"))
+    model.compile(
+        optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=name.endswith("_xla"),
+    )
     data = tf.data.Dataset.from_tensor_slices((images(2 * BATCH, size), labels(2 * BATCH)))
     data = data.batch(BATCH, drop_remainder=True).repeat()
     return fit_step_times(model, data)
@@ -69,6 +90,7 @@ def tfbit_trainer(name, size):
 def torch_trainer(size):
     torch = setup_torch()
     import transformers
+
     torch.manual_seed(0)
     model = transformers.BitForImageClassification(transformers.BitConfig(num_labels=NUM_CLASSES)).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
@@ -85,6 +107,7 @@ def torch_trainer(size):
             optimizer.step()
             times.append(time.perf_counter() - start)
         return times
+
     return run
 
 
@@ -112,13 +135,13 @@ def child_profile(args):
 
 # ---- parent ----------------------------------------------------------------------------------
 
+
 def run_throughput(args):
     speed, ratio, info = {}, {}, {}
     for size in args.sizes:
         for group in groups_for(size, args.systems):
             print(f"\n## {size}x{size}: {', '.join(group)}", flush=True)
-            workers = [Worker(__file__, n, ["--size", str(size)], SYSTEMS[n][1])
-                       for n in group]
+            workers = [Worker(__file__, n, ["--size", str(size)], SYSTEMS[n][1]) for n in group]
             ready = []
             for w in workers:  # they build concurrently; only the timed samples must not overlap
                 try:
@@ -141,8 +164,11 @@ def run_throughput(args):
         for size in args.sizes:
             v = speed.get((name, size), [])
             r = median(ratio.get((name, size), []))
-            row += [f"{median(v):.2f}" if v else "FAILED", f"{r:.2f}" if v and name != ANCHOR else "–",
-                    f"{info.get((name, size), {}).get('rss_mb', 0):.0f}"]
+            row += [
+                f"{median(v):.2f}" if v else "FAILED",
+                f"{r:.2f}" if v and name != ANCHOR else "–",
+                f"{info.get((name, size), {}).get('rss_mb', 0):.0f}",
+            ]
         rows.append(row)
     print("\n" + table(header, rows))
     warm = ", ".join(f"{n} {s}²: {i['warmup_s']:.0f}" for (n, s), i in info.items())
@@ -156,8 +182,13 @@ def main():
     parser.add_argument("--steps", type=int, default=2, help="training steps per sample")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 224])
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
-    parser.add_argument("--parts", nargs="+", default=["throughput"], choices=["throughput", "profile"],
-                        help="profile (op breakdown of one fit step) is not in the default set")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["throughput"],
+        choices=["throughput", "profile"],
+        help="profile (op breakdown of one fit step) is not in the default set",
+    )
     parser.add_argument("--serve", choices=list(SYSTEMS), help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--profile", choices=list(PROFILES), help=argparse.SUPPRESS)
@@ -177,7 +208,9 @@ def main():
         print("\n## Op profile (TF profiler, one fit step after warm-up, one subprocess each)", flush=True)
         for target, (_, _, env) in PROFILES.items():
             out = run_child([__file__, "--profile", target], env)
-            print(report_profile(target, out) if "error" not in out else f"- {target}: FAILED {out['error']}", flush=True)
+            print(
+                report_profile(target, out) if "error" not in out else f"- {target}: FAILED {out['error']}", flush=True
+            )
     print(f"\n# total {time.perf_counter() - started:.0f} s")
 
 

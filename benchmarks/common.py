@@ -23,9 +23,14 @@ SIZE = 224
 NUM_CLASSES = 1000
 
 # Same thread budget for every framework; also set for libraries that read it at import.
-BASE_ENV = {"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
-            "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0", "HF_HUB_OFFLINE": "1",
-            "PYTHONPATH": ROOT}
+BASE_ENV = {
+    "OMP_NUM_THREADS": str(THREADS),
+    "MKL_NUM_THREADS": str(THREADS),
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "TF_ENABLE_ONEDNN_OPTS": "0",
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONPATH": ROOT,
+}
 
 # With the cores shared by other jobs, OpenMP's default spinning barriers make torch with 2 threads
 # ~15x slower than with 1 (measured here); passive waiting restores normal speed.
@@ -34,12 +39,14 @@ TORCH_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 # ---- inputs and frameworks --------------------------------------------------------------------
 
+
 def images(batch, size=SIZE, seed=0):
     return np.random.RandomState(seed).uniform(-1, 1, (batch, size, size, 3)).astype("float32")
 
 
 def setup_tf():
     import tensorflow as tf
+
     tf.config.threading.set_intra_op_parallelism_threads(THREADS)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     return tf
@@ -47,6 +54,7 @@ def setup_tf():
 
 def setup_torch():
     import torch
+
     torch.set_num_threads(THREADS)
     torch.set_num_interop_threads(1)
     return torch
@@ -73,10 +81,12 @@ def fit_step_times(model, data):
         timer.times = []
         model.fit(data, steps_per_epoch=k, epochs=1, verbose=0, callbacks=[timer])
         return timer.times
+
     return run
 
 
 # ---- subprocesses -----------------------------------------------------------------------------
+
 
 def emit(result):
     """Child side: print the result the parent reads (the last "RESULT " line of stdout)."""
@@ -85,12 +95,17 @@ def emit(result):
 
 def run_child(args, env=None, timeout=1800):
     """Run a bench script (or `-c code`) as a subprocess; returns the JSON it emits last."""
-    proc = subprocess.run([sys.executable, *args], env={**os.environ, **BASE_ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    proc = subprocess.run(
+        [sys.executable, *args],
+        env={**os.environ, **BASE_ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         return {"error": f"exit {proc.returncode}: " + "\n".join(proc.stderr.splitlines()[-15:])}
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 class Worker:
@@ -105,17 +120,24 @@ class Worker:
     def __init__(self, script, name, args, env=None):
         self.name = name
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen([sys.executable, script, "--serve", name, *args], text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     env={**os.environ, **BASE_ENV, **(env or {})})
+        self.proc = subprocess.Popen(
+            [sys.executable, script, "--serve", name, *args],
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env={**os.environ, **BASE_ENV, **(env or {})},
+        )
 
     def reply(self):
         for line in self.proc.stdout:
             if line.startswith("RESULT "):
-                return json.loads(line[len("RESULT "):])
+                return json.loads(line[len("RESULT ") :])
         self.proc.wait()
         self.log.seek(0)
-        raise RuntimeError(f"{self.name} exited {self.proc.returncode}: " + "\n".join(self.log.read().splitlines()[-10:]))
+        raise RuntimeError(
+            f"{self.name} exited {self.proc.returncode}: " + "\n".join(self.log.read().splitlines()[-10:])
+        )
 
     def ask(self, request):
         self.proc.stdin.write(json.dumps(request) + "\n")
@@ -161,14 +183,17 @@ def interleave(workers, requests, repeats, log=print):
 
 # ---- op-level profile -------------------------------------------------------------------------
 
+
 def op_profile(step):
     """Wall time of one step() after warm-up and the TF op types that fill it (TF profiler trace):
     {"wall_ms": ms, "ops_ms": {op type: ms}}, largest first."""
     import glob
     import shutil
     from collections import Counter
+
     import tensorflow as tf  # set up by whoever built step
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
     step()
     step()
     start = time.perf_counter()
@@ -202,6 +227,7 @@ def report_profile(target, out):
 
 # ---- statistics and reports -------------------------------------------------------------------
 
+
 def median(values):
     return float(np.median(values)) if len(values) else float("nan")
 
@@ -213,34 +239,41 @@ def table(header, rows):
 
 
 def versions():
-    code = ("import json, platform, numpy, tensorflow as tf, keras, torch, transformers, timm, ai_edge_litert;"
-            "from importlib.metadata import version;"
-            "print('RESULT ' + json.dumps({'python': platform.python_version(), 'numpy': numpy.__version__,"
-            "'tensorflow': tf.__version__, 'keras': keras.__version__, 'torch': torch.__version__,"
-            "'transformers': transformers.__version__, 'timm': timm.__version__, 'ai-edge-litert': version('ai-edge-litert')}))")
+    code = (
+        "import json, platform, numpy, tensorflow as tf, keras, torch, transformers, timm, ai_edge_litert;"
+        "from importlib.metadata import version;"
+        "print('RESULT ' + json.dumps({'python': platform.python_version(), 'numpy': numpy.__version__,"
+        "'tensorflow': tf.__version__, 'keras': keras.__version__, 'torch': torch.__version__,"
+        "'transformers': transformers.__version__, 'timm': timm.__version__,"
+        "'ai-edge-litert': version('ai-edge-litert')}))"
+    )
     return run_child(["-c", code])
 
 
 def header(script, detail):
     """The first lines of a benchmark's output: what ran, when, where, with which versions."""
-    return (f"# {script}  {time.strftime('%Y-%m-%d %H:%M')}  CPU: {cpu_model()}, {os.cpu_count()} cores, "
-            f"{detail}\n# {json.dumps(versions())}")
+    return (
+        f"# {script}  {time.strftime('%Y-%m-%d %H:%M')}  CPU: {cpu_model()}, {os.cpu_count()} cores, "
+        f"{detail}\n# {json.dumps(versions())}"
+    )
 
 
 def cpu_model():
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
     except Exception:  # noqa: BLE001  informational only
         return "unknown"
 
 
 # ---- the previous GroupNorm, kept for before/after comparisons ---------------------------------
 
+
 def previous_groupnorm_call(self, inputs):
     """`GroupNormActivation.call` before 2026-11-28: moments of a grouped (N, HW, G, C/G) view over
     the strided axes (1, 3). Replaced by per-channel moments + law of total variance (layers.py)."""
     from keras import ops
+
     channels = self.gamma.shape[0]
     grouped = ops.reshape(ops.cast(inputs, "float32"), (ops.shape(inputs)[0], -1, self.groups, channels // self.groups))
     mean, var = ops.moments(grouped, axes=(1, 3), keepdims=True)  # (N, 1, G, 1)
@@ -253,4 +286,5 @@ def previous_groupnorm_call(self, inputs):
 
 def use_previous_groupnorm():
     import tfbit
+
     tfbit.GroupNormActivation.call = previous_groupnorm_call

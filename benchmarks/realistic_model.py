@@ -50,8 +50,8 @@ RECIPE_FILE = "realistic_model.json"
 IMAGE_SIZE = 224
 SEED = 0
 AUGMENTATIONS = 5  # augmented views per photo the head is fitted on (besides the photo itself)
-L2 = 1e-3          # on standardized features: top-1 margin ~8-9 logits on the photos
-NORM_NOISE = 0.2   # GroupNorm gamma/beta perturbation, as tests/conftest.py's perturb_
+L2 = 1e-3  # on standardized features: top-1 margin ~8-9 logits on the photos
+NORM_NOISE = 0.2  # GroupNorm gamma/beta perturbation, as tests/conftest.py's perturb_
 TRAIN_BATCH, TRAIN_LR, TRAIN_WARMUP = 16, 0.03, 20  # the trained body's SGD (momentum 0.9)
 
 
@@ -64,6 +64,7 @@ def _photos():
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     from conversion.images import photo_paths
+
     paths = photo_paths()
     digest = hashlib.sha256()
     for p in paths:
@@ -75,10 +76,17 @@ def _photos():
 def recipe(image_size=IMAGE_SIZE, train_steps=0):
     """What the cached checkpoint was built from; a different recipe means a rebuild."""
     paths, digest = _photos()
-    spec = {"version": 1, "architecture": "transformers BitConfig defaults (google/bit-50: R50x1)",
-            "image_size": image_size, "seed": SEED, "norm_noise": NORM_NOISE,
-            "augmentations": AUGMENTATIONS, "l2": L2, "photos_sha256": digest,
-            "labels": [os.path.splitext(os.path.basename(p))[0] for p in paths]}
+    spec = {
+        "version": 1,
+        "architecture": "transformers BitConfig defaults (google/bit-50: R50x1)",
+        "image_size": image_size,
+        "seed": SEED,
+        "norm_noise": NORM_NOISE,
+        "augmentations": AUGMENTATIONS,
+        "l2": L2,
+        "photos_sha256": digest,
+        "labels": [os.path.splitext(os.path.basename(p))[0] for p in paths],
+    }
     if train_steps:
         spec["training"] = {"steps": train_steps, "batch": TRAIN_BATCH, "lr": TRAIN_LR, "warmup": TRAIN_WARMUP}
     return spec
@@ -86,6 +94,7 @@ def recipe(image_size=IMAGE_SIZE, train_steps=0):
 
 def _read_images(paths):
     from PIL import Image, ImageOps
+
     images = []
     for p in paths:
         with Image.open(p) as image:  # as tfbit.image_files.load_image / transformers
@@ -96,6 +105,7 @@ def _read_images(paths):
 def _augment(image, rng):
     """A random crop (35-100% of the area, aspect 3/4-4/3), flip and brightness/contrast change."""
     from PIL import Image, ImageEnhance
+
     w, h = image.size
     cw, ch = w, h
     for _ in range(10):
@@ -114,18 +124,28 @@ def _augment(image, rng):
 
 def _processor(image_size):
     import transformers
+
     return transformers.BitImageProcessor(
-        do_resize=True, size={"shortest_edge": image_size}, resample=2, do_center_crop=True,
-        crop_size={"height": image_size, "width": image_size}, do_rescale=True, do_normalize=True,
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True)
+        do_resize=True,
+        size={"shortest_edge": image_size},
+        resample=2,
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_convert_rgb=True,
+    )
 
 
 def _pooled_features(model, processor, images, batch=16):
     import torch
+
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            pixel_values = processor(images[i:i + batch], return_tensors="pt")["pixel_values"]
+            pixel_values = processor(images[i : i + batch], return_tensors="pt")["pixel_values"]
             out.append(model.bit(pixel_values).pooler_output.flatten(1).double().numpy())
     return np.concatenate(out)
 
@@ -134,6 +154,7 @@ def _train_body(model, photos, processor, steps, log):
     """End-to-end SGD on fresh random augmented views (class i = photo i); returns the losses
     of the first and last 10 steps."""
     import torch
+
     rng = np.random.RandomState(SEED + 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=TRAIN_LR, momentum=0.9)
     losses = []
@@ -159,6 +180,7 @@ def _fit_head(features, labels, num_labels, l2):
     """L2-regularized multinomial logistic regression on centered, globally scaled features;
     returns (weight (num_labels, 2048), bias) acting on the raw pooled features."""
     import torch
+
     mean = features.mean(0)
     scale = (features - mean).std()
     x = torch.from_numpy((features - mean) / scale)
@@ -169,7 +191,7 @@ def _fit_head(features, labels, num_labels, l2):
 
     def closure():
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w ** 2).sum()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w**2).sum()
         loss.backward()
         return loss
 
@@ -185,16 +207,20 @@ def logit_stats(logits, labels=None):
     labels = np.arange(len(logits)) if labels is None else np.asarray(labels)
     top = np.sort(logits, axis=1)
     spread = logits.max(1) - logits.min(1)
-    return {"top1": float((logits.argmax(1) == labels).mean()),
-            "mean_margin": float((top[:, -1] - top[:, -2]).mean()),
-            "min_margin": float((top[:, -1] - top[:, -2]).min()),
-            "mean_spread": float(spread.mean()), "max_abs": float(np.abs(logits).max())}
+    return {
+        "top1": float((logits.argmax(1) == labels).mean()),
+        "mean_margin": float((top[:, -1] - top[:, -2]).mean()),
+        "min_margin": float((top[:, -1] - top[:, -2]).min()),
+        "mean_spread": float(spread.mean()),
+        "max_abs": float(np.abs(logits).max()),
+    }
 
 
 def build(path, image_size=IMAGE_SIZE, log=print, train_steps=0):
     """Build the checkpoint into `path` (replaced atomically); returns its recipe + fit stats."""
     import torch
     import transformers
+
     transformers.utils.logging.disable_progress_bar()
 
     spec = recipe(image_size, train_steps)
@@ -202,8 +228,9 @@ def build(path, image_size=IMAGE_SIZE, log=print, train_steps=0):
     labels = spec["labels"]
     started = time.perf_counter()
     torch.manual_seed(SEED)
-    config = transformers.BitConfig(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                                    label2id={n: i for i, n in enumerate(labels)})
+    config = transformers.BitConfig(
+        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
+    )
     model = transformers.BitForImageClassification(config).eval()
     generator = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
@@ -216,8 +243,10 @@ def build(path, image_size=IMAGE_SIZE, log=print, train_steps=0):
     rng = np.random.RandomState(SEED)
     views = photos + [_augment(im, rng) for _ in range(AUGMENTATIONS) for im in photos]
     targets = np.tile(np.arange(len(photos)), AUGMENTATIONS + 1)
-    log(f"pooled features of {len(photos)} photos and {len(views) - len(photos)} augmented views "
-        f"at {image_size} px (R50x1, torch)")
+    log(
+        f"pooled features of {len(photos)} photos and {len(views) - len(photos)} augmented views "
+        f"at {image_size} px (R50x1, torch)"
+    )
     features = _pooled_features(model, processor, views)
     weight, bias = _fit_head(features, targets, len(labels), L2)
     classifier = model.classifier[1]
@@ -225,11 +254,15 @@ def build(path, image_size=IMAGE_SIZE, log=print, train_steps=0):
         classifier.weight.copy_(torch.from_numpy(weight).float())
         classifier.bias.copy_(torch.from_numpy(bias).float())
     n = len(photos)
-    fit = {"photos": logit_stats(features[:n] @ weight.T + bias),
-           "augmented_views": logit_stats(features[n:] @ weight.T + bias, targets[n:]),
-           "feature_cosine_between_photos": float(_mean_offdiagonal_cosine(features[:n])),
-           "build_seconds": round(time.perf_counter() - started, 1), "training": training,
-           "transformers_version": transformers.__version__, "torch_version": torch.__version__}
+    fit = {
+        "photos": logit_stats(features[:n] @ weight.T + bias),
+        "augmented_views": logit_stats(features[n:] @ weight.T + bias, targets[n:]),
+        "feature_cosine_between_photos": float(_mean_offdiagonal_cosine(features[:n])),
+        "build_seconds": round(time.perf_counter() - started, 1),
+        "training": training,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+    }
 
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -270,8 +303,9 @@ def realistic_checkpoint(path=None, image_size=IMAGE_SIZE, rebuild=False, log=pr
     """Path of the realistic R50x1 checkpoint directory, built first when absent or stale."""
     path = path or default_path(image_size, train_steps)
     info = cached_info(path)
-    complete = all(os.path.isfile(os.path.join(path, f))
-                   for f in ("config.json", "model.safetensors", "preprocessor_config.json"))
+    complete = all(
+        os.path.isfile(os.path.join(path, f)) for f in ("config.json", "model.safetensors", "preprocessor_config.json")
+    )
     if rebuild or not complete or info is None or info["recipe"] != recipe(image_size, train_steps):
         log(f"building the realistic R50x1 checkpoint in {path}")
         build(path, image_size, log, train_steps)
@@ -282,6 +316,7 @@ def evaluate(path):
     """Reload the checkpoint with transformers and run it on the photos: logit statistics."""
     import torch
     import transformers
+
     transformers.utils.logging.disable_progress_bar()
     paths, _ = _photos()
     model = transformers.BitForImageClassification.from_pretrained(path).eval()
@@ -289,7 +324,7 @@ def evaluate(path):
     logits = []
     with torch.no_grad():
         for i in range(0, len(paths), 16):
-            pixel_values = processor(_read_images(paths[i:i + 16]), return_tensors="pt")["pixel_values"]
+            pixel_values = processor(_read_images(paths[i : i + 16]), return_tensors="pt")["pixel_values"]
             logits.append(model(pixel_values).logits.double().numpy())
     logits = np.concatenate(logits)
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
@@ -301,22 +336,36 @@ def main(argv=None):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: shared cores
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rebuild", action="store_true", help="build even when the cache is current")
-    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
-                        help=f"preprocessing size (default {IMAGE_SIZE}; google/bit-50 uses 448)")
-    parser.add_argument("--train-steps", type=int, default=0,
-                        help="train the body end to end for this many steps first (default 0: random body)")
-    parser.add_argument("--path", help="where to build (default: saved_models/.cache/realistic-r50x1[-SIZE][-trainedN])")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=IMAGE_SIZE,
+        help=f"preprocessing size (default {IMAGE_SIZE}; google/bit-50 uses 448)",
+    )
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        help="train the body end to end for this many steps first (default 0: random body)",
+    )
+    parser.add_argument(
+        "--path", help="where to build (default: saved_models/.cache/realistic-r50x1[-SIZE][-trainedN])"
+    )
     args = parser.parse_args(argv)
     path = realistic_checkpoint(args.path, args.image_size, args.rebuild, train_steps=args.train_steps)
     info = cached_info(path)
     print(f"checkpoint: {path}")
     fit = info["fit"]
-    print(f"fit: {fit['augmented_views']['top1']:.1%} top-1 on the {AUGMENTATIONS} augmented training views per photo; "
-          f"mean feature cosine between photos {fit['feature_cosine_between_photos']:.3f}")
+    print(
+        f"fit: {fit['augmented_views']['top1']:.1%} top-1 on the {AUGMENTATIONS} augmented training views per photo; "
+        f"mean feature cosine between photos {fit['feature_cosine_between_photos']:.3f}"
+    )
     stats = evaluate(path)
-    print(f"transformers on the {len(info['recipe']['labels'])} photos: top-1 {stats['top1']:.1%}, "
-          f"top-1/top-2 logit margin mean {stats['mean_margin']:.2f} (min {stats['min_margin']:.2f}), "
-          f"logit spread (max - min) mean {stats['mean_spread']:.2f}, max |logit| {stats['max_abs']:.2f}")
+    print(
+        f"transformers on the {len(info['recipe']['labels'])} photos: top-1 {stats['top1']:.1%}, "
+        f"top-1/top-2 logit margin mean {stats['mean_margin']:.2f} (min {stats['min_margin']:.2f}), "
+        f"logit spread (max - min) mean {stats['mean_spread']:.2f}, max |logit| {stats['max_abs']:.2f}"
+    )
     return 0 if stats["top1"] == 1.0 else 1
 
 

@@ -52,6 +52,7 @@ ERRORS = "errors"
 
 # -- the model handler -----------------------------------------------------------------------
 
+
 def _model_handler_class():
     """`SavedModelHandler`, defined once Beam is imported (so `--help` imports nothing heavy).
 
@@ -73,6 +74,7 @@ def _model_handler_class():
 
         def load_model(self):
             import tensorflow as tf
+
             return tf.saved_model.load(self.path)  # the object keeps the signature's variables alive
 
         def run_inference(self, batch, model, inference_args=None):
@@ -84,6 +86,7 @@ def _model_handler_class():
             import tensorflow as tf
 
             from conversion.predict import decoder_message
+
             try:
                 out = model.signatures["serving_default"](image_bytes=tf.constant(batch))
             except tf.errors.InvalidArgumentError as e:
@@ -101,9 +104,11 @@ def _model_handler_class():
 
 # -- pipeline steps --------------------------------------------------------------------------
 
+
 def _read(readable_file):
     """(path, encoded bytes), or an error record for a file that cannot be read."""
     from apache_beam import pvalue
+
     path = readable_file.metadata.path
     try:
         yield path, readable_file.read()
@@ -120,6 +125,7 @@ class _Records:
 
     def __call__(self, keyed):
         from apache_beam import pvalue
+
         path, result = keyed
         out = result.inference
         if isinstance(out, str):
@@ -127,12 +133,18 @@ class _Records:
         elif self.task == "features":
             yield {"path": path, "features": _features(out["features"], self.normalize)}
         elif self.top_k == self.signature_k:
-            yield {"path": path, "labels": [label.decode() for label in out["labels"]],
-                   "scores": out["scores"].tolist()}
+            yield {
+                "path": path,
+                "labels": [label.decode() for label in out["labels"]],
+                "scores": out["scores"].tolist(),
+            }
         else:
-            best = (-out["probabilities"]).argsort(kind="stable")[:self.top_k]
-            yield {"path": path, "labels": [self.labels[int(i)] for i in best],
-                   "scores": out["probabilities"][best].tolist()}
+            best = (-out["probabilities"]).argsort(kind="stable")[: self.top_k]
+            yield {
+                "path": path,
+                "labels": [self.labels[int(i)] for i in best],
+                "scores": out["probabilities"][best].tolist(),
+            }
 
 
 def _features(vector, normalize):
@@ -145,16 +157,19 @@ def _features(vector, normalize):
 def _counted(name):
     """A Map function counting its elements in the pipeline's metrics (read back by `main`)."""
     from apache_beam.metrics import Metrics
+
     counter = Metrics.counter(METRICS, name)
 
     def count(element):
         counter.inc()
         return element
+
     return count
 
 
 def _parquet_schema(task):
     import pyarrow as pa
+
     if task == "features":
         return pa.schema([("path", pa.string()), ("features", pa.list_(pa.float32()))])
     return pa.schema([("path", pa.string()), ("labels", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))])
@@ -163,6 +178,7 @@ def _parquet_schema(task):
 def _example(record):
     """A record as serialized tf.train.Example: strings as bytes_list, numbers as float_list."""
     import tensorflow as tf
+
     feature = {}
     for name, value in record.items():
         values = value if isinstance(value, list) else [value]
@@ -175,54 +191,84 @@ def _example(record):
 
 def _write(records, output_format, prefix, task, num_shards):
     import apache_beam as beam
+
     suffix = f".{output_format}"
     if output_format == "parquet":
-        return records | beam.io.WriteToParquet(prefix, _parquet_schema(task), file_name_suffix=suffix,
-                                                num_shards=num_shards)
+        return records | beam.io.WriteToParquet(
+            prefix, _parquet_schema(task), file_name_suffix=suffix, num_shards=num_shards
+        )
     if output_format == "tfrecord":
-        return (records | "To tf.train.Example" >> beam.Map(_example)
-                | beam.io.WriteToTFRecord(prefix, file_name_suffix=suffix, num_shards=num_shards))
-    return (records | "To JSON" >> beam.Map(json.dumps)
-            | beam.io.WriteToText(prefix, file_name_suffix=suffix, num_shards=num_shards))
+        return (
+            records
+            | "To tf.train.Example" >> beam.Map(_example)
+            | beam.io.WriteToTFRecord(prefix, file_name_suffix=suffix, num_shards=num_shards)
+        )
+    return (
+        records
+        | "To JSON" >> beam.Map(json.dumps)
+        | beam.io.WriteToText(prefix, file_name_suffix=suffix, num_shards=num_shards)
+    )
 
 
 def build_pipeline(pipeline, globs, handler, records, args):
     """Match -> read -> RunInference (keyed by path, batched) -> records and error records -> files."""
     import apache_beam as beam
-    from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.fileio import MatchFiles, ReadMatches
+    from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
     matches = [pipeline | f"Match {i}" >> MatchFiles(pattern) for i, pattern in enumerate(globs)]
-    files = (matches | "All matches" >> beam.Flatten() | "Paths" >> beam.Map(lambda m: m.path)
-             | "Each once" >> beam.Distinct()
-             # image bytes as stored: AUTO would gunzip a file that happens to end in .gz
-             | ReadMatches(compression=CompressionTypes.UNCOMPRESSED)
-             | "Read" >> beam.FlatMap(_read).with_outputs(ERRORS, main="images"))
-    predicted = (files.images | RunInference(KeyedModelHandler(handler), metrics_namespace=METRICS)
-                 | "Records" >> beam.FlatMap(records).with_outputs(ERRORS, main="records"))
-    _write(predicted.records | "Count predicted" >> beam.Map(_counted("predicted")),
-           args.format, args.output, args.task, args.num_shards)
-    ((files.errors, predicted.errors) | "All errors" >> beam.Flatten()
-     | "Count skipped" >> beam.Map(_counted("skipped")) | "Errors to JSON" >> beam.Map(json.dumps)
-     | "Write errors" >> beam.io.WriteToText(f"{args.output}-errors", file_name_suffix=".jsonl",
-                                             num_shards=args.num_shards))
+    files = (
+        matches
+        | "All matches" >> beam.Flatten()
+        | "Paths" >> beam.Map(lambda m: m.path)
+        | "Each once" >> beam.Distinct()
+        # image bytes as stored: AUTO would gunzip a file that happens to end in .gz
+        | ReadMatches(compression=CompressionTypes.UNCOMPRESSED)
+        | "Read" >> beam.FlatMap(_read).with_outputs(ERRORS, main="images")
+    )
+    predicted = (
+        files.images
+        | RunInference(KeyedModelHandler(handler), metrics_namespace=METRICS)
+        | "Records" >> beam.FlatMap(records).with_outputs(ERRORS, main="records")
+    )
+    _write(
+        predicted.records | "Count predicted" >> beam.Map(_counted("predicted")),
+        args.format,
+        args.output,
+        args.task,
+        args.num_shards,
+    )
+    (
+        (files.errors, predicted.errors)
+        | "All errors" >> beam.Flatten()
+        | "Count skipped" >> beam.Map(_counted("skipped"))
+        | "Errors to JSON" >> beam.Map(json.dumps)
+        | "Write errors"
+        >> beam.io.WriteToText(f"{args.output}-errors", file_name_suffix=".jsonl", num_shards=args.num_shards)
+    )
 
 
 # -- checks before the pipeline starts ------------------------------------------------------
 
+
 def saved_model_of(artifact):
     """(SavedModel directory, export root holding config.json); FileNotFoundError naming the problem."""
     from conversion.predict import export_root, resolve_artifact
+
     path = resolve_artifact(artifact)
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-        raise FileNotFoundError(f"{artifact} is neither a SavedModel nor an export holding one "
-                                "(serving/<version>): convert with --formats saved_model")
+        raise FileNotFoundError(
+            f"{artifact} is neither a SavedModel nor an export holding one "
+            "(serving/<version>): convert with --formats saved_model"
+        )
     return path, export_root(path)
 
 
 def check_globs(globs):
     """ValueError naming an INPUT_GLOB that matches no file (Beam's MatchFiles would yield nothing)."""
     from apache_beam.io.filesystems import FileSystems
+
     for pattern, result in zip(globs, FileSystems.match(list(globs))):
         if not result.metadata_list:
             raise ValueError(f"no images matched the INPUT_GLOB {pattern}")
@@ -232,16 +278,20 @@ def check_tfrecord_writer():
     """ValueError when Beam's TFRecord writer lacks its CRC32C library: it would fail only after
     every image was predicted. Beam's own lookup is asked, so the check and the writer agree."""
     from apache_beam.io.tfrecordio import _default_crc32c_fn
+
     try:
         _default_crc32c_fn(b"")
     except RuntimeError:
-        raise ValueError("--format tfrecord needs a CRC32C library for Beam's TFRecord writer: "
-                         "pip install 'tfbit[beam]' (google-crc32c) or 'apache-beam[tfrecord]' (crcmod)") from None
+        raise ValueError(
+            "--format tfrecord needs a CRC32C library for Beam's TFRecord writer: "
+            "pip install 'tfbit[beam]' (google-crc32c) or 'apache-beam[tfrecord]' (crcmod)"
+        ) from None
 
 
 def signature_outputs(saved_model):
     """{output name: static shape} of `serving_default`, read from saved_model.pb (no variables loaded)."""
     from tensorflow.core.protobuf import saved_model_pb2
+
     with open(os.path.join(saved_model, "saved_model.pb"), "rb") as f:
         proto = saved_model_pb2.SavedModel.FromString(f.read())
     signature = proto.meta_graphs[0].signature_def["serving_default"]
@@ -255,11 +305,14 @@ def check_task(task, outputs, saved_model):
         return needed
     other = "features" if "features" in outputs else "classification" if "logits" in outputs else None
     hint = f"run with --task {other}" if other else "batch_predict runs classification and features exports"
-    raise ValueError(f"--task {task} needs the output(s) {', '.join(needed)}, but {saved_model} has "
-                     f"{', '.join(sorted(outputs))}: {hint}")
+    raise ValueError(
+        f"--task {task} needs the output(s) {', '.join(needed)}, but {saved_model} has "
+        f"{', '.join(sorted(outputs))}: {hint}"
+    )
 
 
 # -- the command line ------------------------------------------------------------------------
+
 
 def build_parser():
     parser = cli.parser("conversion.batch_predict", __doc__)
@@ -271,8 +324,9 @@ def build_parser():
     parser.add_argument("--format", choices=FORMATS, default="jsonl", help="record files (default: jsonl)")
     parser.add_argument("--batch-size", type=cli.positive_int, default=32, help="images per model call")
     parser.add_argument("--top-k", type=cli.positive_int, default=5, help="labels per image (classification)")
-    parser.add_argument("--num-shards", type=cli.positive_int, default=0,
-                        help="files per output (default: Beam's choice)")
+    parser.add_argument(
+        "--num-shards", type=cli.positive_int, default=0, help="files per output (default: Beam's choice)"
+    )
     cli.add_verbose(parser)
     return parser
 
@@ -298,9 +352,11 @@ def hide_beam_import_notices():
 def _metric(result, name):
     """A counter's total or a distribution's sum in our namespace (committed where the runner has it)."""
     from apache_beam.metrics.metric import MetricsFilter
+
     found = result.metrics().query(MetricsFilter().with_namespace(METRICS).with_name(name))
-    values = [m.committed if m.committed is not None else m.attempted
-              for m in found["counters"] + found["distributions"]]
+    values = [
+        m.committed if m.committed is not None else m.attempted for m in found["counters"] + found["distributions"]
+    ]
     return sum(v if isinstance(v, int) else v.sum for v in values)
 
 
@@ -310,9 +366,11 @@ def summary(result, seconds):
     predicted, skipped = _metric(result, "predicted"), _metric(result, "skipped")
     calls = _metric(result, "inference_batch_latency_micro_secs") / 1e6
     loading = _metric(result, "load_model_latency_milli_secs") / 1e3
-    line = (f"predicted {predicted} images, skipped {skipped} in {seconds:.1f} s "
-            f"({predicted / seconds:.1f} images/s); model calls {calls:.1f} s "
-            f"({predicted / max(calls, 1e-9):.1f} images/s), model loading {loading:.1f} s")
+    line = (
+        f"predicted {predicted} images, skipped {skipped} in {seconds:.1f} s "
+        f"({predicted / seconds:.1f} images/s); model calls {calls:.1f} s "
+        f"({predicted / max(calls, 1e-9):.1f} images/s), model loading {loading:.1f} s"
+    )
     return predicted, skipped, line
 
 
@@ -320,6 +378,7 @@ def _pipeline(args, beam_args):
     """The whole pipeline, built after every check that can fail (the cheap ones before TensorFlow
     is imported); FileNotFoundError/ValueError naming the problem."""
     from tfbit import environment
+
     if args.normalize and args.task != "features":
         raise ValueError("--normalize scales feature vectors: it needs --task features")
     if args.format == "tfrecord":
@@ -328,15 +387,18 @@ def _pipeline(args, beam_args):
     check_globs(args.globs)
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
+
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))  # refuses an unknown --runner
     environment.configure(args.verbose)  # before anything imports TensorFlow
     from tfbit.config import BitConfig
+
     outputs = signature_outputs(saved_model)
     handler = _model_handler_class()(saved_model, check_task(args.task, outputs, saved_model), args.batch_size)
     labels = BitConfig.from_pretrained(root).id2label
     signature_k = outputs.get("scores", [None])[-1]
-    build_pipeline(pipeline, args.globs, handler, _Records(args.task, labels, args.top_k, signature_k,
-                                                           args.normalize), args)
+    build_pipeline(
+        pipeline, args.globs, handler, _Records(args.task, labels, args.top_k, signature_k, args.normalize), args
+    )
     return pipeline
 
 

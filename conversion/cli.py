@@ -22,8 +22,9 @@ SOURCE_FORMATS = ("hf", "timm", "npz", "keras")
 
 
 def add_verbose(parser):
-    parser.add_argument("--verbose", action="store_true",
-                        help="show TensorFlow's and LiteRT's own log lines (hidden by default)")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show TensorFlow's and LiteRT's own log lines (hidden by default)"
+    )
 
 
 class Progress:

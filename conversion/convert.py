@@ -43,6 +43,7 @@ class Artifact:
     """One exported artifact: where it is (relative to the output folder), how to run it from
     disk, which inputs it takes ("pixels" or "encoded") and whether it must be lossless. Both
     SavedModel signatures are artifacts of one folder."""
+
     name: str
     path: str
     runner: Callable | None
@@ -59,6 +60,7 @@ def tflite_path(name, quantization, tflite_input="float32"):
 @dataclasses.dataclass
 class Request:
     """What to convert and how: `convert`'s keyword arguments, checked once (see `convert`)."""
+
     source: str | None = None
     output: str | None = None
     name: str | None = None
@@ -91,19 +93,25 @@ class Request:
         """Fill the defaults that depend on others; ConversionError on a bad value."""
         from conversion.export import TFLITE_QUANTIZATIONS
         from tfbit.pretrained import TASKS
+
         self.formats = tuple(self.formats)
         self.quantizations = tuple(self.quantizations or TFLITE_QUANTIZATIONS)
-        unknown = sorted(set(self.formats) - set(OUTPUT_FORMATS)) + sorted(set(self.quantizations) - set(TFLITE_QUANTIZATIONS))
+        unknown = sorted(set(self.formats) - set(OUTPUT_FORMATS)) + sorted(
+            set(self.quantizations) - set(TFLITE_QUANTIZATIONS)
+        )
         if unknown:
-            raise ConversionError(f"unknown format(s) {unknown}: choose from {OUTPUT_FORMATS} and TFLite "
-                                  f"quantizations {TFLITE_QUANTIZATIONS}")
+            raise ConversionError(
+                f"unknown format(s) {unknown}: choose from {OUTPUT_FORMATS} and TFLite "
+                f"quantizations {TFLITE_QUANTIZATIONS}"
+            )
         if self.tflite_input not in TFLITE_INPUTS:
             raise ConversionError(f"unknown TFLite input {self.tflite_input!r}: choose from {TFLITE_INPUTS}")
         if self.task not in TASKS:
             raise ConversionError(f"unknown task {self.task!r}: choose from {TASKS}")
         if self.need_calibration and self.calibration_images < 1:
-            raise ConversionError("full int8 TFLite needs calibration images, got "
-                                  f"calibration_images={self.calibration_images}")
+            raise ConversionError(
+                f"full int8 TFLite needs calibration images, got calibration_images={self.calibration_images}"
+            )
         if self.num_images < 1:
             raise ConversionError(f"verification needs at least one image, got num_images={self.num_images}")
         return self
@@ -115,9 +123,11 @@ def _log(message):
 
 # -- step 1: the source --------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Source:
     """The model to export, loaded once: tfbit's own class, or a model a user built on tfbit."""
+
     model: object  # as loaded: what the `.keras` artifact holds
     pixel_model: object  # pixel values -> outputs: `model` without its BitPreprocessing layer
     checkpoint: object
@@ -128,6 +138,7 @@ class Source:
     @property
     def user_model(self):
         from tfbit.config import BitConfig
+
         return not isinstance(getattr(self.model, "config", None), BitConfig)
 
 
@@ -135,22 +146,27 @@ def load_source(request, log):
     import tfbit
     from tfbit import user_models
     from tfbit.image_processor import BitImageProcessor
+
     source = DEFAULT_CHECKPOINT if request.demo else request.source
-    task, preprocessor_path, labels_path, out_features = (request.task, request.preprocessor, request.labels,
-                                                          request.out_features)
+    task, preprocessor_path, labels_path, out_features = (
+        request.task,
+        request.preprocessor,
+        request.labels,
+        request.out_features,
+    )
     if out_features and task != "backbone":
         raise ConversionError("--out-features chooses the stages of a backbone: add --task backbone")
     try:
-        model, checkpoint = tfbit.load_model(source, task=task, format=request.source_format,
-                                             out_features=out_features)
+        model, checkpoint = tfbit.load_model(source, task=task, format=request.source_format, out_features=out_features)
         own_processor, pixel_model = user_models.split_preprocessing(model)
         id2label = user_models.read_labels(labels_path) if labels_path else None
         if id2label and task != "classification":
             raise ValueError(f"--labels names a classifier's classes; task {task!r} has none")
         if isinstance(getattr(model, "config", None), tfbit.BitConfig):
             if task == "classification" and not isinstance(model, tfbit.BitForImageClassification):
-                raise ValueError(f"{source} has no classification head: export it with --task features "
-                                 "or --task backbone")
+                raise ValueError(
+                    f"{source} has no classification head: export it with --task features or --task backbone"
+                )
         else:
             user_models.check_task(pixel_model, task, source)
         labels = user_models.output_labels(pixel_model, id2label) if task == "classification" else None
@@ -159,8 +175,10 @@ def load_source(request, log):
         raise ConversionError(str(e)) from e
     if own_processor is not None:
         if preprocessor_path:
-            raise ConversionError(f"{source} preprocesses its input itself (a BitPreprocessing layer), which "
-                                  "the exports take over: drop --preprocessor")
+            raise ConversionError(
+                f"{source} preprocesses its input itself (a BitPreprocessing layer), which "
+                "the exports take over: drop --preprocessor"
+            )
         processor = own_processor
     elif preprocessor_path:
         try:
@@ -170,22 +188,28 @@ def load_source(request, log):
     elif checkpoint.preprocessor is not None:
         processor = BitImageProcessor.from_dict(checkpoint.preprocessor)
     elif checkpoint.format == "keras":
-        raise ConversionError(f"{source} has no preprocessor_config.json beside it, so the image size and "
-                              "normalization it was trained with are unknown: put that file beside it "
-                              "(tfbit.finetune writes one), pass --preprocessor FILE, or start the model "
-                              "with a tfbit.BitPreprocessing layer")
+        raise ConversionError(
+            f"{source} has no preprocessor_config.json beside it, so the image size and "
+            "normalization it was trained with are unknown: put that file beside it "
+            "(tfbit.finetune writes one), pass --preprocessor FILE, or start the model "
+            "with a tfbit.BitPreprocessing layer"
+        )
     else:
         processor = BitImageProcessor()
-        log("      warning: the checkpoint has no preprocessor_config.json: using transformers' "
-            "BitImageProcessor defaults (224 px crop, CLIP mean/std); pass --preprocessor to override")
+        log(
+            "      warning: the checkpoint has no preprocessor_config.json: using transformers' "
+            "BitImageProcessor defaults (224 px crop, CLIP mean/std); pass --preprocessor to override"
+        )
     return Source(model, pixel_model, checkpoint, processor, config, task)
 
 
 # -- step 2: images ------------------------------------------------------------------------------
 
+
 def gather_images(request, label2id):
     """(verification images, calibration images or None)."""
     from conversion import images as real
+
     calibration_images = request.calibration_images if request.need_calibration else 0
     try:
         if request.demo:
@@ -198,17 +222,20 @@ def gather_images(request, label2id):
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise ConversionError(str(e)) from e
     # 32 photos are too few to set some aside: calibrate on their mirror images
-    return verification, (real.mirrored(real.spread(verification.images, calibration_images))
-                          if calibration_images else None)
+    return verification, (
+        real.mirrored(real.spread(verification.images, calibration_images)) if calibration_images else None
+    )
 
 
 # -- step 3: export ------------------------------------------------------------------------------
+
 
 def export_artifacts(source, request, inference, staging, version, image_size, calibration, log):
     """The artifacts of `source` (`inference`: its float32 folded pixel model, which every graph
     is exported from) written into `staging`."""
     from conversion import export, runners, tflite_metadata
     from tfbit import user_models
+
     task, processor, config, name = source.task, source.processor, source.config, request.name
     formats, quantizations, tflite_input = request.formats, request.quantizations, request.tflite_input
     artifacts = []
@@ -218,18 +245,38 @@ def export_artifacts(source, request, inference, staging, version, image_size, c
         log("      .keras")
         source.model.save(os.path.join(staging, f"{name}.keras"))
         # a mixed-precision model (a fine-tune) computes in float16/bfloat16: not float32 parity
-        artifacts.append(Artifact("keras", f"{name}.keras", lambda p: runners.keras_runner(p, task=task),
-                                  lossless=user_models.computes_in_float32(source.model)))
+        artifacts.append(
+            Artifact(
+                "keras",
+                f"{name}.keras",
+                lambda p: runners.keras_runner(p, task=task),
+                lossless=user_models.computes_in_float32(source.model),
+            )
+        )
     if "saved_model" in formats:
         log(f"      TF Serving SavedModel (version {version})")
         path = os.path.join("serving", str(version))
-        export.write_saved_model(inference, task, processor.to_dict(), config.id2label,
-                                 os.path.join(staging, path), request.top_k, xla=request.saved_model_xla)
-        artifacts.append(Artifact("saved_model[pixel_values]", path,
-                                  lambda p: runners.saved_model_runner(p, "pixel_values")))
-        artifacts.append(Artifact("saved_model[image_bytes]", path,
-                                  lambda p: runners.saved_model_runner(p, "serving_default"),
-                                  inputs="encoded", lossless=False))
+        export.write_saved_model(
+            inference,
+            task,
+            processor.to_dict(),
+            config.id2label,
+            os.path.join(staging, path),
+            request.top_k,
+            xla=request.saved_model_xla,
+        )
+        artifacts.append(
+            Artifact("saved_model[pixel_values]", path, lambda p: runners.saved_model_runner(p, "pixel_values"))
+        )
+        artifacts.append(
+            Artifact(
+                "saved_model[image_bytes]",
+                path,
+                lambda p: runners.saved_model_runner(p, "serving_default"),
+                inputs="encoded",
+                lossless=False,
+            )
+        )
     if "tflite" in formats:
         raw = tflite_input == "uint8"  # raw RGB crops in, normalized inside
         log(f"      TFLite {', '.join(quantizations)}{' (raw uint8 input)' if raw else ''}")
@@ -246,16 +293,28 @@ def export_artifacts(source, request, inference, staging, version, image_size, c
                 continue
             if task == "classification":  # labels and normalization for the LiteRT support tooling
                 flatbuffer = tflite_metadata.add_classifier_metadata(
-                    flatbuffer, labels, *tflite_metadata.pixel_normalization(processor), name,
-                    f"BiT image classifier ({q}) converted by tfbit")
+                    flatbuffer,
+                    labels,
+                    *tflite_metadata.pixel_normalization(processor),
+                    name,
+                    f"BiT image classifier ({q}) converted by tfbit",
+                )
             with open(os.path.join(staging, path), "wb") as f:
                 f.write(flatbuffer)
-            artifacts.append(Artifact(artifact, path, lambda p: runners.tflite_runner(p, request.threads),
-                                      inputs="crops" if raw else "pixels", lossless=q == "fp32"))
+            artifacts.append(
+                Artifact(
+                    artifact,
+                    path,
+                    lambda p: runners.tflite_runner(p, request.threads),
+                    inputs="crops" if raw else "pixels",
+                    lossless=q == "fp32",
+                )
+            )
     return artifacts
 
 
 # -- step 4: verify ------------------------------------------------------------------------------
+
 
 def reference_outputs(source, pixel_values, log):
     """Reference outputs on the preprocessed images: the PyTorch source where possible, else
@@ -263,6 +322,7 @@ def reference_outputs(source, pixel_values, log):
     import tfbit
     from conversion.references import torch_reference
     from tfbit import user_models
+
     reference = None
     # timm and .npz references are headless: logits or pooled features, no stage maps
     backbone_maps = source.task == "backbone" and source.checkpoint.format == "hf"
@@ -270,6 +330,7 @@ def reference_outputs(source, pixel_values, log):
         reference = torch_reference(source.checkpoint, source.model)
     if reference is not None:
         import torch
+
         with torch.no_grad():
             out = reference(torch.from_numpy(np.ascontiguousarray(pixel_values.transpose(0, 3, 1, 2))))
         log(f"      reference: the PyTorch source model ({type(reference).__name__})")
@@ -289,21 +350,44 @@ def reference_outputs(source, pixel_values, log):
 def verify_artifacts(artifacts, staging, reference, pixel_values, images, crops=None):
     """`crops`: the raw uint8 crops of the images, for files taking them."""
     from conversion import verify
+
     inputs = {"pixels": pixel_values, "encoded": np.array(images.encoded, dtype=object), "crops": crops}
     rows = []
     for artifact in artifacts:
         if artifact.error:
-            rows.append(verify.Row(artifact.name, artifact.path, 0, float("nan"), float("nan"), "could not be produced",
-                                   None, None, None, float("nan"), False, artifact.error.splitlines()[0]))
+            rows.append(
+                verify.Row(
+                    artifact.name,
+                    artifact.path,
+                    0,
+                    float("nan"),
+                    float("nan"),
+                    "could not be produced",
+                    None,
+                    None,
+                    None,
+                    float("nan"),
+                    False,
+                    artifact.error.splitlines()[0],
+                )
+            )
             continue
         path = os.path.join(staging, artifact.path)
-        row = verify.compare(artifact.name, path, artifact.runner(path), inputs[artifact.inputs], reference,
-                             images.labels, lossless=artifact.lossless)
+        row = verify.compare(
+            artifact.name,
+            path,
+            artifact.runner(path),
+            inputs[artifact.inputs],
+            reference,
+            images.labels,
+            lossless=artifact.lossless,
+        )
         rows.append(dataclasses.replace(row, path=artifact.path))
     return rows
 
 
 # -- the pipeline --------------------------------------------------------------------------------
+
 
 def convert(source=None, output=None, *, log=_log, **options):
     """Convert, export, verify, publish; returns the report dict.
@@ -349,10 +433,15 @@ def convert(source=None, output=None, *, log=_log, **options):
     config = loaded.config
     request.name = request.name or ("digits" if request.demo else loaded.checkpoint.name)
     request.output = os.path.abspath(request.output or os.path.join(DEFAULT_OUTPUT_ROOT, request.name))
-    kind = f"your {type(loaded.model).__name__} built on tfbit" if loaded.user_model else \
-        f"{loaded.checkpoint.format} checkpoint"
-    log(f"      {kind}, {config.num_labels if request.task == 'classification' else 'no'} labels, "
-        f"{sum(int(np.prod(w.shape)) for w in loaded.model.weights) / 1e6:.1f} M parameters")
+    kind = (
+        f"your {type(loaded.model).__name__} built on tfbit"
+        if loaded.user_model
+        else f"{loaded.checkpoint.format} checkpoint"
+    )
+    log(
+        f"      {kind}, {config.num_labels if request.task == 'classification' else 'no'} labels, "
+        f"{sum(int(np.prod(w.shape)) for w in loaded.model.weights) / 1e6:.1f} M parameters"
+    )
     real, calibration = gather_images(request, config.label2id)
     try:
         pixel_values = loaded.processor(real.images)
@@ -361,9 +450,11 @@ def convert(source=None, output=None, *, log=_log, **options):
     image_size = pixel_values.shape[1:3]
     expected = tuple(loaded.pixel_model.inputs[0].shape[1:3])
     if any(want is not None and want != got for want, got in zip(expected, image_size)):
-        raise ConversionError(f"{request.source} takes {expected[0]}x{expected[1]} images, but its preprocessing "
-                              f"gives {image_size[0]}x{image_size[1]}: pass the preprocessor_config.json it was "
-                              "trained with (--preprocessor)")
+        raise ConversionError(
+            f"{request.source} takes {expected[0]}x{expected[1]} images, but its preprocessing "
+            f"gives {image_size[0]}x{image_size[1]}: pass the preprocessor_config.json it was "
+            "trained with (--preprocessor)"
+        )
     try:
         with publish.OutputLock(request.output):
             return _export_verify_publish(loaded, request, image_size, calibration, real, pixel_values, started, log)
@@ -376,15 +467,23 @@ def _planned_files(request, version):
     planned = ["config.json", "preprocessor_config.json", "report.json"]
     planned += [f"{name}.keras"] * ("keras" in request.formats)
     planned += [f"serving/{version}"] * ("saved_model" in request.formats)
-    planned += [tflite_path(name, q, request.tflite_input) for q in request.quantizations if "tflite" in request.formats]
+    planned += [
+        tflite_path(name, q, request.tflite_input) for q in request.quantizations if "tflite" in request.formats
+    ]
     return planned
 
 
 def _report(loaded, request, real, image_size, version, rows, published, failed, export_seconds, started, reference):
     report = {
-        "source": str(request.source or DEFAULT_CHECKPOINT), "format": loaded.checkpoint.format,
-        "model": type(loaded.model).__name__, "task": request.task, "name": request.name, "reference": reference,
-        "images": real.description, "num_images": len(real.encoded), "image_size": list(image_size),
+        "source": str(request.source or DEFAULT_CHECKPOINT),
+        "format": loaded.checkpoint.format,
+        "model": type(loaded.model).__name__,
+        "task": request.task,
+        "name": request.name,
+        "reference": reference,
+        "images": real.description,
+        "num_images": len(real.encoded),
+        "image_size": list(image_size),
         "serving_version": version if os.path.join("serving", str(version)) in published else None,
         "export_seconds": round(export_seconds, 1),
         "verification_seconds": round(time.perf_counter() - started - export_seconds, 1),
@@ -399,11 +498,13 @@ def _report(loaded, request, real, image_size, version, rows, published, failed,
 
 def _export_verify_publish(loaded, request, image_size, calibration, real, pixel_values, started, log):
     from conversion import export, publish, runners, verify
+
     output = request.output
     version = publish.next_serving_version(output)
     # Refused before the slow export, not after it.
-    publish.check_output(output, _planned_files(request, version), source_paths=loaded.checkpoint.files,
-                         overwrite=request.overwrite)
+    publish.check_output(
+        output, _planned_files(request, version), source_paths=loaded.checkpoint.files, overwrite=request.overwrite
+    )
     with publish.staging_dir(output) as staging:
         log(f"[2/5] exporting into {staging}")
         inference = export.float32_inference_model(loaded.pixel_model)
@@ -418,21 +519,23 @@ def _export_verify_publish(loaded, request, image_size, calibration, real, pixel
         failed = {r.path for r in rows if not r.passed}
         missing = {a.path for a in artifacts if a.error}  # could not be produced: nothing to publish
         published = sorted({a.path for a in artifacts} - missing - (set() if request.keep_failed else failed))
-        report = _report(loaded, request, real, image_size, version, rows, published, failed, export_seconds,
-                         started, reference_kind)
+        report = _report(
+            loaded, request, real, image_size, version, rows, published, failed, export_seconds, started, reference_kind
+        )
         with open(os.path.join(staging, "report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
         log("\n" + verify.format_table(rows))
         if request.demo:
-            log(f"\nheld-out digits accuracy measured by transformers (PyTorch): "
-                f"{report['transformers_accuracy']:.2%}")
+            log(f"\nheld-out digits accuracy measured by transformers (PyTorch): {report['transformers_accuracy']:.2%}")
         log(f"\nloading + export {report['export_seconds']} s, verification {report['verification_seconds']} s")
         log(f"[4/5] publishing {len(published)} verified artifact{'s' if len(published) != 1 else ''} into {output}")
         written = ["config.json", "preprocessor_config.json", *published, "report.json"]
         publish.publish(staging, output, written, source_paths=loaded.checkpoint.files, overwrite=request.overwrite)
     if failed:
-        log(f"[5/5] verification FAILED for {', '.join(r.artifact for r in rows if not r.passed)}: "
-            + _failure_advice(request, failed, missing))
+        log(
+            f"[5/5] verification FAILED for {', '.join(r.artifact for r in rows if not r.passed)}: "
+            + _failure_advice(request, failed, missing)
+        )
     else:
         log(f"[5/5] all artifacts verified -> {output}")
     return report
@@ -444,11 +547,21 @@ def _failure_advice(request, failed, missing):
     tflite_input, keep_failed = request.tflite_input, request.keep_failed
     kept = failed - missing
     if keep_failed:
-        return "; ".join(filter(None, ["published anyway (--keep-failed)" if kept else "",
-                                       f"{', '.join(sorted(missing))} could not be produced" if missing else ""]))
+        return "; ".join(
+            filter(
+                None,
+                [
+                    "published anyway (--keep-failed)" if kept else "",
+                    f"{', '.join(sorted(missing))} could not be produced" if missing else "",
+                ],
+            )
+        )
     variants = [q for q in quantizations if tflite_path(name, q, tflite_input) not in failed]
-    dropped = {"keras": f"{name}.keras" in failed, "tflite": not variants,
-               "saved_model": any(p.startswith("serving") for p in failed)}
+    dropped = {
+        "keras": f"{name}.keras" in failed,
+        "tflite": not variants,
+        "saved_model": any(p.startswith("serving") for p in failed),
+    }
     keep = [f for f in formats if not dropped[f]]
     if not keep:
         return f"nothing verified: {output} holds only the config files and report.json"
@@ -464,68 +577,121 @@ def main(argv=None):
     # The parser imports no TensorFlow (conversion.cli): --help answers at once.
     from conversion import cli
     from conversion.cli import SOURCE_FORMATS, TASKS, TFLITE_QUANTIZATIONS
+
     parser = argparse.ArgumentParser(
-        prog="python -m conversion.convert", description=__doc__.split("\n\n")[0],
+        prog="python -m conversion.convert",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="SOURCE: a Hugging Face hub id (google/bit-50) or checkpoint directory, a timm "
-               "name (timm/resnetv2_50x1_bit.goog_in21k) or state-dict file (.safetensors/.pth/"
-               ".bin), an original BiT .npz file, a .keras file (a tfbit model, or your own Keras model "
-               "built on one), or a preset name (bit-m-r50x1, "
-               "bit-s-r101x3, ...: tfbit.presets()). Omit it for the offline "
-               "demo.\n\nExit codes: 0 all verified, 1 some artifacts failed verification (left out "
-               "unless --keep-failed), 2 bad input, 3 internal error.")
+        "name (timm/resnetv2_50x1_bit.goog_in21k) or state-dict file (.safetensors/.pth/"
+        ".bin), an original BiT .npz file, a .keras file (a tfbit model, or your own Keras model "
+        "built on one), or a preset name (bit-m-r50x1, "
+        "bit-s-r101x3, ...: tfbit.presets()). Omit it for the offline "
+        "demo.\n\nExit codes: 0 all verified, 1 some artifacts failed verification (left out "
+        "unless --keep-failed), 2 bad input, 3 internal error.",
+    )
     parser.add_argument("source", nargs="?", help="checkpoint to convert (default: embedded digits demo)")
     parser.add_argument("--source-format", choices=SOURCE_FORMATS, help="override format detection")
     parser.add_argument("--output", help="output directory (default: saved_models/<name>)")
     parser.add_argument("--name", help="artifact name (default: from the source)")
     parser.add_argument("--formats", nargs="+", default=list(OUTPUT_FORMATS), choices=OUTPUT_FORMATS)
-    parser.add_argument("--tflite", nargs="+", default=list(TFLITE_QUANTIZATIONS), choices=TFLITE_QUANTIZATIONS,
-                        dest="quantizations", help="TFLite variants to export")
-    parser.add_argument("--tflite-input", choices=TFLITE_INPUTS, default="float32",
-                        help="float32: preprocessed pixel values [N, H, W, 3] (default); uint8: raw RGB "
-                             "crops [1, H, W, 3], normalized inside (files named <name>_<q>_uint8.tflite)")
-    parser.add_argument("--task", default="classification", choices=TASKS,
-                        help="classification (logits), features (pooled vector) or backbone (stage maps)")
-    parser.add_argument("--images", help="folder of real images for verification/calibration "
-                                         "(default: the photos shipped with tfbit)")
-    parser.add_argument("--preprocessor", help="preprocessor_config.json (or its folder) to use instead "
-                                               "of the source's")
-    parser.add_argument("--labels", help="text file of the classifier's labels, one per line, in the order of "
-                                         "its outputs (default: the model's own, else LABEL_<i>)")
-    parser.add_argument("--out-features", nargs="+", metavar="STAGE",
-                        help="with --task backbone: the stages to export, e.g. stage2 stage4 (default: the "
-                             "checkpoint's out_features, as transformers' BitBackbone returns)")
-    parser.add_argument("--num-images", type=cli.positive_int, default=32,
-                        help="verification images (default 32)")
-    parser.add_argument("--calibration-images", type=cli.positive_int, default=16,
-                        help="images to calibrate full int8 TFLite on (default 16)")
-    parser.add_argument("--top-k", type=cli.positive_int, default=5,
-                        help="classes returned by the serving signature")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace artifacts a previous conversion wrote into the output (other files "
-                             "and earlier serving versions are kept)")
-    parser.add_argument("--keep-failed", action="store_true",
-                        help="publish artifacts that fail verification too (they stay marked in report.json)")
-    parser.add_argument("--saved-model-xla", action="store_true",
-                        help="compile the SavedModel's forward pass with XLA; TF Serving must run with "
-                             "--xla_cpu_compilation_enabled=true and compiles once per new batch/image size")
-    parser.add_argument("--threads", type=cli.positive_int,
-                        help="CPU threads (default: every available core; see tfbit/runtime.py)")
+    parser.add_argument(
+        "--tflite",
+        nargs="+",
+        default=list(TFLITE_QUANTIZATIONS),
+        choices=TFLITE_QUANTIZATIONS,
+        dest="quantizations",
+        help="TFLite variants to export",
+    )
+    parser.add_argument(
+        "--tflite-input",
+        choices=TFLITE_INPUTS,
+        default="float32",
+        help="float32: preprocessed pixel values [N, H, W, 3] (default); uint8: raw RGB "
+        "crops [1, H, W, 3], normalized inside (files named <name>_<q>_uint8.tflite)",
+    )
+    parser.add_argument(
+        "--task",
+        default="classification",
+        choices=TASKS,
+        help="classification (logits), features (pooled vector) or backbone (stage maps)",
+    )
+    parser.add_argument(
+        "--images", help="folder of real images for verification/calibration (default: the photos shipped with tfbit)"
+    )
+    parser.add_argument(
+        "--preprocessor", help="preprocessor_config.json (or its folder) to use instead of the source's"
+    )
+    parser.add_argument(
+        "--labels",
+        help="text file of the classifier's labels, one per line, in the order of "
+        "its outputs (default: the model's own, else LABEL_<i>)",
+    )
+    parser.add_argument(
+        "--out-features",
+        nargs="+",
+        metavar="STAGE",
+        help="with --task backbone: the stages to export, e.g. stage2 stage4 (default: the "
+        "checkpoint's out_features, as transformers' BitBackbone returns)",
+    )
+    parser.add_argument("--num-images", type=cli.positive_int, default=32, help="verification images (default 32)")
+    parser.add_argument(
+        "--calibration-images",
+        type=cli.positive_int,
+        default=16,
+        help="images to calibrate full int8 TFLite on (default 16)",
+    )
+    parser.add_argument("--top-k", type=cli.positive_int, default=5, help="classes returned by the serving signature")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace artifacts a previous conversion wrote into the output (other files "
+        "and earlier serving versions are kept)",
+    )
+    parser.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="publish artifacts that fail verification too (they stay marked in report.json)",
+    )
+    parser.add_argument(
+        "--saved-model-xla",
+        action="store_true",
+        help="compile the SavedModel's forward pass with XLA; TF Serving must run with "
+        "--xla_cpu_compilation_enabled=true and compiles once per new batch/image size",
+    )
+    parser.add_argument(
+        "--threads", type=cli.positive_int, help="CPU threads (default: every available core; see tfbit/runtime.py)"
+    )
     cli.add_verbose(parser)
     args = parser.parse_args(argv)
     environment.configure(args.verbose)  # before anything else imports TensorFlow
     from conversion import processes
     from tfbit import runtime
+
     threads = runtime.set_threads(args.threads)
     try:
         with processes.termination_as_exit():  # SIGTERM runs the clean-up of a normal exit
-            report = convert(args.source, args.output, name=args.name, formats=args.formats,
-                             quantizations=args.quantizations, task=args.task, source_format=args.source_format,
-                             overwrite=args.overwrite, images=args.images, num_images=args.num_images,
-                             top_k=args.top_k, calibration_images=args.calibration_images, threads=threads,
-                             keep_failed=args.keep_failed, preprocessor=args.preprocessor, labels=args.labels,
-                             out_features=args.out_features, tflite_input=args.tflite_input,
-                             saved_model_xla=args.saved_model_xla)
+            report = convert(
+                args.source,
+                args.output,
+                name=args.name,
+                formats=args.formats,
+                quantizations=args.quantizations,
+                task=args.task,
+                source_format=args.source_format,
+                overwrite=args.overwrite,
+                images=args.images,
+                num_images=args.num_images,
+                top_k=args.top_k,
+                calibration_images=args.calibration_images,
+                threads=threads,
+                keep_failed=args.keep_failed,
+                preprocessor=args.preprocessor,
+                labels=args.labels,
+                out_features=args.out_features,
+                tflite_input=args.tflite_input,
+                saved_model_xla=args.saved_model_xla,
+            )
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -534,8 +700,10 @@ def main(argv=None):
         return 130
     except Exception:
         traceback.print_exc()
-        print("internal error: this is a bug in tfbit (the traceback above says where); nothing was "
-              "published", file=sys.stderr)
+        print(
+            "internal error: this is a bug in tfbit (the traceback above says where); nothing was published",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
     return 0 if report["passed"] else EXIT_FAILED
 

@@ -44,9 +44,14 @@ def task_outputs(model, task, labels, top_k, forward=None):
         logits = named(pixel_values)["logits"]
         probabilities = tf.nn.softmax(logits)
         top = tf.math.top_k(probabilities, k=k)
-        return {"logits": logits, "probabilities": probabilities,
-                "classes": top.indices, "scores": top.values,
-                "labels": tf.gather(names, top.indices)}
+        return {
+            "logits": logits,
+            "probabilities": probabilities,
+            "classes": top.indices,
+            "scores": top.values,
+            "labels": tf.gather(names, top.indices),
+        }
+
     return outputs
 
 
@@ -88,13 +93,20 @@ def write_saved_model(model, task, processor, labels, path, top_k=5, xla=False):
         forward = tf.function(lambda x: model(x, training=False), jit_compile=True, autograph=False)
     # Both signatures call one concrete function, so the model is traced once (R50x1: 12 s -> 9 s
     # against a shared tf.function, which re-traces on first call).
-    outputs = tf.function(task_outputs(model, task, labels, top_k, forward),
-                          autograph=False).get_concrete_function(pixel_spec)
-    return _save(model, path, {
-        "serving_default": (lambda image_bytes: outputs(image_ops.preprocess_image_bytes(image_bytes, processor)),
-                            tf.TensorSpec([None], tf.string, name="image_bytes")),
-        "pixel_values": (lambda pixel_values: outputs(pixel_values), pixel_spec),
-    })
+    outputs = tf.function(task_outputs(model, task, labels, top_k, forward), autograph=False).get_concrete_function(
+        pixel_spec
+    )
+    return _save(
+        model,
+        path,
+        {
+            "serving_default": (
+                lambda image_bytes: outputs(image_ops.preprocess_image_bytes(image_bytes, processor)),
+                tf.TensorSpec([None], tf.string, name="image_bytes"),
+            ),
+            "pixel_values": (lambda pixel_values: outputs(pixel_values), pixel_spec),
+        },
+    )
 
 
 def _configure(converter, quantization, representative_images=None):
@@ -142,11 +154,18 @@ class _Int8Worker:
         self.output = os.path.join(workdir, "int8.tflite")
         self.log = open(os.path.join(workdir, "int8_worker.log"), "wb")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-               "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        self.process = subprocess.Popen([sys.executable, "-m", "conversion.export", calibration, self.output,
-                                         str(os.getpid())],
-                                        stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        env = {
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "conversion.export", calibration, self.output, str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
     def convert(self, saved_model_dir):
         try:
@@ -167,10 +186,14 @@ class _Int8Worker:
         code = self.process.returncode
         if code:
             with open(self.log.name, encoding="utf-8", errors="replace") as f:
-                lines = [line for line in f.read().strip().splitlines()
-                         if not line.startswith("INFO: ")] or ["(no output)"]
-            how = f"exit code {code}" if code > 0 else f"killed by signal {-code}" + (
-                " (out of memory?)" if -code == signal.SIGKILL else "")
+                lines = [line for line in f.read().strip().splitlines() if not line.startswith("INFO: ")] or [
+                    "(no output)"
+                ]
+            how = (
+                f"exit code {code}"
+                if code > 0
+                else f"killed by signal {-code}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
+            )
             raise VariantError(f"TFLite int8 conversion failed ({how}): {lines[-1]}\n" + "\n".join(lines[-40:]))
         with open(self.output, "rb") as f:
             return f.read()
@@ -205,8 +228,10 @@ def tflite_models(model, task, image_size, quantizations, representative_images=
         raise ValueError("full int8 quantization needs representative images")
     channels = model.inputs[0].shape[-1]
     if "int8" in quantizations and np.shape(representative_images)[1:] != (*image_size, channels):
-        raise ValueError(f"representative images have shape {np.shape(representative_images)[1:]}; "
-                         f"the TFLite graph takes {(*image_size, channels)}")
+        raise ValueError(
+            f"representative images have shape {np.shape(representative_images)[1:]}; "
+            f"the TFLite graph takes {(*image_size, channels)}"
+        )
     outputs = task_outputs(model, task, {0: ""}, 1)
 
     def result(pixel_values):
@@ -214,16 +239,20 @@ def tflite_models(model, task, image_size, quantizations, representative_images=
         return {"logits": out["logits"]} if task == "classification" else out
 
     if input_processor is None:
+
         def serve(pixel_values):
             return result(pixel_values)
+
         spec = tf.TensorSpec([None, *image_size, channels], tf.float32, name="pixel_values")
         float_graph = int8_graph = (serve, spec)
     else:
-        normalize = BitImageProcessor.from_dict(input_processor.to_dict(), backend=input_processor.backend,
-                                                do_resize=False, do_center_crop=False)
+        normalize = BitImageProcessor.from_dict(
+            input_processor.to_dict(), backend=input_processor.backend, do_resize=False, do_center_crop=False
+        )
 
         def serve(image):
             return result(image_ops.preprocess_images(image, normalize))
+
         float_graph = (serve, tf.TensorSpec([1, *image_size, 3], tf.uint8, name="image"))
         # Full int8 quantizes a float input of 0-255 values into uint8 with the identity
         # (`_configure`): no float op is left for integer accelerators, unlike a uint8 -> float cast.
@@ -235,8 +264,11 @@ def tflite_models(model, task, image_size, quantizations, representative_images=
         try:
             graph = _save(model, os.path.join(workdir, "graph"), {"serving_default": float_graph})
             if worker:
-                worker.convert(graph if int8_graph is float_graph else
-                               _save(model, os.path.join(workdir, "int8_graph"), {"serving_default": int8_graph}))
+                worker.convert(
+                    graph
+                    if int8_graph is float_graph
+                    else _save(model, os.path.join(workdir, "int8_graph"), {"serving_default": int8_graph})
+                )
             converter = _converter(graph)
             results = {q: _configure(converter, q).convert() for q in floats}
             if worker:
@@ -269,6 +301,7 @@ def _int8_worker_main(calibration, output, parent_pid):
     # run it once here, where an abort costs this variant only, not the whole conversion.
     print("running the int8 file once in LiteRT (an abort here is a LiteRT kernel failure)", flush=True)
     from ai_edge_litert.interpreter import Interpreter
+
     runner = Interpreter(model_content=flatbuffer).get_signature_runner("serving_default")
     runner(**{name: images[:1] for name in runner.get_input_details()})
     with open(output, "wb") as f:

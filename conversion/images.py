@@ -19,11 +19,11 @@ PHOTOS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "photos")
 class RealImages:
     """Encoded images (what a serving client sends), the same decoded (PIL images as
     transformers' path loader gives them, or arrays), optional labels."""
+
     encoded: list
     images: list
     labels: np.ndarray | None = None
     description: str = ""
-
 
 
 def spread(items, count):
@@ -35,6 +35,7 @@ def spread(items, count):
 
 def _encode_png(array):
     from PIL import Image
+
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, "PNG")
     return buffer.getvalue()
@@ -44,6 +45,7 @@ def digits_images(split="test", limit=None):
     """Held-out (or training) digits, losslessly PNG-encoded, labelled. Needs scikit-learn."""
     try:
         from conversion.digits import load_digits_split
+
         x_train, y_train, x_test, y_test = load_digits_split()
     except ImportError as e:
         raise ImportError(f"the digits demo needs scikit-learn ({e}): pip install 'tfbit[demo]'") from None
@@ -54,6 +56,7 @@ def digits_images(split="test", limit=None):
 
 def _read_files(paths, description, labels=None):
     from tfbit.image_files import load_image
+
     encoded = []
     for p in paths:
         with open(p, "rb") as f:
@@ -74,8 +77,9 @@ def folder_images(folder, limit=None, label2id=None, calibration=0):
     """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images {folder}: no such directory")
-    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    paths = sorted(
+        os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)
+    )
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
     chosen = spread(paths, limit)
@@ -91,8 +95,7 @@ def folder_images(folder, limit=None, label2id=None, calibration=0):
 
 def photo_paths():
     """Sorted paths of the photographs shipped in conversion/photos/."""
-    return sorted(os.path.join(PHOTOS_DIR, f) for f in os.listdir(PHOTOS_DIR)
-                  if f.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(os.path.join(PHOTOS_DIR, f) for f in os.listdir(PHOTOS_DIR) if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def photo_images(limit=None):
@@ -105,4 +108,5 @@ def mirrored(images):
     """Left-right mirrored copies (PIL images): calibration inputs from the same distribution as
     the verification images without being the same images."""
     from PIL import ImageOps
+
     return [ImageOps.mirror(image) for image in images]

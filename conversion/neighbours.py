@@ -23,16 +23,22 @@ SUFFIXES = (".jsonl", ".parquet", ".tfrecord")
 def record_files(sources):
     """The record files named by each source: the file itself, or the shards of a prefix."""
     from apache_beam.io.filesystems import FileSystems
+
     found = []
     for source in sources:
         if source.endswith(SUFFIXES) and FileSystems.exists(source):
             found.append(source)
             continue
-        shards = [m.path for suffix in SUFFIXES
-                  for m in FileSystems.match([f"{source}-?????-of-?????{suffix}"])[0].metadata_list]
+        shards = [
+            m.path
+            for suffix in SUFFIXES
+            for m in FileSystems.match([f"{source}-?????-of-?????{suffix}"])[0].metadata_list
+        ]
         if not shards:
-            raise ValueError(f"{source}: neither a record file ({', '.join(SUFFIXES)}) nor the prefix "
-                             f"of batch_predict record files ({source}-SSSSS-of-NNNNN.jsonl, ...)")
+            raise ValueError(
+                f"{source}: neither a record file ({', '.join(SUFFIXES)}) nor the prefix "
+                f"of batch_predict record files ({source}-SSSSS-of-NNNNN.jsonl, ...)"
+            )
         found += sorted(shards)
     return found
 
@@ -40,36 +46,47 @@ def record_files(sources):
 def read_records(path, verbose=False):
     """[{"path", "features"}] of one record file, by its suffix."""
     from apache_beam.io.filesystems import FileSystems
+
     if path.endswith(".tfrecord"):
         return _tfrecord_records(path, verbose)
     with FileSystems.open(path) as f:
         if path.endswith(".parquet"):
             import pyarrow.parquet as pq
+
             return pq.read_table(f).to_pylist()
         return [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
 
 
 def _tfrecord_records(path, verbose=False):
     from tfbit import environment
+
     environment.configure(verbose)  # TensorFlow's import-time lines hidden unless --verbose
     import tensorflow as tf
+
     records = []
     for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
         feature = tf.train.Example.FromString(serialized).features.feature
-        records.append({"path": feature["path"].bytes_list.value[0].decode(),
-                        **({"features": list(feature["features"].float_list.value)} if "features" in feature else {})})
+        records.append(
+            {
+                "path": feature["path"].bytes_list.value[0].decode(),
+                **({"features": list(feature["features"].float_list.value)} if "features" in feature else {}),
+            }
+        )
     return records
 
 
 def feature_matrix(files, verbose=False):
     """(paths sorted, float64 matrix of unit rows); ValueError naming a file without features."""
     import numpy as np
+
     rows = {}
     for path in files:
         for record in read_records(path, verbose):
             if "features" not in record:
-                raise ValueError(f"{path} holds no feature vectors (fields: {', '.join(sorted(record))}): "
-                                 "write them with batch_predict --task features")
+                raise ValueError(
+                    f"{path} holds no feature vectors (fields: {', '.join(sorted(record))}): "
+                    "write them with batch_predict --task features"
+                )
             rows[record["path"]] = record["features"]
     if not rows:
         raise ValueError(f"no records in {', '.join(files)}")
@@ -78,8 +95,10 @@ def feature_matrix(files, verbose=False):
     bad = [p for p, row in zip(paths, matrix) if not np.isfinite(row).all()]
     if bad:  # a NaN row would compare as -inf with every image, itself included
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise ValueError(f"the feature vector of {bad[0]}{more} holds NaN or infinite values: rerun "
-                         "batch_predict on that image (a damaged export or image gives such features)")
+        raise ValueError(
+            f"the feature vector of {bad[0]}{more} holds NaN or infinite values: rerun "
+            "batch_predict on that image (a damaged export or image gives such features)"
+        )
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     return paths, matrix / np.where(norms > 0, norms, 1.0)  # unit rows: cosine = dot product
 
@@ -87,13 +106,14 @@ def feature_matrix(files, verbose=False):
 def neighbours(paths, matrix, queries, k):
     """{query: [(path, cosine similarity), ...]}: the k most similar other images, best first."""
     import numpy as np
+
     index = {p: i for i, p in enumerate(paths)}
     found = {}
     for query in queries:
         i = index[query]
         similarity = matrix @ matrix[i]
         similarity[i] = -np.inf  # an image is not its own neighbour
-        best = np.argsort(-similarity, kind="stable")[:min(k, len(paths) - 1)]
+        best = np.argsort(-similarity, kind="stable")[: min(k, len(paths) - 1)]
         found[query] = [(paths[j], float(similarity[j])) for j in best]
     return found
 

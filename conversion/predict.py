@@ -34,8 +34,12 @@ def export_root(artifact, required=True):
     """The export directory holding config.json for any artifact inside it; None when there is
     none and not `required` (a `.keras` file knows its own labels)."""
     path = os.path.abspath(artifact)
-    for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path)),
-                      os.path.dirname(os.path.dirname(os.path.dirname(path)))):
+    for candidate in (
+        path,
+        os.path.dirname(path),
+        os.path.dirname(os.path.dirname(path)),
+        os.path.dirname(os.path.dirname(os.path.dirname(path))),
+    ):
         if os.path.isfile(os.path.join(candidate, "config.json")):
             return candidate
     if not required:
@@ -45,6 +49,7 @@ def export_root(artifact, required=True):
 
 def resolve_artifact(artifact):
     from conversion.publish import next_serving_version
+
     if not os.path.exists(artifact):
         raise FileNotFoundError(f"no artifact at {artifact}")
     if os.path.isdir(artifact) and not os.path.exists(os.path.join(artifact, "saved_model.pb")):
@@ -61,8 +66,10 @@ def resolve_artifact(artifact):
 
 def _images_in(folder):
     from tfbit.image_files import IMAGE_EXTENSIONS
-    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
-                  if f.lower().endswith(IMAGE_EXTENSIONS))
+
+    return sorted(
+        os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)
+    )
 
 
 def expand_paths(paths):
@@ -96,8 +103,10 @@ def labelled_paths(roots, labels):
             found += [(path, name) for path in _images_in(os.path.join(root, name))]
     if unknown:
         shown = sorted(labels)[:10]
-        raise ValueError(f"--evaluate: folder(s) {', '.join(unknown)} are not labels of the model "
-                         f"(its labels: {', '.join(shown)}{', ...' if len(labels) > len(shown) else ''})")
+        raise ValueError(
+            f"--evaluate: folder(s) {', '.join(unknown)} are not labels of the model "
+            f"(its labels: {', '.join(shown)}{', ...' if len(labels) > len(shown) else ''})"
+        )
     if not found:
         raise ValueError(f"--evaluate: no images in label sub-folders of {', '.join(roots)}")
     return found
@@ -115,10 +124,13 @@ class Classifier:
         from conversion import runners
         from tfbit import user_models
         from tfbit.config import BitConfig
+
         self.path = path = resolve_artifact(artifact)
         if xla and not path.endswith(".keras"):
-            raise ValueError(f"--xla compiles .keras models only; {path} is a "
-                             f"{'TFLite file' if path.endswith('.tflite') else 'SavedModel'}")
+            raise ValueError(
+                f"--xla compiles .keras models only; {path} is a "
+                f"{'TFLite file' if path.endswith('.tflite') else 'SavedModel'}"
+            )
         root = export_root(path, required=not path.endswith(".keras"))
         own_processor = None
         if path.endswith(".keras"):
@@ -126,8 +138,10 @@ class Classifier:
             try:
                 user_models.check_task(model, "classification", path)
             except ValueError:
-                raise ValueError(f"{path} has no logits output: predict needs a classification export "
-                                 f"(its outputs: {', '.join(user_models.output_shapes(model))})") from None
+                raise ValueError(
+                    f"{path} has no logits output: predict needs a classification export "
+                    f"(its outputs: {', '.join(user_models.output_shapes(model))})"
+                ) from None
             self.run = runners.model_runner(model, jit_compile=xla)
         elif path.endswith(".tflite"):
             self.run = runners.tflite_runner(path, threads)
@@ -147,19 +161,23 @@ class Classifier:
     def _processor(path, root, own, preprocessor):
         """The model's own BitPreprocessing layer, else --preprocessor, else the export's file."""
         from tfbit.image_processor import BitImageProcessor
+
         if own is not None:
             if preprocessor:
-                raise ValueError(f"{path} preprocesses its input itself (a BitPreprocessing layer): drop "
-                                 "--preprocessor")
+                raise ValueError(
+                    f"{path} preprocesses its input itself (a BitPreprocessing layer): drop --preprocessor"
+                )
             return own
         if preprocessor:
             return BitImageProcessor.from_pretrained(preprocessor)
         for folder in filter(None, (root, os.path.dirname(os.path.abspath(path)))):
             if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
                 return BitImageProcessor.from_pretrained(folder)
-        raise ValueError(f"{path} has no preprocessor_config.json beside it, so its image size and "
-                         "normalization are unknown: pass --preprocessor FILE (or start the model with a "
-                         "tfbit.BitPreprocessing layer)")
+        raise ValueError(
+            f"{path} has no preprocessor_config.json beside it, so its image size and "
+            "normalization are unknown: pass --preprocessor FILE (or start the model with a "
+            "tfbit.BitPreprocessing layer)"
+        )
 
     def logits(self, paths):
         """[(path, logits or None, why not)] of one batch of image files."""
@@ -181,6 +199,7 @@ class Classifier:
                 return f.read()
         from conversion import runners
         from tfbit.image_files import load_image
+
         if self.raw_crops:
             return runners.raw_crops(self.processor, [load_image(path)])[0]
         return self.processor([load_image(path)])[0]
@@ -190,6 +209,7 @@ class Classifier:
         decoder refuses is rerun image by image, so only that image is skipped."""
         import numpy as np
         import tensorflow as tf
+
         batch = np.array(inputs, dtype=object) if self.encoded else np.stack(inputs)
         try:
             with environment.cli_logs_filtered():  # LiteRT's XNNPACK notice at the first call
@@ -214,14 +234,25 @@ def decoder_message(message):
 def ranked(logits, labels, k):
     """The `k` most probable (label, probability) of one image's logits."""
     import numpy as np
+
     probabilities = np.exp(logits - logits.max())
     probabilities /= probabilities.sum()
     best = np.argsort(-probabilities, kind="stable")[:k]
     return [(labels[int(i)], float(probabilities[i])) for i in best]
 
 
-def predict(artifact, image_paths, top_k=5, threads=None, xla=False, on_error=None, batch_size=32,
-            progress=None, labels=None, preprocessor=None):
+def predict(
+    artifact,
+    image_paths,
+    top_k=5,
+    threads=None,
+    xla=False,
+    on_error=None,
+    batch_size=32,
+    progress=None,
+    labels=None,
+    preprocessor=None,
+):
     """[(image path, [(label, probability), ...]), ...] for each readable image.
 
     Args:
@@ -243,7 +274,7 @@ def predict(artifact, image_paths, top_k=5, threads=None, xla=False, on_error=No
 
 def _predictions(classifier, paths, k, batch_size, on_error, progress):
     for start in range(0, len(paths), batch_size):
-        for path, logits, message in classifier.logits(paths[start:start + batch_size]):
+        for path, logits, message in classifier.logits(paths[start : start + batch_size]):
             if logits is None:
                 if on_error is None:
                     raise ValueError(message)
@@ -264,15 +295,29 @@ def write_predictions(path, results, truth=None):
             if path.endswith(".csv"):
                 k = max((len(top) for _, top in results), default=0)
                 writer = csv.writer(f)
-                writer.writerow(["path", *(["true_label"] if truth else []),
-                                 *(f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "score"))])
+                writer.writerow(
+                    [
+                        "path",
+                        *(["true_label"] if truth else []),
+                        *(f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "score")),
+                    ]
+                )
                 for image, top in results:
-                    writer.writerow([image, *([truth[image]] if truth else []),
-                                     *(v for label, score in top for v in (label, f"{score:.6g}"))])
+                    writer.writerow(
+                        [
+                            image,
+                            *([truth[image]] if truth else []),
+                            *(v for label, score in top for v in (label, f"{score:.6g}")),
+                        ]
+                    )
             else:
                 for image, top in results:
-                    record = {"path": image, **({"true_label": truth[image]} if truth else {}),
-                              "labels": [label for label, _ in top], "scores": [score for _, score in top]}
+                    record = {
+                        "path": image,
+                        **({"true_label": truth[image]} if truth else {}),
+                        "labels": [label for label, _ in top],
+                        "scores": [score for _, score in top],
+                    }
                     f.write(json.dumps(record) + "\n")
         os.replace(partial, path)
     finally:
@@ -284,9 +329,11 @@ def evaluate(results, truth, png):
     """Top-1 accuracy of `results` against `truth` ({path: label}); writes the confusion matrix
     (true labels in rows, predicted in columns, over the labels that occur) to `png`."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
     predicted = [top[0][0] for _, top in results]
     actual = [truth[path] for path, _ in results]
     accuracy = float(np.mean([p == a for p, a in zip(predicted, actual)]))
@@ -306,8 +353,7 @@ def evaluate(results, truth, png):
     if len(labels) <= 30:  # counts stay legible
         for (i, j), count in np.ndenumerate(matrix):
             if count:
-                ax.text(j, i, count, ha="center", va="center",
-                        color="white" if count > matrix.max() / 2 else "black")
+                ax.text(j, i, count, ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -320,20 +366,30 @@ def build_parser():
     parser.add_argument("images", nargs="+", help="image files, folders (recursive) or glob patterns")
     parser.add_argument("--top-k", type=cli.positive_int, default=5)
     parser.add_argument("--batch-size", type=cli.positive_int, default=32, help="images per model call")
-    parser.add_argument("--output", help="write the predictions to this .csv or .jsonl file "
-                                         "(instead of printing them)")
-    parser.add_argument("--evaluate", action="store_true",
-                        help="PATHs are labelled folders root/<label>/...: print the accuracy and write a "
-                             "confusion matrix")
-    parser.add_argument("--confusion-matrix", default="confusion_matrix.png",
-                        help="where --evaluate writes its PNG (default: confusion_matrix.png)")
+    parser.add_argument("--output", help="write the predictions to this .csv or .jsonl file (instead of printing them)")
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="PATHs are labelled folders root/<label>/...: print the accuracy and write a confusion matrix",
+    )
+    parser.add_argument(
+        "--confusion-matrix",
+        default="confusion_matrix.png",
+        help="where --evaluate writes its PNG (default: confusion_matrix.png)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--threads", type=cli.positive_int, help="CPU threads (default: every available core)")
     parser.add_argument("--xla", action="store_true", help="compile a .keras model with XLA (for many images)")
-    parser.add_argument("--labels", help="labels file, one per line in the order of the model's outputs "
-                                         "(default: the export's config.json, or a .keras model's own)")
-    parser.add_argument("--preprocessor", help="preprocessor_config.json (or its folder) for a .keras file "
-                                               "that has none beside it and no BitPreprocessing layer")
+    parser.add_argument(
+        "--labels",
+        help="labels file, one per line in the order of the model's outputs "
+        "(default: the export's config.json, or a .keras model's own)",
+    )
+    parser.add_argument(
+        "--preprocessor",
+        help="preprocessor_config.json (or its folder) for a .keras file "
+        "that has none beside it and no BitPreprocessing layer",
+    )
     cli.add_verbose(parser)
     return parser
 
@@ -358,6 +414,7 @@ def main(argv=None):
         return 2
     environment.configure(args.verbose)  # before anything else imports TensorFlow
     from tfbit import runtime
+
     threads = runtime.set_threads(args.threads)
     skipped = []
 
@@ -381,8 +438,12 @@ def main(argv=None):
         write_predictions(args.output, results, truth)
         print(f"wrote {len(results)} predictions to {args.output}")
     elif args.json:
-        print(json.dumps([{"image": p, "top": [{"label": l, "probability": s} for l, s in top]}
-                          for p, top in results], indent=2))
+        print(
+            json.dumps(
+                [{"image": p, "top": [{"label": lb, "probability": s} for lb, s in top]} for p, top in results],
+                indent=2,
+            )
+        )
     elif not args.evaluate:
         for image_path, top in results:
             print(image_path)
@@ -391,8 +452,10 @@ def main(argv=None):
     if args.evaluate:
         accuracy = evaluate(results, truth, args.confusion_matrix)
         correct = round(accuracy * len(results))
-        print(f"accuracy: {accuracy:.2%} ({correct}/{len(results)} images"
-              f"{f', {len(skipped)} skipped' if skipped else ''}); confusion matrix: {args.confusion_matrix}")
+        print(
+            f"accuracy: {accuracy:.2%} ({correct}/{len(results)} images"
+            f"{f', {len(skipped)} skipped' if skipped else ''}); confusion matrix: {args.confusion_matrix}"
+        )
     return 1 if skipped else 0
 
 

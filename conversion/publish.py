@@ -58,15 +58,19 @@ class OutputLocked(OutputError):
 class ArtifactCollision(OutputError):
     def __init__(self, output, paths):
         self.output, self.paths = output, paths
-        super().__init__(f"{output} already contains {', '.join(paths)}: pass --overwrite to replace "
-                         "them (every other file there is kept, and serving versions are added, never replaced)")
+        super().__init__(
+            f"{output} already contains {', '.join(paths)}: pass --overwrite to replace "
+            "them (every other file there is kept, and serving versions are added, never replaced)"
+        )
 
 
 class SourceCollision(OutputError):
     def __init__(self, output, paths):
         self.output, self.paths = output, paths
-        super().__init__(f"{output} holds the source checkpoint: writing {', '.join(paths)} there would replace "
-                         "its own files, which tfbit never does (not even with --overwrite): choose another --output")
+        super().__init__(
+            f"{output} holds the source checkpoint: writing {', '.join(paths)} there would replace "
+            "its own files, which tfbit never does (not even with --overwrite): choose another --output"
+        )
 
 
 def _home(output):
@@ -271,21 +275,34 @@ def check_output(output, written, *, source_paths=(), overwrite=False, staging=N
         raise OutputError(f"{output} exists and is not a folder")
     # Lexical and resolved paths both: a symlinked alias of the source folder is still the source.
     sources = {f(p) for p in _paths(source_paths) for f in (os.path.abspath, os.path.realpath)}
-    mine = [rel for rel in written
-            if any(_overlap(target, source) for source in sources
-                   for target in {os.path.join(output, rel), os.path.realpath(os.path.join(output, rel))})]
+    mine = [
+        rel
+        for rel in written
+        if any(
+            _overlap(target, source)
+            for source in sources
+            for target in {os.path.join(output, rel), os.path.realpath(os.path.join(output, rel))}
+        )
+    ]
     if mine:
         raise SourceCollision(output, mine)
-    blocked = sorted({ancestor for rel in written for ancestor in _ancestors(rel)
-                      if os.path.lexists(os.path.join(output, ancestor))
-                      and not os.path.isdir(os.path.join(output, ancestor))})
+    blocked = sorted(
+        {
+            ancestor
+            for rel in written
+            for ancestor in _ancestors(rel)
+            if os.path.lexists(os.path.join(output, ancestor)) and not os.path.isdir(os.path.join(output, ancestor))
+        }
+    )
     if blocked:
         raise OutputError(f"{output} has files where tfbit needs folders: {', '.join(blocked)}")
     lowest = next_serving_version(output)
     stale = [rel for rel in written if (m := _SERVING_VERSION.fullmatch(rel)) and int(m.group(1)) < lowest]
     if stale:
-        raise OutputError(f"{', '.join(stale)}: {output} already has serving version {lowest - 1}, and versions "
-                          "are never replaced or added below it (take next_serving_version under the lock)")
+        raise OutputError(
+            f"{', '.join(stale)}: {output} already has serving version {lowest - 1}, and versions "
+            "are never replaced or added below it (take next_serving_version under the lock)"
+        )
     existing = [rel for rel in written if os.path.lexists(os.path.join(output, rel))]
     # --overwrite never replaces a folder (a user's, which may hold anything) with a file of the
     # same name. Before the export the kinds are the converter's (files, serving versions
@@ -296,8 +313,10 @@ def check_output(output, written, *, source_paths=(), overwrite=False, staging=N
         is_folder = {rel: _is_folder(os.path.join(staging, rel)) for rel in existing}
     folders = [rel for rel in existing if _is_folder(os.path.join(output, rel)) and not is_folder[rel]]
     if folders:
-        raise OutputError(f"{output} has folders where tfbit writes files: {', '.join(folders)}; tfbit never "
-                          "replaces a folder (not even with --overwrite): move them away or choose another --output")
+        raise OutputError(
+            f"{output} has folders where tfbit writes files: {', '.join(folders)}; tfbit never "
+            "replaces a folder (not even with --overwrite): move them away or choose another --output"
+        )
     if existing and not overwrite:
         raise ArtifactCollision(output, existing)
 
@@ -357,7 +376,9 @@ def publish(staging, output, written, *, source_paths=(), overwrite=False):
                 _move(os.path.join(staging, rel), os.path.join(output, rel))
             except OSError as e:
                 if e.errno == errno.EXDEV:  # a mount point inside the output
-                    raise OutputError(f"cannot rename {rel} into {output}: it is on another filesystem "
-                                      f"than the staging folder {staging}") from e
+                    raise OutputError(
+                        f"cannot rename {rel} into {output}: it is on another filesystem "
+                        f"than the staging folder {staging}"
+                    ) from e
                 raise
     return [os.path.join(output, rel) for rel in written]

@@ -24,14 +24,22 @@ def timm_model(config, num_classes):
     """A timm ResNetV2 built like timm's `*_bit` models, with the architecture of `config`."""
     from timm.layers import StdConv2d
     from timm.models.resnetv2 import ResNetV2
-    return ResNetV2(layers=config.depths, channels=config.stage_channels, stem_chs=config.embedding_size,
-                    in_chans=config.num_channels, num_classes=num_classes, stem_type="fixed",
-                    conv_layer=functools.partial(StdConv2d, eps=config.ws_eps)).eval()
+
+    return ResNetV2(
+        layers=config.depths,
+        channels=config.stage_channels,
+        stem_chs=config.embedding_size,
+        in_chans=config.num_channels,
+        num_classes=num_classes,
+        stem_type="fixed",
+        conv_layer=functools.partial(StdConv2d, eps=config.ws_eps),
+    ).eval()
 
 
 def _transformers(checkpoint, model):
     import torch
     import transformers
+
     extra = {"out_features": model.config.out_features} if isinstance(model, BitBackbone) else {}
     # float32 whatever the stored dtype (a bfloat16 file included), as tfbit computes
     reference = getattr(transformers, type(model).__name__).from_pretrained(checkpoint.path, **extra)
@@ -40,9 +48,13 @@ def _transformers(checkpoint, model):
 
 def _timm(checkpoint, model):
     import torch
+
     classes = model.config.num_labels if isinstance(model, BitForImageClassification) else 0
-    state = {k: torch.from_numpy(np.asarray(v)) for k, v in read_state_dict(checkpoint.path).items()
-             if classes or not k.startswith("head.")}
+    state = {
+        k: torch.from_numpy(np.asarray(v))
+        for k, v in read_state_dict(checkpoint.path).items()
+        if classes or not k.startswith("head.")
+    }
     reference = timm_model(model.config, classes)
     reference.load_state_dict(state)
     return reference.eval()
@@ -50,6 +62,7 @@ def _timm(checkpoint, model):
 
 def _original(checkpoint, model):
     from timm.models.resnetv2 import _load_weights as timm_load_npz
+
     classes = model.config.num_labels if isinstance(model, BitForImageClassification) else 0
     reference = timm_model(model.config, classes)
     timm_load_npz(reference, checkpoint.path, npz.scope(checkpoint.tensors))

@@ -11,6 +11,7 @@ def load_keras(path):
 
     import tfbit
     from tfbit import user_models
+
     processor, model = user_models.split_preprocessing(keras.saving.load_model(path))
     return processor, tfbit.fold_weight_standardization(model)
 
@@ -21,10 +22,12 @@ def model_runner(model, jit_compile=False, task="classification"):
     import tensorflow as tf
 
     from tfbit import user_models
+
     call = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile, autograph=False)
 
     def run(x):
         return {k: np.asarray(v) for k, v in user_models.task_outputs(model, call(x), task).items()}
+
     return run
 
 
@@ -37,6 +40,7 @@ def saved_model_runner(path, signature):
     """One signature of a SavedModel: `serving_default` takes encoded images, `pixel_values`
     preprocessed ones."""
     import tensorflow as tf
+
     fn = tf.saved_model.load(path).signatures[signature]
     key = "image_bytes" if signature == "serving_default" else "pixel_values"
     return lambda x: {k: v.numpy() for k, v in fn(**{key: tf.constant(x)}).items()}
@@ -47,31 +51,41 @@ def tflite_runner(path, num_threads=None):
     from ai_edge_litert.interpreter import Interpreter
 
     from tfbit.runtime import available_cores
+
     interpreter = Interpreter(model_path=path, num_threads=num_threads or available_cores())
     runner = interpreter.get_signature_runner("serving_default")
-    (name, detail), = runner.get_input_details().items()
+    ((name, detail),) = runner.get_input_details().items()
     expected = tuple(int(d) for d in detail["shape"][1:])
 
     def run(x):
         x = np.asarray(x)
         if x.ndim != 4 or x.shape[1:] != expected:
-            raise ValueError(f"{path} takes a batch of {expected} {detail['dtype'].__name__} images "
-                             f"(shape (N, {', '.join(map(str, expected))})), got shape {x.shape}")
+            raise ValueError(
+                f"{path} takes a batch of {expected} {detail['dtype'].__name__} images "
+                f"(shape (N, {', '.join(map(str, expected))})), got shape {x.shape}"
+            )
         if x.dtype != detail["dtype"]:
             raise ValueError(_dtype_message(path, detail["dtype"], x.dtype, expected))
-        return {k: np.concatenate([runner(**{name: x[i:i + 1]})[k] for i in range(len(x))])
-                for k in runner.get_output_details()}
+        return {
+            k: np.concatenate([runner(**{name: x[i : i + 1]})[k] for i in range(len(x))])
+            for k in runner.get_output_details()
+        }
+
     return run
 
 
 def _dtype_message(path, expected, got, shape):
     if expected == np.uint8:
-        return (f"{path} takes raw uint8 RGB pixels (images resized and center-cropped to "
-                f"{shape[0]}x{shape[1]}, not normalized: the file normalizes them), got {got}: "
-                "conversion.runners.raw_crops(processor, images) gives them")
-    return (f"{path} takes float32 input, got {got}: preprocess the images (BitImageProcessor) first, "
-            "raw pixels give wrong answers; or use a file converted with --tflite-input uint8, which "
-            "takes raw uint8 pixels")
+        return (
+            f"{path} takes raw uint8 RGB pixels (images resized and center-cropped to "
+            f"{shape[0]}x{shape[1]}, not normalized: the file normalizes them), got {got}: "
+            "conversion.runners.raw_crops(processor, images) gives them"
+        )
+    return (
+        f"{path} takes float32 input, got {got}: preprocess the images (BitImageProcessor) first, "
+        "raw pixels give wrong answers; or use a file converted with --tflite-input uint8, which "
+        "takes raw uint8 pixels"
+    )
 
 
 def raw_crops(processor, images):
@@ -84,5 +98,6 @@ def raw_crops(processor, images):
 def tflite_takes_uint8(path):
     """Whether a `.tflite` file takes raw uint8 pixels (`convert --tflite-input uint8`)."""
     from ai_edge_litert.interpreter import Interpreter
+
     (detail,) = Interpreter(model_path=path).get_signature_runner("serving_default").get_input_details().values()
     return detail["dtype"] == np.uint8

@@ -28,8 +28,7 @@ def float_ops(flatbuffer):
             name = _op_name(model, op)
             ins, outs = [t for t in op.inputs if t >= 0], [t for t in op.outputs if t >= 0]
             floats = [t for t in ins + outs if subgraph.tensors[t].type in _FLOAT_TYPES]
-            at_edge = ((name == "QUANTIZE" and set(ins) <= inputs)
-                       or (name == "DEQUANTIZE" and set(outs) <= outputs))
+            at_edge = (name == "QUANTIZE" and set(ins) <= inputs) or (name == "DEQUANTIZE" and set(outs) <= outputs)
             if floats and not at_edge:
                 tensor_names = ", ".join(subgraph.tensors[t].name.decode() for t in floats)
                 found.append(f"{name}({tensor_names})")

@@ -58,26 +58,47 @@ def _table(builder, fields):
 
 def _model_metadata(name, description, input_name, input_description, output_name, mean, std, height, width):
     b = flatbuffers.Builder(1024)
-    labels = _table(b, [(0, "offset", b.CreateString(LABELS_FILE)),
-                        (1, "offset", b.CreateString("Labels of the output's classes, one a line, in index order.")),
-                        (2, "byte", _TENSOR_AXIS_LABELS)])
-    size = _table(b, [(0, "uint", width), (1, "uint", height)])               # ImageSize
-    image = _table(b, [(0, "byte", _RGB), (1, "offset", size)])              # ImageProperties
+    labels = _table(
+        b,
+        [
+            (0, "offset", b.CreateString(LABELS_FILE)),
+            (1, "offset", b.CreateString("Labels of the output's classes, one a line, in index order.")),
+            (2, "byte", _TENSOR_AXIS_LABELS),
+        ],
+    )
+    size = _table(b, [(0, "uint", width), (1, "uint", height)])  # ImageSize
+    image = _table(b, [(0, "byte", _RGB), (1, "offset", size)])  # ImageProperties
     image_content = _table(b, [(0, "byte", _IMAGE_PROPERTIES), (1, "offset", image)])
     normalization = _table(b, [(0, "offset", _floats(b, mean)), (1, "offset", _floats(b, std))])
     unit = _table(b, [(0, "byte", _NORMALIZATION_OPTIONS), (1, "offset", normalization)])  # ProcessUnit
     names = _strings(b, [input_name, input_description, output_name])
-    tensor_in = _table(b, [(0, "offset", names[0]), (1, "offset", names[1]), (3, "offset", image_content),
-                           (4, "offset", _vector(b, [unit]))])
+    tensor_in = _table(
+        b,
+        [
+            (0, "offset", names[0]),
+            (1, "offset", names[1]),
+            (3, "offset", image_content),
+            (4, "offset", _vector(b, [unit])),
+        ],
+    )
     features = _table(b, [])
     output_content = _table(b, [(0, "byte", _FEATURE_PROPERTIES), (1, "offset", features)])
     description_out = b.CreateString("Logits of the classes (softmax gives probabilities).")
-    tensor_out = _table(b, [(0, "offset", names[2]), (1, "offset", description_out), (3, "offset", output_content),
-                            (6, "offset", _vector(b, [labels]))])
+    tensor_out = _table(
+        b,
+        [
+            (0, "offset", names[2]),
+            (1, "offset", description_out),
+            (3, "offset", output_content),
+            (6, "offset", _vector(b, [labels])),
+        ],
+    )
     subgraph = _table(b, [(2, "offset", _vector(b, [tensor_in])), (3, "offset", _vector(b, [tensor_out]))])
     text = _strings(b, [name, description, MIN_PARSER_VERSION])
-    root = _table(b, [(0, "offset", text[0]), (1, "offset", text[1]), (3, "offset", _vector(b, [subgraph])),
-                      (7, "offset", text[2])])
+    root = _table(
+        b,
+        [(0, "offset", text[0]), (1, "offset", text[1]), (3, "offset", _vector(b, [subgraph])), (7, "offset", text[2])],
+    )
     b.Finish(root, file_identifier=FILE_IDENTIFIER)
     return bytes(b.Output())
 
@@ -103,10 +124,14 @@ def add_classifier_metadata(flatbuffer, labels, mean, std, name, description):
     if any("\n" in label for label in labels):
         raise ValueError("a label contains a line break: labels.txt holds one label a line")
     _, height, width, _ = input_tensor.shape
-    pixels = "uint8 RGB pixels (normalized inside the model)" if input_tensor.type == schema.TensorType.UINT8 \
+    pixels = (
+        "uint8 RGB pixels (normalized inside the model)"
+        if input_tensor.type == schema.TensorType.UINT8
         else "float32 RGB pixels normalized as (pixel - mean) / std"
-    metadata = _model_metadata(name, description, "image", f"{height}x{width} {pixels}", "logits", mean, std,
-                               int(height), int(width))
+    )
+    metadata = _model_metadata(
+        name, description, "image", f"{height}x{width} {pixels}", "logits", mean, std, int(height), int(width)
+    )
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(metadata, np.uint8)
     model.buffers.append(buffer)
@@ -122,6 +147,7 @@ def add_classifier_metadata(flatbuffer, labels, mean, std, name, description):
 
 # -- reading back ---------------------------------------------------------------------------------
 
+
 def _field(table, slot):
     """Absolute position of an offset field's target, or None."""
     offset = table.Offset(4 + 2 * slot)
@@ -135,6 +161,7 @@ def _scalar(table, slot, kind):
 
 def _sub_table(table, slot):
     from flatbuffers.table import Table
+
     position = _field(table, slot)
     return None if position is None else Table(table.Bytes, position)
 
@@ -146,6 +173,7 @@ def _string(table, slot):
 
 def _tables(table, slot):
     from flatbuffers.table import Table
+
     offset = table.Offset(4 + 2 * slot)
     if not offset:
         return []
@@ -162,8 +190,8 @@ def read_classifier_metadata(data):
     """{name, description, min_parser_version, input/output tensor names, mean, std, image_size,
     labels} from a `.tflite` file's bytes (or path); None when it has no metadata."""
     from flatbuffers import number_types as types
-    from tensorflow.lite.python import schema_py_generated as schema
     from flatbuffers.table import Table
+    from tensorflow.lite.python import schema_py_generated as schema
 
     if not isinstance(data, (bytes, bytearray)):
         with open(data, "rb") as f:
@@ -177,10 +205,10 @@ def read_classifier_metadata(data):
     if buffer[4:8] != FILE_IDENTIFIER:
         raise ValueError(f"{METADATA_NAME} is not a TFLite metadata flatbuffer (identifier {buffer[4:8]!r})")
     root = Table(buffer, flatbuffers.encode.Get(flatbuffers.packer.uoffset, buffer, 0))
-    subgraph, = _tables(root, 3)
-    tensor_in, = _tables(subgraph, 2)
-    tensor_out, = _tables(subgraph, 3)
-    unit, = _tables(tensor_in, 4)
+    (subgraph,) = _tables(root, 3)
+    (tensor_in,) = _tables(subgraph, 2)
+    (tensor_out,) = _tables(subgraph, 3)
+    (unit,) = _tables(tensor_in, 4)
     if _scalar(unit, 0, types.Uint8Flags) != _NORMALIZATION_OPTIONS:
         raise ValueError("the input's process unit is not NormalizationOptions")
     normalization = _sub_table(unit, 1)
@@ -188,11 +216,18 @@ def read_classifier_metadata(data):
     files = {_string(f, 0): _scalar(f, 2, types.Int8Flags) for f in _tables(tensor_out, 6)}
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         packed = {n: archive.read(n).decode() for n in archive.namelist()}
-    return {"name": _string(root, 0), "description": _string(root, 1), "min_parser_version": _string(root, 7),
-            "input": _string(tensor_in, 0), "output": _string(tensor_out, 0),
-            "mean": _float_vector(normalization, 0), "std": _float_vector(normalization, 1),
-            "image_size": (_scalar(size, 1, types.Uint32Flags), _scalar(size, 0, types.Uint32Flags)),
-            "label_files": files, "labels": packed[LABELS_FILE].splitlines()}
+    return {
+        "name": _string(root, 0),
+        "description": _string(root, 1),
+        "min_parser_version": _string(root, 7),
+        "input": _string(tensor_in, 0),
+        "output": _string(tensor_out, 0),
+        "mean": _float_vector(normalization, 0),
+        "std": _float_vector(normalization, 1),
+        "image_size": (_scalar(size, 1, types.Uint32Flags), _scalar(size, 0, types.Uint32Flags)),
+        "label_files": files,
+        "labels": packed[LABELS_FILE].splitlines(),
+    }
 
 
 def pixel_normalization(processor):

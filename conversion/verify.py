@@ -42,8 +42,13 @@ LOSSLESS_FACTOR = 1e-4
 # range is refused. Top-1 agreement is the stricter test for classifiers. A `.keras` file is
 # lossy only when its model computes in float16/bfloat16 (a mixed-precision fine-tune): the
 # trained digits model measured 0.005 (mixed_bfloat16) and 0.0007 (mixed_float16).
-LOSSY_FACTOR = {"keras": 0.05, "saved_model[image_bytes]": 0.1, "tflite_fp16": 0.02, "tflite_dynamic_int8": 0.3,
-                "tflite_int8": 0.5}
+LOSSY_FACTOR = {
+    "keras": 0.05,
+    "saved_model[image_bytes]": 0.1,
+    "tflite_fp16": 0.02,
+    "tflite_dynamic_int8": 0.3,
+    "tflite_int8": 0.5,
+}
 TARGET_AGREEMENT = 0.99
 SIGNIFICANCE = 0.05
 
@@ -81,13 +86,13 @@ def _latency_ms(run, one, repeats=5):
 
 
 def _batched(run, inputs, batch):
-    outs = [run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)]
+    outs = [run(inputs[i : i + batch]) for i in range(0, len(inputs), batch)]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
 def agreement_is_plausible(agree, n, target=TARGET_AGREEMENT, significance=SIGNIFICANCE):
     """False when `agree` of `n` is significantly below `target` (one-sided binomial test)."""
-    p_low = sum(math.comb(n, k) * target ** k * (1 - target) ** (n - k) for k in range(agree + 1))
+    p_low = sum(math.comb(n, k) * target**k * (1 - target) ** (n - k) for k in range(agree + 1))
     return p_low >= significance
 
 
@@ -139,19 +144,38 @@ def compare(name, path, run, inputs, reference, labels=None, *, lossless, batch=
         if labels is not None:
             accuracy = float((predicted == labels).mean())
             reference_accuracy = float((expected == labels).mean())
-    return Row(name, path, disk_size(path), max_diff, tolerance, criterion, top1, accuracy, reference_accuracy,
-               _latency_ms(run, inputs[:1]), not failures, "; ".join(failures))
+    return Row(
+        name,
+        path,
+        disk_size(path),
+        max_diff,
+        tolerance,
+        criterion,
+        top1,
+        accuracy,
+        reference_accuracy,
+        _latency_ms(run, inputs[:1]),
+        not failures,
+        "; ".join(failures),
+    )
 
 
 def format_table(rows):
     header = ("artifact", "max |Δ|", "tolerance", "top-1 agree", "accuracy", "size", "latency", "ok")
     lines = [header]
     for r in rows:
-        lines.append((
-            r.artifact, f"{r.max_abs_diff:.2e}", f"{r.tolerance:.1e}",
-            "-" if r.top1_agreement is None else f"{r.top1_agreement:.2%}",
-            "-" if r.accuracy is None else f"{r.accuracy:.2%}",
-            f"{r.size_bytes / 2**20:.2f} MB", f"{r.latency_ms:.1f} ms", "yes" if r.passed else "NO"))
+        lines.append(
+            (
+                r.artifact,
+                f"{r.max_abs_diff:.2e}",
+                f"{r.tolerance:.1e}",
+                "-" if r.top1_agreement is None else f"{r.top1_agreement:.2%}",
+                "-" if r.accuracy is None else f"{r.accuracy:.2%}",
+                f"{r.size_bytes / 2**20:.2f} MB",
+                f"{r.latency_ms:.1f} ms",
+                "yes" if r.passed else "NO",
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))

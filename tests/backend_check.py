@@ -17,16 +17,15 @@ import sys
 
 import keras  # the backend first: torch is imported after it (the other order can abort)
 import numpy as np
-
-import tfbit
-from conftest import SMALL, nhwc, perturb_, random_images, run_torch, tolerance
-from test_parity_hf import HYBRID
-from tfbit.finetune import from_arrays
-from tfbit.finetune.transfer import with_new_head
-from tfbit.finetune.trainer import finetune
-
 import torch  # after keras and its backend, on purpose
 import transformers
+from conftest import SMALL, nhwc, perturb_, random_images, run_torch, tolerance
+from test_parity_hf import HYBRID
+
+import tfbit
+from tfbit.finetune import from_arrays
+from tfbit.finetune.trainer import finetune
+from tfbit.finetune.transfer import with_new_head
 
 torch.set_num_threads(2)
 
@@ -65,15 +64,20 @@ def parity(workdir):
         reference = hf_model("BitForImageClassification", path, **config)
         ref = run_torch(reference, x, output_hidden_states=True)
         classifier = tfbit.BitForImageClassification.from_pretrained(path)
-        deltas = [relative_delta(classifier(x), ref.logits),
-                  relative_delta(classifier.predict(x, verbose=0), ref.logits)]
+        deltas = [
+            relative_delta(classifier(x), ref.logits),
+            relative_delta(classifier.predict(x, verbose=0), ref.logits),
+        ]
         if not results:
             body = tfbit.BitModel.from_pretrained(path, output_hidden_states=True)(x)
-            config = tfbit.BitConfig.from_dict({**classifier.config.to_dict(), "out_indices": [1, 2, 3, 4],
-                                                "out_features": None})
+            config = tfbit.BitConfig.from_dict(
+                {**classifier.config.to_dict(), "out_indices": [1, 2, 3, 4], "out_features": None}
+            )
             maps = tfbit.BitBackbone.from_pretrained(path, config=config)(x)
-            deltas += [relative_delta(tfbit.fold_weight_standardization(classifier)(x), ref.logits),
-                       relative_delta(body["pooler_output"], run_torch(reference.bit, x).pooler_output)]
+            deltas += [
+                relative_delta(tfbit.fold_weight_standardization(classifier)(x), ref.logits),
+                relative_delta(body["pooler_output"], run_torch(reference.bit, x).pooler_output),
+            ]
             deltas += [relative_delta(a, r) for a, r in zip(body["hidden_states"], ref.hidden_states)]
             deltas += [relative_delta(maps[f"stage{i}"], ref.hidden_states[i]) for i in range(1, 5)]
         results[name] = max(deltas)
@@ -93,14 +97,14 @@ def training_step(workdir):
     model.train_on_batch(x, labels)
 
     optimizer = torch.optim.SGD(reference.parameters(), lr=1.0)
-    loss = reference(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
-                     labels=torch.from_numpy(labels)).loss
+    loss = reference(
+        torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), labels=torch.from_numpy(labels)
+    ).loss
     loss.backward()
     optimizer.step()
     reference.save_pretrained(os.path.join(workdir, "step_after"))
     expected = tfbit.BitForImageClassification.from_pretrained(os.path.join(workdir, "step_after"))
-    return max(scaled_delta(w - w0, r - w0) for w, r, w0 in
-               zip(model.get_weights(), expected.get_weights(), before))
+    return max(scaled_delta(w - w0, r - w0) for w, r, w0 in zip(model.get_weights(), expected.get_weights(), before))
 
 
 def schedule_and_heads():
@@ -111,15 +115,18 @@ def schedule_and_heads():
     frozen = with_new_head(tfbit.BitModel(tfbit.BitConfig(**TINY)), num_labels=4, freeze_backbone=True)
     head_is_zero = not np.any(keras.ops.convert_to_numpy(frozen.get_layer("classifier").kernel))
     body = [w.copy() for w in frozen.get_weights()]
-    frozen.compile(keras.optimizers.SGD(0.1, momentum=0.9),
-                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    frozen.compile(
+        keras.optimizers.SGD(0.1, momentum=0.9), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     history = frozen.fit(random_images(8, 32, 32), np.arange(8) % 4, batch_size=4, epochs=3, verbose=0)
-    changed = {w.path: not np.array_equal(keras.ops.convert_to_numpy(w.value), b)
-               for w, b in zip(frozen.weights, body)}
-    return {"schedule": rates, "new_head_is_zero": head_is_zero,
-            "trainable": [w.path for w in frozen.trainable_weights],
-            "changed": sorted(path for path, c in changed.items() if c),
-            "fit_losses": [float(v) for v in history.history["loss"]]}
+    changed = {w.path: not np.array_equal(keras.ops.convert_to_numpy(w.value), b) for w, b in zip(frozen.weights, body)}
+    return {
+        "schedule": rates,
+        "new_head_is_zero": head_is_zero,
+        "trainable": [w.path for w in frozen.trainable_weights],
+        "changed": sorted(path for path, c in changed.items() if c),
+        "fit_losses": [float(v) for v in history.history["loss"]],
+    }
 
 
 def digits_like_data():
@@ -132,8 +139,18 @@ def digits_like_data():
 def run_finetune(output_dir, source):
     """`tfbit.finetune` with MixUp, validation, the HyperRule schedule scaled to 6 steps."""
     data = digits_like_data()
-    return finetune(source, data, output_dir, data, batch_size=8, epochs=2, steps=6, seed=0, verbose=0,
-                    plan_overrides=dict(crop_size=32, resize_size=36, mixup_alpha=0.1, base_lr=0.1))
+    return finetune(
+        source,
+        data,
+        output_dir,
+        data,
+        batch_size=8,
+        epochs=2,
+        steps=6,
+        seed=0,
+        verbose=0,
+        plan_overrides=dict(crop_size=32, resize_size=36, mixup_alpha=0.1, base_lr=0.1),
+    )
 
 
 def finetuning(workdir):
@@ -141,18 +158,26 @@ def finetuning(workdir):
     result = run_finetune(os.path.join(workdir, "finetune"), tfbit.BitModel(tfbit.BitConfig(**TINY)))
     x = random_images(2, 32, 32)
     reloaded = keras.saving.load_model(os.path.join(workdir, "finetune", "best.keras"))
-    return {"final_step": result.metrics["final_step"], "losses": result.history["loss"],
-            "learning_rate": result.history["learning_rate"],
-            "files": sorted(os.listdir(os.path.join(workdir, "finetune"))),
-            "reloaded_delta": float(np.abs(keras.ops.convert_to_numpy(reloaded(x) - result.model(x))).max())}
+    return {
+        "final_step": result.metrics["final_step"],
+        "losses": result.history["loss"],
+        "learning_rate": result.history["learning_rate"],
+        "files": sorted(os.listdir(os.path.join(workdir, "finetune"))),
+        "reloaded_delta": float(np.abs(keras.ops.convert_to_numpy(reloaded(x) - result.model(x))).max()),
+    }
 
 
 def strategy_error(workdir):
     """The message of `finetune(strategy=...)`, which only the TensorFlow backend can honour."""
     import tensorflow as tf
+
     try:
-        finetune(tfbit.BitModel(tfbit.BitConfig(**TINY)), digits_like_data(), os.path.join(workdir, "refused"),
-                 strategy=tf.distribute.get_strategy())
+        finetune(
+            tfbit.BitModel(tfbit.BitConfig(**TINY)),
+            digits_like_data(),
+            os.path.join(workdir, "refused"),
+            strategy=tf.distribute.get_strategy(),
+        )
     except ValueError as e:
         return str(e)
     return None
@@ -163,6 +188,7 @@ def keras_file_for_conversion(workdir, output_dir):
     preprocessing and the expected logits the converted artifacts must reproduce."""
     from conversion import images
     from tfbit.image_processor import BitImageProcessor
+
     path = os.path.join(workdir, "to_convert")
     reference = hf_model("BitForImageClassification", path, seed=2, **SMALL)
     model = tfbit.BitForImageClassification.from_pretrained(path)
@@ -173,31 +199,42 @@ def keras_file_for_conversion(workdir, output_dir):
     logits = run_torch(reference, pixel_values).logits.numpy()
     np.savez(os.path.join(output_dir, "expected.npz"), pixel_values=pixel_values, logits=logits)
     reloaded = keras.saving.load_model(os.path.join(output_dir, "bit.keras"))
-    return {"saved_delta": relative_delta(model(pixel_values), logits),
-            "reloaded_equal": bool(np.array_equal(keras.ops.convert_to_numpy(reloaded(pixel_values)),
-                                                  keras.ops.convert_to_numpy(model(pixel_values))))}
+    return {
+        "saved_delta": relative_delta(model(pixel_values), logits),
+        "reloaded_equal": bool(
+            np.array_equal(
+                keras.ops.convert_to_numpy(reloaded(pixel_values)), keras.ops.convert_to_numpy(model(pixel_values))
+            )
+        ),
+    }
 
 
 def data_parallel(workdir):
     """The same fine-tune on one device and under `keras.distribution.DataParallel` over every
     local device: the weights it ends with, and where they live."""
-    single = run_finetune(os.path.join(workdir, "single"), tfbit.BitModel.from_pretrained(
-        os.path.join(workdir, "dp_source")))
+    single = run_finetune(
+        os.path.join(workdir, "single"), tfbit.BitModel.from_pretrained(os.path.join(workdir, "dp_source"))
+    )
     keras.distribution.set_distribution(keras.distribution.DataParallel())
-    distributed = run_finetune(os.path.join(workdir, "distributed"), tfbit.BitModel.from_pretrained(
-        os.path.join(workdir, "dp_source")))
+    distributed = run_finetune(
+        os.path.join(workdir, "distributed"), tfbit.BitModel.from_pretrained(os.path.join(workdir, "dp_source"))
+    )
     weights = distributed.model.get_layer("stem_conv").kernel.value
-    return {"devices": len(keras.distribution.list_devices()),
-            "weight_devices": len(weights.sharding.device_set),
-            "num_replicas": distributed.metrics["num_replicas"],
-            "final_step": distributed.metrics["final_step"],
-            "weight_delta": max(float(np.abs(a - b).max()) for a, b in
-                                zip(single.model.get_weights(), distributed.model.get_weights())),
-            "loss_delta": max(abs(a - b) for a, b in zip(single.history["loss"], distributed.history["loss"]))}
+    return {
+        "devices": len(keras.distribution.list_devices()),
+        "weight_devices": len(weights.sharding.device_set),
+        "num_replicas": distributed.metrics["num_replicas"],
+        "final_step": distributed.metrics["final_step"],
+        "weight_delta": max(
+            float(np.abs(a - b).max()) for a, b in zip(single.model.get_weights(), distributed.model.get_weights())
+        ),
+        "loss_delta": max(abs(a - b) for a, b in zip(single.history["loss"], distributed.history["loss"])),
+    }
 
 
 def main(output_dir, data_parallel_only=False):
     import tempfile
+
     report = {"backend": keras.backend.backend()}
     with tempfile.TemporaryDirectory() as workdir:
         if data_parallel_only:

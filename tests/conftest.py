@@ -10,8 +10,7 @@ import pytest
 
 # Small configurations keep the behaviour of the full model (every stage, downsample, padding
 # rule) at a fraction of its cost; the bit-50 default has its own full-size test.
-SMALL = dict(embedding_size=16, hidden_sizes=[32, 64, 96, 128], depths=[1, 2, 1, 1], num_groups=8,
-             num_labels=7)
+SMALL = dict(embedding_size=16, hidden_sizes=[32, 64, 96, 128], depths=[1, 2, 1, 1], num_groups=8, num_labels=7)
 
 
 def tolerance(reference):
@@ -38,6 +37,7 @@ def perturb_(module, seed=0):
     """Random-init models have GroupNorm gamma=1, beta=0: perturb every 1-D parameter so the
     affine part of the norms is exercised."""
     import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -92,6 +92,7 @@ def hf_checkpoint(tmp_path, torch_module):
 
 def run_torch(model, x_nhwc, **kwargs):
     import torch
+
     with torch.no_grad():
         return model(torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))), **kwargs)
 
@@ -99,10 +100,19 @@ def run_torch(model, x_nhwc, **kwargs):
 def load_source(source, **kwargs):
     """`tfbit.load_model` as one record: the model and what was read."""
     import types
+
     import tfbit
+
     model, checkpoint = tfbit.load_model(source, **kwargs)
-    return types.SimpleNamespace(model=model, checkpoint=checkpoint, config=model.config, format=checkpoint.format,
-                                 name=checkpoint.name, preprocessor=checkpoint.preprocessor, path=checkpoint.path)
+    return types.SimpleNamespace(
+        model=model,
+        checkpoint=checkpoint,
+        config=model.config,
+        format=checkpoint.format,
+        name=checkpoint.name,
+        preprocessor=checkpoint.preprocessor,
+        path=checkpoint.path,
+    )
 
 
 def random_images(n, h, w, c=3, seed=0):

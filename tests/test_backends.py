@@ -13,7 +13,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import assert_parity
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -22,8 +21,14 @@ BACKENDS = ["jax", "torch"]
 
 
 def run(command, backend, **env):
-    return subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", **env})
+    return subprocess.run(
+        [sys.executable, *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
+    )
 
 
 def backend_check(backend, output_dir, *args, **env):
@@ -93,45 +98,77 @@ def test_keras_file_written_under_the_backend_converts_under_tensorflow(checked,
     """The converter CLI, run as users run it (TensorFlow backend), exports the `.keras` file
     written under JAX or PyTorch; the SavedModel and TFLite reproduce transformers' logits."""
     from conversion import runners
+
     backend, _, written = checked
     output = tmp_path / "export"
-    result = run(["-m", "conversion.convert", str(written / "bit.keras"), "--output", str(output),
-                  "--formats", "saved_model", "tflite", "--tflite", "fp32", "--num-images", "4"], "tensorflow")
+    result = run(
+        [
+            "-m",
+            "conversion.convert",
+            str(written / "bit.keras"),
+            "--output",
+            str(output),
+            "--formats",
+            "saved_model",
+            "tflite",
+            "--tflite",
+            "fp32",
+            "--num-images",
+            "4",
+        ],
+        "tensorflow",
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert json.loads((output / "report.json").read_text())["passed"]
     expected = np.load(written / "expected.npz")
     x, logits = expected["pixel_values"], expected["logits"]
     saved_model = runners.saved_model_runner(str(output / "serving" / "1"), "pixel_values")
     tflite = runners.tflite_runner(str(output / "tflite" / "bit_fp32.tflite"))
-    print(f"CONVERTED FROM {backend}: SavedModel {assert_parity(saved_model(x)['logits'], logits, 'SavedModel'):.3g}, "
-          f"TFLite {assert_parity(tflite(x)['logits'], logits, 'TFLite fp32'):.3g} (contract: 1e-4)")
+    print(
+        f"CONVERTED FROM {backend}: SavedModel {assert_parity(saved_model(x)['logits'], logits, 'SavedModel'):.3g}, "
+        f"TFLite {assert_parity(tflite(x)['logits'], logits, 'TFLite fp32'):.3g} (contract: 1e-4)"
+    )
 
 
 def test_converter_says_exports_need_tensorflow(tmp_path):
     pytest.importorskip("jax")
     output = tmp_path / "out"
-    result = run(["-m", "conversion.convert", os.path.join(ROOT, "conversion", "default_checkpoint"),
-                  "--output", str(output)], "jax")
+    result = run(
+        ["-m", "conversion.convert", os.path.join(ROOT, "conversion", "default_checkpoint"), "--output", str(output)],
+        "jax",
+    )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert ("error: exports need the TensorFlow backend of Keras, but it runs on jax (KERAS_BACKEND or "
-            "~/.keras/keras.json): run the converter with KERAS_BACKEND=tensorflow") in result.stderr
+    assert (
+        "error: exports need the TensorFlow backend of Keras, but it runs on jax (KERAS_BACKEND or "
+        "~/.keras/keras.json): run the converter with KERAS_BACKEND=tensorflow"
+    ) in result.stderr
     assert not output.exists()
 
 
 def test_predict_says_it_needs_tensorflow(tmp_path):
     pytest.importorskip("jax")
-    result = run(["-m", "conversion.predict", os.path.join(ROOT, "conversion", "default_checkpoint"),
-                  os.path.join(ROOT, "conversion", "photos", "coffee.jpg")], "jax")
+    result = run(
+        [
+            "-m",
+            "conversion.predict",
+            os.path.join(ROOT, "conversion", "default_checkpoint"),
+            os.path.join(ROOT, "conversion", "photos", "coffee.jpg"),
+        ],
+        "jax",
+    )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert ("error: predict needs the TensorFlow backend of Keras, but it runs on jax (KERAS_BACKEND or "
-            "~/.keras/keras.json): run predict with KERAS_BACKEND=tensorflow") in result.stderr
+    assert (
+        "error: predict needs the TensorFlow backend of Keras, but it runs on jax (KERAS_BACKEND or "
+        "~/.keras/keras.json): run predict with KERAS_BACKEND=tensorflow"
+    ) in result.stderr
 
 
 def test_data_parallel_finetune_under_jax_on_two_devices(tmp_path):
     """The README's example: `keras.distribution.DataParallel` over two (CPU) devices trains as
     one device does, with the weights replicated on both."""
-    report = backend_check("jax", tmp_path, "--data-parallel",
-                           XLA_FLAGS="--xla_force_host_platform_device_count=2")["data_parallel"]
+    report = backend_check("jax", tmp_path, "--data-parallel", XLA_FLAGS="--xla_force_host_platform_device_count=2")[
+        "data_parallel"
+    ]
     print(f"DATA PARALLEL jax: {report}")
     assert report["devices"] == report["weight_devices"] == report["num_replicas"] == 2
     assert report["final_step"] == 6
@@ -143,6 +180,7 @@ def test_finetune_cli_under_jax_exports_through_tensorflow(tmp_path):
     (a converter process of its own) on TensorFlow, which verifies what it exported."""
     pytest.importorskip("jax")
     from PIL import Image
+
     rng = np.random.RandomState(0)
     for label, level in (("dark", 60), ("bright", 190)):
         (tmp_path / "data" / label).mkdir(parents=True)
@@ -150,10 +188,32 @@ def test_finetune_cli_under_jax_exports_through_tensorflow(tmp_path):
             pixels = np.clip(rng.normal(level, 30, (36, 36, 3)), 0, 255).astype("uint8")
             Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.png")
     output = tmp_path / "run"
-    result = run(["-m", "tfbit.finetune", os.path.join(ROOT, "conversion", "default_checkpoint"),
-                  "--data", str(tmp_path / "data"), "--validation", str(tmp_path / "data"),
-                  "--output", str(output), "--steps", "2", "--epochs", "1", "--batch-size", "4",
-                  "--crop-size", "32", "--resize-size", "36", "--export", "saved_model"], "jax")
+    result = run(
+        [
+            "-m",
+            "tfbit.finetune",
+            os.path.join(ROOT, "conversion", "default_checkpoint"),
+            "--data",
+            str(tmp_path / "data"),
+            "--validation",
+            str(tmp_path / "data"),
+            "--output",
+            str(output),
+            "--steps",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--crop-size",
+            "32",
+            "--resize-size",
+            "36",
+            "--export",
+            "saved_model",
+        ],
+        "jax",
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert (output / "best.keras").is_file()
     report = json.loads((output / "export" / "report.json").read_text())

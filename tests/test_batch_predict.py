@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import SMALL
 from test_predict_cli import error_line
 from test_quiet_cli import imported_modules
@@ -18,8 +17,16 @@ from test_quiet_cli import imported_modules
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = os.path.join(ROOT, "conversion", "photos")
 # JPEGs and PNGs (grayscale, RGBA, RGB), odd sizes; the duplicate's original is the first one
-GOOD = ["coffee.jpg", "camera.png", "chelsea.jpg", "astronaut_shuttle.png", "flower_dahlia.png",
-        "grace_hopper_face.jpg", "rocket.jpg", "retina_macula.jpg"]
+GOOD = [
+    "coffee.jpg",
+    "camera.png",
+    "chelsea.jpg",
+    "astronaut_shuttle.png",
+    "flower_dahlia.png",
+    "grace_hopper_face.jpg",
+    "rocket.jpg",
+    "retina_macula.jpg",
+]
 DUPLICATE = "zz_copy_of_coffee.jpg"
 LABELS = ["cat", "dog", "eel", "fox", "gnu", "hen", "owl"]
 
@@ -29,8 +36,9 @@ pytest.importorskip("apache_beam")
 def cli(*args):
     """As the user types it: without the test run's TF_CPP_MIN_LOG_LEVEL, so the CLI's quiet default holds."""
     env = {**{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +46,25 @@ def exports(tmp_path_factory):
     """{task: export directory} of one small random classifier with named labels."""
     import tfbit
     from tfbit.image_processor import BitImageProcessor
+
     root = tmp_path_factory.mktemp("exports")
     model = tfbit.BitForImageClassification(tfbit.BitConfig(**SMALL, id2label=dict(enumerate(LABELS))))
-    model.save_pretrained(root / "ckpt", BitImageProcessor(size={"shortest_edge": 40},
-                                                           crop_size={"height": 32, "width": 32}))
+    model.save_pretrained(
+        root / "ckpt", BitImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
+    )
     for task, formats in [("classification", ["saved_model"]), ("features", ["keras", "saved_model"])]:
-        done = cli("conversion.convert", root / "ckpt", "--output", root / task, "--task", task,
-                   "--formats", *formats, "--num-images", "4")
+        done = cli(
+            "conversion.convert",
+            root / "ckpt",
+            "--output",
+            root / task,
+            "--task",
+            task,
+            "--formats",
+            *formats,
+            "--num-images",
+            "4",
+        )
         assert done.returncode == 0, done.stdout + done.stderr
     return {task: root / task for task in ("classification", "features")}
 
@@ -75,23 +95,32 @@ def shards(prefix, suffix):
 
 
 def read_jsonl(prefix, suffix=".jsonl"):
-    return sorted((json.loads(line) for path in shards(prefix, suffix) for line in path.read_text().splitlines()),
-                  key=lambda r: r["path"])
+    return sorted(
+        (json.loads(line) for path in shards(prefix, suffix) for line in path.read_text().splitlines()),
+        key=lambda r: r["path"],
+    )
 
 
 def read_parquet(prefix):
     import pyarrow.parquet as pq
-    return sorted((r for path in shards(prefix, ".parquet") for r in pq.read_table(path).to_pylist()),
-                  key=lambda r: r["path"])
+
+    return sorted(
+        (r for path in shards(prefix, ".parquet") for r in pq.read_table(path).to_pylist()), key=lambda r: r["path"]
+    )
 
 
 def read_tfrecord(prefix):
     import tensorflow as tf
+
     records = []
     for serialized in tf.data.TFRecordDataset([str(p) for p in shards(prefix, ".tfrecord")]).as_numpy_iterator():
         feature = tf.train.Example.FromString(serialized).features.feature
-        records.append({"path": feature["path"].bytes_list.value[0].decode(),
-                        "features": list(feature["features"].float_list.value)})
+        records.append(
+            {
+                "path": feature["path"].bytes_list.value[0].decode(),
+                "features": list(feature["features"].float_list.value),
+            }
+        )
     return sorted(records, key=lambda r: r["path"])
 
 
@@ -99,8 +128,9 @@ def read_tfrecord(prefix):
 def predicted(exports, images, tmp_path_factory):
     """conversion.predict on the good images, every label ranked: {path: (labels, scores)}."""
     out = tmp_path_factory.mktemp("predict") / "preds.jsonl"
-    done = cli("conversion.predict", exports["classification"], images / "good", "--top-k", len(LABELS),
-               "--output", out)
+    done = cli(
+        "conversion.predict", exports["classification"], images / "good", "--top-k", len(LABELS), "--output", out
+    )
     assert done.returncode == 0, done.stderr
     return {r["path"]: (r["labels"], r["scores"]) for r in map(json.loads, out.read_text().splitlines())}
 
@@ -116,8 +146,17 @@ def assert_same_as_predict(records, predicted, k):
 def test_classification_equals_predict_and_bad_images_are_reported(exports, images, predicted, tmp_path):
     """Batches of 4 hold a bad image: it is rerun image by image, only the bad ones are lost."""
     prefix = tmp_path / "out" / "preds"
-    done = cli("conversion.batch_predict", exports["classification"], f"{images}/good/*", f"{images}/bad/*",
-               f"{images}/good/coffee.jpg", "--output", prefix, "--batch-size", "4")
+    done = cli(
+        "conversion.batch_predict",
+        exports["classification"],
+        f"{images}/good/*",
+        f"{images}/bad/*",
+        f"{images}/good/coffee.jpg",
+        "--output",
+        prefix,
+        "--batch-size",
+        "4",
+    )
     assert done.returncode == 1, done.stderr  # some images skipped
     assert done.stderr == ""
     assert done.stdout.startswith("predicted 9 images, skipped 2 in ") and "images/s); model calls " in done.stdout
@@ -127,9 +166,10 @@ def test_classification_equals_predict_and_bad_images_are_reported(exports, imag
     bad = images / "bad"
     assert errors == {
         str(bad / "notes.jpg"): f"cannot read {bad / 'notes.jpg'} as an image: could not decode image: "
-                                "not JPEG, PNG, GIF or BMP data (23 bytes: 6e 6f 74 20 61 6e 20 69)",
+        "not JPEG, PNG, GIF or BMP data (23 bytes: 6e 6f 74 20 61 6e 20 69)",
         str(bad / "truncated.jpg"): f"cannot read {bad / 'truncated.jpg'} as an image: could not decode "
-                                    "image: truncated JPEG data (2000 bytes)"}
+        "image: truncated JPEG data (2000 bytes)",
+    }
 
 
 def test_no_readable_image_exits_2_like_predict(exports, images, tmp_path):
@@ -141,8 +181,17 @@ def test_no_readable_image_exits_2_like_predict(exports, images, tmp_path):
 
 def test_top_k_other_than_the_exports_in_parquet(exports, images, predicted, tmp_path):
     """The export ranks 5 labels; --top-k 3 ranks its probabilities instead."""
-    done = cli("conversion.batch_predict", exports["classification"], f"{images}/good/*", "--output",
-               tmp_path / "p", "--top-k", "3", "--format", "parquet")
+    done = cli(
+        "conversion.batch_predict",
+        exports["classification"],
+        f"{images}/good/*",
+        "--output",
+        tmp_path / "p",
+        "--top-k",
+        "3",
+        "--format",
+        "parquet",
+    )
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert done.stdout.startswith("predicted 9 images, skipped 0 in ")
     assert_same_as_predict(read_parquet(tmp_path / "p"), predicted, 3)
@@ -156,6 +205,7 @@ def keras_features(export, paths):
     from conversion import runners
     from tfbit import image_ops
     from tfbit.image_processor import BitImageProcessor
+
     processor = BitImageProcessor.from_pretrained(export).to_dict()
     pixel_values = image_ops.preprocess_image_bytes(tf.constant([open(p, "rb").read() for p in paths]), processor)
     return runners.keras_runner(str(next(export.glob("*.keras"))), task="features")(pixel_values)["features"]
@@ -165,11 +215,24 @@ def keras_features(export, paths):
 def features(exports, images, tmp_path_factory):
     """Feature records in every format: raw as JSON lines, unit vectors as Parquet and TFRecord."""
     out = tmp_path_factory.mktemp("features")
-    runs = {"raw": ["--format", "jsonl"], "parquet": ["--normalize", "--format", "parquet"],
-            "tfrecord": ["--normalize", "--format", "tfrecord", "--num-shards", "2"]}
+    runs = {
+        "raw": ["--format", "jsonl"],
+        "parquet": ["--normalize", "--format", "parquet"],
+        "tfrecord": ["--normalize", "--format", "tfrecord", "--num-shards", "2"],
+    }
     for name, options in runs.items():
-        done = cli("conversion.batch_predict", exports["features"], f"{images}/good/*", "--task", "features",
-                   "--output", out / name, "--batch-size", "3", *options)
+        done = cli(
+            "conversion.batch_predict",
+            exports["features"],
+            f"{images}/good/*",
+            "--task",
+            "features",
+            "--output",
+            out / name,
+            "--batch-size",
+            "3",
+            *options,
+        )
         assert done.returncode == 0 and done.stderr == "", done.stderr
     assert len(shards(out / "tfrecord", ".tfrecord")) == 2
     return out
@@ -183,8 +246,10 @@ def test_features_equal_the_keras_models_and_normalize_to_unit_length(exports, i
     assert vectors.shape == (9, SMALL["hidden_sizes"][-1])
     np.testing.assert_allclose(vectors, reference, atol=1e-4 * np.abs(reference).max())
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    for name, records in [("parquet", read_parquet(features / "parquet")),
-                          ("tfrecord", read_tfrecord(features / "tfrecord"))]:
+    for name, records in [
+        ("parquet", read_parquet(features / "parquet")),
+        ("tfrecord", read_tfrecord(features / "tfrecord")),
+    ]:
         assert [r["path"] for r in records] == good_paths(images), name
         normalized = np.array([r["features"] for r in records])
         np.testing.assert_allclose(np.linalg.norm(normalized, axis=1), 1, atol=1e-6, err_msg=name)
@@ -207,8 +272,10 @@ def test_neighbours_find_the_duplicate_and_equal_brute_force(source, features, i
     expected = brute_force(read_jsonl(features / "raw"))
     done = cli("conversion.neighbours", features / source, "--k", "3", "--json")
     assert done.returncode == 0 and done.stderr == "", done.stderr
-    found = {r["query"]: [(n["path"], n["similarity"]) for n in r["neighbours"]]
-             for r in map(json.loads, done.stdout.splitlines())}
+    found = {
+        r["query"]: [(n["path"], n["similarity"]) for n in r["neighbours"]]
+        for r in map(json.loads, done.stdout.splitlines())
+    }
     assert sorted(found) == good_paths(images)
     original, copy = str(images / "good" / GOOD[0]), str(images / "good" / DUPLICATE)
     assert found[original][0][0] == copy and found[copy][0][0] == original
@@ -231,7 +298,9 @@ def test_neighbours_of_chosen_queries_as_text(features, images):
 def test_neighbours_argument_errors(features, tmp_path, exports, images):
     done = cli("conversion.neighbours", tmp_path / "nothing")
     assert done.returncode == 2
-    assert f"{tmp_path / 'nothing'}: neither a record file (.jsonl, .parquet, .tfrecord) nor the prefix" in error_line(done)
+    assert f"{tmp_path / 'nothing'}: neither a record file (.jsonl, .parquet, .tfrecord) nor the prefix" in error_line(
+        done
+    )
     done = cli("conversion.neighbours", features / "raw", "--query", tmp_path / "elsewhere.jpg")
     assert done.returncode == 2
     assert f"--query {tmp_path / 'elsewhere.jpg'} is not among the 9 images of the records" in error_line(done)
@@ -239,48 +308,80 @@ def test_neighbours_argument_errors(features, tmp_path, exports, images):
     labels.write_text(json.dumps({"path": "a.jpg", "labels": ["cat"], "scores": [1.0]}) + "\n")
     done = cli("conversion.neighbours", labels)
     assert done.returncode == 2
-    assert (f"{labels} holds no feature vectors (fields: labels, path, scores): write them with batch_predict "
-            "--task features") in error_line(done)
+    assert (
+        f"{labels} holds no feature vectors (fields: labels, path, scores): write them with batch_predict "
+        "--task features"
+    ) in error_line(done)
     broken = tmp_path / "nan.jsonl"  # one NaN vector would find itself as its own neighbour
-    broken.write_text("".join(json.dumps({"path": p, "features": f}) + "\n" for p, f in
-                              [("a.jpg", [1.0, 0.0]), ("b.jpg", [float("nan"), 1.0]), ("c.jpg", [0.0, 1.0])]))
+    broken.write_text(
+        "".join(
+            json.dumps({"path": p, "features": f}) + "\n"
+            for p, f in [("a.jpg", [1.0, 0.0]), ("b.jpg", [float("nan"), 1.0]), ("c.jpg", [0.0, 1.0])]
+        )
+    )
     done = cli("conversion.neighbours", broken)
     assert done.returncode == 2 and not done.stdout
     assert "the feature vector of b.jpg holds NaN or infinite values" in error_line(done)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{missing}", "{images}/good/*"], "no artifact at {missing}"),
-    (["{keras}", "{images}/good/*"], "{keras} is neither a SavedModel nor an export holding one "
-                                     "(serving/<version>): convert with --formats saved_model"),
-    (["{classification}", "{images}/good/*", "{images}/none/*.jpg"],
-     "no images matched the INPUT_GLOB {images}/none/*.jpg"),
-    (["{classification}", "{images}/good/*", "--normalize"],
-     "--normalize scales feature vectors: it needs --task features"),
-    (["{classification}", "{images}/good/*", "--task", "features"],
-     "--task features needs the output(s) features, but {classification}/serving/1 has classes, labels, logits, "
-     "probabilities, scores: run with --task classification"),
-    (["{features}", "{images}/good/*"],
-     "--task classification needs the output(s) labels, scores, probabilities, but {features}/serving/1 has "
-     "features: run with --task features"),
-    (["{classification}", "{images}/good/*", "--runner", "NoSuchRunner"],
-     "Unexpected pipeline runner: NoSuchRunner. Valid values are DataflowRunner"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{missing}", "{images}/good/*"], "no artifact at {missing}"),
+        (
+            ["{keras}", "{images}/good/*"],
+            "{keras} is neither a SavedModel nor an export holding one "
+            "(serving/<version>): convert with --formats saved_model",
+        ),
+        (
+            ["{classification}", "{images}/good/*", "{images}/none/*.jpg"],
+            "no images matched the INPUT_GLOB {images}/none/*.jpg",
+        ),
+        (
+            ["{classification}", "{images}/good/*", "--normalize"],
+            "--normalize scales feature vectors: it needs --task features",
+        ),
+        (
+            ["{classification}", "{images}/good/*", "--task", "features"],
+            "--task features needs the output(s) features, but {classification}/serving/1 has classes, labels, logits, "
+            "probabilities, scores: run with --task classification",
+        ),
+        (
+            ["{features}", "{images}/good/*"],
+            "--task classification needs the output(s) labels, scores, probabilities, but {features}/serving/1 has "
+            "features: run with --task features",
+        ),
+        (
+            ["{classification}", "{images}/good/*", "--runner", "NoSuchRunner"],
+            "Unexpected pipeline runner: NoSuchRunner. Valid values are DataflowRunner",
+        ),
+    ],
+)
 def test_argument_errors_name_the_problem(args, message, exports, images, tmp_path):
-    names = {"missing": tmp_path / "missing", "images": images, "keras": next(exports["features"].glob("*.keras")),
-             **exports}
+    names = {
+        "missing": tmp_path / "missing",
+        "images": images,
+        "keras": next(exports["features"].glob("*.keras")),
+        **exports,
+    }
     done = cli("conversion.batch_predict", *(a.format(**names) for a in args), "--output", tmp_path / "o")
     assert done.returncode == 2
     assert message.format(**names) in error_line(done)
     assert not (tmp_path / "o-00000-of-00001.jsonl").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--format", "csv"], "argument --format: invalid choice: 'csv' (choose from 'jsonl', 'parquet', 'tfrecord')"),
-    (["--task", "backbone"], "argument --task: invalid choice: 'backbone' (choose from 'classification', 'features')"),
-    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
-    (["--top-k", "x"], "argument --top-k: must be a whole number, got 'x'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--format", "csv"], "argument --format: invalid choice: 'csv' (choose from 'jsonl', 'parquet', 'tfrecord')"),
+        (
+            ["--task", "backbone"],
+            "argument --task: invalid choice: 'backbone' (choose from 'classification', 'features')",
+        ),
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["--top-k", "x"], "argument --top-k: must be a whole number, got 'x'"),
+    ],
+)
 def test_bad_options_are_refused_by_argparse(args, message, tmp_path):
     done = cli("conversion.batch_predict", tmp_path, "*.jpg", "--output", tmp_path / "o", *args)
     assert done.returncode == 2 and message in done.stderr, done.stderr
@@ -294,20 +395,45 @@ def test_output_prefix_is_required(tmp_path):
 def test_tfrecord_without_a_crc32c_library_is_refused_before_predicting(exports, images, tmp_path):
     """As on an install without apache-beam[tfrecord]: the CRC32C packages Beam looks for are made
     unimportable (python-snappy, the third, is no tfbit dependency; hiding it would break fastavro)."""
-    code = ("import sys\nsys.modules.update(crcmod=None, google_crc32c=None)\n"
-            "from conversion.batch_predict import main\nsys.exit(main(sys.argv[1:]))")
-    done = subprocess.run([sys.executable, "-c", code, str(exports["features"]), f"{images}/good/*", "--task",
-                           "features", "--format", "tfrecord", "--output", str(tmp_path / "o")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    code = (
+        "import sys\nsys.modules.update(crcmod=None, google_crc32c=None)\n"
+        "from conversion.batch_predict import main\nsys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(exports["features"]),
+            f"{images}/good/*",
+            "--task",
+            "features",
+            "--format",
+            "tfrecord",
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 2
-    assert ("--format tfrecord needs a CRC32C library for Beam's TFRecord writer: pip install "
-            "'tfbit[beam]' (google-crc32c) or 'apache-beam[tfrecord]' (crcmod)") in error_line(done)
+    assert (
+        "--format tfrecord needs a CRC32C library for Beam's TFRecord writer: pip install "
+        "'tfbit[beam]' (google-crc32c) or 'apache-beam[tfrecord]' (crcmod)"
+    ) in error_line(done)
 
 
 @pytest.mark.parametrize("module", ["conversion.batch_predict", "conversion.neighbours"])
 def test_help_imports_no_tensorflow(module):
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", module, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--verbose" in done.stdout
     assert not {"tensorflow", "keras", "apache_beam"} & imported_modules(done.stderr)

@@ -8,17 +8,17 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import SMALL
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cli(*args, timeout=600):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def error_line(done):
@@ -39,14 +39,16 @@ def test_config_json_that_is_a_list(tmp_path):
 def test_bfloat16_checkpoint_converts_like_transformers_loads_it(tmp_path, hf_checkpoint, torch_module):
     path, model = hf_checkpoint(**SMALL)
     model.to(torch_module.bfloat16).save_pretrained(path)
-    done = cli("conversion.convert", str(path), "--output", str(tmp_path / "o"), "--formats", "keras",
-               "--num-images", "4")
+    done = cli(
+        "conversion.convert", str(path), "--output", str(tmp_path / "o"), "--formats", "keras", "--num-images", "4"
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads((tmp_path / "o" / "report.json").read_text())["passed"]
 
 
 def test_keras_file_without_its_preprocessing_is_refused(tmp_path):
     import tfbit
+
     tfbit.BitForImageClassification(tfbit.BitConfig(**SMALL)).save(tmp_path / "m.keras")
     done = cli("conversion.convert", str(tmp_path / "m.keras"), "--output", str(tmp_path / "o"))
     assert done.returncode == 2
@@ -65,13 +67,15 @@ def small_export(tmp_path_factory):
     import tfbit
     from conversion import export
     from tfbit.image_processor import BitImageProcessor
+
     root = tmp_path_factory.mktemp("export")
     model = tfbit.BitForImageClassification(tfbit.BitConfig(**SMALL))
     model.save(root / "m.keras")
     model.config.save_pretrained(root)
     BitImageProcessor(size=40, crop_size=32).save_pretrained(root)
-    (root / "m.tflite").write_bytes(export.tflite_bytes(export.float32_inference_model(model),
-                                                        "classification", (32, 32), "fp32"))
+    (root / "m.tflite").write_bytes(
+        export.tflite_bytes(export.float32_inference_model(model), "classification", (32, 32), "fp32")
+    )
     return root
 
 
@@ -94,9 +98,12 @@ def test_predict_on_folders_skips_bad_images_by_path(small_export, tmp_path):
 
 def test_tflite_refuses_wrongly_shaped_input(small_export):
     from conversion.runners import tflite_runner
+
     run = tflite_runner(str(small_export / "m.tflite"))
     assert run(np.zeros((2, 32, 32, 3), np.float32))["logits"].shape == (2, 7)
-    with pytest.raises(ValueError, match=r"m.tflite takes a batch of \(32, 32, 3\) float32 images .* got shape \(32, 32, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"m.tflite takes a batch of \(32, 32, 3\) float32 images .* got shape \(32, 32, 3\)"
+    ):
         run(np.zeros((32, 32, 3), np.float32))
     with pytest.raises(ValueError, match="takes float32 input, got uint8: preprocess the images"):
         run(np.zeros((1, 32, 32, 3), np.uint8))

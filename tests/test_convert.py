@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import SMALL
 from PIL import Image
 
-from conftest import SMALL
 from conversion import convert, export, predict
 from conversion.digits import load_digits_split
 
@@ -36,10 +36,24 @@ def test_demo_exports_every_format_and_verifies(demo):
     output, report = demo
     assert report["passed"] and report["reference"] == "pytorch"
     names = [a["artifact"] for a in report["artifacts"]]
-    assert names == ["keras", "saved_model[pixel_values]", "saved_model[image_bytes]", "tflite_fp32",
-                     "tflite_fp16", "tflite_dynamic_int8", "tflite_int8"]
-    for name in ["digits.keras", "config.json", "preprocessor_config.json", "report.json",
-                 "serving/1/saved_model.pb", "tflite/digits_fp32.tflite", "tflite/digits_int8.tflite"]:
+    assert names == [
+        "keras",
+        "saved_model[pixel_values]",
+        "saved_model[image_bytes]",
+        "tflite_fp32",
+        "tflite_fp16",
+        "tflite_dynamic_int8",
+        "tflite_int8",
+    ]
+    for name in [
+        "digits.keras",
+        "config.json",
+        "preprocessor_config.json",
+        "report.json",
+        "serving/1/saved_model.pb",
+        "tflite/digits_fp32.tflite",
+        "tflite/digits_int8.tflite",
+    ]:
         assert (output / name).exists(), name
     rows = {a["artifact"]: a for a in report["artifacts"]}
     assert rows["keras"]["max_abs_diff"] <= 1e-4 * max(1, 1) * 20
@@ -56,6 +70,7 @@ def test_demo_exports_every_format_and_verifies(demo):
 def test_saved_model_stores_each_weight_once(demo):
     """keras' ExportArchive writes every variable twice (keras-team/keras#23553); ours does not."""
     import keras
+
     output, _ = demo
     params = keras.saving.load_model(output / "digits.keras").count_params()
     data = sum(f.stat().st_size for f in (output / "serving/1/variables").glob("variables.data-*"))
@@ -76,8 +91,7 @@ def test_serving_signature_decodes_any_image_mode(demo):
     _, _, x_test, y_test = load_digits_split()
     gray = x_test[1][..., 0]  # (x_test[0] is one of the few digits the model gets wrong)
     rgba = np.concatenate([x_test[2], np.full((32, 32, 1), 255, np.uint8)], -1)
-    batch = [_png(x_test[1]), _png(gray, "L"), _png(rgba, "RGBA"),
-             _png(gray.astype(np.uint16) * 257)]
+    batch = [_png(x_test[1]), _png(gray, "L"), _png(rgba, "RGBA"), _png(gray.astype(np.uint16) * 257)]
     out = serve(image_bytes=tf.constant(batch))
     assert set(out) == {"logits", "probabilities", "classes", "scores", "labels"}
     assert out["classes"].shape == (4, 5) and out["labels"].dtype == tf.string
@@ -98,27 +112,46 @@ def test_serving_signature_rejects_corrupt_bytes(demo, data):
 def test_saved_model_cli_shows_and_runs_the_signatures(demo, tmp_path):
     output, _ = demo
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-    shown = subprocess.run([cli, "show", "--dir", str(output / "serving/1"), "--all"],
-                           capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        [cli, "show", "--dir", str(output / "serving/1"), "--all"], capture_output=True, text=True, check=True
+    ).stdout
     assert "signature_def['serving_default']" in shown and "image_bytes" in shown
     assert "signature_def['pixel_values']" in shown
     _, _, x_test, y_test = load_digits_split()
     x = ((x_test[1:3].astype(np.float32) / 255) - 0.5) / 0.5
     np.save(tmp_path / "x.npy", x)
-    subprocess.run([cli, "run", "--dir", str(output / "serving/1"), "--tag_set", "serve",
-                    "--signature_def", "pixel_values", "--inputs", f"pixel_values={tmp_path / 'x.npy'}",
-                    "--outdir", str(tmp_path / "out")], capture_output=True, text=True, check=True)
+    subprocess.run(
+        [
+            cli,
+            "run",
+            "--dir",
+            str(output / "serving/1"),
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "pixel_values",
+            "--inputs",
+            f"pixel_values={tmp_path / 'x.npy'}",
+            "--outdir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     logits = np.load(tmp_path / "out" / "logits.npy")
     assert list(logits.argmax(-1)) == list(y_test[1:3])
 
 
 def test_tflite_files_have_documented_signature_and_builtin_ops_only(demo):
     from ai_edge_litert.interpreter import Interpreter
+
     output, _ = demo
     for q in export.TFLITE_QUANTIZATIONS:
         interpreter = Interpreter(model_path=str(output / "tflite" / f"digits_{q}.tflite"))
-        assert interpreter.get_signature_list() == {"serving_default": {"inputs": ["pixel_values"],
-                                                                        "outputs": ["logits"]}}
+        assert interpreter.get_signature_list() == {
+            "serving_default": {"inputs": ["pixel_values"], "outputs": ["logits"]}
+        }
         runner = interpreter.get_signature_runner("serving_default")
         assert runner(pixel_values=np.zeros((1, 32, 32, 3), np.float32))["logits"].shape == (1, 10)
 
@@ -151,8 +184,23 @@ def test_a_failing_variant_leaves_out_only_itself(hf_checkpoint, tmp_path, torch
         weight.copy_(100 * weight[:1] + 0.01 * weight)
     model.save_pretrained(path)
     output = tmp_path / "out"
-    args = [sys.executable, "-m", "conversion.convert", str(path), "--output", str(output), "--formats", "keras",
-            "tflite", "--tflite", "fp32", "fp16", "dynamic_int8", "--num-images", "8"]
+    args = [
+        sys.executable,
+        "-m",
+        "conversion.convert",
+        str(path),
+        "--output",
+        str(output),
+        "--formats",
+        "keras",
+        "tflite",
+        "--tflite",
+        "fp32",
+        "fp16",
+        "dynamic_int8",
+        "--num-images",
+        "8",
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 1, done.stdout + done.stderr
@@ -163,8 +211,9 @@ def test_a_failing_variant_leaves_out_only_itself(hf_checkpoint, tmp_path, torch
     assert all(r["published"] == r["passed"] for r in rows.values())
     assert (output / "hf.keras").exists() and (output / "tflite/hf_fp32.tflite").exists()
     assert not (output / "tflite/hf_fp16.tflite").exists()
-    done = subprocess.run(args + ["--overwrite", "--keep-failed"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    done = subprocess.run(
+        args + ["--overwrite", "--keep-failed"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 1 and "published anyway (--keep-failed)" in done.stdout, done.stdout + done.stderr
     rows = {r["artifact"]: r for r in json.loads((output / "report.json").read_text())["artifacts"]}
     assert rows["tflite_fp16"]["published"] and not rows["tflite_fp16"]["passed"]
@@ -176,14 +225,19 @@ def test_predict_cli_on_every_artifact(demo, tmp_path, capsys):
     _, _, x_test, y_test = load_digits_split()
     image = tmp_path / "digit.png"
     Image.fromarray(x_test[5]).save(image)
-    for artifact in [output, output / "digits.keras", output / "serving/1", output / "tflite/digits_fp32.tflite",
-                     output / "tflite/digits_int8.tflite"]:
-        (path, top), = predict.predict(str(artifact), [str(image)])
+    for artifact in [
+        output,
+        output / "digits.keras",
+        output / "serving/1",
+        output / "tflite/digits_fp32.tflite",
+        output / "tflite/digits_int8.tflite",
+    ]:
+        ((path, top),) = predict.predict(str(artifact), [str(image)])
         assert top[0][0] == str(y_test[5]) and len(top) == 5, artifact
     assert predict.main([str(output), str(image), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["top"][0]["label"] == str(y_test[5])
-    (_, xla_top), = predict.predict(str(output / "digits.keras"), [str(image)], xla=True)
-    (_, graph_top), = predict.predict(str(output / "digits.keras"), [str(image)])
+    ((_, xla_top),) = predict.predict(str(output / "digits.keras"), [str(image)], xla=True)
+    ((_, graph_top),) = predict.predict(str(output / "digits.keras"), [str(image)])
     assert [label for label, _ in xla_top] == [label for label, _ in graph_top]
     np.testing.assert_allclose([p for _, p in xla_top], [p for _, p in graph_top], atol=1e-5)
     assert predict.main([str(output / "tflite/digits_fp32.tflite"), str(image), "--xla"]) == 2
@@ -202,16 +256,26 @@ def test_predict_reports_bad_images_and_artifacts(demo, tmp_path, capsys):
     assert "no artifact at" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task, outputs, reference", [
-    ("features", {"features"}, "keras"),
-    # the checkpoint's out_features, as transformers' BitBackbone (default: the last stage),
-    # checked against transformers' BitBackbone itself
-    ("backbone", {"stage4"}, "pytorch")])
+@pytest.mark.parametrize(
+    "task, outputs, reference",
+    [
+        ("features", {"features"}, "keras"),
+        # the checkpoint's out_features, as transformers' BitBackbone (default: the last stage),
+        # checked against transformers' BitBackbone itself
+        ("backbone", {"stage4"}, "pytorch"),
+    ],
+)
 def test_feature_and_backbone_exports(task, outputs, reference, hf_checkpoint, tmp_path):
     path, _ = hf_checkpoint(**dict(SMALL))
-    report = convert.convert(str(path), output=str(tmp_path / task), task=task,
-                             formats=("keras", "saved_model", "tflite"), quantizations=("fp32",), num_images=4,
-                             log=lambda m: None)
+    report = convert.convert(
+        str(path),
+        output=str(tmp_path / task),
+        task=task,
+        formats=("keras", "saved_model", "tflite"),
+        quantizations=("fp32",),
+        num_images=4,
+        log=lambda m: None,
+    )
     assert report["passed"] and report["reference"] == reference
     with pytest.raises(ValueError, match="has no logits output: predict needs a classification export"):
         predict.predict(str(tmp_path / task), [str(ROOT + "/conversion/photos/coffee.jpg")])
@@ -235,10 +299,13 @@ def test_mixed_precision_keras_source_converts(policy, tmp_path):
     """A mixed-precision model (the trained digits checkpoint, as a fine-tune would be): the
     exports are float32 and equal its float32 form; the .keras file keeps the policy it was
     built with and is judged as lossy."""
-    import keras
     import shutil
+
+    import keras
+
     import tfbit
     from conversion import digits
+
     keras.config.set_dtype_policy(policy)
     try:
         model = tfbit.BitForImageClassification.from_pretrained(convert.DEFAULT_CHECKPOINT)
@@ -249,8 +316,14 @@ def test_mixed_precision_keras_source_converts(policy, tmp_path):
     for path, label in digits.write_heldout_pngs(tmp_path / "flat", per_class=3):
         os.makedirs(tmp_path / "images" / str(label), exist_ok=True)
         shutil.move(path, tmp_path / "images" / str(label))
-    report = convert.convert(str(tmp_path / "m.keras"), output=str(tmp_path / "o"), images=str(tmp_path / "images"),
-                             formats=("keras", "saved_model", "tflite"), quantizations=("fp32",), log=lambda m: None)
+    report = convert.convert(
+        str(tmp_path / "m.keras"),
+        output=str(tmp_path / "o"),
+        images=str(tmp_path / "images"),
+        formats=("keras", "saved_model", "tflite"),
+        quantizations=("fp32",),
+        log=lambda m: None,
+    )
     rows = {r["artifact"]: r for r in report["artifacts"]}
     assert report["passed"], rows
     assert rows["keras"]["criterion"] != "parity" and rows["tflite_fp32"]["criterion"] == "parity"
@@ -270,7 +343,9 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 
 def test_mixed_precision_model_exports_a_float32_graph(hf_checkpoint):
     import keras
+
     import tfbit
+
     path, _ = hf_checkpoint(**dict(SMALL))
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
@@ -288,20 +363,36 @@ def test_original_npz_and_timm_sources_convert_and_verify_against_pytorch(kind, 
     """Each source format goes through the whole export path, verified against its PyTorch
     reference (timm's own loader for the original .npz layout)."""
     from test_timm_parity import SMALL_NPZ, write_original_npz
+
     if kind == "npz":
         source = tmp_path / "BiT-S-R14.npz"
         write_original_npz(source, **SMALL_NPZ, num_classes=5)
     else:
-        from safetensors.torch import save_file
-        from timm.models.resnetv2 import ResNetV2
-        from test_timm_parity import BIT_CONV
         from conftest import perturb_
-        model = perturb_(ResNetV2(layers=[1, 1, 1, 1], channels=(128, 256, 512, 1024), stem_chs=32,
-                                  stem_type="fixed", conv_layer=BIT_CONV, num_classes=5))
+        from safetensors.torch import save_file
+        from test_timm_parity import BIT_CONV
+        from timm.models.resnetv2 import ResNetV2
+
+        model = perturb_(
+            ResNetV2(
+                layers=[1, 1, 1, 1],
+                channels=(128, 256, 512, 1024),
+                stem_chs=32,
+                stem_type="fixed",
+                conv_layer=BIT_CONV,
+                num_classes=5,
+            )
+        )
         source = tmp_path / "tiny_bit.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, source)
-    report = convert.convert(str(source), output=str(tmp_path / "out"), formats=("saved_model", "tflite"),
-                             quantizations=("fp32",), num_images=6, log=lambda m: None)
+    report = convert.convert(
+        str(source),
+        output=str(tmp_path / "out"),
+        formats=("saved_model", "tflite"),
+        quantizations=("fp32",),
+        num_images=6,
+        log=lambda m: None,
+    )
     assert report["passed"] and report["reference"] == "pytorch" and report["format"] == kind
     assert max(r["max_abs_diff"] for r in report["artifacts"] if r["criterion"] == "parity") < 1e-3
     pre = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())

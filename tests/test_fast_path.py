@@ -13,9 +13,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import SMALL, assert_parity, random_images, run_torch
 
 import tfbit
-from conftest import SMALL, assert_parity, random_images, run_torch
 from tfbit.weights import read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,8 +30,12 @@ def two_checkpoints(hf_checkpoint):
 def inference_outputs(model, x, traced):
     """Every inference entry point of the issue: predict, predict_on_batch, __call__(training=False)
     eagerly and in a tf.function traced before (`traced`)."""
-    return {"predict": model.predict(x, verbose=0), "predict_on_batch": model.predict_on_batch(x),
-            "call(training=False)": np.asarray(model(x, training=False)), "tf.function": np.asarray(traced(x))}
+    return {
+        "predict": model.predict(x, verbose=0),
+        "predict_on_batch": model.predict_on_batch(x),
+        "call(training=False)": np.asarray(model(x, training=False)),
+        "tf.function": np.asarray(traced(x)),
+    }
 
 
 def warm(model, x):
@@ -71,8 +75,11 @@ def _from_pretrained_onto_model(model, donor, path):
     read_checkpoint(str(path)).load_into(model)
 
 
-@pytest.mark.parametrize("change", [_set_weights, _assign, _load_weights, _from_pretrained_onto_model],
-                         ids=["set_weights", "assign", "load_weights", "checkpoint_load_into"])
+@pytest.mark.parametrize(
+    "change",
+    [_set_weights, _assign, _load_weights, _from_pretrained_onto_model],
+    ids=["set_weights", "assign", "load_weights", "checkpoint_load_into"],
+)
 def test_no_stale_kernels_after_loading_new_weights(change, two_checkpoints):
     (path_a, hf_a), (path_b, hf_b) = two_checkpoints
     x = random_images(2, 64, 64)
@@ -201,10 +208,12 @@ def test_user_flow_in_a_fresh_interpreter(two_checkpoints, tmp_path):
     (path_a, _), (path_b, hf_b) = two_checkpoints
     x = random_images(2, 64, 64)
     np.save(tmp_path / "x.npy", x)
-    code = (f"import numpy as np, tfbit; x = np.load({str(tmp_path / 'x.npy')!r});"
-            f"m = tfbit.BitForImageClassification.from_pretrained({str(path_a)!r}); m.predict(x, verbose=0);"
-            f"m.set_weights(tfbit.BitForImageClassification.from_pretrained({str(path_b)!r}).get_weights());"
-            f"np.save({str(tmp_path / 'out.npy')!r}, m.predict(x, verbose=0))")
+    code = (
+        f"import numpy as np, tfbit; x = np.load({str(tmp_path / 'x.npy')!r});"
+        f"m = tfbit.BitForImageClassification.from_pretrained({str(path_a)!r}); m.predict(x, verbose=0);"
+        f"m.set_weights(tfbit.BitForImageClassification.from_pretrained({str(path_b)!r}).get_weights());"
+        f"np.save({str(tmp_path / 'out.npy')!r}, m.predict(x, verbose=0))"
+    )
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
     assert_parity(np.load(tmp_path / "out.npy"), run_torch(hf_b, x).logits, "predict after set_weights")
@@ -212,22 +221,34 @@ def test_user_flow_in_a_fresh_interpreter(two_checkpoints, tmp_path):
 
 def _xla_functions(saved_model_dir):
     from tensorflow.core.protobuf import saved_model_pb2
+
     proto = saved_model_pb2.SavedModel()
     proto.ParseFromString((saved_model_dir / "saved_model.pb").read_bytes())
-    return [f.signature.name for f in proto.meta_graphs[0].graph_def.library.function
-            if f.attr["_XlaMustCompile"].b]
+    return [f.signature.name for f in proto.meta_graphs[0].graph_def.library.function if f.attr["_XlaMustCompile"].b]
 
 
 def test_convert_saved_model_xla_cli_verifies_and_compiles_the_forward_pass(tmp_path):
     """`--saved-model-xla` as a user types it: the served graph holds an XLA-compiled forward pass,
     both signatures verified against PyTorch like the default SavedModel."""
     out = tmp_path / "digits"
-    cmd = [sys.executable, "-m", "conversion.convert", "--formats", "saved_model", "--saved-model-xla",
-           "--output", str(out), "--num-images", "8"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "conversion.convert",
+        "--formats",
+        "saved_model",
+        "--saved-model-xla",
+        "--output",
+        str(out),
+        "--num-images",
+        "8",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     import json
+
     report = json.loads((out / "report.json").read_text())
     rows = {r["artifact"]: r for r in report["artifacts"]}
     assert rows["saved_model[pixel_values]"]["passed"] and rows["saved_model[pixel_values]"]["criterion"] == "parity"
@@ -240,6 +261,7 @@ def test_convert_saved_model_xla_cli_verifies_and_compiles_the_forward_pass(tmp_
 def test_default_saved_model_is_not_xla_compiled(tmp_path):
     """TF Serving runs the default SavedModel without any XLA flag."""
     from conversion import export
+
     keras.utils.set_random_seed(0)
     config = tfbit.BitConfig(**SMALL)
     model = export.float32_inference_model(tfbit.BitForImageClassification(config))

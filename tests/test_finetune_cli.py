@@ -44,8 +44,9 @@ def digits_folder(tmp_path_factory):
 
 
 def _cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "tfbit.finetune", *map(str, args)],
-                          capture_output=True, text=True, timeout=600, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "tfbit.finetune", *map(str, args)], capture_output=True, text=True, timeout=600, **kwargs
+    )
 
 
 def _assert_refused(process, *fragments):
@@ -70,8 +71,18 @@ def test_truncated_jpeg_is_named_before_training(tmp_path, source):
 
 def test_validation_class_unknown_to_training_is_named(tmp_path, source, digits_folder):
     validation = _write_digits(tmp_path / "val", classes=("even", "odd", "prime"), count=12)
-    process = _cli(source, "--data", digits_folder, "--validation", validation, "--output", tmp_path / "run",
-                   "--steps", "4", *SMALL_RUN)
+    process = _cli(
+        source,
+        "--data",
+        digits_folder,
+        "--validation",
+        validation,
+        "--output",
+        tmp_path / "run",
+        "--steps",
+        "4",
+        *SMALL_RUN,
+    )
     _assert_refused(process, "validation data", "['prime']", "['even', 'odd']")
 
 
@@ -91,8 +102,21 @@ def test_counts_must_be_positive(tmp_path, source, digits_folder, flag):
 def test_killed_run_resumes_to_exactly_the_planned_steps(tmp_path, source, digits_folder):
     """Killed once the first epoch's backup exists, the same command finishes the plan: 60 steps,
     not 60 plus the steps already made."""
-    command = [sys.executable, "-m", "tfbit.finetune", source, "--data", str(digits_folder),
-               "--output", str(tmp_path / "run"), "--steps", "60", "--epochs", "6", *SMALL_RUN]
+    command = [
+        sys.executable,
+        "-m",
+        "tfbit.finetune",
+        source,
+        "--data",
+        str(digits_folder),
+        "--output",
+        str(tmp_path / "run"),
+        "--steps",
+        "60",
+        "--epochs",
+        "6",
+        *SMALL_RUN,
+    ]
     metadata = tmp_path / "run" / "backup" / "training_metadata.json"
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

@@ -28,12 +28,20 @@ def photo_root(tmp_path_factory):
     """tfds.ImageFolder layout root/train/<class>/<image>; root/train is a plain image folder."""
     root = tmp_path_factory.mktemp("photos")
     files = {
-        "cat": [("chelsea.png", skimage.data.chelsea()), ("cat.JPG", skimage.data.cat()),
-                ("cat2.gif", skimage.data.chelsea()[::-1])],
-        "astronaut": [("astronaut.jpg", skimage.data.astronaut()),
-                      ("astronaut.bmp", skimage.data.astronaut()[:, ::-1])],
-        "coffee": [("coffee.jpeg", skimage.data.coffee()), ("camera.png", skimage.data.camera()),
-                   ("rocket.png", skimage.data.rocket())],
+        "cat": [
+            ("chelsea.png", skimage.data.chelsea()),
+            ("cat.JPG", skimage.data.cat()),
+            ("cat2.gif", skimage.data.chelsea()[::-1]),
+        ],
+        "astronaut": [
+            ("astronaut.jpg", skimage.data.astronaut()),
+            ("astronaut.bmp", skimage.data.astronaut()[:, ::-1]),
+        ],
+        "coffee": [
+            ("coffee.jpeg", skimage.data.coffee()),
+            ("camera.png", skimage.data.camera()),
+            ("rocket.png", skimage.data.rocket()),
+        ],
     }
     for label, items in files.items():
         folder = root / "train" / label
@@ -45,6 +53,7 @@ def photo_root(tmp_path_factory):
 
 
 # --- sources -----------------------------------------------------------------------------
+
 
 def test_image_folder(photo_root):
     ds = from_image_folder(photo_root / "train")
@@ -66,8 +75,7 @@ def test_image_folder_pipelines(photo_root):
     assert y.shape == (8,) and y.dtype == tf.int64
     assert -1.0 <= float(tf.reduce_min(x)) < 0 < float(tf.reduce_max(x)) <= 1.0
 
-    train = make_pipeline(ds, (40, 32), batch_size=3, training=True, one_hot=True,
-                          options=PipelineOptions(seed=1))
+    train = make_pipeline(ds, (40, 32), batch_size=3, training=True, one_hot=True, options=PipelineOptions(seed=1))
     batches = list(train.take(5))  # repeats: 15 examples from 8
     assert all(b[0].shape == (3, 32, 32, 3) for b in batches)
     assert all(b[1].shape == (3, 3) for b in batches)
@@ -100,6 +108,7 @@ def test_image_folder_errors(tmp_path):
 
 def test_truncated_jpeg_is_caught_by_the_up_front_check(tmp_path):
     import io
+
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         _small(skimage.data.astronaut()).save(tmp_path / name / "fine.png")
@@ -147,14 +156,17 @@ def test_arrays():
     np.testing.assert_allclose(x[..., 1], square / 127.5 - 1, atol=1e-5)  # same-size resize is exact
 
 
-@pytest.mark.parametrize("images, labels, match", [
-    (np.zeros((4, 8, 8, 3)), np.zeros(3, int), r"images \(4, 8, 8, 3\), labels \(3,\)"),
-    (np.zeros((8, 8)), np.zeros(8, int), r"\(8, 8\)"),
-    (np.zeros((2, 4, 8, 8, 3)), np.zeros(2, int), r"\(2, 4, 8, 8, 3\)"),
-    (np.zeros((4, 8, 8, 2)), np.zeros(4, int), r"\(4, 8, 8, 2\)"),
-    (np.zeros((4, 8, 8, 3)), np.zeros((4, 1), int), r"\(4, 1\)"),
-    (np.zeros((4, 8, 8, 3)), np.zeros(4), "integer"),
-])
+@pytest.mark.parametrize(
+    "images, labels, match",
+    [
+        (np.zeros((4, 8, 8, 3)), np.zeros(3, int), r"images \(4, 8, 8, 3\), labels \(3,\)"),
+        (np.zeros((8, 8)), np.zeros(8, int), r"\(8, 8\)"),
+        (np.zeros((2, 4, 8, 8, 3)), np.zeros(2, int), r"\(2, 4, 8, 8, 3\)"),
+        (np.zeros((4, 8, 8, 2)), np.zeros(4, int), r"\(4, 8, 8, 2\)"),
+        (np.zeros((4, 8, 8, 3)), np.zeros((4, 1), int), r"\(4, 1\)"),
+        (np.zeros((4, 8, 8, 3)), np.zeros(4), "integer"),
+    ],
+)
 def test_array_errors(images, labels, match):
     with pytest.raises(ValueError, match=match):
         from_arrays(images, labels)
@@ -171,10 +183,15 @@ class TinyGray(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(16, 16, 1)),
-            "label": tfds.features.ClassLabel(names=["dark", "light"]),
-        }))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(16, 16, 1)),
+                    "label": tfds.features.ClassLabel(names=["dark", "light"]),
+                }
+            ),
+        )
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples(10), "test": self._generate_examples(4)}
@@ -229,9 +246,10 @@ def test_tfds_not_prepared_or_missing(tmp_path):
 
 # --- augmentation --------------------------------------------------------------------------
 
+
 def _half_white(n, size=8):
     images = np.zeros((n, size, size, 3), np.uint8)
-    images[:, :, size // 2:] = 255
+    images[:, :, size // 2 :] = 255
     return from_arrays(images, np.zeros(n, int))
 
 
@@ -256,14 +274,22 @@ def test_flips_are_random_per_image():
 
 def test_flips_and_crops_change_between_epochs():
     ds = _half_white(32)
-    pipeline = make_pipeline(ds, (8, 8), batch_size=32, training=True, repeat=False,
-                             options=PipelineOptions(seed=5))
+    pipeline = make_pipeline(ds, (8, 8), batch_size=32, training=True, repeat=False, options=PipelineOptions(seed=5))
     first, second = (_flipped(next(iter(pipeline))[0]) for _ in range(2))
     assert (first != second).any()
 
     ramp = np.tile(np.arange(16, dtype=np.uint8)[None, :, None] * 16, (16, 1, 3))[None].repeat(32, 0)
-    crops = next(iter(make_pipeline(from_arrays(ramp, np.zeros(32, int)), (16, 8), batch_size=32,
-                                    training=True, options=PipelineOptions(seed=0))))[0]
+    crops = next(
+        iter(
+            make_pipeline(
+                from_arrays(ramp, np.zeros(32, int)),
+                (16, 8),
+                batch_size=32,
+                training=True,
+                options=PipelineOptions(seed=0),
+            )
+        )
+    )[0]
     assert len({float(row.min()) for row in crops.numpy()}) > 2  # several crop offsets
 
 
@@ -284,6 +310,7 @@ def test_custom_preprocess_and_mixup_in_pipeline():
 
 
 # --- MixUp ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("alpha", [0.1, 1.0])
 def test_lambda_is_beta_distributed(alpha):

@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import SMALL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,8 +120,9 @@ VARIANTS = ("keras_control", "after", "at_construction", "partial", "sequential"
 
 def _python(code, *args):
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -130,6 +130,7 @@ def _python(code, *args):
 def runs(tmp_path_factory, torch_module):
     import transformers
     from conftest import perturb_
+
     root = tmp_path_factory.mktemp("freeze")
     torch_module.manual_seed(0)
     config = {k: v for k, v in SMALL.items() if k != "num_labels"}
@@ -154,6 +155,7 @@ def test_partial_freeze_trains_only_the_top_stages_before_and_after_reload(runs)
 
     def stages(paths):
         return {p.split("/")[-2].split("_")[0] for p in paths}
+
     # stem, stage1 and stage2 frozen; stage3, stage4 and the final norm train
     assert stages(built["body_trainable"]) == {"stage3", "stage4", "norm"}
     assert set(built["moved"]) == set(built["body_trainable"])
@@ -165,6 +167,7 @@ def test_partial_freeze_trains_only_the_top_stages_before_and_after_reload(runs)
 
 def test_trainable_false_freezes_every_weight_of_every_model_class():
     import tfbit
+
     config = tfbit.BitConfig(**SMALL)
     for cls in (tfbit.BitModel, tfbit.BitForImageClassification, tfbit.BitBackbone):
         model = cls(config, trainable=False)
@@ -175,6 +178,7 @@ def test_trainable_false_freezes_every_weight_of_every_model_class():
 
 def test_freeze_stages_names_and_errors():
     import tfbit
+
     model = tfbit.BitModel(tfbit.BitConfig(**SMALL))
     frozen = model.freeze_stages(1)
     assert frozen[0] == "stem_conv" and all(n.startswith(("stem_", "stage1_")) for n in frozen)
@@ -185,8 +189,11 @@ def test_freeze_stages_names_and_errors():
     assert tfbit.fold_weight_standardization(model).frozen_layers() == frozen
     model.trainable = False
     assert "frozen_layers" not in model.get_config()  # the whole model is frozen: the flag says it
-    with pytest.raises(ValueError, match=r"freeze_stages: 'stage9' is not a stage of this model: choose from "
-                                         r"stem, stage1, stage2, stage3, stage4"):
+    with pytest.raises(
+        ValueError,
+        match=r"freeze_stages: 'stage9' is not a stage of this model: choose from "
+        r"stem, stage1, stage2, stage3, stage4",
+    ):
         model.freeze_stages("stage9")
     with pytest.raises(ValueError, match=r"stage index 5 is out of range: 0 \(stem\) to 4"):
         model.freeze_stages(5)
@@ -195,8 +202,10 @@ def test_freeze_stages_names_and_errors():
 def test_finetune_freeze_backbone_survives_reload(tmp_path):
     """with_new_head(freeze_backbone=True) freezes layers inside the model: kept by get_config."""
     import keras
+
     import tfbit
     from tfbit.finetune.transfer import with_new_head
+
     model = with_new_head(tfbit.BitModel(tfbit.BitConfig(**SMALL)), num_labels=3, freeze_backbone=True)
     assert [w.path.split("/")[-2] for w in model.trainable_weights] == ["classifier", "classifier"]
     model.save(tmp_path / "m.keras")

@@ -25,20 +25,27 @@ TABLE = [
 def test_schedule_table(size, warmup, boundaries, total, alpha):
     plan = hyperrule_plan(size, (224, 224))
     assert (plan.warmup_steps, plan.decay_boundaries, plan.total_steps, plan.mixup_alpha) == (
-        warmup, boundaries, total, alpha)
+        warmup,
+        boundaries,
+        total,
+        alpha,
+    )
     assert plan.batch_size == 512 and plan.base_lr == plan.learning_rate == 0.003
     assert plan.momentum == 0.9
 
 
-@pytest.mark.parametrize("image_size, expected", [
-    ((32, 32), (160, 128)),          # CIFAR
-    (32, (160, 128)),
-    ((28, 28, 1), (160, 128)),       # MNIST, (h, w, c)
-    ((95, 96), (160, 128)),          # area 9120 < 96*96
-    ((96, 96), (512, 480)),
-    ((64, 200), (512, 480)),         # area, not side, decides
-    ((224, 224, 3), (512, 480)),     # ImageNet
-])
+@pytest.mark.parametrize(
+    "image_size, expected",
+    [
+        ((32, 32), (160, 128)),  # CIFAR
+        (32, (160, 128)),
+        ((28, 28, 1), (160, 128)),  # MNIST, (h, w, c)
+        ((95, 96), (160, 128)),  # area 9120 < 96*96
+        ((96, 96), (512, 480)),
+        ((64, 200), (512, 480)),  # area, not side, decides
+        ((224, 224, 3), (512, 480)),  # ImageNet
+    ],
+)
 def test_resolution_rule(image_size, expected):
     plan = hyperrule_plan(50_000, image_size)
     assert (plan.resize_size, plan.crop_size) == expected
@@ -51,12 +58,14 @@ def test_lr_scales_with_batch_but_steps_do_not():
     assert small.learning_rate == pytest.approx(0.003 * 128 / 512)
     assert hyperrule_plan(50_000, 32, batch_size=1024, base_lr=0.01).learning_rate == pytest.approx(0.02)
     assert (small.warmup_steps, small.decay_boundaries, small.total_steps) == (
-        ref.warmup_steps, ref.decay_boundaries, ref.total_steps)
+        ref.warmup_steps,
+        ref.decay_boundaries,
+        ref.total_steps,
+    )
 
 
 def test_overrides_and_to_dict():
-    plan = hyperrule_plan(1_000, 32, mixup_alpha=0.2, total_steps=600, decay_boundaries=[250, 500],
-                          learning_rate=0.01)
+    plan = hyperrule_plan(1_000, 32, mixup_alpha=0.2, total_steps=600, decay_boundaries=[250, 500], learning_rate=0.01)
     assert plan.mixup_alpha == 0.2 and plan.total_steps == 600
     assert plan.decay_boundaries == (250, 500) and plan.learning_rate == 0.01
     d = plan.to_dict()
@@ -64,22 +73,25 @@ def test_overrides_and_to_dict():
     assert HyperRulePlan(**json.loads(json.dumps(d))) == plan
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(crop_size=600), "crop_size"),
-    (dict(resize_size=0), "resize_size"),
-    (dict(warmup_steps=-1), "warmup_steps"),
-    (dict(warmup_steps=501), "warmup_steps"),
-    (dict(decay_boundaries=(300, 200)), "decay_boundaries"),
-    (dict(decay_boundaries=(200, 500)), "decay_boundaries"),
-    (dict(total_steps=2.5), "total_steps"),
-    (dict(mixup_alpha=-0.1), "mixup_alpha"),
-    (dict(momentum=1.0), "momentum"),
-    (dict(learning_rate=0), "learning_rate"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(base_lr=-1.0), "base_lr"),
-    (dict(dataset_size=0), "dataset_size"),
-    (dict(image_size=(0, 3)), "image_size"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(crop_size=600), "crop_size"),
+        (dict(resize_size=0), "resize_size"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(warmup_steps=501), "warmup_steps"),
+        (dict(decay_boundaries=(300, 200)), "decay_boundaries"),
+        (dict(decay_boundaries=(200, 500)), "decay_boundaries"),
+        (dict(total_steps=2.5), "total_steps"),
+        (dict(mixup_alpha=-0.1), "mixup_alpha"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(learning_rate=0), "learning_rate"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(base_lr=-1.0), "base_lr"),
+        (dict(dataset_size=0), "dataset_size"),
+        (dict(image_size=(0, 3)), "image_size"),
+    ],
+)
 def test_invalid_values_name_the_field(overrides, field):
     kwargs = {"dataset_size": 1_000, "image_size": 32, **overrides}
     with pytest.raises(ValueError, match=field):
@@ -150,8 +162,9 @@ def test_scaled_to_keeps_the_schedule_shape():
     plan = hyperrule_plan(50_000, 32, batch_size=64)  # warm-up 500, decays 3000/6000/9000 of 10 000
     short = plan.scaled_to(100)
     assert (short.total_steps, short.warmup_steps, short.decay_boundaries) == (100, 5, (30, 60, 90))
-    assert dataclasses.replace(short, total_steps=10_000, warmup_steps=500,
-                               decay_boundaries=(3000, 6000, 9000)) == plan  # nothing else changes
+    assert (
+        dataclasses.replace(short, total_steps=10_000, warmup_steps=500, decay_boundaries=(3000, 6000, 9000)) == plan
+    )  # nothing else changes
     assert plan.scaled_to(20_000).decay_boundaries == (6000, 12_000, 18_000)
     small = hyperrule_plan(1_000, 32).scaled_to(6)  # 100; 200, 300, 400; 500
     assert (small.warmup_steps, small.decay_boundaries) == (1, (2, 3, 4))

@@ -8,8 +8,8 @@ import io
 import json
 
 import numpy as np
-import pytest
 import PIL
+import pytest
 from PIL import Image
 
 from tfbit.image_processor import BitImageProcessor
@@ -86,12 +86,12 @@ def hf_pixels(processor, images):
 
 def report(what, ours, ref):
     delta = np.abs(np.asarray(ours, np.float64) - ref)
-    print(f"\n{what:55s} max {delta.max():.3g}  mean {delta.mean():.3g}  "
-          f"differing {np.mean(delta > 1e-5):.3%}", end="")
+    print(f"\n{what:55s} max {delta.max():.3g}  mean {delta.mean():.3g}  differing {np.mean(delta > 1e-5):.3%}", end="")
     return delta
 
 
 # ---- NumPy processor == transformers -----------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(PHOTOS))
@@ -105,22 +105,33 @@ def test_matches_transformers(hf, backend, name):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_array_matches_transformers(hf, backend):
     image = skdata.coffee().astype(np.float32)
-    delta = report(f"numpy[{backend}] vs HF: float32 0-255 array", BitImageProcessor(backend=backend)(image),
-                   hf_pixels(hf[backend](), image))
+    delta = report(
+        f"numpy[{backend}] vs HF: float32 0-255 array",
+        BitImageProcessor(backend=backend)(image),
+        hf_pixels(hf[backend](), image),
+    )
     assert delta.max() <= (FLOAT32_RESIZE_TOL if backend == "torchvision" else TOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("config", [
-    dict(size={"shortest_edge": 101}),  # crop larger than the image, odd padding (ceil vs floor)
-    dict(size={"shortest_edge": 256}, crop_size={"height": 231, "width": 199}),  # odd crop margins
-    dict(size={"height": 160, "width": 120}, do_center_crop=False, resample=2),
-    dict(do_resize=False, crop_size={"height": 333, "width": 480}),
-    dict(do_rescale=False),
-    dict(do_normalize=False),
-    dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], size={"shortest_edge": 448},
-         crop_size={"height": 448, "width": 448}, resample=2),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(size={"shortest_edge": 101}),  # crop larger than the image, odd padding (ceil vs floor)
+        dict(size={"shortest_edge": 256}, crop_size={"height": 231, "width": 199}),  # odd crop margins
+        dict(size={"height": 160, "width": 120}, do_center_crop=False, resample=2),
+        dict(do_resize=False, crop_size={"height": 333, "width": 480}),
+        dict(do_rescale=False),
+        dict(do_normalize=False),
+        dict(
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+            size={"shortest_edge": 448},
+            crop_size={"height": 448, "width": 448},
+            resample=2,
+        ),
+    ],
+)
 def test_configs_match_transformers(hf, backend, config):
     images = [PHOTOS["chelsea"], PHOTOS["odd 225x1001"], skdata.coffee()]
     ours = BitImageProcessor(backend=backend, **config)(images)
@@ -136,9 +147,13 @@ def test_paths_match_transformers(hf, backend, tmp_path):
     rotated = Image.fromarray(cat)
     exif = rotated.getexif()
     exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees
-    files = {"photo.jpg": (Image.fromarray(cat), {"quality": 90}), "exif.jpg": (rotated, {"exif": exif}),
-             "alpha.png": (Image.fromarray(rgba), {}), "gray.png": (Image.fromarray(skdata.camera()), {}),
-             "palette.gif": (Image.fromarray(skdata.coffee()).convert("P"), {})}
+    files = {
+        "photo.jpg": (Image.fromarray(cat), {"quality": 90}),
+        "exif.jpg": (rotated, {"exif": exif}),
+        "alpha.png": (Image.fromarray(rgba), {}),
+        "gray.png": (Image.fromarray(skdata.camera()), {}),
+        "palette.gif": (Image.fromarray(skdata.coffee()).convert("P"), {}),
+    }
     for name, (image, options) in files.items():
         image.save(tmp_path / name, **options)
     paths = [str(tmp_path / name) for name in files]
@@ -159,8 +174,16 @@ def test_torchvision_resize_kernel_is_exact():
     for _ in range(60):
         image = rng.integers(0, 256, (*rng.integers(1, 120, 2), rng.choice([1, 3, 4])), dtype=np.uint8)
         height, width, resample = *(int(v) for v in rng.integers(1, 250, 2)), int(rng.choice([2, 3]))
-        ref = tvf.resize(torch.from_numpy(image).permute(2, 0, 1).contiguous(), [height, width],
-                         interpolation=modes[resample], antialias=True).permute(1, 2, 0).numpy()
+        ref = (
+            tvf.resize(
+                torch.from_numpy(image).permute(2, 0, 1).contiguous(),
+                [height, width],
+                interpolation=modes[resample],
+                antialias=True,
+            )
+            .permute(1, 2, 0)
+            .numpy()
+        )
         np.testing.assert_array_equal(torchvision_resize(image, height, width, resample), ref)
 
 
@@ -195,6 +218,7 @@ def test_original_bit_scales_to_minus_one_one():
 
 # ---- configuration ----------------------------------------------------------------------------
 
+
 def test_defaults_equal_transformers(hf):
     ref = hf["torchvision"]().to_dict()
     ours = BitImageProcessor().to_dict()
@@ -202,8 +226,9 @@ def test_defaults_equal_transformers(hf):
 
 
 def test_config_round_trip_with_transformers(hf, tmp_path):
-    ours = BitImageProcessor(size=256, crop_size=(240, 200), resample=2, image_mean=[0.1, 0.2, 0.3],
-                             image_std=0.4, do_convert_rgb=False)
+    ours = BitImageProcessor(
+        size=256, crop_size=(240, 200), resample=2, image_mean=[0.1, 0.2, 0.3], image_std=0.4, do_convert_rgb=False
+    )
     saved = json.loads(open(ours.save_pretrained(tmp_path / "ours")).read())
     assert saved["image_processor_type"] == "BitImageProcessor" and saved["size"] == {"shortest_edge": 256}
     for backend in BACKENDS:  # transformers reads our file, the same numbers come out
@@ -212,8 +237,9 @@ def test_config_round_trip_with_transformers(hf, tmp_path):
         ours_reloaded = BitImageProcessor(backend=backend, **saved)
         assert np.abs(ours_reloaded(image) - hf_pixels(theirs, image)).max() <= TOL
     # ... and we read transformers' file
-    hf["torchvision"](size={"shortest_edge": 320}, crop_size={"height": 300, "width": 288},
-                      image_mean=[0.5, 0.5, 0.5]).save_pretrained(tmp_path / "hf")
+    hf["torchvision"](
+        size={"shortest_edge": 320}, crop_size={"height": 300, "width": 288}, image_mean=[0.5, 0.5, 0.5]
+    ).save_pretrained(tmp_path / "hf")
     loaded = BitImageProcessor.from_pretrained(tmp_path / "hf")
     assert loaded.size == {"shortest_edge": 320} and loaded.crop_size == {"height": 300, "width": 288}
     assert loaded.image_mean == [0.5] * 3 and loaded.resample == 3
@@ -236,6 +262,7 @@ def test_missing_config_names_the_path(tmp_path):
 
 
 # ---- errors -----------------------------------------------------------------------------------
+
 
 def test_error_messages(tmp_path):
     p = BitImageProcessor()
@@ -277,10 +304,12 @@ def test_error_messages(tmp_path):
 
 # ---- TensorFlow ops ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tf_ops():
     tf = pytest.importorskip("tensorflow")
     from tfbit import image_ops
+
     return tf, image_ops
 
 
@@ -320,8 +349,10 @@ def test_tf_equals_pil_in_its_own_pass_order(tf_ops):
         image = np.asarray(PHOTOS[name].convert("RGB"))
         (height, width), (in_h, in_w) = p.output_size(*image.shape[:2]), image.shape[:2]
         pil = Image.fromarray(image)
-        orders = {"horizontal first": pil.resize((width, in_h), 3).resize((width, height), 3),
-                  "vertical first": pil.resize((in_w, height), 3).resize((width, height), 3)}
+        orders = {
+            "horizontal first": pil.resize((width, in_h), 3).resize((width, height), 3),
+            "vertical first": pil.resize((in_w, height), 3).resize((width, height), 3),
+        }
         full = np.asarray(pil.resize((width, height), 3))
         used = {k for k, v in orders.items() if np.array_equal(np.asarray(v), full)}
         vertical_first = pillow_13 and in_h - height > max(0, 2 * (in_w - width))
@@ -336,21 +367,30 @@ def test_tf_fixed_point_against_tf_image_resize(tf_ops):
     p = BitImageProcessor(backend="pil", do_center_crop=False, do_normalize=False, do_rescale=False)
     image = skdata.astronaut()
     ref = p(image)[0]
-    errors = {f"tf.image.resize antialias={aa}": np.abs(tf.image.resize(image, ref.shape[:2], "bicubic", antialias=aa) - ref)
-              for aa in (False, True)}
+    errors = {
+        f"tf.image.resize antialias={aa}": np.abs(tf.image.resize(image, ref.shape[:2], "bicubic", antialias=aa) - ref)
+        for aa in (False, True)
+    }
     errors["image_ops (fixed point)"] = np.abs(ops.preprocess_images(image, p)[0] - ref)
     for name, e in errors.items():
         print(f"\n{name:32s} vs PIL (uint8 levels): max {e.max():.3g} mean {e.mean():.3g}", end="")
-    assert (errors["image_ops (fixed point)"].max() == 0 < errors["tf.image.resize antialias=True"].max()
-            < errors["tf.image.resize antialias=False"].max())
+    assert (
+        errors["image_ops (fixed point)"].max()
+        == 0
+        < errors["tf.image.resize antialias=True"].max()
+        < errors["tf.image.resize antialias=False"].max()
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tf_without_resize_matches_numpy(tf_ops, backend):
     """Crop (with odd padding), rescale and normalize are the same float32 arithmetic."""
     tf, ops = tf_ops
-    for config in [dict(do_resize=False, crop_size={"height": 331, "width": 500}),
-                   dict(do_resize=False, do_normalize=False), dict(do_resize=False, do_rescale=False)]:
+    for config in [
+        dict(do_resize=False, crop_size={"height": 331, "width": 500}),
+        dict(do_resize=False, do_normalize=False),
+        dict(do_resize=False, do_rescale=False),
+    ]:
         p = BitImageProcessor(backend=backend, **config)
         for image in [skdata.chelsea(), skdata.camera()[..., None], PHOTOS["array RGBA"]]:
             assert np.abs(ops.preprocess_images(image, p).numpy() - p(image)).max() <= TOL
@@ -372,15 +412,25 @@ def test_tf_bytes_in_serving_function(tf_ops, tmp_path):
     tf, ops = tf_ops
     p = BitImageProcessor()
     cat = skdata.chelsea()
-    images = [Image.fromarray(skdata.astronaut()), Image.fromarray(cat), Image.fromarray(skdata.camera()),
-              Image.fromarray(np.dstack([cat, np.full(cat.shape[:2], 90, np.uint8)])),
-              Image.fromarray(skdata.coffee()).convert("P")]
-    blobs = [_encode(images[0], "JPEG", quality=92), _encode(images[1], "BMP"), _encode(images[2], "PNG"),
-             _encode(images[3], "PNG"), _encode(images[4], "GIF")]
+    images = [
+        Image.fromarray(skdata.astronaut()),
+        Image.fromarray(cat),
+        Image.fromarray(skdata.camera()),
+        Image.fromarray(np.dstack([cat, np.full(cat.shape[:2], 90, np.uint8)])),
+        Image.fromarray(skdata.coffee()).convert("P"),
+    ]
+    blobs = [
+        _encode(images[0], "JPEG", quality=92),
+        _encode(images[1], "BMP"),
+        _encode(images[2], "PNG"),
+        _encode(images[3], "PNG"),
+        _encode(images[4], "GIF"),
+    ]
 
     module = tf.Module()
-    module.serve = tf.function(lambda s: ops.preprocess_image_bytes(s, p),
-                               input_signature=[tf.TensorSpec([None], tf.string)])
+    module.serve = tf.function(
+        lambda s: ops.preprocess_image_bytes(s, p), input_signature=[tf.TensorSpec([None], tf.string)]
+    )
     graph = module.serve.get_concrete_function().graph.as_graph_def()
     op_types = {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
     assert not op_types & {"PyFunc", "EagerPyFunc", "PyFuncStateless"}

@@ -31,7 +31,7 @@ def _imports(path, name, is_package, known):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = name.split(".")[:len(name.split(".")) - node.level + is_package]
+                base = name.split(".")[: len(name.split(".")) - node.level + is_package]
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module
@@ -59,8 +59,12 @@ def test_modules_are_found(graph):
 
 
 def test_imports_point_from_the_application_to_the_library(graph):
-    wrong = [f"{a} imports {b}" for a, targets in graph.items() for b in targets
-             if LAYERS.index(b.split(".")[0]) > LAYERS.index(a.split(".")[0])]
+    wrong = [
+        f"{a} imports {b}"
+        for a, targets in graph.items()
+        for b in targets
+        if LAYERS.index(b.split(".")[0]) > LAYERS.index(a.split(".")[0])
+    ]
     assert not wrong, wrong
 
 
@@ -70,7 +74,7 @@ def test_no_import_cycles(graph):
     def visit(node, path):
         for target in graph[node]:
             if target in path:
-                cycles.append(" -> ".join(path[path.index(target):] + [target]))
+                cycles.append(" -> ".join(path[path.index(target) :] + [target]))
             elif target not in done:
                 visit(target, path + [target])
         done.add(node)

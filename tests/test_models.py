@@ -5,9 +5,9 @@ import json
 import keras
 import numpy as np
 import pytest
+from conftest import SMALL, random_images
 
 import tfbit
-from conftest import SMALL, random_images
 
 TINY = dict(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8, num_labels=3)
 
@@ -47,16 +47,20 @@ def test_keras_file_round_trip_is_exact(cls, tiny, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("layer", [
-    tfbit.WSConv2D(8, 3, strides=2, padding=1, eps=1e-10, standardize=False, name="c"),
-    tfbit.GroupNormActivation(4, 1e-5, "gelu", name="g"),
-    tfbit.StemMaxPool(True, name="p"),
-    tfbit.DropPath(0.2, seed=3, name="d"),
-])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        tfbit.WSConv2D(8, 3, strides=2, padding=1, eps=1e-10, standardize=False, name="c"),
+        tfbit.GroupNormActivation(4, 1e-5, "gelu", name="g"),
+        tfbit.StemMaxPool(True, name="p"),
+        tfbit.DropPath(0.2, seed=3, name="d"),
+    ],
+)
 def test_layer_config_is_complete(layer):
     """Every constructor argument is in get_config (a field missing there would be missing
     from the clone too, so comparing configs alone could not notice it)."""
     import inspect
+
     arguments = set(inspect.signature(type(layer).__init__).parameters) - {"self", "kwargs"}
     config = layer.get_config()
     assert arguments <= set(config), arguments - set(config)
@@ -167,7 +171,7 @@ def test_missing_config_and_weights(tmp_path, tiny):
     tiny.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="no weights in .*expected one of model.safetensors"):
         tfbit.BitModel.from_pretrained(tmp_path)
-    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    (tmp_path / "model.safetensors").write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
     with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
         tfbit.BitModel.from_pretrained(tmp_path)
 
@@ -180,8 +184,9 @@ def test_a_file_is_not_a_checkpoint_directory(tmp_path):
 
 def test_vit_checkpoint_is_named_as_not_bit(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                    intermediate_size=37, image_size=32, patch_size=8)
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32, patch_size=8
+    )
     transformers.ViTModel(config).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="config.json describes model_type='vit', not a BiT checkpoint"):
         tfbit.BitModel.from_pretrained(tmp_path)
@@ -193,12 +198,15 @@ def test_vit_checkpoint_is_named_as_not_bit(tmp_path):
 
 def test_checkpoint_problems_name_every_key(tmp_path, hf_checkpoint):
     from safetensors.numpy import load_file, save_file
+
     path, _ = hf_checkpoint(**dict(SMALL))
     tensors = load_file(path / "model.safetensors")
     del tensors["bit.encoder.stages.1.layers.0.conv2.weight"]
     tensors["bit.encoder.stages.0.layers.0.conv1.weight"] = tensors["bit.encoder.stages.0.layers.0.conv1.weight"][:4]
     tensors["bit.encoder.stages.2.layers.0.norm1.weight"][0] = np.nan
-    tensors["bit.encoder.stages.2.layers.0.norm2.bias"] = tensors["bit.encoder.stages.2.layers.0.norm2.bias"].astype("int64")
+    tensors["bit.encoder.stages.2.layers.0.norm2.bias"] = tensors["bit.encoder.stages.2.layers.0.norm2.bias"].astype(
+        "int64"
+    )
     tensors["bit.extra.weight"] = np.zeros(3, "float32")
     tensors["bit.encoder.stages.9.layers.0.conv1.weight"] = np.zeros((8, 8, 1, 1), "float32")
     save_file(tensors, path / "model.safetensors")
@@ -206,10 +214,18 @@ def test_checkpoint_problems_name_every_key(tmp_path, hf_checkpoint):
         tfbit.BitForImageClassification.from_pretrained(path)
     message = str(info.value)
     for expected in [
-        "unexpected keys (2)", "extra.weight", "encoder.stages.9.layers.0.conv1.weight (-> stage10_unit1_conv1/kernel",
-        "missing weights", "stage2_unit1_conv2/kernel", "stage1_unit1_conv1/kernel",
-        "wrongly shaped keys (1)", "encoder.stages.0.layers.0.conv1.weight: shape (1, 1, 16, 4) (as stage1_unit1_conv1/kernel), model expects (1, 1, 16, 8)",
-        "bad values (2)", "encoder.stages.2.layers.0.norm1.weight: contains NaN", "norm2.bias: dtype int64",
+        "unexpected keys (2)",
+        "extra.weight",
+        "encoder.stages.9.layers.0.conv1.weight (-> stage10_unit1_conv1/kernel",
+        "missing weights",
+        "stage2_unit1_conv2/kernel",
+        "stage1_unit1_conv1/kernel",
+        "wrongly shaped keys (1)",
+        "encoder.stages.0.layers.0.conv1.weight: shape (1, 1, 16, 4) (as stage1_unit1_conv1/kernel), "
+        "model expects (1, 1, 16, 8)",
+        "bad values (2)",
+        "encoder.stages.2.layers.0.norm1.weight: contains NaN",
+        "norm2.bias: dtype int64",
     ]:
         assert expected in message, expected
 
@@ -217,7 +233,9 @@ def test_checkpoint_problems_name_every_key(tmp_path, hf_checkpoint):
 def test_checkpoint_from_another_config_is_rejected(hf_checkpoint):
     path, _ = hf_checkpoint(**dict(SMALL))
     config = tfbit.BitConfig.from_dict(dict(tfbit.BitConfig.from_pretrained(path).to_dict(), depths=[1, 1, 1, 1]))
-    with pytest.raises(tfbit.CheckpointError, match=r"unexpected keys \(\d+\)(.|\n)*stage2_unit2_conv1/kernel, not in this model"):
+    with pytest.raises(
+        tfbit.CheckpointError, match=r"unexpected keys \(\d+\)(.|\n)*stage2_unit2_conv1/kernel, not in this model"
+    ):
         tfbit.BitModel.from_pretrained(path, config=config)
 
 

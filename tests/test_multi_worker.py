@@ -25,8 +25,10 @@ def _worker_envs(count):
 
 
 def _start(command, envs, log_dir, tag):
-    return [subprocess.Popen(command, env=env, stdout=open(log_dir / f"{tag}-{i}.log", "w"),
-                             stderr=subprocess.STDOUT) for i, env in enumerate(envs)]
+    return [
+        subprocess.Popen(command, env=env, stdout=open(log_dir / f"{tag}-{i}.log", "w"), stderr=subprocess.STDOUT)
+        for i, env in enumerate(envs)
+    ]
 
 
 def _wait(processes, log_dir, tag, timeout=420):
@@ -57,9 +59,23 @@ def inputs(tmp_path_factory):
 def _command(source, digits_folder, output, validation=False):
     # Validation costs each epoch a retrace of Keras' evaluation function under this strategy
     # (~7 s here), so only the first test validates.
-    return [sys.executable, "-m", "tfbit.finetune", source, "--data", str(digits_folder),
-            *(["--validation", str(digits_folder)] if validation else []), "--output", str(output),
-            "--distribute", "multi_worker", "--threads", "1", *STEPS, *SMALL_RUN]
+    return [
+        sys.executable,
+        "-m",
+        "tfbit.finetune",
+        source,
+        "--data",
+        str(digits_folder),
+        *(["--validation", str(digits_folder)] if validation else []),
+        "--output",
+        str(output),
+        "--distribute",
+        "multi_worker",
+        "--threads",
+        "1",
+        *STEPS,
+        *SMALL_RUN,
+    ]
 
 
 def test_two_workers_train_and_only_the_chief_writes(tmp_path, inputs):
@@ -77,14 +93,23 @@ def test_two_workers_train_and_only_the_chief_writes(tmp_path, inputs):
     assert "the chief writes the outputs" in _log(tmp_path, "run", 1)
     # the worker's backups lived in its own folder, removed at the end
     assert sorted(p.name for p in output.iterdir()) == sorted(
-        ["best.keras", "config.json", "metrics.json", "preprocessor_config.json", "training_curve.png"])
+        ["best.keras", "config.json", "metrics.json", "preprocessor_config.json", "training_curve.png"]
+    )
     # both workers logged the same (all-reduced) training loss every epoch
-    losses = [[line.split("loss: ")[1].split()[0] for line in _log(tmp_path, "run", i).splitlines()
-               if "/step - " in line] for i in range(2)]
+    losses = [
+        [line.split("loss: ")[1].split()[0] for line in _log(tmp_path, "run", i).splitlines() if "/step - " in line]
+        for i in range(2)
+    ]
     assert len(losses[0]) == 6 and losses[0] == losses[1]
     # every worker evaluated the whole validation set: the same numbers, and the chief's final ones
-    validation = [[line.split("val_accuracy: ")[1].split()[0] for line in _log(tmp_path, "run", i).splitlines()
-                   if "val_accuracy: " in line] for i in range(2)]
+    validation = [
+        [
+            line.split("val_accuracy: ")[1].split()[0]
+            for line in _log(tmp_path, "run", i).splitlines()
+            if "val_accuracy: " in line
+        ]
+        for i in range(2)
+    ]
     assert len(validation[0]) == 6 and validation[0] == validation[1]
     assert "validation" in metrics
 
@@ -92,14 +117,16 @@ def test_two_workers_train_and_only_the_chief_writes(tmp_path, inputs):
 def test_without_tf_config_the_message_says_what_to_set(tmp_path, inputs):
     source, digits_folder = inputs
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    process = subprocess.run(_command(source, digits_folder, tmp_path / "run"), env=env, capture_output=True,
-                             text=True, timeout=300)
+    process = subprocess.run(
+        _command(source, digits_folder, tmp_path / "run"), env=env, capture_output=True, text=True, timeout=300
+    )
     assert process.returncode == 2, process.stderr[-2000:]
     assert "--distribute multi_worker needs TF_CONFIG" in process.stderr
     env["TF_CONFIG"] = json.dumps({"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 3}})
-    process = subprocess.run(_command(source, digits_folder, tmp_path / "run"), env=env, capture_output=True,
-                             text=True, timeout=300)
-    assert process.returncode == 2 and "TF_CONFIG's \"task\" must name" in process.stderr, process.stderr[-2000:]
+    process = subprocess.run(
+        _command(source, digits_folder, tmp_path / "run"), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert process.returncode == 2 and 'TF_CONFIG\'s "task" must name' in process.stderr, process.stderr[-2000:]
 
 
 def test_a_killed_worker_restarted_with_the_cluster_resumes_the_plan(tmp_path, inputs):
@@ -156,9 +183,15 @@ def test_python_api_trains_one_model_on_both_workers(tmp_path, inputs):
     source, digits_folder = inputs
     script = tmp_path / "train.py"
     script.write_text(PYTHON_API)
-    processes = [subprocess.Popen([sys.executable, str(script), source, str(digits_folder), str(tmp_path / "run")],
-                                  env=env, stdout=open(tmp_path / f"api-{i}.log", "w"), stderr=subprocess.STDOUT)
-                 for i, env in enumerate(_worker_envs(2))]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), source, str(digits_folder), str(tmp_path / "run")],
+            env=env,
+            stdout=open(tmp_path / f"api-{i}.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
+        for i, env in enumerate(_worker_envs(2))
+    ]
     assert _wait(processes, tmp_path, "api") == [0, 0], _log(tmp_path, "api", 0)[-3000:]
     logs = [_log(tmp_path, "api", i) for i in range(2)]
     assert f"output_dir {tmp_path / 'run'}" in logs[0] and "output_dir None" in logs[1]

@@ -1,9 +1,9 @@
 """Numerical parity with Hugging Face transformers' BiT on the same weights and inputs."""
 
 import pytest
+from conftest import SMALL, assert_parity, random_images, run_torch
 
 import tfbit
-from conftest import SMALL, assert_parity, random_images, run_torch
 
 HYBRID = dict(SMALL, layer_type="bottleneck", global_padding="SAME", embedding_dynamic_padding=True)
 
@@ -44,8 +44,9 @@ def test_small_configs_match_transformers(name, hf_checkpoint):
     _compare_model(path, hf_model, config, x, name)
 
 
-@pytest.mark.parametrize("name", ["preactivation", "hybrid_vit_bottleneck_same_dynamic",
-                                  "preactivation_dynamic_stem_pool"])
+@pytest.mark.parametrize(
+    "name", ["preactivation", "hybrid_vit_bottleneck_same_dynamic", "preactivation_dynamic_stem_pool"]
+)
 def test_odd_non_square_input_matches_transformers(name, hf_checkpoint):
     path, hf_model = hf_checkpoint(**CONFIGS[name])
     _compare_model(path, hf_model, CONFIGS[name], random_images(1, 75, 53), f"{name} 75x53")

@@ -69,8 +69,9 @@ def test_each_is_a_photo(loaded):
     assert any(h > 2 * w for h, w in shapes) and any(w > 2 * h for h, w in shapes)
     # distinct images: no file is another one re-encoded or resized (the closest pair, the deep
     # field and its south-east quadrant, both mostly black sky, differ by ~7.6 levels per pixel)
-    small = np.stack([np.asarray(Image.fromarray(a).resize((16, 16), Image.BILINEAR), np.float32)
-                      for a in arrays]).reshape(len(arrays), -1)
+    small = np.stack(
+        [np.asarray(Image.fromarray(a).resize((16, 16), Image.BILINEAR), np.float32) for a in arrays]
+    ).reshape(len(arrays), -1)
     distances = np.abs(small[:, None] - small[None]).mean(-1) + np.eye(len(arrays)) * 1e9
     assert distances.min() > 4
 
@@ -113,8 +114,23 @@ def test_wheel_ships_the_photos(tmp_path):
         shutil.copytree(os.path.join(ROOT, name), src / name, ignore=ignore)
     for name in ("setup.cfg", "setup.py", "README.md"):
         shutil.copy(os.path.join(ROOT, name), src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                    str(src), "-w", str(tmp_path / "dist")], check=True, cwd=tmp_path, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            str(src),
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        check=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     (wheel,) = (tmp_path / "dist").glob("tfbit-*.whl")
     with zipfile.ZipFile(wheel) as z:
         shipped = {n for n in z.namelist() if n.startswith("conversion/photos/")}

@@ -17,16 +17,22 @@ def test_convert_works_on_a_plain_install(tmp_path, hf_checkpoint):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
-    install = subprocess.run([python, "-m", "pip", "install", "--quiet", ROOT], capture_output=True, text=True,
-                             timeout=1800)
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", ROOT], capture_output=True, text=True, timeout=1800
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     listed = subprocess.run([python, "-m", "pip", "list"], capture_output=True, text=True, check=True).stdout
     assert not {"torch", "transformers", "timm", "scikit-learn"} & {line.split()[0] for line in listed.splitlines()[2:]}
     output = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    done = subprocess.run([python, "-m", "conversion.convert", str(source), "--output", str(output)],
-                          cwd=tmp_path, env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True,
-                          text=True, timeout=1200)
+    done = subprocess.run(
+        [python, "-m", "conversion.convert", str(source), "--output", str(output)],
+        cwd=tmp_path,
+        env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((output / "report.json").read_text())
     assert report["reference"] == "keras" and report["images"] == "32 shipped photos"
@@ -34,8 +40,9 @@ def test_convert_works_on_a_plain_install(tmp_path, hf_checkpoint):
 
     # The newest Pillow (13 or later: the test extra's apache-beam holds the test environment at 12)
     # orders its two resize passes by shape; the serving graph's fixed-point resize must follow it.
-    done = subprocess.run([python, "-c", PILLOW_ORDER_CHECK], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [python, "-c", PILLOW_ORDER_CHECK], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     version, delta = done.stdout.split()[-2:]
     assert int(version.split(".")[0]) >= 13 and float(delta) <= 1e-6, done.stdout

@@ -21,8 +21,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def cli(*args, env=None):
     environment = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**environment, "HF_HUB_OFFLINE": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**environment, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
 
 
 def error_line(done):
@@ -35,8 +41,9 @@ def error_line(done):
 def export(tmp_path_factory):
     """The demo's trained digits classifier in every format predict runs (one TFLite variant)."""
     output = tmp_path_factory.mktemp("export") / "digits"
-    done = cli("conversion.convert", "--output", output, "--formats", "keras", "saved_model", "tflite",
-               "--tflite", "fp32")
+    done = cli(
+        "conversion.convert", "--output", output, "--formats", "keras", "saved_model", "tflite", "--tflite", "fp32"
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return output
 
@@ -49,8 +56,7 @@ def heldout(tmp_path_factory):
     for i in range(30):
         (root / "labelled" / str(y_test[i])).mkdir(parents=True, exist_ok=True)
         Image.fromarray(x_test[i]).save(root / "labelled" / str(y_test[i]) / f"{i}.png")
-    return root / "labelled", {str(root / "labelled" / str(y_test[i]) / f"{i}.png"): str(y_test[i])
-                               for i in range(30)}
+    return root / "labelled", {str(root / "labelled" / str(y_test[i]) / f"{i}.png"): str(y_test[i]) for i in range(30)}
 
 
 def read_csv(path):
@@ -62,9 +68,20 @@ def test_files_folders_and_globs_in_batches_to_csv(export, heldout, tmp_path):
     folder, truth = heldout
     one_file = sorted(truth)[0]
     # the second glob names the first folder's files again: each image is predicted once
-    done = cli("conversion.predict", export / "tflite/digits_fp32.tflite", folder / "3", str(folder / "7") + "/*.png",
-               one_file, str(folder / "3") + "/*.png", "--batch-size", "4", "--top-k", "3",
-               "--output", tmp_path / "preds.csv")
+    done = cli(
+        "conversion.predict",
+        export / "tflite/digits_fp32.tflite",
+        folder / "3",
+        str(folder / "7") + "/*.png",
+        one_file,
+        str(folder / "3") + "/*.png",
+        "--batch-size",
+        "4",
+        "--top-k",
+        "3",
+        "--output",
+        tmp_path / "preds.csv",
+    )
     assert done.returncode == 0, done.stderr
     expected = [p for p in sorted(truth) if "/3/" in p] + [p for p in sorted(truth) if "/7/" in p] + [one_file]
     rows = read_csv(tmp_path / "preds.csv")
@@ -83,8 +100,11 @@ def test_every_artifact_writes_the_same_jsonl(export, heldout, tmp_path):
     one uint8 level of it): the same top labels, scores equal to float32 parity or close."""
     folder, truth = heldout
     records = {}
-    for name, artifact in [("keras", export / "digits.keras"), ("tflite", export / "tflite/digits_fp32.tflite"),
-                           ("saved_model", export)]:
+    for name, artifact in [
+        ("keras", export / "digits.keras"),
+        ("tflite", export / "tflite/digits_fp32.tflite"),
+        ("saved_model", export),
+    ]:
         out = tmp_path / f"{name}.jsonl"
         done = cli("conversion.predict", artifact, folder, "--batch-size", "8", "--output", out)
         assert done.returncode == 0, done.stderr
@@ -93,8 +113,12 @@ def test_every_artifact_writes_the_same_jsonl(export, heldout, tmp_path):
         assert set(records[name][0]) == {"path", "labels", "scores"} and len(records[name][0]["labels"]) == 5
     for name in ("tflite", "saved_model"):
         assert [r["labels"][0] for r in records[name]] == [r["labels"][0] for r in records["keras"]], name
-        np.testing.assert_allclose([r["scores"] for r in records[name]], [r["scores"] for r in records["keras"]],
-                                   atol=1e-4 if name == "tflite" else 2e-2, err_msg=name)
+        np.testing.assert_allclose(
+            [r["scores"] for r in records[name]],
+            [r["scores"] for r in records["keras"]],
+            atol=1e-4 if name == "tflite" else 2e-2,
+            err_msg=name,
+        )
 
 
 @pytest.mark.parametrize("artifact", ["digits.keras", "serving/1"])
@@ -110,8 +134,16 @@ def test_bad_images_are_skipped_by_path_and_the_rest_predicted(artifact, export,
     encoded = io.BytesIO()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(encoded, "JPEG")
     (folder / "truncated.jpg").write_bytes(encoded.getvalue()[:200])
-    done = cli("conversion.predict", export / artifact, folder, str(tmp_path / "missing.png"), "--batch-size", "8",
-               "--output", tmp_path / "preds.jsonl")
+    done = cli(
+        "conversion.predict",
+        export / artifact,
+        folder,
+        str(tmp_path / "missing.png"),
+        "--batch-size",
+        "8",
+        "--output",
+        tmp_path / "preds.jsonl",
+    )
     assert done.returncode == 1, done.stderr
     skipped = [line for line in done.stderr.splitlines() if line.startswith("skipped: ")]
     assert len(skipped) == 3, done.stderr
@@ -125,8 +157,16 @@ def test_bad_images_are_skipped_by_path_and_the_rest_predicted(artifact, export,
 def test_evaluate_prints_accuracy_and_writes_a_confusion_matrix(export, heldout, tmp_path):
     folder, truth = heldout
     png = tmp_path / "cm.png"
-    done = cli("conversion.predict", export / "tflite/digits_fp32.tflite", folder, "--evaluate",
-               "--confusion-matrix", png, "--output", tmp_path / "preds.csv")
+    done = cli(
+        "conversion.predict",
+        export / "tflite/digits_fp32.tflite",
+        folder,
+        "--evaluate",
+        "--confusion-matrix",
+        png,
+        "--output",
+        tmp_path / "preds.csv",
+    )
     assert done.returncode == 0 and done.stderr == "", done.stderr  # one batch: no progress line
     rows = read_csv(tmp_path / "preds.csv")
     assert {r["path"]: r["true_label"] for r in rows} == truth
@@ -172,6 +212,7 @@ def test_progress_rewrites_one_line_on_a_terminal():
     class Terminal(io.StringIO):
         def isatty(self):
             return True
+
     stream = Terminal()
     progress = Progress(10, "images", stream=stream)
     for done in (4, 8, 10):

@@ -9,9 +9,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import SMALL
 
 import tfbit
-from conftest import SMALL
 from conversion import images as photos
 from tfbit.image_files import load_image
 from tfbit.image_processor import BitImageProcessor
@@ -43,17 +43,22 @@ def _assert_float_close(ours, ref, what):
 
 @pytest.fixture(scope="module")
 def shipped_photos():
-    return {os.path.basename(p): np.asarray(image) for p, image in
-            zip(photos.photo_paths(), photos.photo_images().images)}
+    return {
+        os.path.basename(p): np.asarray(image) for p, image in zip(photos.photo_paths(), photos.photo_images().images)
+    }
 
 
 def _odd_sizes():
     rng = np.random.RandomState(0)
     chelsea = np.asarray(load_image(os.path.join(photos.PHOTOS_DIR, "chelsea.jpg")))
-    return {"225x1001": np.tile(chelsea, (1, 3, 1))[:225, :1001], "1001x225": np.tile(chelsea, (4, 1, 1))[:1001, :225],
-            "301x451": np.pad(chelsea, ((0, 1), (0, 0), (0, 0)), mode="edge")[:301, :451],
-            "17x9 upscaled": chelsea[::18, ::50][:17, :9], "224x224": chelsea[:224, :224],
-            "noise 97x131": rng.randint(0, 256, (97, 131, 3)).astype(np.uint8)}
+    return {
+        "225x1001": np.tile(chelsea, (1, 3, 1))[:225, :1001],
+        "1001x225": np.tile(chelsea, (4, 1, 1))[:1001, :225],
+        "301x451": np.pad(chelsea, ((0, 1), (0, 0), (0, 0)), mode="edge")[:301, :451],
+        "17x9 upscaled": chelsea[::18, ::50][:17, :9],
+        "224x224": chelsea[:224, :224],
+        "noise 97x131": rng.randint(0, 256, (97, 131, 3)).astype(np.uint8),
+    }
 
 
 def test_shipped_photos_and_odd_sizes_match_the_processor(shipped_photos):
@@ -66,9 +71,15 @@ def test_shipped_photos_and_odd_sizes_match_the_processor(shipped_photos):
         _assert_float_close(layer(floats[None]), processor(floats), f"{name} float32 0-255")
 
 
-@pytest.mark.parametrize("config", [dict(backend="pil"), dict(size=448, crop_size=448, resample=3),
-                                    dict(size={"height": 96, "width": 128}, do_center_crop=False),
-                                    dict(crop_size=320)])  # larger than the resized image: padded
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(backend="pil"),
+        dict(size=448, crop_size=448, resample=3),
+        dict(size={"height": 96, "width": 128}, do_center_crop=False),
+        dict(crop_size=320),
+    ],
+)  # larger than the resized image: padded
 def test_other_configurations(config, shipped_photos):
     processor = BitImageProcessor.original_bit(**config) if "resample" in config else BitImageProcessor(**config)
     layer = tfbit.BitPreprocessing(processor)
@@ -90,26 +101,47 @@ def test_inside_a_functional_model_saved_and_reloaded_in_a_fresh_process(tmp_pat
     np.testing.assert_array_equal(expected, classifier(preprocess(image)))
     model.save(tmp_path / "m.keras")
     np.save(tmp_path / "image.npy", image)
-    script = ("import keras, numpy as np, tfbit, sys\n"
-              "model = keras.saving.load_model(sys.argv[1])\n"
-              "layer = next(l for l in model.layers if isinstance(l, tfbit.BitPreprocessing))\n"
-              "np.save(sys.argv[2], np.asarray(model(np.load(sys.argv[3]))))\n"
-              "print(layer.processor.backend, layer.processor.crop_size['height'])\n")
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.keras"), str(tmp_path / "out.npy"),
-                           str(tmp_path / "image.npy")], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    script = (
+        "import keras, numpy as np, tfbit, sys\n"
+        "model = keras.saving.load_model(sys.argv[1])\n"
+        "layer = next(l for l in model.layers if isinstance(l, tfbit.BitPreprocessing))\n"
+        "np.save(sys.argv[2], np.asarray(model(np.load(sys.argv[3]))))\n"
+        "print(layer.processor.backend, layer.processor.crop_size['height'])\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(tmp_path / "m.keras"),
+            str(tmp_path / "out.npy"),
+            str(tmp_path / "image.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["pil", "56"]
     # Another process may pick other convolution kernels (the oneDNN switch and thread count
     # come from the environment it inherits, which earlier tests' CLIs set): float32 rounding
     # differences only (1.2e-7 seen in a full-suite run).
-    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0,
-                               atol=1e-6 * max(1.0, float(np.abs(expected).max())))
+    np.testing.assert_allclose(
+        np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-6 * max(1.0, float(np.abs(expected).max()))
+    )
 
 
 def test_config_is_complete():
-    processor = BitImageProcessor(size=300, crop_size={"height": 256, "width": 192}, image_mean=0.5, image_std=0.25,
-                                  do_convert_rgb=False, backend="pil")
+    processor = BitImageProcessor(
+        size=300,
+        crop_size={"height": 256, "width": 192},
+        image_mean=0.5,
+        image_std=0.25,
+        do_convert_rgb=False,
+        backend="pil",
+    )
     layer = tfbit.BitPreprocessing(processor, name="prep")
     config = layer.get_config()
     json.dumps(config)
@@ -131,9 +163,10 @@ def test_in_tf_data_on_images_of_different_sizes(shipped_photos):
     layer = tfbit.BitPreprocessing()
     images = [shipped_photos[n] for n in ("chelsea.jpg", "rocket.jpg", "flower_dahlia.png")]
     images = [i[..., :3] for i in images]
-    dataset = tf.data.Dataset.from_generator(lambda: iter(images),
-                                             output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
-    batch, = dataset.map(layer).batch(3).as_numpy_iterator()
+    dataset = tf.data.Dataset.from_generator(
+        lambda: iter(images), output_signature=tf.TensorSpec([None, None, 3], tf.uint8)
+    )
+    (batch,) = dataset.map(layer).batch(3).as_numpy_iterator()
     assert batch.shape == (3, 224, 224, 3)
     for image, out in zip(images, batch):
         np.testing.assert_allclose(out, layer(image[None])[0], atol=1e-6)
@@ -155,8 +188,11 @@ def test_mixed_precision_policy_keeps_float32(shipped_photos):
 
 def test_errors_name_the_problem(tmp_path):
     layer = tfbit.BitPreprocessing()
-    with pytest.raises(ValueError, match=r"expected \(H, W, C\) or \(N, H, W, C\) images with C in 1, 3, 4; "
-                                         r"got shape \(1, 32, 32, 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected \(H, W, C\) or \(N, H, W, C\) images with C in 1, 3, 4; "
+        r"got shape \(1, 32, 32, 2\)",
+    ):
         layer(np.zeros((1, 32, 32, 2), np.uint8))
     with pytest.raises(ValueError, match="backend must be one of"):
         tfbit.BitPreprocessing(backend="opencv")
@@ -166,8 +202,9 @@ def test_errors_name_the_problem(tmp_path):
 
 def test_readme_example_runs_as_written(tmp_path, shipped_photos, monkeypatch):
     import re
+
     blocks = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(), re.S)
-    block, = [b for b in blocks if "BitPreprocessing.from_pretrained" in b]
+    (block,) = [b for b in blocks if "BitPreprocessing.from_pretrained" in b]
     model, checkpoint = tfbit.load_model(os.path.join(ROOT, "conversion", "default_checkpoint"))
     folder = tmp_path / "saved_models" / "digits"
     folder.mkdir(parents=True)

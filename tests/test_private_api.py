@@ -18,8 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_overridden_private_hooks_exist_with_their_parameters(owner):
     name, parameters = private_api.OVERRIDDEN[owner]
     cls = eval(owner, {"keras": keras})
-    assert hasattr(cls, name), (f"{owner}.{name} is gone in Keras {keras.__version__} (checked on "
-                                f"{private_api.CHECKED_ON}): tfbit's override of it no longer runs")
+    assert hasattr(cls, name), (
+        f"{owner}.{name} is gone in Keras {keras.__version__} (checked on "
+        f"{private_api.CHECKED_ON}): tfbit's override of it no longer runs"
+    )
     signature = inspect.signature(getattr(cls, name))
     missing = [p for p in parameters if p not in signature.parameters]
     assert not missing, f"{owner}.{name}{signature} lost {missing}: update tfbit's override"
@@ -39,6 +41,7 @@ def test_watch_assignments_keeps_the_variables_state():
         def assign(self, value):
             type(self).assigned += 1
             return super().assign(value)
+
     variable = keras.Variable([1.0, 2.0])
     assert private_api.watch_assignments(variable, Watched) is variable
     variable.assign([3.0, 4.0])
@@ -49,6 +52,7 @@ def test_watch_assignments_keeps_the_variables_state():
 
 def test_stateless_scope_is_seen():
     from keras import StatelessScope
+
     assert not private_api.in_stateless_scope()
     with StatelessScope():
         assert private_api.in_stateless_scope()

@@ -42,8 +42,9 @@ time.sleep(60)
 
 
 def _python(script, *args):
-    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
 
 
 def _stop(proc):
@@ -68,8 +69,11 @@ def _read(path):
 
 def _tree(folder):
     """{relative path: content} of every file under folder."""
-    return {os.path.relpath(os.path.join(d, f), folder): _read(os.path.join(d, f))
-            for d, _, files in os.walk(folder) for f in files}
+    return {
+        os.path.relpath(os.path.join(d, f), folder): _read(os.path.join(d, f))
+        for d, _, files in os.walk(folder)
+        for f in files
+    }
 
 
 def _dead_pid():
@@ -87,16 +91,39 @@ def output(tmp_path):
 
 
 def test_overwrite_replaces_only_what_was_written(output):
-    _stage(output, {"config.json": "old", "report.json": "old", "notes.txt": "mine",
-                    "tflite/bit_fp32.tflite": "old", "tflite/other.tflite": "mine", "serving/1/saved_model.pb": "v1"})
+    _stage(
+        output,
+        {
+            "config.json": "old",
+            "report.json": "old",
+            "notes.txt": "mine",
+            "tflite/bit_fp32.tflite": "old",
+            "tflite/other.tflite": "mine",
+            "serving/1/saved_model.pb": "v1",
+        },
+    )
     with publish.staging_dir(output) as staging:
-        _stage(staging, {"config.json": "new", "report.json": "new", "tflite/bit_fp32.tflite": "new",
-                         "serving/2/saved_model.pb": "v2"})
-        publish.publish(staging, output, ["config.json", "tflite/bit_fp32.tflite", "serving/2", "report.json"],
-                        overwrite=True)
-    assert _tree(output) == {"config.json": "new", "report.json": "new", "notes.txt": "mine",
-                             "tflite/bit_fp32.tflite": "new", "tflite/other.tflite": "mine",
-                             "serving/1/saved_model.pb": "v1", "serving/2/saved_model.pb": "v2"}
+        _stage(
+            staging,
+            {
+                "config.json": "new",
+                "report.json": "new",
+                "tflite/bit_fp32.tflite": "new",
+                "serving/2/saved_model.pb": "v2",
+            },
+        )
+        publish.publish(
+            staging, output, ["config.json", "tflite/bit_fp32.tflite", "serving/2", "report.json"], overwrite=True
+        )
+    assert _tree(output) == {
+        "config.json": "new",
+        "report.json": "new",
+        "notes.txt": "mine",
+        "tflite/bit_fp32.tflite": "new",
+        "tflite/other.tflite": "mine",
+        "serving/1/saved_model.pb": "v1",
+        "serving/2/saved_model.pb": "v2",
+    }
     assert sorted(os.listdir(os.path.dirname(output))) == [".bit.tfbit-lock", "bit"]  # no staging left
 
 
@@ -148,8 +175,9 @@ def test_source_checkpoint_files_are_never_replaced(output, tmp_path, overwrite)
     with publish.staging_dir(output) as staging:
         _stage(staging, {"config.json": "new", "bit.keras": "new"})
         with pytest.raises(publish.SourceCollision, match="config.json.*choose another --output"):
-            publish.publish(staging, output, ["bit.keras", "config.json"], source_paths=source_paths,
-                            overwrite=overwrite)
+            publish.publish(
+                staging, output, ["bit.keras", "config.json"], source_paths=source_paths, overwrite=overwrite
+            )
         # Artifacts that are not the source's own files can go next to it.
         publish.publish(staging, output, ["bit.keras"], source_paths=source_paths, overwrite=overwrite)
     assert _tree(output) == {**source, "bit.keras": "new"}
@@ -189,8 +217,13 @@ def test_stale_staging_of_dead_processes_is_removed_and_nothing_else(output):
     try:
         dead = _dead_pid()
         stale = [f".bit.partial-{dead}", f"bit.partial-{dead}"]  # the second: tfbit before publish.py
-        kept = [f".bit.partial-{sleeper.pid}", f".bit.partial-{dead}x", f".bit.old-{dead}",
-                f".other.partial-{dead}", f"bit.old-{dead}"]
+        kept = [
+            f".bit.partial-{sleeper.pid}",
+            f".bit.partial-{dead}x",
+            f".bit.old-{dead}",
+            f".other.partial-{dead}",
+            f"bit.old-{dead}",
+        ]
         for name in stale + kept:
             _stage(os.path.join(parent, name), {"saved_model.pb": "x"})
         with publish.staging_dir(output) as staging:
@@ -258,8 +291,10 @@ def test_report_goes_last_and_an_old_report_first(output, monkeypatch):
     assert _tree(output) == {"report.json": "new", "config.json": "new", "bit.keras": "new"}
 
 
-@pytest.mark.parametrize("written", [["../escape"], ["/abs"], ["serving"], ["serving/1/variables"],
-                                     ["tflite", "tflite/a.tflite"], ["a", "./a"]])
+@pytest.mark.parametrize(
+    "written",
+    [["../escape"], ["/abs"], ["serving"], ["serving/1/variables"], ["tflite", "tflite/a.tflite"], ["a", "./a"]],
+)
 def test_artifact_paths_must_be_whole_artifacts_inside_staging(output, written):
     with publish.staging_dir(output) as staging:
         with pytest.raises(ValueError):

@@ -20,8 +20,8 @@ def test_models_example_runs_and_its_comments_hold():
 
 def _blocks_after(heading, language):
     text = README.read_text()
-    section = text[text.index(heading):]
-    section = section[:section.index("\n## ", 1)]
+    section = text[text.index(heading) :]
+    section = section[: section.index("\n## ", 1)]
     return re.findall(rf"```{language}\n(.*?)```", section, re.S)
 
 
@@ -36,16 +36,31 @@ def test_your_own_keras_model_recipe_runs_as_typed(tmp_path, hf_checkpoint):
 
     from PIL import Image
     from test_hub import write_hub_cache
+
     checkpoint, _ = hf_checkpoint(num_labels=1000)  # google/bit-50's architecture and head
-    (checkpoint / "preprocessor_config.json").write_text(json.dumps(
-        {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": 256},
-         "crop_size": {"height": 224, "width": 224}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    (checkpoint / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "BitImageProcessor",
+                "size": {"shortest_edge": 256},
+                "crop_size": {"height": 224, "width": 224},
+                "image_mean": [0.5] * 3,
+                "image_std": [0.5] * 3,
+            }
+        )
+    )
     cache = tmp_path / "hub"
-    write_hub_cache(cache, "google/bit-50", {f: checkpoint / f for f in
-                                             ("config.json", "model.safetensors", "preprocessor_config.json")})
+    write_hub_cache(
+        cache,
+        "google/bit-50",
+        {f: checkpoint / f for f in ("config.json", "model.safetensors", "preprocessor_config.json")},
+    )
     photos = README.parent / "conversion" / "photos"
-    for label, names in {"cat": ["chelsea", "chelsea_eyes"], "coffee": ["coffee", "coffee_cup"],
-                         "rocket": ["rocket", "rocket_tower"]}.items():
+    for label, names in {
+        "cat": ["chelsea", "chelsea_eyes"],
+        "coffee": ["coffee", "coffee_cup"],
+        "rocket": ["rocket", "rocket_tower"],
+    }.items():
         (tmp_path / "photos" / label).mkdir(parents=True)
         for i, name in enumerate(names):
             image = Image.open(photos / f"{name}.jpg").convert("RGB")
@@ -55,12 +70,16 @@ def test_your_own_keras_model_recipe_runs_as_typed(tmp_path, hf_checkpoint):
     env.pop("PYTHONPATH", None)
 
     def run(args, codes=(0,)):
-        done = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=1200)
+        done = subprocess.run(
+            [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200
+        )
         assert done.returncode in codes, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 
-    python, bash = _blocks_after("## Your own Keras model", "python")[0], _blocks_after("## Your own Keras model", "bash")[0]
+    python, bash = (
+        _blocks_after("## Your own Keras model", "python")[0],
+        _blocks_after("## Your own Keras model", "bash")[0],
+    )
     counts = "\nprint('COUNTS', len(model.trainable_weights), len(base.trainable_weights))\n"
     trained = python.replace("model.fit(train, epochs=2)\n", "model.fit(train, epochs=2)\n" + counts)
     out = run(["-c", trained + counts])
@@ -69,8 +88,11 @@ def test_your_own_keras_model_recipe_runs_as_typed(tmp_path, hf_checkpoint):
     assert last == ["87", "85"]
     assert (tmp_path / "labels.txt").read_text() == "cat\ncoffee\nrocket"
     commands = [shlex.split(line.split("#")[0]) for line in bash.strip().splitlines()]
-    assert [c[:3] for c in commands] == [["python", "-m", "conversion.convert"], ["python", "-m", "conversion.predict"],
-                                         ["python", "-m", "conversion.predict"]]
+    assert [c[:3] for c in commands] == [
+        ["python", "-m", "conversion.convert"],
+        ["python", "-m", "conversion.predict"],
+        ["python", "-m", "conversion.predict"],
+    ]
     converted = run(commands[0][1:], codes=(0, 1))
     assert "your Functional built on tfbit, 3 labels, 23.5 M parameters" in converted
     assert "reference: your Keras model" in converted

@@ -6,16 +6,18 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import SMALL
+
 from conversion import convert, export, predict
-from tfbit.environment import ONEDNN, onednn_default
 from tfbit import runtime
+from tfbit.environment import ONEDNN, onednn_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHILD = ("import sys; from tfbit import runtime; "
-         "threads = runtime.set_threads(int(sys.argv[1]) if len(sys.argv) > 1 else None); "
-         "import tensorflow as tf; print(threads, tf.config.threading.get_intra_op_parallelism_threads())")
+CHILD = (
+    "import sys; from tfbit import runtime; "
+    "threads = runtime.set_threads(int(sys.argv[1]) if len(sys.argv) > 1 else None); "
+    "import tensorflow as tf; print(threads, tf.config.threading.get_intra_op_parallelism_threads())"
+)
 
 
 def _child(*args, environment=None):
@@ -23,8 +25,9 @@ def _child(*args, environment=None):
     env = {k: v for k, v in os.environ.items() if k != ONEDNN}
     if environment is not None:
         env[ONEDNN] = environment
-    out = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip().splitlines()[-1].split()
 
@@ -65,19 +68,28 @@ def test_int8_without_calibration_images_is_refused(tmp_path, capsys):
         convert.main(["--output", str(tmp_path / "o"), "--calibration-images", "0"])
     assert info.value.code == 2
     assert "--calibration-images: must be at least 1, got 0" in capsys.readouterr().err
-    with pytest.raises(convert.ConversionError, match="full int8 TFLite needs calibration images, got calibration_images=0"):
+    with pytest.raises(
+        convert.ConversionError, match="full int8 TFLite needs calibration images, got calibration_images=0"
+    ):
         convert.convert(output=str(tmp_path / "o"), calibration_images=0, log=lambda m: None)
     assert not (tmp_path / "o").exists()
     # without int8 nothing is calibrated, so the count does not matter
-    report = convert.convert(output=str(tmp_path / "o"), formats=("tflite",), quantizations=("fp32",),
-                             calibration_images=0, log=lambda m: None)
+    report = convert.convert(
+        output=str(tmp_path / "o"),
+        formats=("tflite",),
+        quantizations=("fp32",),
+        calibration_images=0,
+        log=lambda m: None,
+    )
     assert report["passed"] and (tmp_path / "o" / "tflite" / "digits_fp32.tflite").exists()
 
 
 @pytest.fixture(scope="module")
 def small_inference_model():
     import keras
+
     import tfbit
+
     keras.utils.set_random_seed(0)
     return tfbit.fold_weight_standardization(tfbit.BitForImageClassification(tfbit.BitConfig(**dict(SMALL))))
 
@@ -96,15 +108,20 @@ def test_float_variants_from_one_converter_equal_fresh_conversions(small_inferen
     floats = ("fp32", "fp16", "dynamic_int8")
     shared = export.tflite_models(small_inference_model, "classification", (32, 32), floats)
     for quantization in floats:
-        assert shared[quantization] == export.tflite_bytes(small_inference_model, "classification", (32, 32),
-                                                           quantization), quantization
+        assert shared[quantization] == export.tflite_bytes(
+            small_inference_model, "classification", (32, 32), quantization
+        ), quantization
 
 
 def test_representative_images_of_another_size_are_refused(small_inference_model):
-    with pytest.raises(ValueError, match=r"representative images have shape \(16, 16, 3\); "
-                                         r"the TFLite graph takes \(32, 32, 3\)"):
-        export.tflite_models(small_inference_model, "classification", (32, 32), ("fp32", "int8"),
-                             np.zeros((2, 16, 16, 3), "float32"))
+    with pytest.raises(
+        ValueError,
+        match=r"representative images have shape \(16, 16, 3\); "
+        r"the TFLite graph takes \(32, 32, 3\)",
+    ):
+        export.tflite_models(
+            small_inference_model, "classification", (32, 32), ("fp32", "int8"), np.zeros((2, 16, 16, 3), "float32")
+        )
 
 
 def test_a_failing_int8_worker_reports_its_last_words(tmp_path):
@@ -128,6 +145,8 @@ def test_an_int8_worker_killed_early_is_reported_as_such(tmp_path):
     worker.process.kill()
     worker.process.wait()
     worker.convert(str(tmp_path / "graph"))  # the pipe is broken: no error here, `result` tells
-    with pytest.raises(RuntimeError, match=r"^TFLite int8 conversion failed \(killed by signal 9 \(out of memory\?\)\)"):
+    with pytest.raises(
+        RuntimeError, match=r"^TFLite int8 conversion failed \(killed by signal 9 \(out of memory\?\)\)"
+    ):
         worker.result()
     worker.close()

@@ -9,9 +9,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import SMALL, random_images
 
 import tfbit
-from conftest import SMALL, random_images
 from tfbit.image_processor import BitImageProcessor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,13 +60,24 @@ def run_transformers(cases, tmp_path):
     spec = []
     for i, case in enumerate(cases):
         np.save(tmp_path / f"images{i}.npy", case["images"])
-        spec.append({"class": type(case["model"]).__name__, "dir": str(case["dir"]),
-                     "images": str(tmp_path / f"images{i}.npy"), "processor": case.get("processor", False)})
+        spec.append(
+            {
+                "class": type(case["model"]).__name__,
+                "dir": str(case["dir"]),
+                "images": str(tmp_path / f"images{i}.npy"),
+                "processor": case.get("processor", False),
+            }
+        )
     (tmp_path / "cases.json").write_text(json.dumps(spec))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", TRANSFORMERS_RUN, str(tmp_path / "cases.json"),
-                           str(tmp_path / "out.npz")], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", TRANSFORMERS_RUN, str(tmp_path / "cases.json"), str(tmp_path / "out.npz")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return dict(np.load(tmp_path / "out.npz"))
 
@@ -82,10 +93,13 @@ def assert_close(actual, reference, what):
 def fine_tuned(images):
     """A new head for LABELS trained a few steps with model.fit."""
     import keras
+
     from tfbit.finetune.transfer import with_new_head
+
     model = with_new_head(randomized(tfbit.BitModel(tfbit.BitConfig(**SMALL)), seed=9), id2label=LABELS)
-    model.compile(optimizer=keras.optimizers.SGD(0.1),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     model.fit(images, np.array([0, 2]), epochs=2, verbose=0)
     return model
 
@@ -101,12 +115,14 @@ def written(tmp_path_factory):
         "features": tfbit.BitModel(tfbit.BitConfig(**SMALL)),
         "backbone": tfbit.BitBackbone(tfbit.BitConfig(**SMALL, out_features=["stem", "stage2", "stage3"])),
         # transformers cannot build width_factor != 1 itself: the writer folds it into the widths
-        "wide": tfbit.BitForImageClassification(tfbit.BitConfig(**{**SMALL, "hidden_sizes": [16, 32, 48, 64]},
-                                                                width_factor=2)),
+        "wide": tfbit.BitForImageClassification(
+            tfbit.BitConfig(**{**SMALL, "hidden_sizes": [16, 32, 48, 64]}, width_factor=2)
+        ),
         # the original .npz convention: eps 1e-10, written as standardized kernels
         "npz_eps": tfbit.BitForImageClassification(tfbit.BitConfig(**SMALL, ws_eps=1e-10)),
-        "bottleneck": tfbit.BitModel(tfbit.BitConfig(**SMALL, layer_type="bottleneck", global_padding="SAME",
-                                                     embedding_dynamic_padding=True)),
+        "bottleneck": tfbit.BitModel(
+            tfbit.BitConfig(**SMALL, layer_type="bottleneck", global_padding="SAME", embedding_dynamic_padding=True)
+        ),
     }
     for i, (name, model) in enumerate(cases.items()):
         randomized(model, seed=i, kernel_scale=1e-4 if name == "npz_eps" else 1.0)
@@ -118,8 +134,15 @@ def written(tmp_path_factory):
         model.save_pretrained(tmp / name, preprocessor=processor)
         runs.append({"model": model, "dir": tmp / name, "images": images, "processor": processor is not None})
     outputs = run_transformers(runs, tmp)
-    return tmp, images, cases, {name: {k.split("/", 1)[1]: v for k, v in outputs.items()
-                                       if k.split("/")[0] == str(i)} for i, name in enumerate(cases)}
+    return (
+        tmp,
+        images,
+        cases,
+        {
+            name: {k.split("/", 1)[1]: v for k, v in outputs.items() if k.split("/")[0] == str(i)}
+            for i, name in enumerate(cases)
+        },
+    )
 
 
 @pytest.mark.parametrize("name", ["classifier", "wide", "npz_eps", "folded"])
@@ -133,8 +156,7 @@ def test_the_eps_case_tells_the_conventions_apart(written):
     these weights that changes the logits ten times beyond the contract, so the test above sees it."""
     _, images, cases, _ = written
     model = cases["npz_eps"]
-    with_hf_eps = tfbit.BitForImageClassification(tfbit.BitConfig.from_dict({**model.config.to_dict(),
-                                                                            "ws_eps": 1e-8}))
+    with_hf_eps = tfbit.BitForImageClassification(tfbit.BitConfig.from_dict({**model.config.to_dict(), "ws_eps": 1e-8}))
     with_hf_eps.set_weights(model.get_weights())
     assert np.abs(np.asarray(with_hf_eps(images)) - np.asarray(model(images))).max() > 10 * 1e-5
 
@@ -203,21 +225,46 @@ def test_finetune_cli_writes_a_transformers_checkpoint(tmp_path):
     transformers, with the data's labels, computing what best.keras computes."""
     import keras
     from PIL import Image
+
     rng = np.random.RandomState(0)
     for label in ("ant", "bee"):
         (tmp_path / "data" / label).mkdir(parents=True)
         for i in range(4):
             Image.fromarray(rng.randint(0, 255, (40, 40, 3), np.uint8)).save(tmp_path / "data" / label / f"{i}.png")
     randomized(tfbit.BitModel(tfbit.BitConfig(**SMALL))).save_pretrained(tmp_path / "source")
-    done = subprocess.run([sys.executable, "-m", "tfbit.finetune", str(tmp_path / "source"), "--data",
-                           str(tmp_path / "data"), "--output", str(tmp_path / "run"), "--steps", "2", "--epochs", "1",
-                           "--batch-size", "4", "--crop-size", "32", "--resize-size", "36", "--save-pretrained"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tfbit.finetune",
+            str(tmp_path / "source"),
+            "--data",
+            str(tmp_path / "data"),
+            "--output",
+            str(tmp_path / "run"),
+            "--steps",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--crop-size",
+            "32",
+            "--resize-size",
+            "36",
+            "--save-pretrained",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"transformers checkpoint: {tmp_path / 'run' / 'transformers'}" in done.stdout
     best = keras.saving.load_model(tmp_path / "run" / "best.keras")
     images = random_images(2, 32, 32, seed=5)
-    outputs = run_transformers([{"model": best, "dir": tmp_path / "run" / "transformers", "images": images,
-                                 "processor": True}], tmp_path)
+    outputs = run_transformers(
+        [{"model": best, "dir": tmp_path / "run" / "transformers", "images": images, "processor": True}], tmp_path
+    )
     assert_close(best(images), outputs["0/logits"], "fine-tuned by the CLI")
     assert json.loads(str(outputs["0/labels"])) == {"0": "ant", "1": "bee"}

@@ -18,8 +18,8 @@ import zlib
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import PIL
+import pytest
 from PIL import Image
 
 from tfbit.image_files import MAX_PIXELS, load_image, read_image_header
@@ -44,13 +44,22 @@ def graph():
     processor = BitImageProcessor()
     return SimpleNamespace(
         ops=image_ops,
-        preprocess=tf.function(lambda s: image_ops.preprocess_image_bytes(s, processor), input_signature=batch,
-                               autograph=False),
-        decode=tf.function(lambda s: image_decode.decode_image_bytes(s), input_signature=[tf.TensorSpec([], tf.string)],
-                           autograph=False),
-        headers=tf.function(lambda s: tf.map_fn(lambda x: image_decode._inspect(x, MAX_PIXELS), s,
-                                                fn_output_signature=image_decode._HEADER_SPEC),
-                            input_signature=batch, autograph=False))
+        preprocess=tf.function(
+            lambda s: image_ops.preprocess_image_bytes(s, processor), input_signature=batch, autograph=False
+        ),
+        decode=tf.function(
+            lambda s: image_decode.decode_image_bytes(s),
+            input_signature=[tf.TensorSpec([], tf.string)],
+            autograph=False,
+        ),
+        headers=tf.function(
+            lambda s: tf.map_fn(
+                lambda x: image_decode._inspect(x, MAX_PIXELS), s, fn_output_signature=image_decode._HEADER_SPEC
+            ),
+            input_signature=batch,
+            autograph=False,
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +92,9 @@ def _assert_preprocessed_close(graph, paths, preprocessed=None):
     for (name, path), pixels in zip(paths.items(), preprocessed):
         image = pil_to_rgb(load_image(path))
         # the same float32 arithmetic, traced or eager (a few ulps apart)
-        np.testing.assert_allclose(pixels, graph.ops.preprocess_images(image, processor)[0], rtol=0, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            pixels, graph.ops.preprocess_images(image, processor)[0], rtol=0, atol=1e-6, err_msg=name
+        )
         np.testing.assert_allclose(pixels, processor(load_image(path))[0], rtol=0, atol=PIXEL_TOL, err_msg=name)
 
 
@@ -97,6 +107,7 @@ def _assert_same_pixels(graph, hf_load, paths):
 
 
 # ---- EXIF orientation ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_all_exif_orientations(graph, hf_load, tmp_path, fmt):
@@ -117,7 +128,8 @@ def _tiff(*entries, little=True):
     """A TIFF header and IFD0 holding (tag, type, count, 4-byte value field) entries."""
     order = "<" if little else ">"
     ifd = struct.pack(order + "H", len(entries)) + b"".join(
-        struct.pack(order + "HHI", tag, kind, count) + value for tag, kind, count, value in entries)
+        struct.pack(order + "HHI", tag, kind, count) + value for tag, kind, count, value in entries
+    )
     return (b"II*\x00" if little else b"MM\x00*") + struct.pack(order + "I", 8) + ifd + b"\x00" * 4
 
 
@@ -150,7 +162,7 @@ def test_exif_and_xmp_variants(graph, hf_load, tmp_path):
         "value 9: ignored": (1, [_exif(_orientation(9))]),
         "first of two tags": (2, [_exif(_orientation(2), _orientation(7))]),
         "first EXIF segment": (3, [_exif(_orientation(3)), _exif(_orientation(6))]),
-        "IFD cut short": (5, [_app1(b"Exif\x00\x00" + _tiff(_orientation(5), make_tag)[:8 + 2 + 12 + 6])]),
+        "IFD cut short": (5, [_app1(b"Exif\x00\x00" + _tiff(_orientation(5), make_tag)[: 8 + 2 + 12 + 6])]),
         "XMP attribute": (6, [_xmp('<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>')]),
         "XMP element": (8, [_xmp("<rdf:Description><tiff:Orientation>8</tiff:Orientation></rdf:Description>")]),
         "second XMP match": (5, [_xmp('tiff:Orientation tiff:Orientation="5"')]),
@@ -171,6 +183,7 @@ def test_exif_and_xmp_variants(graph, hf_load, tmp_path):
 
 # ---- formats ------------------------------------------------------------------------------------
 
+
 def _bmp(rows, width, height, bits, compression=0, palette=b"", colors=0, masks=b""):
     """An uncompressed BMP (40-byte header) of bottom-up rows already padded to 4 bytes."""
     offset = 14 + 40 + len(masks) + len(palette)
@@ -182,15 +195,16 @@ def _rechunked_png(png, size):
     """The PNG with its image data in IDAT chunks of ``size`` bytes."""
     pos, chunks, idat = 8, [], b""
     while pos < len(png):
-        length, kind = struct.unpack(">I4s", png[pos:pos + 8])
+        length, kind = struct.unpack(">I4s", png[pos : pos + 8])
         if kind == b"IDAT":
-            idat += png[pos + 8:pos + 8 + length]
+            idat += png[pos + 8 : pos + 8 + length]
         else:
-            chunks.append((kind, png[pos + 8:pos + 8 + length]))
+            chunks.append((kind, png[pos + 8 : pos + 8 + length]))
         pos += 12 + length
-    chunks[-1:-1] = [(b"IDAT", idat[i:i + size]) for i in range(0, len(idat), size)]
-    return png[:8] + b"".join(struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d))
-                              for k, d in chunks)
+    chunks[-1:-1] = [(b"IDAT", idat[i : i + size]) for i in range(0, len(idat), size)]
+    return png[:8] + b"".join(
+        struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d)) for k, d in chunks
+    )
 
 
 def _rows(pixels, row_bytes):
@@ -244,10 +258,11 @@ def _format_cases():
         "BMP 8-bit palette": _encode(Image.fromarray(COFFEE).convert("P"), "BMP"),
         "BMP 8-bit gray": _encode(Image.fromarray(CAMERA), "BMP"),
         "BMP short palette, trailing bytes": _bmp(_rows(indices, 304), 301, 200, 8, palette=palette, colors=16)
-                                            + b"\x00\x00",
+        + b"\x00\x00",
         "BMP 32-bit": _bmp(_rows(bgra, 2400), 600, 400, 32),
-        "BMP 32-bit BI_BITFIELDS": _bmp(_rows(bgra, 2400), 600, 400, 32, compression=3,
-                                        masks=struct.pack("<III", 0xFF0000, 0xFF00, 0xFF)),
+        "BMP 32-bit BI_BITFIELDS": _bmp(
+            _rows(bgra, 2400), 600, 400, 32, compression=3, masks=struct.pack("<III", 0xFF0000, 0xFF00, 0xFF)
+        ),
     }
 
 
@@ -260,14 +275,23 @@ def test_formats_decode_as_transformers(graph, hf_load, tmp_path):
     assert Image.open(io.BytesIO(blobs["PNG 16-bit gray (I;16)"])).mode == "I;16"
     paths = _files(tmp_path, blobs)
     _assert_same_pixels(graph, hf_load, paths)
-    whitened = [name for name, path in paths.items()
-                if not np.array_equal(pil_to_rgb(load_image(path)), np.asarray(load_image(path)))]
-    assert whitened == ["PNG palette + tRNS", "PNG 4-bit palette + tRNS", "PNG RGB + tRNS", "PNG gray + tRNS",
-                        "GIF transparent first frame"]
+    whitened = [
+        name
+        for name, path in paths.items()
+        if not np.array_equal(pil_to_rgb(load_image(path)), np.asarray(load_image(path)))
+    ]
+    assert whitened == [
+        "PNG palette + tRNS",
+        "PNG 4-bit palette + tRNS",
+        "PNG RGB + tRNS",
+        "PNG gray + tRNS",
+        "GIF transparent first frame",
+    ]
     _assert_preprocessed_close(graph, paths)
 
 
 # ---- refusals -----------------------------------------------------------------------------------
+
 
 def _gif_with_screen(gif, width, height):
     return gif[:6] + struct.pack("<HH", width, height) + gif[10:]
@@ -295,24 +319,30 @@ def _refused_cases():
         "WebP": (_encode(Image.fromarray(CAT), "WEBP"), "not JPEG, PNG, GIF or BMP data"),
         "TIFF": (_encode(Image.fromarray(CAT), "TIFF"), "not JPEG, PNG, GIF or BMP data"),
         "JPEG cut in its header": (jpeg[:300], "truncated JPEG data (300 bytes)"),
-        "JPEG cut in its image data": (jpeg[:n(jpeg) // 2], f"truncated JPEG data ({n(jpeg) // 2} bytes)"),
+        "JPEG cut in its image data": (jpeg[: n(jpeg) // 2], f"truncated JPEG data ({n(jpeg) // 2} bytes)"),
         "JPEG without its end": (jpeg[:-2], f"truncated JPEG data ({n(jpeg) - 2} bytes)"),
         "progressive JPEG cut": (progressive[:-900], f"truncated JPEG data ({n(progressive) - 900} bytes)"),
-        "JPEG without SOF": (jpeg[:2] + jpeg[jpeg.index(b"\xff\xda"):], "corrupt JPEG data at byte 2"),
-        "JPEG CMYK": (_encode(Image.fromarray(np.dstack([255 - CAT, CAT.min(-1)]), "CMYK"), "JPEG"),
-                      "unsupported JPEG: CMYK (4 components), which the TF decoder converts to RGB differently"),
-        "JPEG of 5000 empty segments": (jpeg[:2] + b"\xff\xfe\x00\x02" * 5000 + jpeg[2:],
-                                        "corrupt JPEG data: more than 4096 blocks"),
-        "PNG cut": (png[:n(png) // 2], f"truncated PNG data ({n(png) // 2} bytes)"),
+        "JPEG without SOF": (jpeg[:2] + jpeg[jpeg.index(b"\xff\xda") :], "corrupt JPEG data at byte 2"),
+        "JPEG CMYK": (
+            _encode(Image.fromarray(np.dstack([255 - CAT, CAT.min(-1)]), "CMYK"), "JPEG"),
+            "unsupported JPEG: CMYK (4 components), which the TF decoder converts to RGB differently",
+        ),
+        "JPEG of 5000 empty segments": (
+            jpeg[:2] + b"\xff\xfe\x00\x02" * 5000 + jpeg[2:],
+            "corrupt JPEG data: more than 4096 blocks",
+        ),
+        "PNG cut": (png[: n(png) // 2], f"truncated PNG data ({n(png) // 2} bytes)"),
         "PNG without IEND": (png[:-12], f"truncated PNG data ({n(png) - 12} bytes)"),
         "GIF cut": (gif[:-2], f"truncated GIF data ({n(gif) - 2} bytes)"),
         "GIF cut in frame 2": (animated[:-500], f"truncated GIF data ({n(animated) - 500} bytes)"),
         "GIF first frame smaller than the screen": (
             _gif_with_screen(gif, 460, 300),
-            "unsupported GIF: frame 0 is 451 x 300 at (0, 0) on a 460 x 300 screen; the first frame must fill"),
+            "unsupported GIF: frame 0 is 451 x 300 at (0, 0) on a 460 x 300 screen; the first frame must fill",
+        ),
         "GIF frame outside the screen": (
-            animated[:last + 1] + struct.pack("<H", 5) + animated[last + 3:],
-            "unsupported GIF: frame 2 is 451 x 300 at (5, 0) on a 451 x 300 screen"),
+            animated[: last + 1] + struct.pack("<H", 5) + animated[last + 3 :],
+            "unsupported GIF: frame 2 is 451 x 300 at (5, 0) on a 451 x 300 screen",
+        ),
         "BMP cut": (bmp[:-100], f"truncated BMP data ({n(bmp) - 100} bytes)"),
         "BMP 4-bit": (bmp8[:28] + b"\x04" + bmp8[29:], "unsupported BMP (4-bit, compression 0, 40-byte header)"),
         "BMP RLE8": (bmp8[:30] + b"\x01" + bmp8[31:], "unsupported BMP (8-bit, compression 1, 40-byte header)"),
@@ -321,9 +351,12 @@ def _refused_cases():
         "BMP OS/2 header": (os2, "unsupported BMP (0-bit, compression 0, 12-byte header)"),
         "BMP bit fields in RGB order": (
             _bmp(b"\x00" * 8, 1, 2, 32, compression=3, masks=struct.pack("<III", 0xFF, 0xFF00, 0xFF0000)),
-            "unsupported BMP (32-bit, compression 3, 40-byte header)"),
-        "PNG of 10000 x 10000 pixels": (huge, "image too large: 10000 x 10000 pixels (100000000 pixels to decode), "
-                                              f"more than max_pixels={MAX_PIXELS}"),
+            "unsupported BMP (32-bit, compression 3, 40-byte header)",
+        ),
+        "PNG of 10000 x 10000 pixels": (
+            huge,
+            f"image too large: 10000 x 10000 pixels (100000000 pixels to decode), more than max_pixels={MAX_PIXELS}",
+        ),
     }
 
 
@@ -347,10 +380,15 @@ def test_max_pixels_argument(graph, tmp_path):
     frames = [Image.fromarray(np.roll(CAT[::2, ::2], 30 * k, 1)).convert("P") for k in range(3)]  # 226 x 150
     animated = io.BytesIO()
     frames[0].save(animated, "GIF", save_all=True, append_images=frames[1:])
-    cases = {"photo": (_encode(Image.fromarray(CAT), "JPEG"), "451 x 300 pixels (135300 pixels"),
-             "animation": (animated.getvalue(), "226 x 150 pixels, 3 frames (101700 pixels")}
-    serve = tf.function(lambda s: graph.ops.preprocess_image_bytes(s, BitImageProcessor(), max_pixels=bound),
-                        input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+    cases = {
+        "photo": (_encode(Image.fromarray(CAT), "JPEG"), "451 x 300 pixels (135300 pixels"),
+        "animation": (animated.getvalue(), "226 x 150 pixels, 3 frames (101700 pixels"),
+    }
+    serve = tf.function(
+        lambda s: graph.ops.preprocess_image_bytes(s, BitImageProcessor(), max_pixels=bound),
+        input_signature=[tf.TensorSpec([None], tf.string)],
+        autograph=False,
+    )
     for name, (data, size) in cases.items():
         path = tmp_path / name
         path.write_bytes(data)
@@ -366,7 +404,7 @@ def test_corrupt_image_data_refused_by_both_decoders(graph, tmp_path):
     """Damage inside compressed pixel data passes the header rules: PIL's and TF's decoders refuse it,
     but TF's error comes from the decoder op and cannot name the image."""
     png = bytearray(_encode(Image.fromarray(COFFEE), "PNG"))
-    png[len(png) // 2:len(png) // 2 + 64] = bytes(64)
+    png[len(png) // 2 : len(png) // 2 + 64] = bytes(64)
     path = tmp_path / "corrupt.png"
     path.write_bytes(png)
     read_image_header(bytes(png))
@@ -384,9 +422,12 @@ def test_header_rules_agree_on_damaged_files(graph):
     frames = [Image.fromarray(np.roll(ASTRONAUT[::8, ::8], 8 * k, 1)).convert("P") for k in range(3)]
     animated = io.BytesIO()
     frames[0].save(animated, "GIF", save_all=True, append_images=frames[1:], transparency=0)
-    bases = [_encode(Image.fromarray(CAT[:64, :80]), "JPEG", exif=exif),
-             _encode(Image.fromarray(CAT[:64, :80]), "PNG", exif=exif),
-             animated.getvalue(), _encode(Image.fromarray(CAT[:64, :80]).convert("P"), "BMP")]
+    bases = [
+        _encode(Image.fromarray(CAT[:64, :80]), "JPEG", exif=exif),
+        _encode(Image.fromarray(CAT[:64, :80]), "PNG", exif=exif),
+        animated.getvalue(),
+        _encode(Image.fromarray(CAT[:64, :80]).convert("P"), "BMP"),
+    ]
     rng = np.random.default_rng(0)
     variants = []
     for base in bases:
@@ -414,12 +455,16 @@ def test_header_rules_agree_on_damaged_files(graph):
 
 # ---- TF Serving ---------------------------------------------------------------------------------
 
+
 def test_saved_model_in_a_fresh_process(graph, tmp_path):
     """What TF Serving runs: the SavedModel reloaded by a process in which tfbit cannot be imported."""
     processor = BitImageProcessor()
     module = tf.Module()
-    module.serve = tf.function(lambda image_bytes: graph.ops.preprocess_image_bytes(image_bytes, processor),
-                               input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")], autograph=False)
+    module.serve = tf.function(
+        lambda image_bytes: graph.ops.preprocess_image_bytes(image_bytes, processor),
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+        autograph=False,
+    )
     signature = module.serve.get_concrete_function()
     function_ops = {n.op for f in signature.graph.as_graph_def().library.function for n in f.node_def}
     assert not ({n.op for n in signature.graph.as_graph_def().node} | function_ops) & {"PyFunc", "EagerPyFunc"}
@@ -427,10 +472,12 @@ def test_saved_model_in_a_fresh_process(graph, tmp_path):
 
     exif = Image.Exif()
     exif[0x0112] = 6
-    blobs = {"rotated.jpg": _encode(Image.fromarray(CAT), "JPEG", exif=exif),
-             "16-bit.png": _encode(Image.fromarray(CAMERA.astype(np.uint16) * 3), "PNG"),
-             "palette.bmp": _encode(Image.fromarray(COFFEE).convert("P"), "BMP"),
-             "transparent.gif": _format_cases()["GIF transparent first frame"]}
+    blobs = {
+        "rotated.jpg": _encode(Image.fromarray(CAT), "JPEG", exif=exif),
+        "16-bit.png": _encode(Image.fromarray(CAMERA.astype(np.uint16) * 3), "PNG"),
+        "palette.bmp": _encode(Image.fromarray(COFFEE).convert("P"), "BMP"),
+        "transparent.gif": _format_cases()["GIF transparent first frame"],
+    }
     paths = {name: tmp_path / name for name in blobs}
     for name, data in blobs.items():
         paths[name].write_bytes(data)
@@ -452,5 +499,6 @@ def test_saved_model_in_a_fresh_process(graph, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     _assert_preprocessed_close(graph, paths, np.load(tmp_path / "pixels.npy"))
     error = json.loads(run.stdout.strip().splitlines()[-1])
-    assert ("assertion failed: [tfbit: image 1 of the batch: could not decode image: truncated GIF data (7 bytes)]"
-            in error)
+    assert (
+        "assertion failed: [tfbit: image 1 of the batch: could not decode image: truncated GIF data (7 bytes)]" in error
+    )

@@ -35,10 +35,33 @@ def digits(tmp_path_factory):
 
 def finetune_cli(digits, output, *args):
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    done = subprocess.run([sys.executable, "-m", "tfbit.finetune", DEFAULT_CHECKPOINT, "--data", digits / "train",
-                           "--validation", digits / "val", "--output", output, "--batch-size", "32",
-                           "--steps", "30", "--epochs", "3", "--no-flip", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tfbit.finetune",
+            DEFAULT_CHECKPOINT,
+            "--data",
+            digits / "train",
+            "--validation",
+            digits / "val",
+            "--output",
+            output,
+            "--batch-size",
+            "32",
+            "--steps",
+            "30",
+            "--epochs",
+            "3",
+            "--no-flip",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done, json.loads((output / "metrics.json").read_text())
 
@@ -55,8 +78,11 @@ def test_scaled_hyperrule_warns_and_barely_trains_where_the_short_schedule_learn
     steps = metrics["steps"]
     assert steps["step"] == list(range(1, 31)) and all(math.isfinite(v) for v in steps["loss"])
     per_epoch = metrics["steps_per_epoch"]
-    np.testing.assert_allclose([np.mean(steps["loss"][i:i + per_epoch]) for i in range(0, 30, per_epoch)],
-                               metrics["history"]["loss"], rtol=1e-4)
+    np.testing.assert_allclose(
+        [np.mean(steps["loss"][i : i + per_epoch]) for i in range(0, 30, per_epoch)],
+        metrics["history"]["loss"],
+        rtol=1e-4,
+    )
     with Image.open(tmp_path / "short" / "training_curve.png") as image:
         assert image.format == "PNG"
     # a log file gets one line per epoch, no progress bar
@@ -97,6 +123,7 @@ def test_short_run_plan():
 def test_unknown_schedule_is_refused(tmp_path):
     from tfbit.finetune import from_arrays
     from tfbit.finetune.trainer import finetune
+
     data = from_arrays(np.zeros((4, 8, 8, 3), np.uint8), [0, 1, 0, 1])
     with pytest.raises(ValueError, match=r"schedule must be one of \('hyperrule', 'short'\), got 'fast'"):
         finetune(DEFAULT_CHECKPOINT, data, str(tmp_path), schedule="fast")

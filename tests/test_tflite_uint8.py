@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import SMALL
+
 from conversion import convert, runners, tflite_metadata
 from conversion.digits import load_digits_split
 from tfbit.image_processor import BitImageProcessor
@@ -27,8 +27,24 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 def uint8_export(tmp_path_factory):
     """The digits demo with raw uint8 input, through the CLI as typed."""
     output = tmp_path_factory.mktemp("uint8") / "digits"
-    done = subprocess.run([sys.executable, "-m", "conversion.convert", "--output", str(output), "--formats", "tflite",
-                           "--tflite-input", "uint8"], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "conversion.convert",
+            "--output",
+            str(output),
+            "--formats",
+            "tflite",
+            "--tflite-input",
+            "uint8",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return output, done.stdout
 
@@ -42,6 +58,7 @@ def float_export(tmp_path_factory):
 
 def _interpreter(path):
     from ai_edge_litert.interpreter import Interpreter
+
     return Interpreter(model_path=str(path))
 
 
@@ -71,6 +88,7 @@ def test_signature_is_raw_uint8_rgb_at_batch_one(uint8_export):
         if q == "int8":  # the quantized input is the pixel itself: scale 1, zero point 0
             assert detail["quantization"] == (1.0, 0)
             from conversion import tflite_graph  # all-integer: no uint8 -> float cast at the input
+
             assert tflite_graph.float_ops((output / "tflite" / "digits_int8_uint8.tflite").read_bytes()) == []
         assert runner(image=np.zeros((1, 32, 32, 3), np.uint8))["logits"].shape == (1, 10)
 
@@ -79,6 +97,7 @@ def test_fp32_uint8_file_equals_the_keras_model_on_processed_images(uint8_export
     """Independent of the verifier: raw crops into the file against the Keras model on the
     processor's normalized images, within the parity contract."""
     import tfbit
+
     output, _ = uint8_export
     model = tfbit.BitForImageClassification.from_pretrained(convert.DEFAULT_CHECKPOINT)
     processor = BitImageProcessor.from_pretrained(output)
@@ -109,8 +128,10 @@ def test_pixel_normalization_of_processors():
     np.testing.assert_allclose(mean, [122.7709383, 116.7460125, 104.09373615])
     np.testing.assert_allclose(std, [68.5005327, 66.6321579, 70.32316305])
     assert tflite_metadata.pixel_normalization(BitImageProcessor(do_normalize=False)) == ([0.0] * 3, [255.0] * 3)
-    assert tflite_metadata.pixel_normalization(BitImageProcessor(do_rescale=False, image_mean=0.5, image_std=2)) \
-        == ([0.5] * 3, [2.0] * 3)
+    assert tflite_metadata.pixel_normalization(BitImageProcessor(do_rescale=False, image_mean=0.5, image_std=2)) == (
+        [0.5] * 3,
+        [2.0] * 3,
+    )
 
 
 def test_metadata_writer_errors(float_export):
@@ -125,46 +146,86 @@ def test_each_file_refuses_the_other_input_dtype(uint8_export, float_export):
     output, _ = uint8_export
     float_file = float_export / "tflite" / "digits_fp32.tflite"
     raw = np.zeros((1, 32, 32, 3), np.uint8)
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             f"{float_file} takes float32 input, got uint8: preprocess the images (BitImageProcessor) first, "
             "raw pixels give wrong answers; or use a file converted with --tflite-input uint8, which "
-            "takes raw uint8 pixels")):
+            "takes raw uint8 pixels"
+        ),
+    ):
         runners.tflite_runner(str(float_file))(raw)
     uint8_file = output / "tflite" / "digits_int8_uint8.tflite"
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             f"{uint8_file} takes raw uint8 RGB pixels (images resized and center-cropped to 32x32, not "
             "normalized: the file normalizes them), got float32: conversion.runners.raw_crops(processor, "
-            "images) gives them")):
+            "images) gives them"
+        ),
+    ):
         runners.tflite_runner(str(uint8_file))(raw.astype(np.float32))
 
 
 def test_predict_cli_on_a_uint8_file(uint8_export, tmp_path):
     from PIL import Image
+
     output, _ = uint8_export
     _, _, images, labels = load_digits_split()
     for i in range(1, 4):  # held-out digits the model classifies correctly (image 0 it does not)
         Image.fromarray(images[i]).save(tmp_path / f"{i}.png")
-    done = subprocess.run([sys.executable, "-m", "conversion.predict", str(output / "tflite" / "digits_int8_uint8.tflite"),
-                           str(tmp_path), "--top-k", "1", "--json"], capture_output=True, text=True, cwd=ROOT, env=ENV,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "conversion.predict",
+            str(output / "tflite" / "digits_int8_uint8.tflite"),
+            str(tmp_path),
+            "--top-k",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    predicted = {os.path.basename(r["image"]): r["top"][0]["label"]
-                 for r in json.loads(done.stdout[done.stdout.index("["):])}
+    predicted = {
+        os.path.basename(r["image"]): r["top"][0]["label"] for r in json.loads(done.stdout[done.stdout.index("[") :])
+    }
     assert predicted == {f"{i}.png": str(labels[i]) for i in range(1, 4)}
 
 
 def test_unknown_tflite_input_is_refused(tmp_path):
-    with pytest.raises(convert.ConversionError, match=r"unknown TFLite input 'int4': choose from \('float32', 'uint8'\)"):
+    with pytest.raises(
+        convert.ConversionError, match=r"unknown TFLite input 'int4': choose from \('float32', 'uint8'\)"
+    ):
         convert.convert(output=str(tmp_path / "out"), tflite_input="int4", log=lambda m: None)
-    done = subprocess.run([sys.executable, "-m", "conversion.convert", "--tflite-input", "int4"], capture_output=True,
-                          text=True, cwd=ROOT, env=ENV, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "conversion.convert", "--tflite-input", "int4"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=300,
+    )
     assert done.returncode == 2 and "argument --tflite-input: invalid choice: 'int4'" in done.stderr
 
 
 def test_features_export_with_uint8_input_has_no_classifier_metadata(hf_checkpoint, tmp_path):
     source, _ = hf_checkpoint(**SMALL)
-    report = convert.convert(str(source), output=str(tmp_path / "out"), formats=("tflite",), task="features",
-                             quantizations=("fp32",), num_images=4, tflite_input="uint8", log=lambda m: None)
+    report = convert.convert(
+        str(source),
+        output=str(tmp_path / "out"),
+        formats=("tflite",),
+        task="features",
+        quantizations=("fp32",),
+        num_images=4,
+        tflite_input="uint8",
+        log=lambda m: None,
+    )
     assert report["passed"] and [r["artifact"] for r in report["artifacts"]] == ["tflite_fp32[uint8]"]
     assert tflite_metadata.read_classifier_metadata(str(tmp_path / "out/tflite/hf_fp32_uint8.tflite")) is None
 
@@ -179,6 +240,7 @@ def _readme_block(marker):
 def test_readme_litert_snippet_runs_as_written(uint8_export, tmp_path):
     """The README's mobile example: LiteRT, a raw image file, no tfbit code."""
     from PIL import Image
+
     output, _ = uint8_export
     snippet = _readme_block("digits_int8_uint8.tflite")
     assert "tfbit" not in snippet and "conversion" not in snippet
@@ -186,7 +248,8 @@ def test_readme_litert_snippet_runs_as_written(uint8_export, tmp_path):
     _, _, images, labels = load_digits_split()
     # a larger, non-square photo of the digit: the snippet resizes and crops it itself
     Image.fromarray(images[5]).resize((48, 40), Image.BICUBIC).save(tmp_path / "digit.png")
-    done = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=tmp_path, env=ENV,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", snippet], capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-1] == str(labels[5])

@@ -6,9 +6,9 @@ import functools
 
 import numpy as np
 import pytest
+from conftest import assert_parity, load_source, perturb_, random_images, run_torch
 
 import tfbit
-from conftest import assert_parity, load_source, perturb_, random_images, run_torch
 from conversion.references import torch_reference
 
 timm = pytest.importorskip("timm")
@@ -20,8 +20,7 @@ ORIGINAL_CONV = functools.partial(StdConv2d, eps=1e-10)  # the original BiT code
 SMALL_NPZ = dict(depths=(1, 2, 1, 1), widths=(32, 64, 128, 256), stem=32)
 
 
-def write_original_npz(path, depths, widths=(64, 128, 256, 512), stem=64, num_classes=1000,
-                       prefix="resnet/", seed=0):
+def write_original_npz(path, depths, widths=(64, 128, 256, 512), stem=64, num_classes=1000, prefix="resnet/", seed=0):
     """Random weights in the layout of the original BiT release: HWIO kernels, `unitNN` units,
     projection on unit01 of every block, head stored as a 1x1 conv. Returns the arrays."""
     rng = np.random.RandomState(seed)
@@ -58,8 +57,14 @@ def write_original_npz(path, depths, widths=(64, 128, 256, 512), stem=64, num_cl
 
 
 def timm_from_npz(path, depths, widths, stem, num_classes, prefix="resnet/"):
-    model = ResNetV2(layers=list(depths), channels=[4 * w for w in widths], stem_chs=stem,
-                     num_classes=num_classes, stem_type="fixed", conv_layer=ORIGINAL_CONV).eval()
+    model = ResNetV2(
+        layers=list(depths),
+        channels=[4 * w for w in widths],
+        stem_chs=stem,
+        num_classes=num_classes,
+        stem_type="fixed",
+        conv_layer=ORIGINAL_CONV,
+    ).eval()
     _load_weights(model, str(path), prefix)
     return model
 
@@ -82,6 +87,7 @@ def timm_r50(torch_module):
 def save_timm(model, path):
     import torch
     from safetensors.torch import save_file
+
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, path) if str(path).endswith(".safetensors") else torch.save(state, path)
     return path
@@ -100,8 +106,14 @@ def test_resnetv2_50x1_bit_state_dict_matches_timm(suffix, timm_r50, tmp_path):
 @pytest.fixture(scope="module")
 def timm_wide(torch_module):
     torch_module.manual_seed(1)
-    model = ResNetV2(layers=[1, 1, 1, 1], channels=(64, 128, 256, 512), width_factor=2, stem_type="fixed",
-                     conv_layer=BIT_CONV, num_classes=5)
+    model = ResNetV2(
+        layers=[1, 1, 1, 1],
+        channels=(64, 128, 256, 512),
+        width_factor=2,
+        stem_type="fixed",
+        conv_layer=BIT_CONV,
+        num_classes=5,
+    )
     return perturb_(model, seed=1)
 
 
@@ -113,8 +125,9 @@ def test_width_factor_2_matches_timm(timm_wide, tmp_path):
     inferred = load_source(path)
     assert inferred.config.hidden_sizes == [128, 256, 512, 1024] and inferred.config.embedding_size == 128
     _check(inferred, timm_wide, x, "timm width 2 (inferred absolute widths)")
-    config = tfbit.BitConfig(width_factor=2, embedding_size=128, hidden_sizes=[64, 128, 256, 512],
-                             depths=[1, 1, 1, 1], num_labels=5)
+    config = tfbit.BitConfig(
+        width_factor=2, embedding_size=128, hidden_sizes=[64, 128, 256, 512], depths=[1, 1, 1, 1], num_labels=5
+    )
     explicit = load_source(path, config=config)
     assert explicit.model.config.width_factor == 2
     _check(explicit, timm_wide, x, "timm width 2 (width_factor=2 config)")
@@ -122,6 +135,7 @@ def test_width_factor_2_matches_timm(timm_wide, tmp_path):
 
 def test_features_and_backbone_match_timm(timm_wide, tmp_path):
     import torch
+
     path = save_timm(timm_wide, tmp_path / "wide.safetensors")
     x = random_images(1, 64, 64)
     features = load_source(path, task="features")
@@ -178,13 +192,20 @@ def test_original_npz_is_standardized_with_the_original_eps(tmp_path):
     x = random_images(2, 64, 64)
     original = timm_from_npz(path, **SMALL_NPZ, num_classes=7)
     assert_parity(loaded.model(x), run_torch(original, x), "npz, original eps")
-    timm_eps = ResNetV2(layers=[1, 2, 1, 1], channels=[128, 256, 512, 1024], stem_chs=32, num_classes=7,
-                        stem_type="fixed", conv_layer=BIT_CONV).eval()
+    timm_eps = ResNetV2(
+        layers=[1, 2, 1, 1],
+        channels=[128, 256, 512, 1024],
+        stem_chs=32,
+        num_classes=7,
+        stem_type="fixed",
+        conv_layer=BIT_CONV,
+    ).eval()
     _load_weights(timm_eps, str(path), "resnet/")
     with pytest.raises(AssertionError, match="max .delta"):
         assert_parity(loaded.model(x), run_torch(timm_eps, x), "npz vs timm's eps")
     loaded.model.save(tmp_path / "m.keras")
     import keras
+
     restored = keras.saving.load_model(tmp_path / "m.keras")
     assert restored.config.ws_eps == 1e-10
     np.testing.assert_array_equal(restored(x), loaded.model(x))

@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import SMALL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +45,8 @@ import sys
 import keras, tfbit
 
 config, out = sys.argv[1], sys.argv[2]
-processor = tfbit.image_processor.BitImageProcessor(size={"shortest_edge": 160}, crop_size={"height": 128, "width": 128})
+processor = tfbit.image_processor.BitImageProcessor(size={"shortest_edge": 160},
+                                                    crop_size={"height": 128, "width": 128})
 model = keras.Sequential([keras.Input((None, None, 3), dtype="uint8"), tfbit.BitPreprocessing(processor),
                           tfbit.BitForImageClassification(tfbit.BitConfig.from_pretrained(config))])
 model.save(f"{out}/seq.keras")
@@ -56,8 +56,7 @@ model.save(f"{out}/seq.keras")
 def _run(args, cwd=None, timeout=900):
     env = {**os.environ, "PYTHONPATH": ROOT}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the command lines' own default, as a user has it
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _ok(done):
@@ -71,16 +70,32 @@ def recipe(tmp_path_factory, torch_module):
     `python -m conversion.convert mine.keras --labels labels.txt` with the default formats."""
     import transformers
     from conftest import perturb_
+
     root = tmp_path_factory.mktemp("user")
     torch_module.manual_seed(0)
     config = {k: v for k, v in SMALL.items() if k != "num_labels"}
     perturb_(transformers.BitModel(transformers.BitConfig(**config))).save_pretrained(root / "pretrained")
     _ok(_run(["-c", RECIPE, str(root / "pretrained"), str(root)]))
     (root / "labels.txt").write_text("\n".join(LABELS) + "\n", encoding="utf-8")
-    (root / "preprocessor_config.json").write_text(json.dumps(
-        {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}}))
-    done = _ok(_run(["-m", "conversion.convert", "mine.keras", "--labels", "labels.txt", "--output", "export",
-                     "--num-images", "12"], cwd=root))
+    (root / "preprocessor_config.json").write_text(
+        json.dumps({"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}})
+    )
+    done = _ok(
+        _run(
+            [
+                "-m",
+                "conversion.convert",
+                "mine.keras",
+                "--labels",
+                "labels.txt",
+                "--output",
+                "export",
+                "--num-images",
+                "12",
+            ],
+            cwd=root,
+        )
+    )
     return root, done
 
 
@@ -89,8 +104,15 @@ def test_users_functional_model_converts_to_every_format_verified_against_it(rec
     report = json.loads((root / "export" / "report.json").read_text())
     assert report["passed"] and report["reference"] == "keras" and report["model"] == "Functional"
     rows = {row["artifact"]: row for row in report["artifacts"]}
-    assert list(rows) == ["keras", "saved_model[pixel_values]", "saved_model[image_bytes]", "tflite_fp32",
-                          "tflite_fp16", "tflite_dynamic_int8", "tflite_int8"]
+    assert list(rows) == [
+        "keras",
+        "saved_model[pixel_values]",
+        "saved_model[image_bytes]",
+        "tflite_fp32",
+        "tflite_fp16",
+        "tflite_dynamic_int8",
+        "tflite_int8",
+    ]
     for name in ("keras", "saved_model[pixel_values]", "tflite_fp32"):  # lossless: the parity contract
         assert rows[name]["criterion"] == "parity" and rows[name]["max_abs_diff"] <= rows[name]["tolerance"]
     assert all(row["published"] for row in rows.values())
@@ -107,6 +129,7 @@ def test_predict_on_the_export_and_on_the_keras_file_equals_the_users_model(reci
 
     import tfbit
     from tfbit.image_files import load_image
+
     root, _ = recipe
     photos = PHOTOS[:5]
     model = keras.saving.load_model(root / "mine.keras")
@@ -115,8 +138,21 @@ def test_predict_on_the_export_and_on_the_keras_file_equals_the_users_model(reci
     expected = np.exp(logits - logits.max(-1, keepdims=True))
     expected /= expected.sum(-1, keepdims=True)
     for artifact in ("mine.keras", "export", "export/tflite/mine_fp32.tflite"):
-        done = _ok(_run(["-m", "conversion.predict", artifact, *photos, "--json", "--top-k", "4",
-                         *(["--labels", "labels.txt"] if artifact == "mine.keras" else [])], cwd=root))
+        done = _ok(
+            _run(
+                [
+                    "-m",
+                    "conversion.predict",
+                    artifact,
+                    *photos,
+                    "--json",
+                    "--top-k",
+                    "4",
+                    *(["--labels", "labels.txt"] if artifact == "mine.keras" else []),
+                ],
+                cwd=root,
+            )
+        )
         for row, probabilities in zip(json.loads(done.stdout), expected):
             got = {top["label"]: top["probability"] for top in row["top"]}
             want = {LABELS[i]: float(p) for i, p in enumerate(probabilities)}
@@ -136,6 +172,7 @@ def test_saved_model_image_bytes_signature_gives_the_same_top1(recipe):
 
     import tfbit
     from tfbit.image_files import load_image
+
     root, _ = recipe
     model = keras.saving.load_model(root / "mine.keras")
     processor = tfbit.image_processor.BitImageProcessor.from_pretrained(root)
@@ -151,9 +188,30 @@ def test_saved_model_image_bytes_signature_gives_the_same_top1(recipe):
 
 def test_uint8_tflite_of_the_users_model_carries_its_labels(recipe):
     from conversion import tflite_metadata
+
     root, _ = recipe
-    _ok(_run(["-m", "conversion.convert", "mine.keras", "--labels", "labels.txt", "--output", "mobile",
-              "--formats", "tflite", "--tflite", "fp32", "--tflite-input", "uint8", "--num-images", "8"], cwd=root))
+    _ok(
+        _run(
+            [
+                "-m",
+                "conversion.convert",
+                "mine.keras",
+                "--labels",
+                "labels.txt",
+                "--output",
+                "mobile",
+                "--formats",
+                "tflite",
+                "--tflite",
+                "fp32",
+                "--tflite-input",
+                "uint8",
+                "--num-images",
+                "8",
+            ],
+            cwd=root,
+        )
+    )
     for path in ("mobile/tflite/mine_fp32_uint8.tflite",):
         metadata = tflite_metadata.read_classifier_metadata(str(root / path))
         assert metadata["labels"] == LABELS and metadata["image_size"] == (224, 224), path
@@ -163,10 +221,26 @@ def test_sequential_model_with_its_own_preprocessing_converts_and_predicts(tmp_p
     """BitPreprocessing first in the model: the exports take it as their preprocessing (no
     preprocessor_config.json anywhere), and the .keras file predicts with its own labels."""
     from PIL import Image
+
     checkpoint, _ = hf_checkpoint(**SMALL)
     _ok(_run(["-c", SEQUENTIAL, str(checkpoint), str(tmp_path)]))
-    done = _ok(_run(["-m", "conversion.convert", "seq.keras", "--output", "out", "--formats", "keras",
-                     "saved_model", "--num-images", "6"], cwd=tmp_path))
+    done = _ok(
+        _run(
+            [
+                "-m",
+                "conversion.convert",
+                "seq.keras",
+                "--output",
+                "out",
+                "--formats",
+                "keras",
+                "saved_model",
+                "--num-images",
+                "6",
+            ],
+            cwd=tmp_path,
+        )
+    )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["passed"] and report["image_size"] == [128, 128]
     pre = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
@@ -174,10 +248,12 @@ def test_sequential_model_with_its_own_preprocessing_converts_and_predicts(tmp_p
     assert "warning" not in done.stdout
     photo = tmp_path / "photo.png"
     Image.open(PHOTOS[0]).save(photo)
-    keras_top = json.loads(_ok(_run(["-m", "conversion.predict", "seq.keras", str(photo), "--json"],
-                                    cwd=tmp_path)).stdout)[0]["top"]
-    serving_top = json.loads(_ok(_run(["-m", "conversion.predict", "out", str(photo), "--json"],
-                                      cwd=tmp_path)).stdout)[0]["top"]
+    keras_top = json.loads(
+        _ok(_run(["-m", "conversion.predict", "seq.keras", str(photo), "--json"], cwd=tmp_path)).stdout
+    )[0]["top"]
+    serving_top = json.loads(_ok(_run(["-m", "conversion.predict", "out", str(photo), "--json"], cwd=tmp_path)).stdout)[
+        0
+    ]["top"]
     assert keras_top[0]["label"] == serving_top[0]["label"] and keras_top[0]["label"].startswith("LABEL_")
     assert abs(keras_top[0]["probability"] - serving_top[0]["probability"]) < 1e-4  # PNG: same pixels
 
@@ -186,6 +262,7 @@ def _user_model(kind, config):
     import keras
 
     import tfbit
+
     inputs = keras.Input((64, 64, 3))
     if kind == "two_outputs":
         maps = tfbit.BitBackbone(tfbit.BitConfig(**{**config, "out_features": ["stage2", "stage4"]}))(inputs)
@@ -201,28 +278,49 @@ def _user_model(kind, config):
     return keras.Model(inputs, keras.layers.Dense(5, name="head")(layers_only))
 
 
-@pytest.mark.parametrize("kind, options, message", [
-    ("two_outputs", {}, r"has the outputs pooled \(None, 128\), stage2 \(None, 8, 8, 64\): task "
-                        r"'classification' needs one \(batch, classes\) output; task 'backbone' exports every output"),
-    ("two_outputs", {"task": "features"}, r"task 'features' needs one \(batch, features\) output"),
-    ("no_tfbit", {}, r"holds a Functional with no tfbit model or layer inside: tfbit converts BiT models and "
-                     r"Keras models built on them"),
-    ("preprocessing_inside", {}, r"BitPreprocessing layer 'bit_preprocessing.*' of .* is not applied to the "
-                                 r"model's input"),
-    ("layers_only", {"labels": "three.txt"}, r"3 labels given, but the model's output has 5 classes"),
-    ("layers_only", {"labels": "empty.txt"}, r"--labels .*empty.txt: line 2 is empty \(one label per line\)"),
-    ("two_outputs", {"out_features": ["stage2"]}, r"--out-features chooses the stages of a backbone: add --task backbone"),
-])
+@pytest.mark.parametrize(
+    "kind, options, message",
+    [
+        (
+            "two_outputs",
+            {},
+            r"has the outputs pooled \(None, 128\), stage2 \(None, 8, 8, 64\): task "
+            r"'classification' needs one \(batch, classes\) output; task 'backbone' exports every output",
+        ),
+        ("two_outputs", {"task": "features"}, r"task 'features' needs one \(batch, features\) output"),
+        (
+            "no_tfbit",
+            {},
+            r"holds a Functional with no tfbit model or layer inside: tfbit converts BiT models and "
+            r"Keras models built on them",
+        ),
+        (
+            "preprocessing_inside",
+            {},
+            r"BitPreprocessing layer 'bit_preprocessing.*' of .* is not applied to the "
+            r"model's input",
+        ),
+        ("layers_only", {"labels": "three.txt"}, r"3 labels given, but the model's output has 5 classes"),
+        ("layers_only", {"labels": "empty.txt"}, r"--labels .*empty.txt: line 2 is empty \(one label per line\)"),
+        (
+            "two_outputs",
+            {"out_features": ["stage2"]},
+            r"--out-features chooses the stages of a backbone: add --task backbone",
+        ),
+    ],
+)
 def test_models_that_cannot_convert_say_why(tmp_path, kind, options, message):
     from conversion import convert
+
     config = {**SMALL, "num_labels": 0}
     _user_model(kind, config).save(tmp_path / "m.keras")
     (tmp_path / "three.txt").write_text("a\nb\nc\n")
     (tmp_path / "empty.txt").write_text("a\n\nc\n")
     options = {k: str(tmp_path / v) if k == "labels" else v for k, v in options.items()}
     with pytest.raises(convert.ConversionError, match=message):
-        convert.convert(str(tmp_path / "m.keras"), output=str(tmp_path / "o"), preprocessor=None,
-                        log=lambda m: None, **options)
+        convert.convert(
+            str(tmp_path / "m.keras"), output=str(tmp_path / "o"), preprocessor=None, log=lambda m: None, **options
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -230,22 +328,36 @@ def test_users_two_output_model_exports_each_output_as_a_backbone(tmp_path):
     """--task backbone: every output under its own name, in every format; tfbit layers alone
     (no tfbit model inside) are enough."""
     from conversion import convert
+
     config = {**SMALL, "num_labels": 0}
     _user_model("two_outputs", config).save(tmp_path / "two.keras")
     _user_model("layers_only", config).save(tmp_path / "layers.keras")
     pre = {"size": {"height": 64, "width": 64}, "crop_size": {"height": 64, "width": 64}, "do_center_crop": False}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre))
-    report = convert.convert(str(tmp_path / "two.keras"), output=str(tmp_path / "o"), task="backbone",
-                             quantizations=("fp32",), num_images=4, log=lambda m: None)
+    report = convert.convert(
+        str(tmp_path / "two.keras"),
+        output=str(tmp_path / "o"),
+        task="backbone",
+        quantizations=("fp32",),
+        num_images=4,
+        log=lambda m: None,
+    )
     assert report["passed"], report
     import tensorflow as tf
+
     serve = tf.saved_model.load(str(tmp_path / "o" / "serving" / "1")).signatures["pixel_values"]
     assert sorted(serve.structured_outputs) == ["pooled", "stage2"]
     from ai_edge_litert.interpreter import Interpreter
+
     runner = Interpreter(model_path=str(tmp_path / "o" / "tflite" / "two_fp32.tflite")).get_signature_runner()
     assert sorted(runner.get_output_details()) == ["pooled", "stage2"]
-    report = convert.convert(str(tmp_path / "layers.keras"), output=str(tmp_path / "l"), quantizations=("fp32",),
-                             num_images=4, log=lambda m: None)
+    report = convert.convert(
+        str(tmp_path / "layers.keras"),
+        output=str(tmp_path / "l"),
+        quantizations=("fp32",),
+        num_images=4,
+        log=lambda m: None,
+    )
     assert report["passed"] and [a["artifact"] for a in report["artifacts"]][-1] == "tflite_fp32"
 
 
@@ -254,6 +366,7 @@ def test_mixed_precision_user_model_is_verified_against_its_float32_self(tmp_pat
 
     import tfbit
     from conversion import convert
+
     keras.utils.set_random_seed(0)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")
@@ -264,10 +377,17 @@ def test_mixed_precision_user_model_is_verified_against_its_float32_self(tmp_pat
     finally:
         keras.config.set_dtype_policy(previous)
     model.save(tmp_path / "mixed.keras")
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
-        {"size": {"height": 64, "width": 64}, "do_center_crop": False}))
-    report = convert.convert(str(tmp_path / "mixed.keras"), output=str(tmp_path / "o"), formats=("keras", "tflite"),
-                             quantizations=("fp32",), num_images=6, log=lambda m: None)
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"size": {"height": 64, "width": 64}, "do_center_crop": False})
+    )
+    report = convert.convert(
+        str(tmp_path / "mixed.keras"),
+        output=str(tmp_path / "o"),
+        formats=("keras", "tflite"),
+        quantizations=("fp32",),
+        num_images=6,
+        log=lambda m: None,
+    )
     rows = {row["artifact"]: row for row in report["artifacts"]}
     assert rows["keras"]["criterion"] == "0.05 x spread"  # bfloat16 compute: held to the lossy bound
     assert rows["tflite_fp32"]["criterion"] == "parity" and rows["tflite_fp32"]["passed"]
@@ -278,13 +398,20 @@ def test_fixed_input_size_must_match_the_preprocessing(tmp_path):
 
     import tfbit
     from conversion import convert
+
     inputs = keras.Input((224, 224, 3))
-    model = keras.Model(inputs, keras.layers.Dense(2)(tfbit.BitModel(tfbit.BitConfig(**SMALL))(inputs)["pooler_output"]))
+    model = keras.Model(
+        inputs, keras.layers.Dense(2)(tfbit.BitModel(tfbit.BitConfig(**SMALL))(inputs)["pooler_output"])
+    )
     model.save(tmp_path / "m.keras")
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
-        {"size": {"shortest_edge": 160}, "crop_size": {"height": 128, "width": 128}}))
-    with pytest.raises(convert.ConversionError, match=r"m.keras takes 224x224 images, but its preprocessing gives "
-                                                      r"128x128: pass the preprocessor_config.json it was trained with"):
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"size": {"shortest_edge": 160}, "crop_size": {"height": 128, "width": 128}})
+    )
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"m.keras takes 224x224 images, but its preprocessing gives "
+        r"128x128: pass the preprocessor_config.json it was trained with",
+    ):
         convert.convert(str(tmp_path / "m.keras"), output=str(tmp_path / "o"), log=lambda m: None)
 
 
@@ -305,6 +432,8 @@ keras.Model(inputs, Scale()(features)).save(sys.argv[1])
     done = _run(["-m", "conversion.convert", "custom.keras", "--task", "features"], cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     first = done.stderr.strip().splitlines()[0]
-    assert first == ("error: custom.keras uses the layer class Scale (registered as 'mine>Scale'), which this "
-                     "process does not know: convert it from Python after importing the module that defines it "
-                     "(conversion.convert.convert('custom.keras', ...))"), first
+    assert first == (
+        "error: custom.keras uses the layer class Scale (registered as 'mine>Scale'), which this "
+        "process does not know: convert it from Python after importing the module that defines it "
+        "(conversion.convert.convert('custom.keras', ...))"
+    ), first

@@ -21,15 +21,23 @@ def _reference(n=32, classes=10, seed=0):
     return {"logits": logits.astype(np.float32)}
 
 
-
 def _compare(name, outputs, reference, lossless, labels=None, tmp_path=None):
     batches = iter(range(0, len(reference["logits"]), 16))
 
     def run(x):
         start = next(batches, 0)
-        return {k: v[start:start + len(x)] for k, v in outputs.items()}
-    return verify.compare(name, str(tmp_path), run, np.zeros((len(reference["logits"]), 1)), reference,
-                          labels, lossless=lossless, batch=16)
+        return {k: v[start : start + len(x)] for k, v in outputs.items()}
+
+    return verify.compare(
+        name,
+        str(tmp_path),
+        run,
+        np.zeros((len(reference["logits"]), 1)),
+        reference,
+        labels,
+        lossless=lossless,
+        batch=16,
+    )
 
 
 def test_lossless_artifacts_are_held_to_the_parity_contract(tmp_path):
@@ -104,9 +112,14 @@ def test_each_output_is_judged_against_its_own_spread(tmp_path):
     rng = np.random.RandomState(0)
     reference = {"stage1": rng.uniform(0, 1, (4, 8, 8, 2)), "stage4": rng.uniform(0, 100, (4, 2, 2, 2))}
     run = lambda x: {"stage1": reference["stage1"] + 0.05, "stage4": reference["stage4"]}
-    ok = verify.compare("tflite_fp16", str(tmp_path), lambda x: {"stage1": reference["stage1"] + 0.01,
-                                                                  "stage4": reference["stage4"]},
-                        np.zeros((4, 1)), reference, lossless=False)
+    ok = verify.compare(
+        "tflite_fp16",
+        str(tmp_path),
+        lambda x: {"stage1": reference["stage1"] + 0.01, "stage4": reference["stage4"]},
+        np.zeros((4, 1)),
+        reference,
+        lossless=False,
+    )
     assert ok.passed and ok.top1_agreement is None
     row = verify.compare("tflite_fp16", str(tmp_path), run, np.zeros((4, 1)), reference, lossless=False)
     assert not row.passed and "in stage1" in row.note

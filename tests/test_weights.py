@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import SMALL, assert_parity, load_source, perturb_, random_images, run_torch
 
 import tfbit
-from conftest import SMALL, assert_parity, load_source, perturb_, random_images, run_torch
 from conversion.references import torch_reference
 from tfbit.image_processor import BitImageProcessor
 from tfbit.weights import CheckpointError, detect_format, npz, timm
@@ -16,7 +16,7 @@ from tfbit.weights.infer import infer_config
 from tfbit.weights.readers import read_npz
 
 NPZ_TABLE, TIMM_TABLE = npz.TABLE, timm.TABLE
-from test_timm_parity import BIT_CONV, SMALL_NPZ, write_original_npz
+from test_timm_parity import BIT_CONV, SMALL_NPZ, write_original_npz  # noqa: E402
 
 NPZ_UNITS = sum(SMALL_NPZ["depths"])
 
@@ -29,8 +29,16 @@ def timm_small(tmp_path, torch_module):
 
     def make(name="tiny.safetensors", num_classes=7, state=None):
         torch_module.manual_seed(0)
-        model = perturb_(ResNetV2(layers=[1, 1, 1, 1], channels=(128, 256, 512, 1024), stem_chs=32,
-                                  stem_type="fixed", conv_layer=BIT_CONV, num_classes=num_classes))
+        model = perturb_(
+            ResNetV2(
+                layers=[1, 1, 1, 1],
+                channels=(128, 256, 512, 1024),
+                stem_chs=32,
+                stem_type="fixed",
+                conv_layer=BIT_CONV,
+                num_classes=num_classes,
+            )
+        )
         state = {k: v.contiguous() for k, v in model.state_dict().items()} if state is None else state
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +62,7 @@ def small_npz(tmp_path):
 
 
 # -- detection, names, preprocessors -------------------------------------------------------------
+
 
 def test_detect_format_of_files_directories_and_hub_names(hf_checkpoint, timm_small, small_npz):
     hf_dir, _ = hf_checkpoint(**SMALL)
@@ -95,7 +104,11 @@ def test_default_names(hf_checkpoint, timm_small, small_npz):
 
 def test_preprocessor_dicts(hf_checkpoint, timm_small, small_npz):
     original = load_source(small_npz()).preprocessor  # the original code's evaluation
-    assert (original["image_mean"], original["image_std"], original["rescale_factor"]) == ([0.5] * 3, [0.5] * 3, 1 / 255)
+    assert (original["image_mean"], original["image_std"], original["rescale_factor"]) == (
+        [0.5] * 3,
+        [0.5] * 3,
+        1 / 255,
+    )
     assert original["size"] == {"height": 224, "width": 224} and not original["do_center_crop"]
     assert original["resample"] == 2  # bilinear
     timm = load_source(timm_small()[0]).preprocessor  # timm's BiT defaults: 224 of 256, bilinear
@@ -130,10 +143,23 @@ def test_hf_directory_source_matches_its_reference(hf_checkpoint):
 
 def test_timm_snapshot_folder_brings_labels_and_preprocessing(tmp_path, timm_small):
     weights, model = timm_small("snapshot/model.safetensors", num_classes=3)
-    (tmp_path / "snapshot" / "config.json").write_text(json.dumps({
-        "architecture": "resnetv2_50x1_bit", "num_classes": 3, "label_names": ["cat", "dog", "eel"],
-        "pretrained_cfg": {"tag": "goog_in21k_ft_in1k", "input_size": [3, 448, 448], "crop_pct": 1.0,
-                           "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}}))
+    (tmp_path / "snapshot" / "config.json").write_text(
+        json.dumps(
+            {
+                "architecture": "resnetv2_50x1_bit",
+                "num_classes": 3,
+                "label_names": ["cat", "dog", "eel"],
+                "pretrained_cfg": {
+                    "tag": "goog_in21k_ft_in1k",
+                    "input_size": [3, 448, 448],
+                    "crop_pct": 1.0,
+                    "interpolation": "bicubic",
+                    "mean": [0.5] * 3,
+                    "std": [0.5] * 3,
+                },
+            }
+        )
+    )
     loaded = load_source(tmp_path / "snapshot")
     assert (loaded.format, loaded.name) == ("timm", "resnetv2_50x1_bit.goog_in21k_ft_in1k")
     assert loaded.config.id2label == {0: "cat", 1: "dog", 2: "eel"}
@@ -141,8 +167,10 @@ def test_timm_snapshot_folder_brings_labels_and_preprocessing(tmp_path, timm_sma
     assert pre["size"] == {"shortest_edge": 448} and pre["crop_size"] == {"height": 448, "width": 448}
     assert pre["resample"] == 3
     x = random_images(1, 64, 64)
-    print(f"PARITY timm snapshot source: max |delta| "
-          f"{assert_parity(loaded.model(x), run_torch(model, x), 'timm snapshot'):.3g}")
+    print(
+        f"PARITY timm snapshot source: max |delta| "
+        f"{assert_parity(loaded.model(x), run_torch(model, x), 'timm snapshot'):.3g}"
+    )
 
 
 def test_known_and_default_labels(small_npz, timm_small):
@@ -163,6 +191,7 @@ def test_headless_checkpoint_gives_a_feature_model(timm_small):
 
 # -- errors -----------------------------------------------------------------------------------------
 
+
 def test_infer_config_reports_unknown_architectures(small_npz):
     vit = {"cls_token": np.zeros((1, 1, 8)), "patch_embed.proj.weight": np.zeros((8, 3, 16, 16))}
     with pytest.raises(CheckpointError, match="vit.safetensors is not a BiT checkpoint.*cls_token"):
@@ -178,8 +207,11 @@ def test_infer_config_reports_unknown_architectures(small_npz):
 
 def test_unknown_state_dicts_are_refused(tmp_path, timm_small, small_npz, hf_checkpoint):
     from safetensors.numpy import save_file
+
     vit = tmp_path / "vit.safetensors"
-    save_file({"cls_token": np.zeros((1, 1, 8), "float32"), "blocks.0.attn.qkv.weight": np.zeros((24, 8), "float32")}, vit)
+    save_file(
+        {"cls_token": np.zeros((1, 1, 8), "float32"), "blocks.0.attn.qkv.weight": np.zeros((24, 8), "float32")}, vit
+    )
     with pytest.raises(ValueError, match="vit.safetensors is neither a timm ResNetV2-BiT nor"):
         load_source(vit)
     with pytest.raises(CheckpointError, match="vit.safetensors is not a BiT checkpoint"):
@@ -210,15 +242,24 @@ def _set(key, fn):
     return lambda arrays: arrays.__setitem__(key, fn(arrays[key]))
 
 
-@pytest.mark.parametrize("edit, message", [
-    (_drop("resnet/block2/unit02/b/group_norm/beta"), r"missing weights \(1\):\n\s+stage2_unit2_norm2/beta"),
-    (_set("resnet/block3/unit01/b/standardized_conv2d/kernel", lambda a: a[:, :, :, :-8]),
-     r"(?s)wrongly shaped keys.*resnet/block3/unit01/b/standardized_conv2d/kernel: shape \(3, 3, 128, 120\)"),
-    (_set("resnet/block1/unit01/a/group_norm/gamma", lambda a: np.full_like(a, np.nan)),
-     r"(?s)bad values.*resnet/block1/unit01/a/group_norm/gamma: contains NaN"),
-    (_set("resnet/root_block/standardized_conv2d/kernel", lambda a: a[0]),
-     r"standardized_conv2d/kernel has shape \(7, 3, 32\), expected a 4-D stem"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_drop("resnet/block2/unit02/b/group_norm/beta"), r"missing weights \(1\):\n\s+stage2_unit2_norm2/beta"),
+        (
+            _set("resnet/block3/unit01/b/standardized_conv2d/kernel", lambda a: a[:, :, :, :-8]),
+            r"(?s)wrongly shaped keys.*resnet/block3/unit01/b/standardized_conv2d/kernel: shape \(3, 3, 128, 120\)",
+        ),
+        (
+            _set("resnet/block1/unit01/a/group_norm/gamma", lambda a: np.full_like(a, np.nan)),
+            r"(?s)bad values.*resnet/block1/unit01/a/group_norm/gamma: contains NaN",
+        ),
+        (
+            _set("resnet/root_block/standardized_conv2d/kernel", lambda a: a[0]),
+            r"standardized_conv2d/kernel has shape \(7, 3, 32\), expected a 4-D stem",
+        ),
+    ],
+)
 def test_npz_checkpoint_errors_name_file_and_key(edit, message, small_npz):
     path = small_npz("broken.npz", edit=edit)
     with pytest.raises(CheckpointError, match=message) as info:

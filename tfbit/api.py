@@ -39,6 +39,7 @@ def expose(namespace, names):
     """Gives the package whose globals are `namespace` its public `names` ({name: module}):
     resolved at first use through the module `__getattr__` (PEP 562). Returns the function that
     imports them all; the package calls it at once unless `deferred()`."""
+
     def import_all():
         for name, module in names.items():
             namespace[name] = getattr(importlib.import_module(module), name)

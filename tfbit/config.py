@@ -69,8 +69,7 @@ class BitConfig:
 
     model_type = "bit"
 
-    def __init__(self, out_features=None, out_indices=None, num_labels=None, id2label=None,
-                 label2id=None, **kwargs):
+    def __init__(self, out_features=None, out_indices=None, num_labels=None, id2label=None, label2id=None, **kwargs):
         fields = {name: kwargs.pop(name, copy.deepcopy(default)) for name, default in _DEFAULTS.items()}
         self.extra = kwargs  # unknown keys from a foreign config.json: kept, not fatal
         for name, value in fields.items():
@@ -96,22 +95,28 @@ class BitConfig:
         if len(self.hidden_sizes) != len(self.depths):
             raise ValueError(
                 f"BitConfig.hidden_sizes ({len(self.hidden_sizes)} stages) and BitConfig.depths "
-                f"({len(self.depths)} stages) must have the same length")
+                f"({len(self.depths)} stages) must have the same length"
+            )
         if self.layer_type not in LAYER_TYPES:
             raise ValueError(f"BitConfig.layer_type={self.layer_type!r} is not one of {', '.join(LAYER_TYPES)}")
         if self.global_padding is not None:
             if not isinstance(self.global_padding, str) or self.global_padding.upper() not in PADDINGS:
-                raise ValueError(f"BitConfig.global_padding={self.global_padding!r} is not supported: "
-                                 "use None, 'SAME' or 'VALID'")
+                raise ValueError(
+                    f"BitConfig.global_padding={self.global_padding!r} is not supported: use None, 'SAME' or 'VALID'"
+                )
             self.global_padding = self.global_padding.upper()
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"BitConfig.hidden_act={self.hidden_act!r} is not one of {', '.join(ACTIVATIONS)}")
-        if isinstance(self.drop_path_rate, bool) or not isinstance(self.drop_path_rate, (int, float)) \
-                or not 0.0 <= self.drop_path_rate < 1.0:
+        if (
+            isinstance(self.drop_path_rate, bool)
+            or not isinstance(self.drop_path_rate, (int, float))
+            or not 0.0 <= self.drop_path_rate < 1.0
+        ):
             raise ValueError(f"BitConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
         if not isinstance(self.embedding_dynamic_padding, bool):
-            raise ValueError("BitConfig.embedding_dynamic_padding must be a bool, "
-                             f"got {self.embedding_dynamic_padding!r}")
+            raise ValueError(
+                f"BitConfig.embedding_dynamic_padding must be a bool, got {self.embedding_dynamic_padding!r}"
+            )
         if isinstance(self.ws_eps, bool) or not isinstance(self.ws_eps, (int, float)) or not 0 < self.ws_eps < 1e-2:
             raise ValueError(f"BitConfig.ws_eps must be a small positive number, got {self.ws_eps!r}")
         self.ws_eps = float(self.ws_eps)
@@ -122,8 +127,7 @@ class BitConfig:
         groups_of.update({f"stage{i + 1} bottleneck channels": c for i, c in enumerate(self.mid_channels)})
         for what, channels in groups_of.items():
             if channels % self.num_groups:
-                raise ValueError(f"BitConfig.num_groups={self.num_groups} does not divide the "
-                                 f"{what} ({channels})")
+                raise ValueError(f"BitConfig.num_groups={self.num_groups} does not divide the {what} ({channels})")
 
     def _align_outputs(self, out_features, out_indices):
         """Same rules as transformers' BackboneConfigMixin: default to the last stage."""
@@ -138,8 +142,9 @@ class BitConfig:
             if len(set(out_features)) != len(out_features):
                 raise ValueError(f"BitConfig.out_features must not contain duplicates, got {out_features}")
             if out_features != [f for f in names if f in out_features]:
-                raise ValueError(f"BitConfig.out_features must be in the order of stage_names {names}, "
-                                 f"got {out_features}")
+                raise ValueError(
+                    f"BitConfig.out_features must be in the order of stage_names {names}, got {out_features}"
+                )
         if out_indices is not None:
             if not isinstance(out_indices, (list, tuple)):
                 raise ValueError(f"BitConfig.out_indices must be a list, got {type(out_indices).__name__}")
@@ -159,8 +164,10 @@ class BitConfig:
         if out_indices is None:
             return out_features, [names.index(f) for f in out_features]
         if out_features != [names[i] for i in out_indices]:
-            raise ValueError("BitConfig.out_features and BitConfig.out_indices must name the same stages, "
-                             f"got {out_features} and {out_indices}")
+            raise ValueError(
+                "BitConfig.out_features and BitConfig.out_indices must name the same stages, "
+                f"got {out_features} and {out_indices}"
+            )
         return out_features, out_indices
 
     def _set_labels(self, num_labels, id2label, label2id):
@@ -169,19 +176,20 @@ class BitConfig:
                 raise ValueError(f"BitConfig.id2label must be a dict, got {type(id2label).__name__}")
             id2label = {int(k): str(v) for k, v in id2label.items()}
             if sorted(id2label) != list(range(len(id2label))):
-                raise ValueError("BitConfig.id2label keys must be 0..N-1, got "
-                                 f"{sorted(id2label)[:10]}")
+                raise ValueError(f"BitConfig.id2label keys must be 0..N-1, got {sorted(id2label)[:10]}")
             if num_labels is not None and num_labels != len(id2label):
-                raise ValueError(f"BitConfig.num_labels={num_labels} does not match the {len(id2label)} "
-                                 "entries of id2label")
+                raise ValueError(
+                    f"BitConfig.num_labels={num_labels} does not match the {len(id2label)} entries of id2label"
+                )
         else:
             n = 2 if num_labels is None else num_labels
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise ValueError(f"BitConfig.num_labels must be a non-negative integer, got {n!r}")
             id2label = {i: f"LABEL_{i}" for i in range(n)}
         self.id2label = id2label
-        self.label2id = {v: k for k, v in id2label.items()} if label2id is None else \
-            {str(k): int(v) for k, v in label2id.items()}
+        self.label2id = (
+            {v: k for k, v in id2label.items()} if label2id is None else {str(k): int(v) for k, v in label2id.items()}
+        )
 
     # -- derived architecture -------------------------------------------------------------------
     @property
@@ -208,7 +216,7 @@ class BitConfig:
                 dilation *= stride
                 stride = 1
             first_dilation = 1 if dilation in (1, 2) else 2
-            plan.append((stride, dilation, first_dilation, rates[start:start + depth]))
+            plan.append((stride, dilation, first_dilation, rates[start : start + depth]))
             current_stride *= stride
             start += depth
         return plan
@@ -217,10 +225,14 @@ class BitConfig:
     def to_dict(self):
         d = dict(self.extra)
         d.update({name: copy.deepcopy(getattr(self, name)) for name in _DEFAULTS})
-        d.update(model_type=self.model_type, out_features=list(self.out_features),
-                 out_indices=list(self.out_indices), stage_names=list(self.stage_names),
-                 id2label={str(k): v for k, v in self.id2label.items()},
-                 label2id=dict(self.label2id))
+        d.update(
+            model_type=self.model_type,
+            out_features=list(self.out_features),
+            out_indices=list(self.out_indices),
+            stage_names=list(self.stage_names),
+            id2label={str(k): v for k, v in self.id2label.items()},
+            label2id=dict(self.label2id),
+        )
         return d
 
     @classmethod
@@ -264,6 +276,7 @@ class BitConfig:
         replace the preset's (`num_labels=10`, `id2label=...`, `out_features=...`). Label names
         come with the weights (`from_preset` of a model class): here they are LABEL_<i>."""
         from tfbit.presets import get  # the module: `tfbit.presets` is the listing function
+
         architecture = get(name).architecture
         if fields.get("id2label") is not None:  # the labels' count is the head's size
             del architecture["num_labels"]

@@ -38,7 +38,8 @@ _NATIVE_LOG_LINE = re.compile(
     r"[IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^\s\]]+:\d+\] "
     r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
     r"|To enable the following instructions: .* rebuild TensorFlow"
-    r"|INFO: ")
+    r"|INFO: "
+)
 
 
 def onednn_default(training=False):
@@ -101,8 +102,11 @@ def native_logs_filtered(enabled=True):
             os.dup2(saved, 2)
             os.close(saved)
             collected.seek(0)
-            kept = [line for line in collected.read().decode("utf-8", "replace").splitlines(keepends=True)
-                    if not _NATIVE_LOG_LINE.match(line)]
+            kept = [
+                line
+                for line in collected.read().decode("utf-8", "replace").splitlines(keepends=True)
+                if not _NATIVE_LOG_LINE.match(line)
+            ]
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
@@ -112,7 +116,10 @@ def require_tensorflow_backend(needs, command):
     """SavedModel and TFLite are TensorFlow graphs, so exporting or running them takes Keras on
     TensorFlow; raises ValueError saying so (`needs`: "exports need", `command`: the CLI)."""
     import keras
+
     backend = keras.backend.backend()
     if backend != "tensorflow":
-        raise ValueError(f"{needs} the TensorFlow backend of Keras, but it runs on {backend} "
-                         f"(KERAS_BACKEND or ~/.keras/keras.json): run {command} with KERAS_BACKEND=tensorflow")
+        raise ValueError(
+            f"{needs} the TensorFlow backend of Keras, but it runs on {backend} "
+            f"(KERAS_BACKEND or ~/.keras/keras.json): run {command} with KERAS_BACKEND=tensorflow"
+        )

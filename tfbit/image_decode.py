@@ -58,10 +58,12 @@ _BYTES = [bytes([i]) for i in range(256)]
 # An image's header: what is wrong with it ("" if nothing), index in FORMATS, sizes, EXIF
 # orientation, a GIF's first graphic control extension (the flags byte, or -1) and the RGB colour
 # that transformers turns white (or -1s).
-_HEADER_SPEC = {"problem": tf.TensorSpec([], tf.string), "format": tf.TensorSpec([], tf.int32),
-                **{k: tf.TensorSpec([], tf.int64) for k in ("width", "height", "frames", "pixels", "orientation",
-                                                             "gif_control")},
-                "transparent": tf.TensorSpec([3], tf.int64)}
+_HEADER_SPEC = {
+    "problem": tf.TensorSpec([], tf.string),
+    "format": tf.TensorSpec([], tf.int32),
+    **{k: tf.TensorSpec([], tf.int64) for k in ("width", "height", "frames", "pixels", "orientation", "gif_control")},
+    "transparent": tf.TensorSpec([3], tf.int64),
+}
 
 
 def _format(template, *values):
@@ -101,21 +103,32 @@ def _is_in(x, values):
 def _walk(body, state):
     """Run ``body(state) -> (status, state)`` until it leaves _RUNNING, at most spec.MAX_BLOCKS
     times (then _TOO_MANY); returns (status, state)."""
+
     def step(i, status, state):
         status, state = body(state)
         return i + 1, tf.where((status == _RUNNING) & (i + 1 >= spec.MAX_BLOCKS), _TOO_MANY, status), state
 
-    _, status, state = tf.while_loop(lambda i, status, state: status == _RUNNING, step,
-                                     [tf.constant(0), tf.constant(_RUNNING), state])
+    _, status, state = tf.while_loop(
+        lambda i, status, state: status == _RUNNING, step, [tf.constant(0), tf.constant(_RUNNING), state]
+    )
     return status, state
 
 
 def _walk_problem(name, status, n, pos):
     """The message of a walk's final status (its own for _UNSUPPORTED)."""
-    return tf.gather(tf.stack([tf.constant(""), tf.constant(""), _format(spec.TRUNCATED, name, n),
-                               _format(spec.CORRUPT, name, pos),
-                               tf.constant(spec.TOO_MANY_BLOCKS.format(name, spec.MAX_BLOCKS)), tf.constant("")]),
-                     status)
+    return tf.gather(
+        tf.stack(
+            [
+                tf.constant(""),
+                tf.constant(""),
+                _format(spec.TRUNCATED, name, n),
+                _format(spec.CORRUPT, name, pos),
+                tf.constant(spec.TOO_MANY_BLOCKS.format(name, spec.MAX_BLOCKS)),
+                tf.constant(""),
+            ]
+        ),
+        status,
+    )
 
 
 def _exif_orientation(u, start, end):
@@ -160,10 +173,16 @@ def _color_table(flags):
 
 def _header(problem, width=0, height=0, frames=1, pixels=None, orientation=0, gif_control=-1, transparent=-1):
     width, height, frames = (tf.cast(v, tf.int64) for v in (width, height, frames))
-    return {"problem": tf.convert_to_tensor(problem, tf.string), "width": width, "height": height,
-            "frames": frames, "pixels": width * height if pixels is None else pixels,
-            "orientation": tf.cast(orientation, tf.int64), "gif_control": tf.cast(gif_control, tf.int64),
-            "transparent": tf.broadcast_to(tf.cast(transparent, tf.int64), [3])}
+    return {
+        "problem": tf.convert_to_tensor(problem, tf.string),
+        "width": width,
+        "height": height,
+        "frames": frames,
+        "pixels": width * height if pixels is None else pixels,
+        "orientation": tf.cast(orientation, tf.int64),
+        "gif_control": tf.cast(gif_control, tf.int64),
+        "transparent": tf.broadcast_to(tf.cast(transparent, tf.int64), [3]),
+    }
 
 
 def _jpeg_header(data, u):
@@ -172,36 +191,51 @@ def _jpeg_header(data, u):
     def body(state):
         pos, width, height, components, exif_start, exif_end, xmp_start, xmp_end = state
         marker, end = _read(u, pos + 1), pos + 2 + _read(u, pos + 2, 2)
-        status = tf.where(pos + 4 > n, _TRUNCATED,
-                          tf.where((_read(u, pos) != 0xFF) | (marker == 0xD9), _CORRUPT,
-                                   tf.where(marker == 0xDA, _DONE, _RUNNING)))  # SOS: entropy-coded data
+        status = tf.where(
+            pos + 4 > n,
+            _TRUNCATED,
+            tf.where((_read(u, pos) != 0xFF) | (marker == 0xD9), _CORRUPT, tf.where(marker == 0xDA, _DONE, _RUNNING)),
+        )  # SOS: entropy-coded data
         running = status == _RUNNING
         bare = (marker == 0xFF) | ((marker >= 0xD0) & (marker <= 0xD8)) | (marker == 0x01)  # no segment
         segment = running & ~bare
         sof = segment & _is_in(marker, spec.JPEG_SOF) & (width < 0)
-        exif = (segment & (marker == 0xE1) & _starts_with(u, pos + 4, spec.EXIF_PREFIX, end)
-                & (exif_start < 0))  # PIL reads the first Exif segment ...
+        exif = (
+            segment & (marker == 0xE1) & _starts_with(u, pos + 4, spec.EXIF_PREFIX, end) & (exif_start < 0)
+        )  # PIL reads the first Exif segment ...
         xmp = segment & (marker == 0xE1) & _starts_with(u, pos + 4, spec.XMP_PREFIX, end)  # ... the last XMP
         next_pos = tf.where(marker == 0xFF, pos + 1, tf.where(bare, pos + 2, end))
-        return status, (tf.where(running, next_pos, pos),
-                        tf.where(sof, _read(u, pos + 7, 2), width), tf.where(sof, _read(u, pos + 5, 2), height),
-                        tf.where(sof, _read(u, pos + 9), components),
-                        tf.where(exif, pos + 4 + len(spec.EXIF_PREFIX), exif_start), tf.where(exif, end, exif_end),
-                        tf.where(xmp, pos + 4 + len(spec.XMP_PREFIX), xmp_start), tf.where(xmp, end, xmp_end))
+        return status, (
+            tf.where(running, next_pos, pos),
+            tf.where(sof, _read(u, pos + 7, 2), width),
+            tf.where(sof, _read(u, pos + 5, 2), height),
+            tf.where(sof, _read(u, pos + 9), components),
+            tf.where(exif, pos + 4 + len(spec.EXIF_PREFIX), exif_start),
+            tf.where(exif, end, exif_end),
+            tf.where(xmp, pos + 4 + len(spec.XMP_PREFIX), xmp_start),
+            tf.where(xmp, end, xmp_end),
+        )
 
     status, (pos, width, height, components, exif_start, exif_end, xmp_start, xmp_end) = _walk(
-        body, (tf.constant(2, tf.int64),) + (tf.constant(-1, tf.int64),) * 7)
+        body, (tf.constant(2, tf.int64),) + (tf.constant(-1, tf.int64),) * 7
+    )
     scan = u[pos:]
     # Truncated entropy-coded data fails in both decoders; its end of image marker is missing.
     end_of_image = tf.reduce_any((scan[:-1] == 0xFF) & (scan[1:] == 0xD9))
     done = status == _DONE
-    problem = tf.where(done & (width < 0), _format(spec.CORRUPT, "JPEG", pos),
-                       tf.where(done & (components == 4), spec.UNSUPPORTED_CMYK,
-                                tf.where(done & ~end_of_image, _format(spec.TRUNCATED, "JPEG", n),
-                                         _walk_problem("JPEG", status, n, pos))))
+    problem = tf.where(
+        done & (width < 0),
+        _format(spec.CORRUPT, "JPEG", pos),
+        tf.where(
+            done & (components == 4),
+            spec.UNSUPPORTED_CMYK,
+            tf.where(done & ~end_of_image, _format(spec.TRUNCATED, "JPEG", n), _walk_problem("JPEG", status, n, pos)),
+        ),
+    )
     present, orientation = _exif_orientation(u, exif_start, exif_end)
-    orientation = tf.cond(~present & (xmp_start >= 0), lambda: _xmp_orientation(data, xmp_start, xmp_end),
-                          lambda: orientation)  # PIL reads XMP only when EXIF has no orientation tag
+    orientation = tf.cond(
+        ~present & (xmp_start >= 0), lambda: _xmp_orientation(data, xmp_start, xmp_end), lambda: orientation
+    )  # PIL reads XMP only when EXIF has no orientation tag
     return _header(problem, width, height, orientation=orientation)
 
 
@@ -216,8 +250,10 @@ def _png_header(data, u):
         # also without IEND, which PIL accepts and TF's decoder does not
         status = tf.where(end > n, _TRUNCATED, tf.where(kind == chunk(b"IEND"), _DONE, _RUNNING))
         # (start, end) of the eXIf, PLTE and tRNS data; PIL reads eXIf anywhere, the last ones win
-        found = [tf.where((end <= n) & (kind == chunk(name)), tf.stack([pos + 8, end - 4]), where)
-                 for name, where in zip((b"eXIf", b"PLTE", b"tRNS"), found)]
+        found = [
+            tf.where((end <= n) & (kind == chunk(name)), tf.stack([pos + 8, end - 4]), where)
+            for name, where in zip((b"eXIf", b"PLTE", b"tRNS"), found)
+        ]
         # encoders write equal IDAT chunks: up to 63 more are skipped per step
         step = end - pos
         later = end + step * tf.range(63, dtype=tf.int64)
@@ -229,20 +265,30 @@ def _png_header(data, u):
     status, (pos, exif, palette, trns) = _walk(body, (tf.constant(8, tf.int64), none, none, none))
     (exif_start, exif_end), palette, (trns, trns_end) = tf.unstack(exif), palette[0], tf.unstack(trns)
     exif_start += len(spec.EXIF_PREFIX) * tf.cast(_starts_with(u, exif_start, spec.EXIF_PREFIX, exif_end), tf.int64)
-    corrupt = (_read(u, 12, 4) != chunk(b"IHDR")) | (tf.maximum(width, height) >= 2 ** 31)
-    problem = tf.where(n < 33, _format(spec.TRUNCATED, "PNG", n),
-                       tf.where(corrupt, spec.CORRUPT.format("PNG", 12), _walk_problem("PNG", status, n, pos)))
+    corrupt = (_read(u, 12, 4) != chunk(b"IHDR")) | (tf.maximum(width, height) >= 2**31)
+    problem = tf.where(
+        n < 33,
+        _format(spec.TRUNCATED, "PNG", n),
+        tf.where(corrupt, spec.CORRUPT.format("PNG", 12), _walk_problem("PNG", status, n, pos)),
+    )
     # The colour PIL's convert("RGB") keeps as info["transparency"] (see image_ops._whiten): a palette's one
     # fully transparent entry, or the tRNS colour of 2- to 8-bit gray and of RGB (its low bytes).
     alpha = _read(u, trns + tf.range(tf.maximum(trns_end - trns, 0)))
     single = (tf.reduce_sum(tf.cast(alpha == 0, tf.int64)) == 1) & tf.reduce_all((alpha == 0) | (alpha == 255))
     entry = palette + 3 * tf.concat([tf.where(alpha == 0)[:, 0], [0]], 0)[0]
     gray, rgb = _read(u, trns + tf.zeros(3, tf.int64), 2), _read(u, trns + 2 * tf.range(3, dtype=tf.int64), 2)
-    transparent = tf.where((color_type == 3) & single, _read(u, entry + tf.range(3, dtype=tf.int64)),
-                           tf.where((color_type == 0) & _is_in(depth, (2, 4, 8)) & (trns_end - trns >= 2), gray % 256,
-                                    tf.where((color_type == 2) & (trns_end - trns >= 6), rgb % 256, -1)))
-    return _header(problem, width, height, orientation=_exif_orientation(u, exif_start, exif_end)[1],
-                   transparent=transparent)
+    transparent = tf.where(
+        (color_type == 3) & single,
+        _read(u, entry + tf.range(3, dtype=tf.int64)),
+        tf.where(
+            (color_type == 0) & _is_in(depth, (2, 4, 8)) & (trns_end - trns >= 2),
+            gray % 256,
+            tf.where((color_type == 2) & (trns_end - trns >= 6), rgb % 256, -1),
+        ),
+    )
+    return _header(
+        problem, width, height, orientation=_exif_orientation(u, exif_start, exif_end)[1], transparent=transparent
+    )
 
 
 def _gif_header(data, u):
@@ -263,50 +309,86 @@ def _gif_header(data, u):
         extension, image = ~in_blocks & (block == 0x21), ~in_blocks & (block == 0x2C)
         left, top, width, height = (_read(u, pos + k, 2, True) for k in (1, 3, 5, 7))
         # TF's decoder sizes its canvas by the frames, PIL by the screen (and fills it differently)
-        fits = tf.where(frames == 0, (left == 0) & (top == 0) & (width == screen_width) & (height == screen_height),
-                        (left + width <= screen_width) & (top + height <= screen_height))
+        fits = tf.where(
+            frames == 0,
+            (left == 0) & (top == 0) & (width == screen_width) & (height == screen_height),
+            (left + width <= screen_width) & (top + height <= screen_height),
+        )
         status = tf.where(
-            at_end, tf.where(in_blocks | (pos > n) | (frames == 0), _TRUNCATED, _DONE),  # no trailer is fine
-            tf.where(in_blocks | extension, _RUNNING,
-                     tf.where(block == 0x3B, _DONE,
-                              tf.where(image, tf.where((pos + 10 <= n) & ~fits, _UNSUPPORTED, _RUNNING), _CORRUPT))))
+            at_end,
+            tf.where(in_blocks | (pos > n) | (frames == 0), _TRUNCATED, _DONE),  # no trailer is fine
+            tf.where(
+                in_blocks | extension,
+                _RUNNING,
+                tf.where(
+                    block == 0x3B,
+                    _DONE,
+                    tf.where(image, tf.where((pos + 10 <= n) & ~fits, _UNSUPPORTED, _RUNNING), _CORRUPT),
+                ),
+            ),
+        )
         running = status == _RUNNING
         # the first frame's graphic control extension (its transparency) and image descriptor
         is_control = running & extension & (_read(u, pos + 1) == 0xF9) & (_read(u, pos + 2) == 4) & (frames == 0)
         is_first = running & image & (frames == 0)
         image &= running
-        next_pos = tf.where(in_blocks, tf.where(run > 0, pos + 256 * run, pos + 1 + block + tf.cast(last, tf.int64)),
-                            tf.where(extension, tf.where(whole, pos + 4 + size, pos + 2),
-                                     pos + 11 + _color_table(_read(u, pos + 9))))
+        next_pos = tf.where(
+            in_blocks,
+            tf.where(run > 0, pos + 256 * run, pos + 1 + block + tf.cast(last, tf.int64)),
+            tf.where(extension, tf.where(whole, pos + 4 + size, pos + 2), pos + 11 + _color_table(_read(u, pos + 9))),
+        )
         next_in_blocks = tf.where(in_blocks, (run > 0) | ((block > 0) & ~last), ~(extension & whole))
-        return status, (tf.where(running, next_pos, pos), tf.where(running, next_in_blocks, in_blocks),
-                        frames + tf.cast(image, tf.int64), pixels + tf.where(image, width * height, 0),
-                        tf.where(is_control, pos + 3, control), tf.where(is_first, pos, first))
+        return status, (
+            tf.where(running, next_pos, pos),
+            tf.where(running, next_in_blocks, in_blocks),
+            frames + tf.cast(image, tf.int64),
+            pixels + tf.where(image, width * height, 0),
+            tf.where(is_control, pos + 3, control),
+            tf.where(is_first, pos, first),
+        )
 
     zero, none = tf.constant(0, tf.int64), tf.constant(-1, tf.int64)
     status, (pos, _, frames, pixels, control, first) = _walk(
-        body, (13 + _color_table(_read(u, 10)), tf.constant(False), zero, zero, none, none))
-    unsupported = _format(spec.UNSUPPORTED_GIF, frames, *(_read(u, pos + k, 2, True) for k in (5, 7, 1, 3)),
-                          screen_width, screen_height)
-    problem = tf.where(n < 13, _format(spec.TRUNCATED, "GIF", n),
-                       tf.where(status == _UNSUPPORTED, unsupported,
-                                tf.where((status == _DONE) & (frames == 0), _format(spec.CORRUPT, "GIF", pos),
-                                         _walk_problem("GIF", status, n, pos))))
+        body, (13 + _color_table(_read(u, 10)), tf.constant(False), zero, zero, none, none)
+    )
+    unsupported = _format(
+        spec.UNSUPPORTED_GIF, frames, *(_read(u, pos + k, 2, True) for k in (5, 7, 1, 3)), screen_width, screen_height
+    )
+    problem = tf.where(
+        n < 13,
+        _format(spec.TRUNCATED, "GIF", n),
+        tf.where(
+            status == _UNSUPPORTED,
+            unsupported,
+            tf.where(
+                (status == _DONE) & (frames == 0),
+                _format(spec.CORRUPT, "GIF", pos),
+                _walk_problem("GIF", status, n, pos),
+            ),
+        ),
+    )
     # PIL keeps the palette colour of the transparent index as info["transparency"] (see image_ops._whiten).
-    table = tf.where(_read(u, first + 9) >= 0x80, first + 10,  # local colour table, else global
-                     tf.where(_read(u, 10) >= 0x80, tf.constant(13, tf.int64), none))
+    table = tf.where(
+        _read(u, first + 9) >= 0x80,
+        first + 10,  # local colour table, else global
+        tf.where(_read(u, 10) >= 0x80, tf.constant(13, tf.int64), none),
+    )
     colour = _read(u, table + 3 * _read(u, control + 3) + tf.range(3, dtype=tf.int64))
-    transparent = tf.where((control >= 0) & (first >= 0) & (_read(u, control) % 2 == 1) & (table >= 0),
-                           colour, -1)
-    return _header(problem, screen_width, screen_height, frames, pixels, gif_control=control,
-                   transparent=transparent)
+    transparent = tf.where((control >= 0) & (first >= 0) & (_read(u, control) % 2 == 1) & (table >= 0), colour, -1)
+    return _header(problem, screen_width, screen_height, frames, pixels, gif_control=control, transparent=transparent)
 
 
 def _bmp_fields(u):
     """(pixel data offset, header size, bits per pixel, compression, width, signed height)."""
-    signed = lambda v: tf.where(v >= 2 ** 31, v - 2 ** 32, v)
-    return (_read(u, 10, 4, True), _read(u, 14, 4, True), _read(u, 28, 2, True), _read(u, 30, 4, True),
-            signed(_read(u, 18, 4, True)), signed(_read(u, 22, 4, True)))
+    signed = lambda v: tf.where(v >= 2**31, v - 2**32, v)
+    return (
+        _read(u, 10, 4, True),
+        _read(u, 14, 4, True),
+        _read(u, 28, 2, True),
+        _read(u, 30, 4, True),
+        signed(_read(u, 18, 4, True)),
+        signed(_read(u, 22, 4, True)),
+    )
 
 
 def _bmp_size(offset, bits, width, height):
@@ -317,12 +399,20 @@ def _bmp_header(data, u):
     n = tf.size(u, tf.int64)
     offset, header, bits, compression, width, height = _bmp_fields(u)
     masks = _read(u, 54 + 4 * tf.range(3, dtype=tf.int64), 4, True)
-    supported = (header >= 40) & (((compression == 0) & _is_in(bits, (8, 24, 32)))
-                                  | ((compression == 3) & (bits == 32) & tf.reduce_all(masks == spec.BMP_MASKS)))
+    supported = (header >= 40) & (
+        ((compression == 0) & _is_in(bits, (8, 24, 32)))
+        | ((compression == 3) & (bits == 32) & tf.reduce_all(masks == spec.BMP_MASKS))
+    )
     truncated = _format(spec.TRUNCATED, "BMP", n)
-    problem = tf.where(n < 54, truncated,
-                       tf.where(~supported, _format(spec.UNSUPPORTED_BMP, bits, compression, header),
-                                tf.where(_bmp_size(offset, bits, width, height) > n, truncated, "")))
+    problem = tf.where(
+        n < 54,
+        truncated,
+        tf.where(
+            ~supported,
+            _format(spec.UNSUPPORTED_BMP, bits, compression, header),
+            tf.where(_bmp_size(offset, bits, width, height) > n, truncated, ""),
+        ),
+    )
     return _header(problem, width, tf.abs(height), orientation=1)
 
 
@@ -341,11 +431,17 @@ def _inspect(data, max_pixels):
     h = tf.switch_case(kind, [lambda f=f: f(data, u) for f in branches])
     name = tf.gather(spec.FORMATS, tf.minimum(kind, len(spec.FORMATS) - 1))
     frames = tf.where(h["frames"] > 1, _format(", {} frames", h["frames"]), "")
-    problem = tf.where((h["problem"] == "") & ((h["width"] <= 0) | (h["height"] <= 0)),
-                       _format(spec.ZERO_SIZE, name, h["width"], h["height"]), h["problem"])
+    problem = tf.where(
+        (h["problem"] == "") & ((h["width"] <= 0) | (h["height"] <= 0)),
+        _format(spec.ZERO_SIZE, name, h["width"], h["height"]),
+        h["problem"],
+    )
     max_pixels = tf.constant(max_pixels, tf.int64)
-    problem = tf.where((problem == "") & (h["pixels"] > max_pixels),
-                       _format(spec.TOO_LARGE, h["width"], h["height"], frames, h["pixels"], max_pixels), problem)
+    problem = tf.where(
+        (problem == "") & (h["pixels"] > max_pixels),
+        _format(spec.TOO_LARGE, h["width"], h["height"], frames, h["pixels"], max_pixels),
+        problem,
+    )
     orientation = tf.where((h["orientation"] >= 1) & (h["orientation"] <= 8), h["orientation"], 1)
     return {**h, "problem": problem, "format": kind, "orientation": orientation}
 
@@ -362,8 +458,9 @@ def _decode_gif(data, control):
     def opaque():  # TF paints transparent pixels black, PIL gives them their palette colour
         flags = tf.io.decode_raw(_substr(data, control, 1), tf.uint8)[0]
         rest = _substr(data, control + 1, tf.cast(tf.strings.length(data), tf.int64) - control - 1)
-        return tf.strings.join([_substr(data, 0, control),
-                                tf.gather(_BYTES, tf.bitwise.bitwise_and(tf.cast(flags, tf.int32), 0xFE)), rest])
+        return tf.strings.join(
+            [_substr(data, 0, control), tf.gather(_BYTES, tf.bitwise.bitwise_and(tf.cast(flags, tf.int32), 0xFE)), rest]
+        )
 
     data = tf.cond(control >= 0, opaque, lambda: data)
     return tf.io.decode_image(data, channels=3, expand_animations=False)  # the first frame
@@ -388,9 +485,11 @@ def _decode_bmp(data):
 
 def _orient(image, orientation):
     """Apply an EXIF orientation as PIL's ImageOps.exif_transpose does."""
-    for applies, turn in ((spec.TRANSPOSED, lambda: tf.transpose(image, [1, 0, 2])),
-                          (spec.FLIP_ROWS, lambda: tf.reverse(image, [0])),
-                          (spec.FLIP_COLUMNS, lambda: tf.reverse(image, [1]))):
+    for applies, turn in (
+        (spec.TRANSPOSED, lambda: tf.transpose(image, [1, 0, 2])),
+        (spec.FLIP_ROWS, lambda: tf.reverse(image, [0])),
+        (spec.FLIP_COLUMNS, lambda: tf.reverse(image, [1])),
+    ):
         image = tf.cond(_is_in(orientation, applies), turn, lambda: image)
     return image
 
@@ -398,9 +497,12 @@ def _orient(image, orientation):
 def decode(data, header):
     """Decode encoded bytes whose header (``_inspect``, ``read_headers``) has no problem into upright
     uint8 (H, W, 3)."""
-    branches = [lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-                lambda: _decode_png(data), lambda: _decode_gif(data, header["gif_control"]),
-                lambda: _decode_bmp(data)]
+    branches = [
+        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: _decode_png(data),
+        lambda: _decode_gif(data, header["gif_control"]),
+        lambda: _decode_bmp(data),
+    ]
     image = tf.switch_case(header["format"], branches)
     image.set_shape([None, None, 3])
     return _orient(image, header["orientation"])
@@ -427,8 +529,8 @@ def read_headers(data, max_pixels=spec.MAX_PIXELS):
     headers = tf.map_fn(lambda s: _inspect(s, max_pixels), data, fn_output_signature=_HEADER_SPEC)
     problems = tf.concat([headers["problem"], [""]], 0)
     first = tf.argmax(problems != "")  # the "" appended keeps it defined for an empty batch
-    check = tf.debugging.Assert(problems[first] == "",
-                                [_format("tfbit: image {} of the batch: {}", first, problems[first])])
+    check = tf.debugging.Assert(
+        problems[first] == "", [_format("tfbit: image {} of the batch: {}", first, problems[first])]
+    )
     with tf.control_dependencies([check]):
         return tf.nest.map_structure(tf.identity, headers)
-

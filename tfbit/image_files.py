@@ -52,14 +52,20 @@ TRUNCATED = "could not decode image: truncated {} data ({} bytes)"
 CORRUPT = "could not decode image: corrupt {} data at byte {}"
 TOO_MANY_BLOCKS = "could not decode image: corrupt {} data: more than {} blocks"
 ZERO_SIZE = "could not decode image: the {} header gives a size of {} x {}"
-UNSUPPORTED_BMP = ("could not decode image: unsupported BMP ({}-bit, compression {}, {}-byte header); "
-                   "tfbit reads uncompressed 8-, 24- and 32-bit BMPs")
+UNSUPPORTED_BMP = (
+    "could not decode image: unsupported BMP ({}-bit, compression {}, {}-byte header); "
+    "tfbit reads uncompressed 8-, 24- and 32-bit BMPs"
+)
 # TF's decoder converts CMYK to RGB as trunc(c * k / 255), PIL rounds: 1 level apart on ~30% of
 # the pixels of a photo with black ink, 2 after resizing.
-UNSUPPORTED_CMYK = ("could not decode image: unsupported JPEG: CMYK (4 components), which the TF decoder "
-                    "converts to RGB differently from PIL")
-UNSUPPORTED_GIF = ("could not decode image: unsupported GIF: frame {} is {} x {} at ({}, {}) on a {} x {} "
-                   "screen; the first frame must fill the screen and the others lie within it")
+UNSUPPORTED_CMYK = (
+    "could not decode image: unsupported JPEG: CMYK (4 components), which the TF decoder "
+    "converts to RGB differently from PIL"
+)
+UNSUPPORTED_GIF = (
+    "could not decode image: unsupported GIF: frame {} is {} x {} at ({}, {}) on a {} x {} "
+    "screen; the first frame must fill the screen and the others lie within it"
+)
 TOO_LARGE = "image too large: {} x {} pixels{} ({} pixels to decode), more than max_pixels={}"
 UNDECODABLE = "could not decode image: corrupt or truncated {} data"
 
@@ -76,8 +82,8 @@ class ImageHeader(NamedTuple):
 def _uint(data, pos, size, little=False):
     """Unsigned integer at data[pos:pos + size]; bytes past the end read as 0 (as in the graph)."""
     if little:
-        return int.from_bytes(data[pos:pos + size], "little")
-    return int.from_bytes(data[pos:pos + size].ljust(size, b"\x00"), "big")
+        return int.from_bytes(data[pos : pos + size], "little")
+    return int.from_bytes(data[pos : pos + size].ljust(size, b"\x00"), "big")
 
 
 def _exif_orientation(tiff):
@@ -111,13 +117,13 @@ def _jpeg_header(data):
             pos += 1 if marker == 0xFF else 2
             continue
         end = pos + 2 + _uint(data, pos + 2, 2)
-        segment = data[pos + 4:end]
+        segment = data[pos + 4 : end]
         if marker in JPEG_SOF and size is None:
             size, components = (_uint(data, pos + 7, 2), _uint(data, pos + 5, 2)), _uint(data, pos + 9, 1)
         if marker == 0xE1 and segment.startswith(EXIF_PREFIX) and exif is None:  # PIL reads the first Exif
-            exif = segment[len(EXIF_PREFIX):]
+            exif = segment[len(EXIF_PREFIX) :]
         if marker == 0xE1 and segment.startswith(XMP_PREFIX):  # ... and the last XMP packet
-            xmp = segment[len(XMP_PREFIX):]
+            xmp = segment[len(XMP_PREFIX) :]
         pos = end
     else:
         raise ValueError(TOO_MANY_BLOCKS.format("JPEG", MAX_BLOCKS))
@@ -145,16 +151,19 @@ def _png_header(data):
         end = pos + 12 + _uint(data, pos, 4)
         if end > len(data):  # also without IEND, which PIL accepts and TF's decoder does not
             raise ValueError(TRUNCATED.format("PNG", len(data)))
-        kind = data[pos + 4:pos + 8]
+        kind = data[pos + 4 : pos + 8]
         if kind == b"eXIf":  # PIL reads it before or after the image data; the last one wins
-            exif = data[pos + 8:end - 4]
-            exif = exif[len(EXIF_PREFIX):] if exif.startswith(EXIF_PREFIX) else exif
+            exif = data[pos + 8 : end - 4]
+            exif = exif[len(EXIF_PREFIX) :] if exif.startswith(EXIF_PREFIX) else exif
         if kind == b"IEND":
             return width, height, 1, width * height, _exif_orientation(exif)[1]
         if kind == b"IDAT":  # encoders write equal IDAT chunks: up to 63 more are skipped per step
             step, run = end - pos, 0
-            while (run < 63 and end + (run + 1) * step <= len(data)
-                   and data[end + run * step:end + run * step + 8] == data[pos:pos + 8]):
+            while (
+                run < 63
+                and end + (run + 1) * step <= len(data)
+                and data[end + run * step : end + run * step + 8] == data[pos : pos + 8]
+            ):
                 run += 1
             end += run * step
         pos = end
@@ -196,8 +205,11 @@ def _gif_header(data):
         elif data[pos] == 0x2C:  # image: descriptor, local colour table, LZW code size, sub-blocks
             left, top, width, height = (_uint(data, pos + k, 2, True) for k in (1, 3, 5, 7))
             # TF's decoder sizes its canvas by the frames, PIL by the screen (and fills it differently)
-            fits = ((left, top, width, height) == (0, 0, *screen) if not frames
-                    else left + width <= screen[0] and top + height <= screen[1])
+            fits = (
+                (left, top, width, height) == (0, 0, *screen)
+                if not frames
+                else left + width <= screen[0] and top + height <= screen[1]
+            )
             if pos + 10 <= len(data) and not fits:
                 raise ValueError(UNSUPPORTED_GIF.format(frames, width, height, left, top, *screen))
             frames, pixels = frames + 1, pixels + width * height
@@ -215,10 +227,11 @@ def _bmp_header(data):
     if len(data) < 54:
         raise ValueError(TRUNCATED.format("BMP", len(data)))
     header, bits, compression = _uint(data, 14, 4, True), _uint(data, 28, 2, True), _uint(data, 30, 4, True)
-    width, height = (int.from_bytes(data[k:k + 4], "little", signed=True) for k in (18, 22))
+    width, height = (int.from_bytes(data[k : k + 4], "little", signed=True) for k in (18, 22))
     masks = tuple(_uint(data, 54 + 4 * k, 4, True) for k in range(3))
-    if header < 40 or not (compression == 0 and bits in (8, 24, 32)
-                           or compression == 3 and bits == 32 and masks == BMP_MASKS):
+    if header < 40 or not (
+        compression == 0 and bits in (8, 24, 32) or compression == 3 and bits == 32 and masks == BMP_MASKS
+    ):
         raise ValueError(UNSUPPORTED_BMP.format(bits, compression, header))
     if _uint(data, 10, 4, True) + (width * bits + 31) // 32 * 4 * abs(height) > len(data):
         raise ValueError(TRUNCATED.format("BMP", len(data)))
@@ -243,8 +256,11 @@ def read_image_header(data, max_pixels=MAX_PIXELS):
 
 def exif_transpose(image, orientation):
     """PIL image turned upright for an EXIF orientation, as ``ImageOps.exif_transpose`` does."""
-    for applies, method in ((TRANSPOSED, Image.Transpose.TRANSPOSE), (FLIP_ROWS, Image.Transpose.FLIP_TOP_BOTTOM),
-                            (FLIP_COLUMNS, Image.Transpose.FLIP_LEFT_RIGHT)):
+    for applies, method in (
+        (TRANSPOSED, Image.Transpose.TRANSPOSE),
+        (FLIP_ROWS, Image.Transpose.FLIP_TOP_BOTTOM),
+        (FLIP_COLUMNS, Image.Transpose.FLIP_LEFT_RIGHT),
+    ):
         if orientation in applies:
             image = image.transpose(method)
     return image

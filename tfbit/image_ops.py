@@ -54,8 +54,9 @@ def _filter(x, resample):
     x = tf.abs(x)
     if resample == 2:
         return tf.maximum(1.0 - x, 0.0)
-    return tf.where(x < 1.0, (1.5 * x - 2.5) * x * x + 1,
-                    tf.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * -0.5, tf.zeros_like(x)))
+    return tf.where(
+        x < 1.0, (1.5 * x - 2.5) * x * x + 1, tf.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * -0.5, tf.zeros_like(x))
+    )
 
 
 def _power_of_two(bits):
@@ -84,7 +85,7 @@ def _fixed_point_weights(in_size, out_size, resample, backend):
         bits = tf.constant(_PIL_BITS)
     else:  # the most bits (<= 22) that keep torch's largest int16 weight below 2**15
         candidates = tf.range(_PIL_BITS + 1)
-        fits = tf.cast(0.5 + tf.reduce_max(weights) * _power_of_two(candidates), tf.int64) < 2 ** 15
+        fits = tf.cast(0.5 + tf.reduce_max(weights) * _power_of_two(candidates), tf.int64) < 2**15
         bits = tf.reduce_max(tf.where(fits, candidates, 0))
     scaled = weights * _power_of_two(bits)
     fixed = tf.cast(tf.where(weights < 0, scaled - 0.5, scaled + 0.5), tf.int32)  # truncation
@@ -123,8 +124,9 @@ def _resize(x, p):
     # A pass over an unchanged axis is an exact identity, so both always run.
     if p.backend == "pil" and _PILLOW_ORDERS_BY_SHAPE:
         shrink_h, shrink_w = height - new_h, width - new_w
-        x = tf.cond((shrink_h > 0) & (shrink_h > 2 * shrink_w), lambda: horizontal(vertical(x)),
-                    lambda: vertical(horizontal(x)))
+        x = tf.cond(
+            (shrink_h > 0) & (shrink_h > 2 * shrink_w), lambda: horizontal(vertical(x)), lambda: vertical(horizontal(x))
+        )
     else:
         x = vertical(horizontal(x))
     return tf.cast(x, tf.float32)
@@ -136,7 +138,7 @@ def _center_crop(x, height, width, ceil_padding):
     top, left = (pad_h + int(ceil_padding)) // 2, (pad_w + int(ceil_padding)) // 2
     x = tf.pad(x, [[0, 0], [top, pad_h - top], [left, pad_w - left], [0, 0]])
     top, left = (tf.shape(x)[1] - height) // 2, (tf.shape(x)[2] - width) // 2
-    return x[:, top:top + height, left:left + width, :]
+    return x[:, top : top + height, left : left + width, :]
 
 
 def _to_rgb(x, p):
@@ -182,8 +184,7 @@ def _output_spec(p):
         return tf.TensorSpec([p.crop_size["height"], p.crop_size["width"], 3], tf.float32)
     if p.do_resize and "height" in p.size:
         return tf.TensorSpec([p.size["height"], p.size["width"], 3], tf.float32)
-    raise ValueError("images of different sizes need do_center_crop (or a fixed height/width size) "
-                     "to be batched")
+    raise ValueError("images of different sizes need do_center_crop (or a fixed height/width size) to be batched")
 
 
 def preprocess_images(images, processor):
@@ -194,23 +195,25 @@ def preprocess_images(images, processor):
     """
     p = _processor(processor)
     if isinstance(images, tf.RaggedTensor):
-        return tf.map_fn(lambda im: _preprocess_batch(im.to_tensor()[None], p)[0], images,
-                         fn_output_signature=_output_spec(p))
+        return tf.map_fn(
+            lambda im: _preprocess_batch(im.to_tensor()[None], p)[0], images, fn_output_signature=_output_spec(p)
+        )
     images = tf.convert_to_tensor(images)
     if images.dtype.is_integer and images.dtype != tf.uint8:
         images = tf.saturate_cast(images, tf.uint8)
     if images.shape.rank not in (3, 4) or images.shape[-1] not in (1, 3, 4):
-        raise ValueError("expected (H, W, C) or (N, H, W, C) images with C in 1, 3, 4; "
-                         f"got shape {images.shape}")
+        raise ValueError(f"expected (H, W, C) or (N, H, W, C) images with C in 1, 3, 4; got shape {images.shape}")
     return _preprocess_batch(images[None] if images.shape.rank == 3 else images, p)
 
 
 def _whiten(image, colour):
     """Pixels of ``colour`` (the transparency PIL keeps through load_image's convert("RGB")) become
     white, as transformers' convert_to_rgb composites such an image on white; -1s: no colour."""
+
     def white():
-        return tf.where(tf.reduce_all(image == tf.cast(colour, tf.uint8), -1, keepdims=True),
-                        tf.constant(255, tf.uint8), image)
+        return tf.where(
+            tf.reduce_all(image == tf.cast(colour, tf.uint8), -1, keepdims=True), tf.constant(255, tf.uint8), image
+        )
 
     return tf.cond(colour[0] >= 0, white, lambda: image)
 
@@ -233,5 +236,8 @@ def preprocess_image_bytes(data, processor, max_pixels=MAX_PIXELS):
     p = _processor(processor)
     data = tf.reshape(tf.convert_to_tensor(data, tf.string), [-1])
     headers = image_decode.read_headers(data, max_pixels)
-    return tf.map_fn(lambda args: _preprocess_batch(_decoded_rgb(*args, p)[None], p)[0], (data, headers),
-                     fn_output_signature=_output_spec(p))
+    return tf.map_fn(
+        lambda args: _preprocess_batch(_decoded_rgb(*args, p)[None], p)[0],
+        (data, headers),
+        fn_output_signature=_output_spec(p),
+    )

@@ -42,8 +42,19 @@ CONFIG_NAME = "preprocessor_config.json"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BACKENDS = ("torchvision", "pil")
-FIELDS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
-          "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+FIELDS = (
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+)
 # Bookkeeping keys transformers writes; they carry no preprocessing meaning.
 _IGNORED_KEYS = {"image_processor_type", "processor_class", "feature_extractor_type"}
 
@@ -51,8 +62,7 @@ _IGNORED_KEYS = {"image_processor_type", "processor_class", "feature_extractor_t
 def _bicubic(x):
     # Keys a=-0.5 in Pillow's expression order, so the float64 weights match bit for bit.
     x = np.abs(x)
-    return np.where(x < 1.0, (1.5 * x - 2.5) * x * x + 1,
-                    np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * -0.5, 0.0))
+    return np.where(x < 1.0, (1.5 * x - 2.5) * x * x + 1, np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * -0.5, 0.0))
 
 
 def _triangle(x):
@@ -125,8 +135,9 @@ def _pil_resize(image, height, width, resample):
         elif image.min() >= 0 and image.max() <= 1:
             scaled = True
         else:
-            raise ValueError(f"float pixel values must be in [0, 1] or integers in [0, 255], "
-                             f"got [{image.min()}, {image.max()}]")
+            raise ValueError(
+                f"float pixel values must be in [0, 1] or integers in [0, 255], got [{image.min()}, {image.max()}]"
+            )
     pixels = (image.astype(np.float64) * 255 if scaled else image).astype(np.uint8)
     pil = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
     out = np.asarray(pil.resize((width, height), resample=resample)).reshape(height, width, -1)
@@ -144,7 +155,7 @@ def center_crop(image, height, width, ceil_padding=True):
         top, left = (pad_h + ceil_padding) // 2, (pad_w + ceil_padding) // 2
         image = np.pad(image, ((top, pad_h - top), (left, pad_w - left), (0, 0)))
     top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
-    return image[top:top + height, left:left + width]
+    return image[top : top + height, left : left + width]
 
 
 def pil_to_rgb(image):
@@ -186,9 +197,23 @@ class BitImageProcessor:
     0-255 pixel values), a NHWC array or a list of these, and returns float32 NHWC.
     """
 
-    def __init__(self, do_resize=True, size=None, resample=3, do_center_crop=True, crop_size=None,
-                 do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=None,
-                 image_std=None, do_convert_rgb=True, *, backend="torchvision", **extra):
+    def __init__(
+        self,
+        do_resize=True,
+        size=None,
+        resample=3,
+        do_center_crop=True,
+        crop_size=None,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=None,
+        image_std=None,
+        do_convert_rgb=True,
+        *,
+        backend="torchvision",
+        **extra,
+    ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -247,8 +272,10 @@ class BitImageProcessor:
         return file
 
     def __eq__(self, other):
-        return (isinstance(other, BitImageProcessor)
-                and (self.backend, self.to_dict()) == (other.backend, other.to_dict()))
+        return isinstance(other, BitImageProcessor) and (self.backend, self.to_dict()) == (
+            other.backend,
+            other.to_dict(),
+        )
 
     def __repr__(self):
         return f"BitImageProcessor(backend={self.backend!r}, {json.dumps(self.to_dict(), sort_keys=True)})"
@@ -268,8 +295,10 @@ class BitImageProcessor:
             raise ValueError("no images given")
         out = [self.preprocess(image) for image in images]
         if len({x.shape for x in out}) > 1:
-            raise ValueError(f"preprocessed images differ in shape {sorted({x.shape for x in out})}; "
-                             "enable do_center_crop or resize to a fixed height and width")
+            raise ValueError(
+                f"preprocessed images differ in shape {sorted({x.shape for x in out})}; "
+                "enable do_center_crop or resize to a fixed height and width"
+            )
         return np.stack(out)
 
     def preprocess(self, image):
@@ -303,17 +332,19 @@ class BitImageProcessor:
             x = pil_to_rgb(image) if self.do_convert_rgb else np.asarray(image)
             return x[..., None] if x.ndim == 2 else x
         if not isinstance(image, np.ndarray):
-            raise TypeError(f"unsupported image type {type(image).__name__}: expected a PIL image, "
-                            "a path or a numpy array")
+            raise TypeError(
+                f"unsupported image type {type(image).__name__}: expected a PIL image, a path or a numpy array"
+            )
         if image.ndim == 2:
             image = image[..., None]
         if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or 0 in image.shape:
-            raise ValueError(f"expected an (H, W) or channels-last (H, W, C) image with C in 1, 3, 4 "
-                             f"(or an (N, H, W, C) batch); got shape {image.shape}")
+            raise ValueError(
+                f"expected an (H, W) or channels-last (H, W, C) image with C in 1, 3, 4 "
+                f"(or an (N, H, W, C) batch); got shape {image.shape}"
+            )
         if image.dtype.kind in "iu" and image.dtype != np.uint8:
             if image.min() < 0 or image.max() > 255:
-                raise ValueError(f"integer pixel values must be in [0, 255], "
-                                 f"got [{image.min()}, {image.max()}]")
+                raise ValueError(f"integer pixel values must be in [0, 255], got [{image.min()}, {image.max()}]")
             image = image.astype(np.uint8)
         elif image.dtype.kind not in "uf":
             raise TypeError(f"unsupported image dtype {image.dtype}: expected uint8 or float")
@@ -326,8 +357,7 @@ class BitImageProcessor:
             return x
         is_float = x.dtype.kind == "f"
         if is_float and (x.min() < 0 or x.max() > 1):
-            raise ValueError(f"a float RGBA image must be in [0, 1] to composite its alpha, "
-                             f"got [{x.min()}, {x.max()}]")
+            raise ValueError(f"a float RGBA image must be in [0, 1] to composite its alpha, got [{x.min()}, {x.max()}]")
         if self.backend == "pil":  # float64 blend, rounded back to the input dtype
             white = 1.0 if is_float else 255
             alpha = x[..., 3:] / white
@@ -341,8 +371,7 @@ class BitImageProcessor:
     def _rescale_normalize(self, x):
         mean, std = np.float32(self.image_mean), np.float32(self.image_std)
         if self.do_normalize and mean.size > 1 and x.shape[-1] != mean.size:
-            raise ValueError(f"image_mean/image_std have {mean.size} values but the image has "
-                             f"{x.shape[-1]} channels")
+            raise ValueError(f"image_mean/image_std have {mean.size} values but the image has {x.shape[-1]} channels")
         if self.backend == "pil":
             if self.do_rescale:
                 x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)

@@ -25,6 +25,7 @@ def standardizing_convs(model):
         if isinstance(layer, keras.Model):
             for inner in layer.layers:
                 visit(inner)
+
     visit(model)
     return found
 
@@ -75,14 +76,18 @@ def inference_model(model, dtype_policy=None, fold=True):
     try:
         clone = keras.saving.deserialize_keras_object(config)
     except (TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"{model.name} ({type(model).__name__}) cannot be rebuilt from its config for "
-                         f"export: {e}. A custom layer must be registered with "
-                         "@keras.saving.register_keras_serializable() and return every constructor "
-                         "argument from get_config()") from None
+        raise ValueError(
+            f"{model.name} ({type(model).__name__}) cannot be rebuilt from its config for "
+            f"export: {e}. A custom layer must be registered with "
+            "@keras.saving.register_keras_serializable() and return every constructor "
+            "argument from get_config()"
+        ) from None
     if [tuple(w.shape) for w in clone.weights] != [tuple(w.shape) for w in model.weights]:
-        raise ValueError(f"{model.name} ({type(model).__name__}) rebuilt from its config has other weights "
-                         f"({len(clone.weights)}) than the model ({len(model.weights)}): a layer's "
-                         "get_config does not describe it completely")
+        raise ValueError(
+            f"{model.name} ({type(model).__name__}) rebuilt from its config has other weights "
+            f"({len(clone.weights)}) than the model ({len(model.weights)}): a layer's "
+            "get_config does not describe it completely"
+        )
     for source, target in zip(model.weights, clone.weights):
         conv = convs.get(id(source))
         value = conv.standardized_kernel() if conv is not None else source

@@ -55,11 +55,23 @@ class _StandardizedKernelCache:
         self.layer = layer
         kernel = conv_kernel(layer)
         # float32 under any policy, as `standardized_kernel` computes it (no autocast on read)
-        self.kernel = keras.Variable(initializer="zeros", shape=kernel.shape, dtype="float32",
-                                     trainable=False, autocast=False, aggregation="only_first_replica",
-                                     name="standardized_kernel")
-        self.stale = keras.Variable(initializer=True, shape=(), dtype="bool", trainable=False,
-                                    aggregation="only_first_replica", name="standardized_kernel_stale")
+        self.kernel = keras.Variable(
+            initializer="zeros",
+            shape=kernel.shape,
+            dtype="float32",
+            trainable=False,
+            autocast=False,
+            aggregation="only_first_replica",
+            name="standardized_kernel",
+        )
+        self.stale = keras.Variable(
+            initializer=True,
+            shape=(),
+            dtype="bool",
+            trainable=False,
+            aggregation="only_first_replica",
+            name="standardized_kernel_stale",
+        )
         watch_assignments(kernel, _WatchedKernel).standardized_cache = self
 
     def invalidate(self):
@@ -71,6 +83,7 @@ class _StandardizedKernelCache:
             self.kernel.assign(kernel)
             self.stale.assign(False)
             return kernel
+
         # An op's result, not the variable: TensorFlow's cond tests a variable predicate by hashing it.
         stale = ops.logical_and(self.stale, True)
         return ops.cond(stale, refresh, lambda: ops.convert_to_tensor(self.kernel))
@@ -83,6 +96,7 @@ def _in_strategy_replica():
     if keras.backend.backend() != "tensorflow":
         return False
     import tensorflow as tf
+
     return tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
 
 
@@ -105,13 +119,20 @@ class WSConv2D(keras.layers.Conv2D):
     distributed `fit`). The copy costs one float32 kernel of memory per layer.
     """
 
-    def __init__(self, filters, kernel_size, strides=1, padding="valid", dilation_rate=1,
-                 eps=1e-8, standardize=True, **kwargs):
+    def __init__(
+        self, filters, kernel_size, strides=1, padding="valid", dilation_rate=1, eps=1e-8, standardize=True, **kwargs
+    ):
         kwargs.pop("use_bias", None)
         self.explicit_padding = padding if isinstance(padding, int) else 0
-        super().__init__(filters, kernel_size, strides=strides, dilation_rate=dilation_rate,
-                         padding="valid" if isinstance(padding, int) else padding, use_bias=False,
-                         **kwargs)
+        super().__init__(
+            filters,
+            kernel_size,
+            strides=strides,
+            dilation_rate=dilation_rate,
+            padding="valid" if isinstance(padding, int) else padding,
+            use_bias=False,
+            **kwargs,
+        )
         self.eps = eps
         self.standardize = standardize
         self._standardized_cache = None
@@ -155,14 +176,12 @@ class WSConv2D(keras.layers.Conv2D):
     def compute_output_shape(self, input_shape):
         p = 2 * self.explicit_padding
         n, h, w, c = input_shape
-        return super().compute_output_shape(
-            (n, None if h is None else h + p, None if w is None else w + p, c))
+        return super().compute_output_shape((n, None if h is None else h + p, None if w is None else w + p, c))
 
     def get_config(self):
         config = super().get_config()
         config.pop("use_bias", None)
-        config.update(padding=self.explicit_padding or self.padding, eps=self.eps,
-                      standardize=self.standardize)
+        config.update(padding=self.explicit_padding or self.padding, eps=self.eps, standardize=self.standardize)
         return config
 
 
@@ -213,8 +232,9 @@ class GroupNormActivation(keras.layers.Layer):
         channel_var = ops.mean(ops.mean(_squared(x - channel_mean), axis=2), axis=1)  # (N, C)
         channel_mean = ops.reshape(channel_mean, (-1, self.groups, per_group))
         mean = ops.mean(channel_mean, axis=-1, keepdims=True)  # (N, G, 1)
-        var = (ops.mean(ops.reshape(channel_var, (-1, self.groups, per_group)), axis=-1, keepdims=True)
-               + ops.mean(_squared(channel_mean - mean), axis=-1, keepdims=True))
+        var = ops.mean(ops.reshape(channel_var, (-1, self.groups, per_group)), axis=-1, keepdims=True) + ops.mean(
+            _squared(channel_mean - mean), axis=-1, keepdims=True
+        )
         gamma = ops.reshape(ops.cast(self.gamma, "float32"), (self.groups, per_group))
         scale = gamma * ops.rsqrt(var + self.epsilon)
         offset = ops.reshape(ops.cast(self.beta, "float32"), (self.groups, per_group)) - mean * scale
@@ -227,8 +247,7 @@ class GroupNormActivation(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(groups=self.groups, epsilon=self.epsilon,
-                      activation=keras.activations.serialize(self.activation))
+        config.update(groups=self.groups, epsilon=self.epsilon, activation=keras.activations.serialize(self.activation))
         return config
 
 
@@ -268,13 +287,13 @@ class StemMaxPool(keras.layers.Layer):
             if self.dynamic_padding:
                 return -(-size // self.strides)
             return (size - self.pool_size) // self.strides + 1
+
         n, h, w, c = input_shape
         return (n, out(h), out(w), c)
 
     def get_config(self):
         config = super().get_config()
-        config.update(dynamic_padding=self.dynamic_padding, pool_size=self.pool_size,
-                      strides=self.strides)
+        config.update(dynamic_padding=self.dynamic_padding, pool_size=self.pool_size, strides=self.strides)
         return config
 
 

@@ -25,13 +25,21 @@ class _Layers:
         self.standardize_weights = standardize_weights
 
     def conv(self, filters, kernel_size, name, stride=1, dilation=1):
-        return WSConv2D(filters, kernel_size, strides=stride, dilation_rate=dilation, eps=self.config.ws_eps,
-                        padding=conv_padding(self.config.global_padding, kernel_size, stride, dilation),
-                        standardize=self.standardize_weights, name=name)
+        return WSConv2D(
+            filters,
+            kernel_size,
+            strides=stride,
+            dilation_rate=dilation,
+            eps=self.config.ws_eps,
+            padding=conv_padding(self.config.global_padding, kernel_size, stride, dilation),
+            standardize=self.standardize_weights,
+            name=name,
+        )
 
     def norm(self, name, activation=True):
-        return GroupNormActivation(self.config.num_groups, GN_EPS,
-                                   self.config.hidden_act if activation else None, name=name)
+        return GroupNormActivation(
+            self.config.num_groups, GN_EPS, self.config.hidden_act if activation else None, name=name
+        )
 
 
 def _stem(make, x):
@@ -57,8 +65,7 @@ def _preactivation_unit(make, x, name, out_channels, mid_channels, stride, first
     return keras.layers.Add(name=f"{name}_add")([h, shortcut])
 
 
-def _bottleneck_unit(make, x, name, out_channels, mid_channels, stride, first, drop_rate,
-                     dilation):
+def _bottleneck_unit(make, x, name, out_channels, mid_channels, stride, first, drop_rate, dilation):
     """Non-pre-activation bottleneck (the hybrid-ViT variant): GN after each conv, act after add."""
     shortcut = x
     if first:
@@ -84,9 +91,11 @@ def bit_features(config, pixel_values, standardize_weights=True):
     if config.global_padding == "VALID":
         # HF accepts the value but no BiT runs with it: the padded-free 3x3 conv shrinks the
         # residual branch while the shortcut keeps its size, so every residual add fails.
-        raise ValueError("BitConfig.global_padding='VALID' cannot build a BiT model: unpadded 3x3 "
-                         "convolutions shrink the residual branch but not the shortcut (transformers' "
-                         "BitModel fails the same way at its first residual add); use None or 'SAME'")
+        raise ValueError(
+            "BitConfig.global_padding='VALID' cannot build a BiT model: unpadded 3x3 "
+            "convolutions shrink the residual branch but not the shortcut (transformers' "
+            "BitModel fails the same way at its first residual add); use None or 'SAME'"
+        )
     make = _Layers(config, standardize_weights)
     x = _stem(make, pixel_values)
     hidden_states = [x]
@@ -98,8 +107,9 @@ def bit_features(config, pixel_values, standardize_weights=True):
             if config.layer_type == "preactivation":
                 x = _preactivation_unit(make, x, name, out_ch, mid_ch, unit_stride, u == 0, rates[u])
             else:
-                x = _bottleneck_unit(make, x, name, out_ch, mid_ch, unit_stride, u == 0, rates[u],
-                                     first_dilation if u == 0 else dilation)
+                x = _bottleneck_unit(
+                    make, x, name, out_ch, mid_ch, unit_stride, u == 0, rates[u], first_dilation if u == 0 else dilation
+                )
         hidden_states.append(x)
     if config.layer_type == "preactivation":
         x = make.norm("norm")(x)
@@ -147,14 +157,14 @@ class _BitBase(MultiWorkerFit, keras.Model):
         names = list(self.config.stage_names)
         if isinstance(through, str):
             if through not in names:
-                raise ValueError(f"freeze_stages: {through!r} is not a stage of this model: "
-                                 f"choose from {', '.join(names)}")
+                raise ValueError(
+                    f"freeze_stages: {through!r} is not a stage of this model: choose from {', '.join(names)}"
+                )
             last = names.index(through)
         else:
             last = int(through)
             if not 0 <= last < len(names):
-                raise ValueError(f"freeze_stages: stage index {through} is out of range: "
-                                 f"0 (stem) to {len(names) - 1}")
+                raise ValueError(f"freeze_stages: stage index {through} is out of range: 0 (stem) to {len(names) - 1}")
         stages = ("stem_",) + tuple(f"stage{i}_" for i in range(1, last + 1))
         frozen = [layer for layer in self.layers if layer.weights and layer.name.startswith(stages)]
         for layer in frozen:
@@ -169,8 +179,13 @@ class _BitBase(MultiWorkerFit, keras.Model):
         return [layer.name for layer in self.layers if layer.weights and not layer.trainable]
 
     def get_config(self):
-        config = {"config": self.config.to_dict(), "standardize_weights": self.standardize_weights,
-                  "name": self.name, "trainable": self.trainable, "dtype_policy": self.dtype_policy.name}
+        config = {
+            "config": self.config.to_dict(),
+            "standardize_weights": self.standardize_weights,
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype_policy": self.dtype_policy.name,
+        }
         frozen = self.frozen_layers()
         return {**config, "frozen_layers": frozen} if frozen else config
 
@@ -205,6 +220,7 @@ class _BitBase(MultiWorkerFit, keras.Model):
             **kwargs: further arguments of the model class.
         """
         from tfbit.weights import read_checkpoint
+
         checkpoint = read_checkpoint(source)
         return checkpoint.load_into(cls(config or checkpoint.config, **kwargs))
 
@@ -220,6 +236,7 @@ class _BitBase(MultiWorkerFit, keras.Model):
             **kwargs: further arguments of the model class.
         """
         from tfbit.weights import read_preset
+
         labels = {} if num_labels is None else {"num_labels": num_labels, "id2label": None, "label2id": None}
         if not load_weights:
             return cls(BitConfig.from_preset(preset, **labels), **kwargs)
@@ -241,6 +258,7 @@ class _BitBase(MultiWorkerFit, keras.Model):
             preprocessor: a `BitImageProcessor`, its dict, or a preprocessor_config.json path.
         """
         from tfbit.weights.writers import save_transformers
+
         return save_transformers(self, directory, preprocessor)
 
     def checkpoint_skips(self, weight):
@@ -253,13 +271,13 @@ class BitModel(_BitBase):
     """BiT body: `last_hidden_state` (NHWC), `pooler_output` (N, C) and, when
     `output_hidden_states=True`, `hidden_states` (stem + every stage, as HF)."""
 
-    def __init__(self, config=None, output_hidden_states=False, standardize_weights=True,
-                 name="bit_model", trainable=True):
+    def __init__(
+        self, config=None, output_hidden_states=False, standardize_weights=True, name="bit_model", trainable=True
+    ):
         config = _as_config(config)
         pixel_values = _pixel_input(config)
         hidden_states, last = bit_features(config, pixel_values, standardize_weights)
-        outputs = {"last_hidden_state": last,
-                   "pooler_output": keras.layers.GlobalAveragePooling2D(name="pooler")(last)}
+        outputs = {"last_hidden_state": last, "pooler_output": keras.layers.GlobalAveragePooling2D(name="pooler")(last)}
         if output_hidden_states:
             outputs["hidden_states"] = tuple(hidden_states)
         super().__init__(pixel_values, outputs, config, standardize_weights, name, trainable)
@@ -273,8 +291,7 @@ class BitModel(_BitBase):
 class BitForImageClassification(_BitBase):
     """BiT with its linear head: logits (N, num_labels), float32 under any precision policy."""
 
-    def __init__(self, config=None, standardize_weights=True, name="bit_for_image_classification",
-                 trainable=True):
+    def __init__(self, config=None, standardize_weights=True, name="bit_for_image_classification", trainable=True):
         config = _as_config(config)
         pixel_values = _pixel_input(config)
         _, last = bit_features(config, pixel_values, standardize_weights)

@@ -21,6 +21,7 @@ def worker_count(strategy):
     """The tasks `strategy` trains on: those of its cluster for a MultiWorkerMirroredStrategy
     started from a cluster spec, else 1."""
     import tensorflow as tf
+
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return 1
     spec = strategy.cluster_resolver.cluster_spec()
@@ -44,6 +45,7 @@ class MultiWorkerFit:
         if iterator is None or not _multi_worker_tf(self):
             return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
         import tensorflow as tf
+
         strategy = self.distribute_strategy
         for _, _, batches in iterator:
             first = next(batches)

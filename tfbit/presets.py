@@ -21,9 +21,12 @@ _CACHE_SUBDIR = "bit_models"
 
 # name -> (depths, width multiplier) of the released ResNet-v2 architectures
 _ARCHITECTURES = {
-    "r50x1": ((3, 4, 6, 3), 1), "r50x3": ((3, 4, 6, 3), 3),
-    "r101x1": ((3, 4, 23, 3), 1), "r101x3": ((3, 4, 23, 3), 3),
-    "r152x2": ((3, 8, 36, 3), 2), "r152x4": ((3, 8, 36, 3), 4),
+    "r50x1": ((3, 4, 6, 3), 1),
+    "r50x3": ((3, 4, 6, 3), 3),
+    "r101x1": ((3, 4, 23, 3), 1),
+    "r101x3": ((3, 4, 23, 3), 3),
+    "r152x2": ((3, 8, 36, 3), 2),
+    "r152x4": ((3, 8, 36, 3), 4),
 }
 _IMAGENET_1K, _IMAGENET_21K = 1000, 21843
 
@@ -49,25 +52,68 @@ class Preset:
         """The `BitConfig` fields of the model the weights fit (absolute widths, as inferred
         from the weights and as transformers can build them)."""
         w = self.width
-        return dict(embedding_size=64 * w, hidden_sizes=[256 * w, 512 * w, 1024 * w, 2048 * w],
-                    depths=list(self.depths), layer_type="preactivation", global_padding=None,
-                    num_groups=32, width_factor=1, num_labels=self.num_labels,
-                    ws_eps=1e-10 if self.format == "npz" else 1e-8)
+        return dict(
+            embedding_size=64 * w,
+            hidden_sizes=[256 * w, 512 * w, 1024 * w, 2048 * w],
+            depths=list(self.depths),
+            layer_type="preactivation",
+            global_padding=None,
+            num_groups=32,
+            width_factor=1,
+            num_labels=self.num_labels,
+            ws_eps=1e-10 if self.format == "npz" else 1e-8,
+        )
 
 
 def _table():
     names = {arch: arch.upper().replace("X", "x") for arch in _ARCHITECTURES}  # r50x1 -> R50x1
-    table = [Preset(f"bit-s-{arch}", f"BiT-S {names[arch]}: pre-trained on ImageNet-1k (ILSVRC-2012), "
-                    "original .npz", depths, width, _IMAGENET_1K, "npz", f"{NPZ_ROOT}BiT-S-{names[arch]}.npz")
-             for arch, (depths, width) in _ARCHITECTURES.items()]
-    table += [Preset(f"bit-m-{arch}", f"BiT-M {names[arch]}: pre-trained on ImageNet-21k, timm's copy",
-                     depths, width, _IMAGENET_21K, "timm", f"timm/resnetv2_{arch[1:]}_bit.goog_in21k")
-              for arch, (depths, width) in _ARCHITECTURES.items()]
-    table += [Preset(f"bit-m-{arch}-ilsvrc2012", f"BiT-M {names[arch]} fine-tuned on ImageNet-1k, timm's copy",
-                     depths, width, _IMAGENET_1K, "timm", f"timm/resnetv2_{arch[1:]}_bit.goog_in21k_ft_in1k")
-              for arch, (depths, width) in _ARCHITECTURES.items()]
-    table.append(Preset("google/bit-50", "transformers' BiT R50x1 (BiT-M fine-tuned on ImageNet-1k)",
-                        (3, 4, 6, 3), 1, _IMAGENET_1K, "hf", "google/bit-50"))
+    table = [
+        Preset(
+            f"bit-s-{arch}",
+            f"BiT-S {names[arch]}: pre-trained on ImageNet-1k (ILSVRC-2012), original .npz",
+            depths,
+            width,
+            _IMAGENET_1K,
+            "npz",
+            f"{NPZ_ROOT}BiT-S-{names[arch]}.npz",
+        )
+        for arch, (depths, width) in _ARCHITECTURES.items()
+    ]
+    table += [
+        Preset(
+            f"bit-m-{arch}",
+            f"BiT-M {names[arch]}: pre-trained on ImageNet-21k, timm's copy",
+            depths,
+            width,
+            _IMAGENET_21K,
+            "timm",
+            f"timm/resnetv2_{arch[1:]}_bit.goog_in21k",
+        )
+        for arch, (depths, width) in _ARCHITECTURES.items()
+    ]
+    table += [
+        Preset(
+            f"bit-m-{arch}-ilsvrc2012",
+            f"BiT-M {names[arch]} fine-tuned on ImageNet-1k, timm's copy",
+            depths,
+            width,
+            _IMAGENET_1K,
+            "timm",
+            f"timm/resnetv2_{arch[1:]}_bit.goog_in21k_ft_in1k",
+        )
+        for arch, (depths, width) in _ARCHITECTURES.items()
+    ]
+    table.append(
+        Preset(
+            "google/bit-50",
+            "transformers' BiT R50x1 (BiT-M fine-tuned on ImageNet-1k)",
+            (3, 4, 6, 3),
+            1,
+            _IMAGENET_1K,
+            "hf",
+            "google/bit-50",
+        )
+    )
     return {preset.name: preset for preset in table}
 
 
@@ -119,14 +165,18 @@ def fetch(preset):
     if os.path.isfile(path):
         return path
     import keras
+
     # get_file falls back to /tmp/.keras for a folder it cannot write, which does not exist yet.
     os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = os.path.basename(path) + ".partial"
     try:
-        downloaded = keras.utils.get_file(partial, preset.source, cache_dir=cache_dir(),
-                                          cache_subdir=_CACHE_SUBDIR, force_download=True)
+        downloaded = keras.utils.get_file(
+            partial, preset.source, cache_dir=cache_dir(), cache_subdir=_CACHE_SUBDIR, force_download=True
+        )
     except Exception as e:  # urllib's errors arrive re-raised as plain Exception by get_file
-        raise FileNotFoundError(f"preset {preset.name}: {preset.source} could not be downloaded "
-                                f"({type(e).__name__}: {e}); to work offline, put the file at {path}") from None
+        raise FileNotFoundError(
+            f"preset {preset.name}: {preset.source} could not be downloaded "
+            f"({type(e).__name__}: {e}); to work offline, put the file at {path}"
+        ) from None
     os.replace(downloaded, path)
     return path

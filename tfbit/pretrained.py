@@ -31,6 +31,7 @@ def _read_keras(path):
     is read from the `preprocessor_config.json` beside it, when there is one. A model a user
     built on tfbit keeps its own class; the checkpoint's config is its tfbit body's."""
     import keras
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no .keras file at {path}")
     try:
@@ -39,9 +40,11 @@ def _read_keras(path):
         unknown = _unknown_classes(path)
         if unknown:
             name, registered = unknown[0]
-            raise ValueError(f"{path} uses the layer class {name} (registered as {registered!r}), which this process "
-                             "does not know: convert it from Python after importing the module that defines it "
-                             f"(conversion.convert.convert({path!r}, ...))") from None
+            raise ValueError(
+                f"{path} uses the layer class {name} (registered as {registered!r}), which this process "
+                "does not know: convert it from Python after importing the module that defines it "
+                f"(conversion.convert.convert({path!r}, ...))"
+            ) from None
         raise ValueError(f"{path} is not a loadable .keras model: {type(e).__name__}: {e}") from None
     if not isinstance(getattr(saved, "config", None), BitConfig):
         user_models.check_built_on_tfbit(saved, path)
@@ -60,6 +63,7 @@ def _unknown_classes(path):
     import zipfile
 
     import keras
+
     try:
         with zipfile.ZipFile(path) as archive:
             config = json.loads(archive.read("config.json"))
@@ -70,13 +74,18 @@ def _unknown_classes(path):
     def visit(node):
         if isinstance(node, dict):
             registered = node.get("registered_name")
-            if isinstance(registered, str) and ">" in registered and keras.saving.get_registered_object(registered) is None:
+            if (
+                isinstance(registered, str)
+                and ">" in registered
+                and keras.saving.get_registered_object(registered) is None
+            ):
                 found.append((node.get("class_name"), registered))
             for value in node.values():
                 visit(value)
         elif isinstance(node, list):
             for value in node:
                 visit(value)
+
     visit(config)
     return list(dict.fromkeys(found))
 
@@ -85,8 +94,10 @@ def _load_keras(path, task, config, out_features):
     saved, checkpoint = _read_keras(path)
     if not isinstance(getattr(saved, "config", None), BitConfig):  # a user's model: as it is
         if config is not None or out_features is not None:
-            raise ValueError(f"{path} holds a {type(saved).__name__} built on tfbit: it is exported as it is, "
-                             "so a replacement config or out_features does not apply")
+            raise ValueError(
+                f"{path} holds a {type(saved).__name__} built on tfbit: it is exported as it is, "
+                "so a replacement config or out_features does not apply"
+            )
         return saved, checkpoint
     config = _for_task(config or saved.config, task, out_features)
     has_head = isinstance(saved, BitForImageClassification)

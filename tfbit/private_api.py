@@ -12,13 +12,16 @@ Hooks tfbit subclasses override (their names are private, their call sites are K
 """
 
 import keras
+
 # Not public: whether variables are being read from and written to a StatelessScope (JAX's
 # compiled functions, `stateless_call`), where a layer must not use its own variable state.
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 CHECKED_ON = {"keras": "3.15.1", "tensorflow": "2.21.0"}
-OVERRIDDEN = {"keras.Model": ("_maybe_symbolic_build", ("iterator", "data_batch")),
-              "keras.layers.Layer": ("_trackable_children", ("save_type",))}
+OVERRIDDEN = {
+    "keras.Model": ("_maybe_symbolic_build", ("iterator", "data_batch")),
+    "keras.layers.Layer": ("_trackable_children", ("save_type",)),
+}
 
 __all__ = ["in_stateless_scope", "conv_kernel", "watch_assignments", "CHECKED_ON", "OVERRIDDEN"]
 

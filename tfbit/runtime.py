@@ -25,8 +25,12 @@ def available_cores():
 def parser(module, doc):
     """The parser of `python -m <module>`: the module docstring's first paragraph describes the
     command, the paragraphs after its usage line are the epilog."""
-    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0],
-                                   epilog=doc.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def positive_int(text):
@@ -44,11 +48,14 @@ def set_threads(threads=None):
     """TensorFlow's intra-op pool gets `threads` (default: every available core); returns it."""
     threads = threads or available_cores()
     import tensorflow as tf
+
     current = tf.config.threading.get_intra_op_parallelism_threads()  # 0: TF's default, all cores
     if current != threads and not (current == 0 and threads == available_cores()):
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
         except RuntimeError:
-            warnings.warn(f"TensorFlow is already running: its thread pools stay as they are "
-                          f"(not {threads} threads)", stacklevel=2)
+            warnings.warn(
+                f"TensorFlow is already running: its thread pools stay as they are (not {threads} threads)",
+                stacklevel=2,
+            )
     return threads

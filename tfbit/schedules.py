@@ -24,8 +24,14 @@ class BiTSchedule(keras.optimizers.schedules.LearningRateSchedule):
         name: optional name of the schedule.
     """
 
-    def __init__(self, learning_rate: float, warmup_steps: int,
-                 decay_boundaries: Sequence[int], decay_factor: float = 0.1, name: str | None = None):
+    def __init__(
+        self,
+        learning_rate: float,
+        warmup_steps: int,
+        decay_boundaries: Sequence[int],
+        decay_factor: float = 0.1,
+        name: str | None = None,
+    ):
         super().__init__()
         self.learning_rate = float(learning_rate)
         self.warmup_steps = int(warmup_steps)
@@ -46,6 +52,10 @@ class BiTSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return lr
 
     def get_config(self) -> dict:
-        return dict(learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
-                    decay_boundaries=list(self.decay_boundaries),
-                    decay_factor=self.decay_factor, name=self.name)
+        return dict(
+            learning_rate=self.learning_rate,
+            warmup_steps=self.warmup_steps,
+            decay_boundaries=list(self.decay_boundaries),
+            decay_factor=self.decay_factor,
+            name=self.name,
+        )

@@ -36,19 +36,24 @@ def bit_body(model):
     depth), or None when it holds tfbit layers only."""
     if isinstance(getattr(model, "config", None), BitConfig):
         return model
-    return next((layer for layer in _nested_layers(model) if isinstance(getattr(layer, "config", None), BitConfig)),
-                None)
+    return next(
+        (layer for layer in _nested_layers(model) if isinstance(getattr(layer, "config", None), BitConfig)), None
+    )
 
 
 def check_built_on_tfbit(model, what):
     """ValueError unless `model` is or holds a tfbit model or layer, and has one image input."""
     if not (is_tfbit(model) or any(is_tfbit(layer) for layer in _nested_layers(model))):
-        raise ValueError(f"{what} holds a {type(model).__name__} with no tfbit model or layer inside: tfbit "
-                         "converts BiT models and Keras models built on them")
+        raise ValueError(
+            f"{what} holds a {type(model).__name__} with no tfbit model or layer inside: tfbit "
+            "converts BiT models and Keras models built on them"
+        )
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
         shapes = [tuple(i.shape) for i in model.inputs]
-        raise ValueError(f"{what}: the model takes {len(shapes)} input(s) {shapes}; tfbit exports models "
-                         "with one image input (batch, height, width, channels)")
+        raise ValueError(
+            f"{what}: the model takes {len(shapes)} input(s) {shapes}; tfbit exports models "
+            "with one image input (batch, height, width, channels)"
+        )
 
 
 def split_preprocessing(model):
@@ -59,15 +64,18 @@ def split_preprocessing(model):
     Anywhere else it cannot be taken out: ValueError naming the layer.
     """
     from tfbit.preprocessing_layer import BitPreprocessing
+
     found = [layer for layer in _nested_layers(model) if isinstance(layer, BitPreprocessing)]
     if not found:
         return None, model
     layer = found[0]
     first = isinstance(model, keras.Sequential) and model.layers[0] is layer
     if len(found) > 1 or layer not in model.layers or not (first or layer.input is model.inputs[0]):
-        raise ValueError(f"BitPreprocessing layer {layer.name!r} of {model.name} is not applied to the "
-                         "model's input: exports move the preprocessing into the serving graph only when "
-                         "one BitPreprocessing layer takes the model's input directly")
+        raise ValueError(
+            f"BitPreprocessing layer {layer.name!r} of {model.name} is not applied to the "
+            "model's input: exports move the preprocessing into the serving graph only when "
+            "one BitPreprocessing layer takes the model's input directly"
+        )
     pixels = layer.compute_output_shape(tuple(model.inputs[0].shape))
     if first:  # a reloaded Sequential's layers have more than one graph node: rebuild it
         return layer.processor, keras.Sequential([keras.Input(pixels[1:]), *model.layers[1:]], name=model.name)
@@ -107,8 +115,10 @@ def check_task(model, task, what):
     if len(model.outputs) == 1 and len(model.outputs[0].shape) == 2:
         return
     single = "one (batch, classes) output" if task == "classification" else "one (batch, features) output"
-    raise ValueError(f"{what} has the outputs {', '.join(output_shapes(model))}: task {task!r} needs {single}; "
-                     "task 'backbone' exports every output under its name")
+    raise ValueError(
+        f"{what} has the outputs {', '.join(output_shapes(model))}: task {task!r} needs {single}; "
+        "task 'backbone' exports every output under its name"
+    )
 
 
 def task_outputs(model, outputs, task):
@@ -132,6 +142,7 @@ def output_labels(model, id2label=None):
     those of the tfbit classifier inside when its head has as many classes (a model wrapping
     it), else LABEL_<i> (a body's config names the classes of a head the model does not use)."""
     from tfbit.models import BitForImageClassification
+
     width = model.outputs[0].shape[-1]
     if id2label is not None:
         if len(id2label) != width:
@@ -150,8 +161,9 @@ def export_config(model, id2label=None):
     config = body.config.to_dict() if body is not None else BitConfig().to_dict()
     if id2label is None:
         return BitConfig.from_dict(config)
-    return BitConfig.from_dict({**config, "id2label": {int(i): v for i, v in id2label.items()},
-                                "label2id": None, "num_labels": None})
+    return BitConfig.from_dict(
+        {**config, "id2label": {int(i): v for i, v in id2label.items()}, "label2id": None, "num_labels": None}
+    )
 
 
 def read_labels(path):
@@ -167,6 +179,9 @@ def read_labels(path):
         lines.pop()
     empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
     if not lines or empty:
-        raise ValueError(f"--labels {path}: " + (f"line {empty[0]} is empty" if empty else "the file is empty")
-                         + " (one label per line)")
+        raise ValueError(
+            f"--labels {path}: "
+            + (f"line {empty[0]} is empty" if empty else "the file is empty")
+            + " (one label per line)"
+        )
     return dict(enumerate(lines))

@@ -90,7 +90,9 @@ def train(model, x, y, epochs: int, batch_size: int = 64, lr: float = 3e-3) -> N
             total += len(idx)
             correct += (out.logits.argmax(-1) == y[idx]).sum().item()
             loss_sum += out.loss.item() * len(idx)
-        print(f"epoch {epoch + 1:3d}/{epochs}  loss {loss_sum / total:.4f}  train acc {correct / total:.4f}", flush=True)
+        print(
+            f"epoch {epoch + 1:3d}/{epochs}  loss {loss_sum / total:.4f}  train acc {correct / total:.4f}", flush=True
+        )
 
 
 @torch.no_grad()

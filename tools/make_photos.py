@@ -43,37 +43,74 @@ CC_BY_2 = "CC BY 2.0 (https://creativecommons.org/licenses/by/2.0/)"
 
 # name -> (package, file inside the package, author / origin, license as the package states it)
 SOURCES = {
-    "astronaut": ("scikit-image", "skimage/data/astronaut.png",
-                  "NASA (Eileen Collins portrait; NASA Great Images database)",
-                  "Public domain (NASA; 'No known copyright restrictions, released into the public domain')"),
-    "chelsea": ("scikit-image", "skimage/data/chelsea.png", "Stefan van der Walt",
-                f"{CC0} by the photographer"),
-    "coffee": ("scikit-image", "skimage/data/coffee.png", "Rachel Michetti (courtesy of Pikolo Espresso Bar)",
-               f"{CC0} by the photographer"),
-    "rocket": ("scikit-image", "skimage/data/rocket.jpg", "SpaceX (DSCOVR launch on Falcon 9)",
-               "Public domain (released into the public domain by SpaceX, 2015)"),
-    "hubble_deep_field": ("scikit-image", "skimage/data/hubble_deep_field.jpg",
-                          "NASA (Hubble eXtreme Deep Field, HubbleSite 2012-37)",
-                          "Public domain (NASA media guidelines)"),
-    "retina": ("scikit-image", "skimage/data/retina.jpg",
-               "Mikael Häggström (Wikimedia Commons: Fundus photograph of normal left eye)", f"{CC0}"),
-    "immunohistochemistry": ("scikit-image", "skimage/data/ihc.png",
-                             "Center for Microscopy And Molecular Imaging (CMMI)",
-                             "No known copyright restrictions (as stated by scikit-image)"),
-    "camera": ("scikit-image", "skimage/data/camera.png", "Lav Varshney (grayscale 'cameraman' photo)",
-               f"{CC0} by the photographer"),
-    "grace_hopper": ("matplotlib", "matplotlib/mpl-data/sample_data/grace_hopper.jpg",
-                     "U.S. Navy (official portrait of Grace M. Hopper in uniform)",
-                     "Public domain (work of the U.S. federal government; matplotlib ships it without "
-                     "a license note)"),
-    "china": ("scikit-learn", "sklearn/datasets/images/china.jpg",
-              "danielbuechele (Flickr photo 6061409035; retrieved by Robert Layton, 2011)", CC_BY_2),
-    "flower": ("scikit-learn", "sklearn/datasets/images/flower.jpg",
-               "vultilion (Flickr photo 6056698931; retrieved by Robert Layton, 2011; scikit-learn's "
-               "README also names danielbuechele in its attribution line)", CC_BY_2),
-    "raccoon": ("scipy", "scipy/misc/face.dat",
-                "raccoon-procyon-lotor.jpg from public-domain-image.com (as stated by scipy.misc.face)",
-                "Public domain (as stated by scipy)"),
+    "astronaut": (
+        "scikit-image",
+        "skimage/data/astronaut.png",
+        "NASA (Eileen Collins portrait; NASA Great Images database)",
+        "Public domain (NASA; 'No known copyright restrictions, released into the public domain')",
+    ),
+    "chelsea": ("scikit-image", "skimage/data/chelsea.png", "Stefan van der Walt", f"{CC0} by the photographer"),
+    "coffee": (
+        "scikit-image",
+        "skimage/data/coffee.png",
+        "Rachel Michetti (courtesy of Pikolo Espresso Bar)",
+        f"{CC0} by the photographer",
+    ),
+    "rocket": (
+        "scikit-image",
+        "skimage/data/rocket.jpg",
+        "SpaceX (DSCOVR launch on Falcon 9)",
+        "Public domain (released into the public domain by SpaceX, 2015)",
+    ),
+    "hubble_deep_field": (
+        "scikit-image",
+        "skimage/data/hubble_deep_field.jpg",
+        "NASA (Hubble eXtreme Deep Field, HubbleSite 2012-37)",
+        "Public domain (NASA media guidelines)",
+    ),
+    "retina": (
+        "scikit-image",
+        "skimage/data/retina.jpg",
+        "Mikael Häggström (Wikimedia Commons: Fundus photograph of normal left eye)",
+        f"{CC0}",
+    ),
+    "immunohistochemistry": (
+        "scikit-image",
+        "skimage/data/ihc.png",
+        "Center for Microscopy And Molecular Imaging (CMMI)",
+        "No known copyright restrictions (as stated by scikit-image)",
+    ),
+    "camera": (
+        "scikit-image",
+        "skimage/data/camera.png",
+        "Lav Varshney (grayscale 'cameraman' photo)",
+        f"{CC0} by the photographer",
+    ),
+    "grace_hopper": (
+        "matplotlib",
+        "matplotlib/mpl-data/sample_data/grace_hopper.jpg",
+        "U.S. Navy (official portrait of Grace M. Hopper in uniform)",
+        "Public domain (work of the U.S. federal government; matplotlib ships it without a license note)",
+    ),
+    "china": (
+        "scikit-learn",
+        "sklearn/datasets/images/china.jpg",
+        "danielbuechele (Flickr photo 6061409035; retrieved by Robert Layton, 2011)",
+        CC_BY_2,
+    ),
+    "flower": (
+        "scikit-learn",
+        "sklearn/datasets/images/flower.jpg",
+        "vultilion (Flickr photo 6056698931; retrieved by Robert Layton, 2011; scikit-learn's "
+        "README also names danielbuechele in its attribution line)",
+        CC_BY_2,
+    ),
+    "raccoon": (
+        "scipy",
+        "scipy/misc/face.dat",
+        "raccoon-procyon-lotor.jpg from public-domain-image.com (as stated by scipy.misc.face)",
+        "Public domain (as stated by scipy)",
+    ),
 }
 
 # output file -> (source, crop box (left, top, right, bottom) in source pixels or None, format).
@@ -127,8 +164,23 @@ def _package_file(package, relative):
 def _scipy_face(wheel):
     if wheel is None:
         folder = tempfile.mkdtemp(prefix="scipy-wheel-")
-        subprocess.run([sys.executable, "-m", "pip", "download", f"scipy=={SCIPY_VERSION}", "--no-deps",
-                        "--only-binary=:all:", "--python-version", "3.11", "-d", folder, "--quiet"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                f"scipy=={SCIPY_VERSION}",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--python-version",
+                "3.11",
+                "-d",
+                folder,
+                "--quiet",
+            ],
+            check=True,
+        )
         wheel = glob.glob(os.path.join(folder, "scipy-*.whl"))[0]
     with zipfile.ZipFile(wheel) as z:
         raw = bz2.decompress(z.read("scipy/misc/face.dat"))
@@ -212,7 +264,7 @@ def readme(rows, sources, total):
         "matplotlib states no license for `grace_hopper.jpg` (it replaced `lena` in its sample data);",
         "it is the U.S. Navy's official portrait of Grace Hopper, a work of the U.S. federal",
         "government and so in the public domain. The weakest statement is scikit-image's \"no known",
-        "copyright restrictions\" for the immunohistochemistry slide (2 files); drop",
+        'copyright restrictions" for the immunohistochemistry slide (2 files); drop',
         "`immunohistochemistry*.*` if that is not enough for a redistribution.",
         "",
         "`china.jpg`, `china_pagoda.jpg`, `china_lake.jpg`, `flower.jpg` and `flower_dahlia.png` are",

@@ -17,6 +17,7 @@ from tfbit import environment, runtime
 
 def _dataset(spec, data_dir, download):
     from tfbit.finetune import from_image_folder, from_tfds
+
     if os.path.isdir(spec):
         return from_image_folder(spec)
     name, _, split = spec.partition(":")
@@ -31,53 +32,91 @@ def main(argv=None):
     parser.add_argument("--data-dir", help="tensorflow-datasets data_dir")
     parser.add_argument("--download", action="store_true", help="let tensorflow-datasets download")
     parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--batch-size", type=runtime.positive_int, default=64,
-                        help="global batch size (default 64)")
-    parser.add_argument("--epochs", type=runtime.positive_int, default=10,
-                        help="Keras epochs the HyperRule steps are spread over (default 10)")
-    parser.add_argument("--steps", type=runtime.positive_int,
-                        help="train this many steps instead of the HyperRule's; warm-up and decays scale with it")
-    parser.add_argument("--schedule", choices=("hyperrule", "short"), default="hyperrule",
-                        help="short: for runs of a few hundred steps or fewer (peak lr 0.01 at any batch size, "
-                             "10%% warm-up, one decay at 80%%, small images at their own size; README 'Short runs')")
+    parser.add_argument("--batch-size", type=runtime.positive_int, default=64, help="global batch size (default 64)")
+    parser.add_argument(
+        "--epochs",
+        type=runtime.positive_int,
+        default=10,
+        help="Keras epochs the HyperRule steps are spread over (default 10)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=runtime.positive_int,
+        help="train this many steps instead of the HyperRule's; warm-up and decays scale with it",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=("hyperrule", "short"),
+        default="hyperrule",
+        help="short: for runs of a few hundred steps or fewer (peak lr 0.01 at any batch size, "
+        "10%% warm-up, one decay at 80%%, small images at their own size; README 'Short runs')",
+    )
     parser.add_argument("--base-lr", type=float, help="override the base learning rate (at batch 512)")
     parser.add_argument("--crop-size", type=int, help="override the training resolution")
     parser.add_argument("--resize-size", type=int, help="override the resize before the random crop")
     parser.add_argument("--mixup-alpha", type=float, help="override MixUp's alpha (0 disables)")
-    parser.add_argument("--no-flip", action="store_true",
-                        help="no random left-right flips (for classes that mirroring changes)")
+    parser.add_argument(
+        "--no-flip", action="store_true", help="no random left-right flips (for classes that mirroring changes)"
+    )
     parser.add_argument("--freeze-backbone", action="store_true", help="train the new head only")
     parser.add_argument("--mixed-precision", choices=("mixed_float16", "mixed_bfloat16"))
-    parser.add_argument("--distribute", choices=("none", "mirrored", "multi_worker"), default="none",
-                        help="mirrored: tf.distribute.MirroredStrategy over all local devices; multi_worker: "
-                             "MultiWorkerMirroredStrategy over the cluster in TF_CONFIG, the same command on "
-                             "every worker (README 'Scaling out')")
-    parser.add_argument("--export", nargs="*", choices=("keras", "saved_model", "tflite"),
-                        help="also convert the best checkpoint (into OUTPUT/export)")
-    parser.add_argument("--save-pretrained", action="store_true",
-                        help="also write the best checkpoint for transformers' from_pretrained (into "
-                             "OUTPUT/transformers: config.json, model.safetensors, preprocessor_config.json)")
-    parser.add_argument("--threads", type=runtime.positive_int,
-                        help="CPU threads (default: every available core; see tfbit/runtime.py)")
+    parser.add_argument(
+        "--distribute",
+        choices=("none", "mirrored", "multi_worker"),
+        default="none",
+        help="mirrored: tf.distribute.MirroredStrategy over all local devices; multi_worker: "
+        "MultiWorkerMirroredStrategy over the cluster in TF_CONFIG, the same command on "
+        "every worker (README 'Scaling out')",
+    )
+    parser.add_argument(
+        "--export",
+        nargs="*",
+        choices=("keras", "saved_model", "tflite"),
+        help="also convert the best checkpoint (into OUTPUT/export)",
+    )
+    parser.add_argument(
+        "--save-pretrained",
+        action="store_true",
+        help="also write the best checkpoint for transformers' from_pretrained (into "
+        "OUTPUT/transformers: config.json, model.safetensors, preprocessor_config.json)",
+    )
+    parser.add_argument(
+        "--threads", type=runtime.positive_int, help="CPU threads (default: every available core; see tfbit/runtime.py)"
+    )
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's C++ log lines")
     args = parser.parse_args(argv)
     environment.configure(args.verbose, training=True)  # before anything else imports TensorFlow
     runtime.set_threads(args.threads)
 
     from tfbit.finetune.trainer import NonFiniteLossError, ShortScheduleWarning, finetune
+
     _plain_warnings(ShortScheduleWarning)
-    overrides = {k: v for k, v in dict(base_lr=args.base_lr, crop_size=args.crop_size,
-                                       resize_size=args.resize_size, mixup_alpha=args.mixup_alpha).items()
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in dict(
+            base_lr=args.base_lr, crop_size=args.crop_size, resize_size=args.resize_size, mixup_alpha=args.mixup_alpha
+        ).items()
+        if v is not None
+    }
     try:
         strategy = _strategy(args.distribute)  # before the data: collectives start with TensorFlow's runtime
         train = _dataset(args.data, args.data_dir, args.download)
         validation = _dataset(args.validation, args.data_dir, args.download) if args.validation else None
-        result = finetune(args.source, train, args.output, validation, batch_size=args.batch_size,
-                          epochs=args.epochs, steps=args.steps, plan_overrides=overrides,
-                          freeze_backbone=args.freeze_backbone, strategy=strategy,
-                          mixed_precision=args.mixed_precision, random_flip=not args.no_flip,
-                          schedule=args.schedule)
+        result = finetune(
+            args.source,
+            train,
+            args.output,
+            validation,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            steps=args.steps,
+            plan_overrides=overrides,
+            freeze_backbone=args.freeze_backbone,
+            strategy=strategy,
+            mixed_precision=args.mixed_precision,
+            random_flip=not args.no_flip,
+            schedule=args.schedule,
+        )
     except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -85,16 +124,21 @@ def main(argv=None):
         if args.distribute != "multi_worker" or not _is_op_error(e):
             raise
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: distributed training stopped ({type(e).__name__}: {reason} ...). When every worker "
-              "can run again, the same command on each resumes from the last backup", file=sys.stderr)
+        print(
+            f"error: distributed training stopped ({type(e).__name__}: {reason} ...). When every worker "
+            "can run again, the same command on each resumes from the last backup",
+            file=sys.stderr,
+        )
         return 1
     if result.output_dir is None:
         print("training done; the chief writes the outputs")
         return 0
     print(f"best checkpoint: {os.path.join(args.output, 'best.keras')}")
     if args.save_pretrained:
-        print("transformers checkpoint:", result.model.save_pretrained(
-            os.path.join(args.output, "transformers"), preprocessor=args.output))
+        print(
+            "transformers checkpoint:",
+            result.model.save_pretrained(os.path.join(args.output, "transformers"), preprocessor=args.output),
+        )
     if "validation" in result.metrics:
         print(f"validation accuracy: {result.metrics['validation']['accuracy']:.2%}")
     if args.export is not None:
@@ -105,15 +149,18 @@ def main(argv=None):
 def _strategy(name):
     if name == "mirrored":
         import tensorflow as tf
+
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
         from tfbit.finetune.workers import multi_worker_strategy
+
         return multi_worker_strategy()
     return None
 
 
 def _is_op_error(error):
     import tensorflow as tf
+
     return isinstance(error, tf.errors.OpError)
 
 
@@ -126,6 +173,7 @@ def _plain_warnings(category):
             print(f"warning: {message}", file=sys.stderr, flush=True)
         else:
             show(message, cls, filename, lineno, file, line)
+
     warnings.showwarning = show_plain
 
 
@@ -133,9 +181,18 @@ def _export(args):
     """The converter CLI on best.keras, as a user would run it next: a process of its own, which
     gets the converter's inference defaults and keeps the library free of the application."""
     import subprocess
-    command = [sys.executable, "-m", "conversion.convert", os.path.join(args.output, "best.keras"),
-               "--output", os.path.join(args.output, "export"), "--overwrite",
-               "--formats", *(args.export or ("keras", "saved_model", "tflite"))]
+
+    command = [
+        sys.executable,
+        "-m",
+        "conversion.convert",
+        os.path.join(args.output, "best.keras"),
+        "--output",
+        os.path.join(args.output, "export"),
+        "--overwrite",
+        "--formats",
+        *(args.export or ("keras", "saved_model", "tflite")),
+    ]
     if args.validation and os.path.isdir(args.validation):
         command += ["--images", args.validation]
     print("exporting:", " ".join(command), flush=True)

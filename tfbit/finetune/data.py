@@ -20,9 +20,9 @@ import numpy as np
 import tensorflow as tf
 
 from tfbit import image_decode
-from tfbit.image_files import IMAGE_EXTENSIONS
 from tfbit.finetune.hyperrule import HyperRulePlan
 from tfbit.finetune.mixup import MixUp
+from tfbit.image_files import IMAGE_EXTENSIONS
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -129,14 +129,14 @@ class ImageDataset:
         or corrupt file), raises ValueError naming it (its file when `paths` is known) with
         TensorFlow's reason, and how many others fail too.
         """
+
         def decoded_size(index, element):
             image, _ = self._decode(*element)
             return index, tf.shape(image)[:2]
 
         sizes = np.zeros((self.num_examples, 2), np.int64)
         decoded = np.zeros(self.num_examples, bool)
-        pipeline = (self.source.enumerate().map(decoded_size, num_parallel_calls=AUTOTUNE)
-                    .ignore_errors().batch(4096))
+        pipeline = self.source.enumerate().map(decoded_size, num_parallel_calls=AUTOTUNE).ignore_errors().batch(4096)
         for indices, hw in pipeline.as_numpy_iterator():
             sizes[indices], decoded[indices] = hw, True
         failed = np.flatnonzero(~decoded)
@@ -148,8 +148,14 @@ class ImageDataset:
             except tf.errors.OpError as e:
                 reason = _op_message(e)
             others = [self._name(int(i)) for i in failed[1:6]]
-            more = (f" ({failed.size - 1} more cannot be decoded: {', '.join(others)}"
-                    f"{', ...' if failed.size > 6 else ''})") if others else ""
+            more = (
+                (
+                    f" ({failed.size - 1} more cannot be decoded: {', '.join(others)}"
+                    f"{', ...' if failed.size > 6 else ''})"
+                )
+                if others
+                else ""
+            )
             raise ValueError(f"cannot decode {self._name(first)}: {reason}{more}")
         return sizes
 
@@ -159,9 +165,16 @@ class ImageDataset:
 
 # --- sources -----------------------------------------------------------------------------
 
-def from_tfds(name_or_builder, split: str, data_dir: str | None = None, download: bool = False,
-              image_key: str = "image", label_key: str = "label",
-              shuffle_files: bool = False) -> ImageDataset:
+
+def from_tfds(
+    name_or_builder,
+    split: str,
+    data_dir: str | None = None,
+    download: bool = False,
+    image_key: str = "image",
+    label_key: str = "label",
+    shuffle_files: bool = False,
+) -> ImageDataset:
     """A split of a tensorflow-datasets dataset.
 
     Args:
@@ -193,15 +206,17 @@ def from_tfds(name_or_builder, split: str, data_dir: str | None = None, download
     if not reads_files and not builder.is_prepared():
         raise FileNotFoundError(
             f"tfds dataset {builder.name!r} is not prepared in {builder.data_dir!r}; "
-            "prepare it there or pass download=True")
+            "prepare it there or pass download=True"
+        )
 
     features = builder.info.features
     for key in (image_key, label_key):
         if key not in features:
             raise ValueError(f"tfds dataset {builder.name!r} has no feature {key!r}: {list(features)}")
     image_feature = features[image_key]
-    source = builder.as_dataset(split=split, shuffle_files=shuffle_files,
-                                decoders={image_key: tfds.decode.SkipDecoding()})
+    source = builder.as_dataset(
+        split=split, shuffle_files=shuffle_files, decoders={image_key: tfds.decode.SkipDecoding()}
+    )
     source = source.map(lambda ex: (ex[image_key], ex[label_key]))
 
     def decode(encoded, label):
@@ -209,8 +224,9 @@ def from_tfds(name_or_builder, split: str, data_dir: str | None = None, download
 
     shape = image_feature.shape
     image_size = tuple(shape[:2]) if None not in shape[:2] else None
-    return ImageDataset(source, tuple(features[label_key].names),
-                        builder.info.splits[split].num_examples, decode, image_size)
+    return ImageDataset(
+        source, tuple(features[label_key].names), builder.info.splits[split].num_examples, decode, image_size
+    )
 
 
 def _decode_file(path, label):
@@ -241,8 +257,7 @@ def from_image_folder(root, extensions: Sequence[str] = IMAGE_EXTENSIONS, verify
     paths, labels = [], []
     for label, name in enumerate(class_names):
         folder = os.path.join(root, name)
-        files = sorted(f.path for f in os.scandir(folder)
-                       if f.is_file() and f.name.lower().endswith(extensions))
+        files = sorted(f.path for f in os.scandir(folder) if f.is_file() and f.name.lower().endswith(extensions))
         if not files:
             raise ValueError(f"class folder {folder!r} contains no images ({', '.join(extensions)})")
         paths += files
@@ -278,16 +293,21 @@ def from_arrays(images, labels, class_names: Sequence[str] | None = None) -> Ima
     if class_names is None:
         class_names = [str(i) for i in range(int(labels.max()) + 1)]
     if labels.min() < 0 or labels.max() >= len(class_names):
-        raise ValueError(f"labels must be in [0, {len(class_names)}), got range "
-                         f"[{labels.min()}, {labels.max()}]")
+        raise ValueError(f"labels must be in [0, {len(class_names)}), got range [{labels.min()}, {labels.max()}]")
     if images.dtype != np.uint8:
         images = images.astype(np.float32)
     source = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int64)))
-    return ImageDataset(source, tuple(str(c) for c in class_names), len(images),
-                        lambda image, label: (_gray_to_rgb(image), label), tuple(images.shape[1:3]))
+    return ImageDataset(
+        source,
+        tuple(str(c) for c in class_names),
+        len(images),
+        lambda image, label: (_gray_to_rgb(image), label),
+        tuple(images.shape[1:3]),
+    )
 
 
 # --- pipelines ---------------------------------------------------------------------------
+
 
 def _sizes(plan_or_sizes) -> tuple[int, int]:
     if isinstance(plan_or_sizes, HyperRulePlan):
@@ -324,9 +344,16 @@ class PipelineOptions:
     seed: int | None = None
 
 
-def make_pipeline(image_dataset: ImageDataset, plan_or_sizes, batch_size: int | None = None,
-                  training: bool = False, *, one_hot: bool = False, repeat: bool | None = None,
-                  options: PipelineOptions | None = None) -> tf.data.Dataset:
+def make_pipeline(
+    image_dataset: ImageDataset,
+    plan_or_sizes,
+    batch_size: int | None = None,
+    training: bool = False,
+    *,
+    one_hot: bool = False,
+    repeat: bool | None = None,
+    options: PipelineOptions | None = None,
+) -> tf.data.Dataset:
     """Batched, prefetching (pixel_values float32 NHWC, labels) dataset.
 
     Training shuffles, resizes to resize_size, randomly crops to crop_size, flips and applies
@@ -372,6 +399,7 @@ def make_pipeline(image_dataset: ImageDataset, plan_or_sizes, batch_size: int | 
         return tf.image.resize(image, (size, size), antialias=options.antialias)
 
     if training:
+
         def augment(example, aug_seed):
             image, label = example
             crop_seed, flip_seed = tf.unstack(tf.random.split(aug_seed, 2))
@@ -385,14 +413,12 @@ def make_pipeline(image_dataset: ImageDataset, plan_or_sizes, batch_size: int | 
         seeds = tf.data.Dataset.random(seed=options.seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip(ds, seeds).map(augment, num_parallel_calls=AUTOTUNE)
     else:
-        ds = ds.map(lambda image, label: (preprocess(resize_to(image, crop)), label),
-                    num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda image, label: (preprocess(resize_to(image, crop)), label), num_parallel_calls=AUTOTUNE)
 
     num_classes = image_dataset.num_classes
     ds = ds.batch(batch_size, drop_remainder=repeat)
     if mixup_alpha:
         ds = ds.map(MixUp(mixup_alpha, num_classes, seed=options.seed))
     elif one_hot:
-        ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes, dtype=tf.float32)),
-                    num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes, dtype=tf.float32)), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)

@@ -73,8 +73,12 @@ def _image_hw(image_size) -> tuple[int, int]:
         hw = tuple(image_size[:2])
     else:
         hw = ()
-    _check(len(hw) == 2 and all(_is_int(v) and v > 0 for v in hw), "image_size", image_size,
-           "a positive int, (h, w) or (h, w, c)")
+    _check(
+        len(hw) == 2 and all(_is_int(v) and v > 0 for v in hw),
+        "image_size",
+        image_size,
+        "a positive int, (h, w) or (h, w, c)",
+    )
     return int(hw[0]), int(hw[1])
 
 
@@ -127,16 +131,24 @@ class HyperRulePlan:
             normalize(name, lambda v: _is_real(v) and v > 0, "a positive float", float)
         normalize("mixup_alpha", lambda v: _is_real(v) and v >= 0, "a float >= 0", float)
         normalize("momentum", lambda v: _is_real(v) and 0 <= v < 1, "a float in [0, 1)", float)
-        normalize("warmup_steps", lambda v: _is_int(v) and 0 <= v <= self.total_steps,
-                  f"an int in [0, total_steps={self.total_steps}]", int)
-        normalize("decay_boundaries",
-                  lambda b: isinstance(b, Sequence) and all(_is_int(s) for s in b)
-                  and all(x < y for x, y in zip(b, b[1:]))
-                  and all(self.warmup_steps <= s < self.total_steps for s in b),
-                  f"strictly increasing ints in [warmup_steps={self.warmup_steps}, "
-                  f"total_steps={self.total_steps})", lambda b: tuple(int(s) for s in b))
-        _check(self.crop_size <= self.resize_size, "crop_size", self.crop_size,
-               f"<= resize_size ({self.resize_size})")
+        normalize(
+            "warmup_steps",
+            lambda v: _is_int(v) and 0 <= v <= self.total_steps,
+            f"an int in [0, total_steps={self.total_steps}]",
+            int,
+        )
+        normalize(
+            "decay_boundaries",
+            lambda b: (
+                isinstance(b, Sequence)
+                and all(_is_int(s) for s in b)
+                and all(x < y for x, y in zip(b, b[1:]))
+                and all(self.warmup_steps <= s < self.total_steps for s in b)
+            ),
+            f"strictly increasing ints in [warmup_steps={self.warmup_steps}, total_steps={self.total_steps})",
+            lambda b: tuple(int(s) for s in b),
+        )
+        _check(self.crop_size <= self.resize_size, "crop_size", self.crop_size, f"<= resize_size ({self.resize_size})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,8 +170,11 @@ class HyperRulePlan:
             return step * total_steps // self.total_steps
 
         return dataclasses.replace(
-            self, total_steps=total_steps, warmup_steps=scale(self.warmup_steps),
-            decay_boundaries=tuple(dict.fromkeys(scale(b) for b in self.decay_boundaries)))
+            self,
+            total_steps=total_steps,
+            warmup_steps=scale(self.warmup_steps),
+            decay_boundaries=tuple(dict.fromkeys(scale(b) for b in self.decay_boundaries)),
+        )
 
     def schedule(self) -> BiTSchedule:
         return BiTSchedule(self.learning_rate, self.warmup_steps, self.decay_boundaries)
@@ -169,7 +184,7 @@ class HyperRulePlan:
         NumPy so that a 20 000-step plan is summed at once)."""
         step = np.arange(self.total_steps, dtype=np.float64)
         decays = (step[:, None] > np.asarray(self.decay_boundaries, np.float64)[None, :]).sum(axis=1)
-        rates = self.learning_rate * 0.1 ** decays
+        rates = self.learning_rate * 0.1**decays
         if self.warmup_steps:
             rates = np.where(step < self.warmup_steps, self.learning_rate * step / self.warmup_steps, rates)
         return rates
@@ -184,8 +199,9 @@ class HyperRulePlan:
         return keras.optimizers.SGD(learning_rate=self.schedule(), momentum=self.momentum, **kwargs)
 
 
-def hyperrule_plan(dataset_size: int, image_size, batch_size: int = REFERENCE_BATCH_SIZE,
-                   base_lr: float = 0.003, **overrides) -> HyperRulePlan:
+def hyperrule_plan(
+    dataset_size: int, image_size, batch_size: int = REFERENCE_BATCH_SIZE, base_lr: float = 0.003, **overrides
+) -> HyperRulePlan:
     """BiT-HyperRule's plan for a dataset of `dataset_size` examples of `image_size`.
 
     Any `HyperRulePlan` field can be overridden by keyword; invalid values raise ValueError
@@ -207,9 +223,16 @@ def hyperrule_plan(dataset_size: int, image_size, batch_size: int = REFERENCE_BA
     _, warmup, boundaries, total, alpha = next(s for s in _SCHEDULES if dataset_size < s[0])
     resize, crop = (160, 128) if h * w < _SMALL_AREA else (512, 480)
     fields = dict(
-        dataset_size=dataset_size, image_size=(h, w), resize_size=resize, crop_size=crop,
-        warmup_steps=warmup, decay_boundaries=boundaries, total_steps=total, mixup_alpha=alpha,
-        batch_size=batch_size, base_lr=base_lr,
+        dataset_size=dataset_size,
+        image_size=(h, w),
+        resize_size=resize,
+        crop_size=crop,
+        warmup_steps=warmup,
+        decay_boundaries=boundaries,
+        total_steps=total,
+        mixup_alpha=alpha,
+        batch_size=batch_size,
+        base_lr=base_lr,
         learning_rate=base_lr * batch_size / REFERENCE_BATCH_SIZE,
     )
     unknown = set(overrides) - {f.name for f in dataclasses.fields(HyperRulePlan)}
@@ -218,8 +241,14 @@ def hyperrule_plan(dataset_size: int, image_size, batch_size: int = REFERENCE_BA
     return HyperRulePlan(**{**fields, **overrides})
 
 
-def short_run_plan(dataset_size: int, image_size, total_steps: int, batch_size: int = REFERENCE_BATCH_SIZE,
-                   source_resolution: int | None = None, **overrides) -> HyperRulePlan:
+def short_run_plan(
+    dataset_size: int,
+    image_size,
+    total_steps: int,
+    batch_size: int = REFERENCE_BATCH_SIZE,
+    source_resolution: int | None = None,
+    **overrides,
+) -> HyperRulePlan:
     """The short-run schedule: what a practitioner picks for a run of a few hundred steps or fewer,
     where the HyperRule schedule scaled down (`scaled_to`) barely trains (measured in the README).
 
@@ -236,14 +265,21 @@ def short_run_plan(dataset_size: int, image_size, total_steps: int, batch_size: 
     `base_lr` sets the learning rate to `base_lr * batch_size / 512` as there.
     """
     _check(_is_int(total_steps) and total_steps > 0, "total_steps", total_steps, "a positive int")
-    _check(source_resolution is None or (_is_int(source_resolution) and source_resolution > 0),
-           "source_resolution", source_resolution, "a positive int or None")
+    _check(
+        source_resolution is None or (_is_int(source_resolution) and source_resolution > 0),
+        "source_resolution",
+        source_resolution,
+        "a positive int or None",
+    )
     rule = hyperrule_plan(dataset_size, image_size, batch_size)
     h, w = rule.image_size
-    fields = dict(total_steps=total_steps, warmup_steps=int(total_steps * SHORT_RUN_WARMUP_FRACTION),
-                  decay_boundaries=(int(total_steps * SHORT_RUN_DECAY_FRACTION),),
-                  learning_rate=SHORT_RUN_LEARNING_RATE,
-                  base_lr=SHORT_RUN_LEARNING_RATE * REFERENCE_BATCH_SIZE / batch_size)
+    fields = dict(
+        total_steps=total_steps,
+        warmup_steps=int(total_steps * SHORT_RUN_WARMUP_FRACTION),
+        decay_boundaries=(int(total_steps * SHORT_RUN_DECAY_FRACTION),),
+        learning_rate=SHORT_RUN_LEARNING_RATE,
+        base_lr=SHORT_RUN_LEARNING_RATE * REFERENCE_BATCH_SIZE / batch_size,
+    )
     if h * w < _SMALL_AREA:
         crop = min(rule.crop_size, max(h, w, source_resolution or 0))
         fields.update(crop_size=crop, resize_size=max(crop, rule.resize_size * crop // rule.crop_size))
@@ -262,9 +298,11 @@ def learning_shortfall(plan: HyperRulePlan) -> str | None:
     fraction = plan.total_learning() / reference.total_learning()
     if fraction >= MIN_LEARNING_FRACTION:
         return None
-    return (f"this schedule gives the model {100 * fraction:.2g}% of the learning of the full BiT-HyperRule "
-            f"schedule (its learning rate sums to {plan.total_learning():.2g} over {plan.total_steps} steps, "
-            f"peak {plan.learning_rate:.2g}; the full schedule's sums to {reference.total_learning():.2g} over "
-            f"{reference.total_steps} steps at batch {REFERENCE_BATCH_SIZE}): the model will barely move from "
-            "its starting point. For a short run use the short-run schedule (--schedule short, "
-            "finetune(..., schedule='short')), or train more steps or with a higher base learning rate")
+    return (
+        f"this schedule gives the model {100 * fraction:.2g}% of the learning of the full BiT-HyperRule "
+        f"schedule (its learning rate sums to {plan.total_learning():.2g} over {plan.total_steps} steps, "
+        f"peak {plan.learning_rate:.2g}; the full schedule's sums to {reference.total_learning():.2g} over "
+        f"{reference.total_steps} steps at batch {REFERENCE_BATCH_SIZE}): the model will barely move from "
+        "its starting point. For a short run use the short-run schedule (--schedule short, "
+        "finetune(..., schedule='short')), or train more steps or with a higher base learning rate"
+    )

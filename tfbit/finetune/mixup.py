@@ -90,8 +90,9 @@ class MixUp:
         self.alpha = float(alpha)
         self.num_classes = int(num_classes)
         self.seed = seed
-        self._rng = (tf.random.Generator.from_non_deterministic_state() if seed is None
-                     else tf.random.Generator.from_seed(seed))
+        self._rng = (
+            tf.random.Generator.from_non_deterministic_state() if seed is None else tf.random.Generator.from_seed(seed)
+        )
 
     def __call__(self, images, labels):
         seed = self._rng.make_seeds(1)[:, 0] if self.alpha > 0 else None

@@ -22,11 +22,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfbit.finetune import workers
 from tfbit.finetune.data import Normalize, PipelineOptions, make_pipeline
 from tfbit.finetune.hyperrule import hyperrule_plan, learning_shortfall, short_run_plan
 from tfbit.finetune.transfer import with_new_head
-from tfbit.finetune import workers
-
 
 SCHEDULES = ("hyperrule", "short")
 
@@ -133,6 +132,7 @@ def load_model_source(source):
         return source, None
     from tfbit.image_processor import BitImageProcessor
     from tfbit.pretrained import load_model
+
     model, checkpoint = load_model(source, task="features")  # the body: the head is replaced anyway
     if checkpoint.preprocessor is None:
         return model, None
@@ -145,14 +145,16 @@ def _plot(steps, history, plan, path):
     """Loss per optimizer step (validation per epoch, at the step it ended on), accuracy per
     epoch, and the learning rate of every step."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (loss_ax, accuracy_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.6))
     loss_ax.plot(steps.steps, steps.losses, linewidth=0.8, alpha=0.6 if len(steps.steps) > 20 else 1, label="loss")
     if len(steps.steps) > 20:  # a moving average shows the trend through the per-batch noise
         window = max(5, len(steps.steps) // 20)
         smooth = np.convolve(steps.losses, np.ones(window) / window, mode="valid")
-        loss_ax.plot(steps.steps[window - 1:], smooth, label=f"loss (mean of {window})")
+        loss_ax.plot(steps.steps[window - 1 :], smooth, label=f"loss (mean of {window})")
     ends = steps.epoch_ends
     for ax, keys in ((loss_ax, ["val_loss"]), (accuracy_ax, ["accuracy", "val_accuracy"])):
         for key in keys:
@@ -171,8 +173,9 @@ def _plot(steps, history, plan, path):
 def _plan(train, batch_size, steps, schedule, overrides, source_side=None):
     if schedule == "short":
         total_steps = steps or hyperrule_plan(train.num_examples, train.image_size).total_steps
-        return short_run_plan(train.num_examples, train.image_size, total_steps, batch_size, source_side,
-                              **(overrides or {}))
+        return short_run_plan(
+            train.num_examples, train.image_size, total_steps, batch_size, source_side, **(overrides or {})
+        )
     plan = hyperrule_plan(train.num_examples, train.image_size, batch_size=batch_size, **(overrides or {}))
     return plan if steps is None else plan.scaled_to(steps)
 
@@ -194,9 +197,26 @@ def _naming_undecodable_examples(*datasets):
         raise
 
 
-def finetune(source, train, output_dir, validation=None, *, batch_size=64, epochs=10, steps=None,
-             plan_overrides=None, freeze_backbone=False, strategy=None, mixed_precision=None,
-             preprocess=None, random_flip=True, seed=0, backup_every=None, verbose="auto", schedule="hyperrule"):
+def finetune(
+    source,
+    train,
+    output_dir,
+    validation=None,
+    *,
+    batch_size=64,
+    epochs=10,
+    steps=None,
+    plan_overrides=None,
+    freeze_backbone=False,
+    strategy=None,
+    mixed_precision=None,
+    preprocess=None,
+    random_flip=True,
+    seed=0,
+    backup_every=None,
+    verbose="auto",
+    schedule="hyperrule",
+):
     """Fine-tunes `source` on `train` with BiT-HyperRule and plain `model.fit`.
 
     The run makes exactly the plan's `total_steps` optimizer steps, also when it resumes
@@ -249,12 +269,16 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
         if value is not None:
             _check_positive_int(name, value)
     if strategy is not None and keras.backend.backend() != "tensorflow":
-        raise ValueError(f"strategy= takes a tf.distribute strategy, which only the TensorFlow backend trains "
-                         f"with (Keras runs on {keras.backend.backend()}): under JAX set a keras.distribution "
-                         "instead, e.g. keras.distribution.set_distribution(keras.distribution.DataParallel())")
+        raise ValueError(
+            f"strategy= takes a tf.distribute strategy, which only the TensorFlow backend trains "
+            f"with (Keras runs on {keras.backend.backend()}): under JAX set a keras.distribution "
+            "instead, e.g. keras.distribution.set_distribution(keras.distribution.DataParallel())"
+        )
     if train.num_classes < 2:
-        raise ValueError(f"the training data has {train.num_classes} class {list(train.class_names)}: "
-                         "a classifier needs at least 2 classes to tell apart")
+        raise ValueError(
+            f"the training data has {train.num_classes} class {list(train.class_names)}: "
+            "a classifier needs at least 2 classes to tell apart"
+        )
     if validation is not None:
         try:
             validation = validation.relabeled(train.class_names)
@@ -285,10 +309,16 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
         with strategy.scope():
             model = with_new_head(donor, id2label=train.id2label, freeze_backbone=freeze_backbone)
             one_hot = bool(plan.mixup_alpha)
-            loss = (keras.losses.CategoricalCrossentropy(from_logits=True) if one_hot
-                    else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-            accuracy = keras.metrics.CategoricalAccuracy("accuracy") if one_hot \
+            loss = (
+                keras.losses.CategoricalCrossentropy(from_logits=True)
+                if one_hot
+                else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            )
+            accuracy = (
+                keras.metrics.CategoricalAccuracy("accuracy")
+                if one_hot
                 else keras.metrics.SparseCategoricalAccuracy("accuracy")
+            )
             model.compile(optimizer=plan.optimizer(), loss=loss, metrics=[accuracy])
     finally:
         keras.config.set_dtype_policy(previous_policy)
@@ -325,18 +355,33 @@ def finetune(source, train, output_dir, validation=None, *, batch_size=64, epoch
     if verbose == "auto":  # Keras draws its bar with \r and ANSI codes on any Linux stdout, files too
         verbose = 1 if sys.stdout.isatty() or "ipykernel" in sys.modules else 2
     with _naming_undecodable_examples(train, validation):
-        history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                            validation_data=val_ds, callbacks=callbacks, verbose=verbose, shuffle=False)
+        history = model.fit(
+            train_ds,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=val_ds,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,
+        )
     if nan_guard.failure:
-        raise NonFiniteLossError(f"{nan_guard.failure}; training stopped. Lower the learning rate "
-                                 "(plan_overrides={'base_lr': ...}) or check the input data")
-    metrics = {"plan": plan.to_dict(), "steps_per_epoch": steps_per_epoch, "epochs": epochs,
-               "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
-               "num_replicas": _num_replicas(strategy), "num_workers": worker.count,
-               "resumed_from_step": resume.start_step,
-               "final_step": int(model.optimizer.iterations.numpy()), "schedule": schedule,
-               "total_learning": plan.total_learning(),
-               "steps": {"step": step_log.steps, "loss": step_log.losses, "seconds": step_log.seconds}}
+        raise NonFiniteLossError(
+            f"{nan_guard.failure}; training stopped. Lower the learning rate "
+            "(plan_overrides={'base_lr': ...}) or check the input data"
+        )
+    metrics = {
+        "plan": plan.to_dict(),
+        "steps_per_epoch": steps_per_epoch,
+        "epochs": epochs,
+        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+        "num_replicas": _num_replicas(strategy),
+        "num_workers": worker.count,
+        "resumed_from_step": resume.start_step,
+        "final_step": int(model.optimizer.iterations.numpy()),
+        "schedule": schedule,
+        "total_learning": plan.total_learning(),
+        "steps": {"step": step_log.steps, "loss": step_log.losses, "seconds": step_log.seconds},
+    }
     if not worker.is_chief:
         shutil.rmtree(scratch, ignore_errors=True)
         return FinetuneResult(model, plan, history.history, metrics, None)
@@ -368,9 +413,13 @@ def _num_replicas(strategy):
 def _write_preprocessor(output_dir, crop_size, preprocess):
     """The evaluation preprocessing as an HF preprocessor_config.json (resize straight to crop)."""
     from tfbit.image_processor import BitImageProcessor
+
     mean = getattr(preprocess, "mean", 0.5)
     std = getattr(preprocess, "std", 0.5)
-    BitImageProcessor(size={"height": crop_size, "width": crop_size}, do_center_crop=False,
-                      image_mean=list(np.broadcast_to(mean, 3).astype(float)),
-                      image_std=list(np.broadcast_to(std, 3).astype(float)),
-                      resample=2).save_pretrained(output_dir)
+    BitImageProcessor(
+        size={"height": crop_size, "width": crop_size},
+        do_center_crop=False,
+        image_mean=list(np.broadcast_to(mean, 3).astype(float)),
+        image_std=list(np.broadcast_to(std, 3).astype(float)),
+        resample=2,
+    ).save_pretrained(output_dir)

@@ -24,15 +24,18 @@ def with_new_head(model, num_labels=None, id2label=None, freeze_backbone=False):
         if num_labels is None:
             raise ValueError("with_new_head needs num_labels or id2label")
         id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
-    config = BitConfig.from_dict({**model.config.to_dict(), "id2label": dict(id2label), "label2id": None,
-                                  "num_labels": None})
+    config = BitConfig.from_dict(
+        {**model.config.to_dict(), "id2label": dict(id2label), "label2id": None, "num_labels": None}
+    )
     if config.num_labels < 1:
         raise ValueError(f"a classifier needs at least one label, got {config.num_labels}")
     new = BitForImageClassification(config, standardize_weights=model.standardize_weights)
     missing = copy_weights(model, new, skip=("classifier",))
     if missing:
-        raise ValueError(f"{model.name} has no layer {missing[0]!r}: it does not hold the whole "
-                         "BiT body (a backbone built with fewer out_features?)")
+        raise ValueError(
+            f"{model.name} has no layer {missing[0]!r}: it does not hold the whole "
+            "BiT body (a backbone built with fewer out_features?)"
+        )
     head = new.get_layer("classifier")
     for weight in (head.kernel, head.bias):
         # from shape and dtype: the JAX backend cannot take a Keras Variable as an array
@@ -64,12 +67,18 @@ def classification_loss(labels, logits, num_labels=None, problem_type=None):
         else:
             problem_type = "multi_label_classification"
     if problem_type == "regression":
-        return keras.ops.mean(keras.ops.square(keras.ops.reshape(logits, (-1,)) -
-                                               keras.ops.cast(keras.ops.reshape(labels, (-1,)), logits.dtype)))
+        return keras.ops.mean(
+            keras.ops.square(
+                keras.ops.reshape(logits, (-1,)) - keras.ops.cast(keras.ops.reshape(labels, (-1,)), logits.dtype)
+            )
+        )
     if problem_type == "single_label_classification":
         return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
     if problem_type == "multi_label_classification":
-        return keras.ops.mean(keras.ops.binary_crossentropy(keras.ops.cast(labels, logits.dtype), logits,
-                                                            from_logits=True))
-    raise ValueError(f"unknown problem_type {problem_type!r}: use regression, single_label_classification "
-                     "or multi_label_classification")
+        return keras.ops.mean(
+            keras.ops.binary_crossentropy(keras.ops.cast(labels, logits.dtype), logits, from_logits=True)
+        )
+    raise ValueError(
+        f"unknown problem_type {problem_type!r}: use regression, single_label_classification "
+        "or multi_label_classification"
+    )

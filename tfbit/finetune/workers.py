@@ -19,9 +19,11 @@ def multi_worker_strategy():
     TensorFlow op: collectives are configured when TensorFlow's runtime starts."""
     raw = os.environ.get("TF_CONFIG")
     if not raw:
-        raise ValueError("--distribute multi_worker needs TF_CONFIG in the environment of every worker, e.g. "
-                         "TF_CONFIG='{\"cluster\": {\"worker\": [\"host1:12345\", \"host2:12345\"]}, "
-                         "\"task\": {\"type\": \"worker\", \"index\": 0}}' (README, \"Scaling out\")")
+        raise ValueError(
+            "--distribute multi_worker needs TF_CONFIG in the environment of every worker, e.g. "
+            'TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+            '"task": {"type": "worker", "index": 0}}\' (README, "Scaling out")'
+        )
     try:
         config = json.loads(raw)
     except ValueError as e:
@@ -29,12 +31,19 @@ def multi_worker_strategy():
     cluster = config.get("cluster") if isinstance(config, dict) else None
     task = config.get("task") if isinstance(config, dict) else None
     if not isinstance(cluster, dict) or not any(cluster.get(job) for job in WORKER_JOBS):
-        raise ValueError(f"TF_CONFIG has no \"cluster\" with \"worker\" (or \"chief\") addresses: {raw[:200]}")
-    if not isinstance(task, dict) or task.get("type") not in WORKER_JOBS \
-            or not isinstance(task.get("index"), int) or not 0 <= task["index"] < len(cluster.get(task["type"]) or ()):
-        raise ValueError(f"TF_CONFIG's \"task\" must name this process's job ({' or '.join(WORKER_JOBS)}) and its "
-                         f"index in the cluster's list: {raw[:200]}")
+        raise ValueError(f'TF_CONFIG has no "cluster" with "worker" (or "chief") addresses: {raw[:200]}')
+    if (
+        not isinstance(task, dict)
+        or task.get("type") not in WORKER_JOBS
+        or not isinstance(task.get("index"), int)
+        or not 0 <= task["index"] < len(cluster.get(task["type"]) or ())
+    ):
+        raise ValueError(
+            f"TF_CONFIG's \"task\" must name this process's job ({' or '.join(WORKER_JOBS)}) and its "
+            f"index in the cluster's list: {raw[:200]}"
+        )
     import tensorflow as tf
+
     # Gradients all-reduced in packs of 32 MB rather than one collective per variable
     options = tf.distribute.experimental.CommunicationOptions(bytes_per_pack=32 * 2**20)
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
@@ -70,6 +79,7 @@ def localhost_tf_configs(count):
     """TF_CONFIG values of a `count`-worker cluster on this machine (free localhost ports), to try
     multi-worker training without a cluster: worker i runs with TF_CONFIG=configs[i]."""
     import socket
+
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
         s.bind(("localhost", 0))
@@ -95,10 +105,13 @@ def distribute(strategy, make_dataset, dataset, batch_size, shard):
     if not is_multi_worker(strategy):
         return make_dataset(dataset, batch_size)
     if batch_size % strategy.num_replicas_in_sync:
-        raise ValueError(f"batch size {batch_size} does not split evenly across the "
-                         f"{strategy.num_replicas_in_sync} replicas of the cluster")
+        raise ValueError(
+            f"batch size {batch_size} does not split evenly across the "
+            f"{strategy.num_replicas_in_sync} replicas of the cluster"
+        )
 
     def pipeline(context):
         part = dataset.shard(context.num_input_pipelines, context.input_pipeline_id) if shard else dataset
         return make_dataset(part, context.get_per_replica_batch_size(batch_size))
+
     return strategy.distribute_datasets_from_function(pipeline)

@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 
 from tfbit.config import BitConfig, read_json
-from tfbit.presets import fetch, get as get_preset, suggest
+from tfbit.presets import fetch, suggest
+from tfbit.presets import get as get_preset
 from tfbit.weights import hf, hub, npz, timm
 from tfbit.weights.checkpoint import Checkpoint, CheckpointError
 from tfbit.weights.readers import read_state_dict, safetensors_keys
@@ -45,15 +46,19 @@ def _detect(path, format):
         return "timm", None
     if hub.is_repo_id(path):
         return "hf", None
-    raise FileNotFoundError(f"{path}: no such file or directory, and not a hub repo id "
-                            f"(owner/name, timm/<name> or hf-hub:<owner>/<name>) nor a preset ({suggest(path)})")
+    raise FileNotFoundError(
+        f"{path}: no such file or directory, and not a hub repo id "
+        f"(owner/name, timm/<name> or hf-hub:<owner>/<name>) nor a preset ({suggest(path)})"
+    )
 
 
 def _directory_format(path):
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
-        raise ValueError(f"{path} has no config.json: expected a transformers or timm checkpoint "
-                         "directory (or pass the weight file itself)")
+        raise ValueError(
+            f"{path} has no config.json: expected a transformers or timm checkpoint "
+            "directory (or pass the weight file itself)"
+        )
     config = read_json(file)
     if config.get("model_type") == "bit":
         return "hf"
@@ -67,8 +72,9 @@ def _file_format(path):
     if suffix in (".npz", ".keras"):
         return suffix[1:], None
     if suffix not in _STATE_DICT_SUFFIXES:
-        raise ValueError(f"cannot tell the format of {path} from its extension: pass the format "
-                         f"(one of {', '.join(FORMATS)})")
+        raise ValueError(
+            f"cannot tell the format of {path} from its extension: pass the format (one of {', '.join(FORMATS)})"
+        )
     if suffix == ".safetensors":
         tensors, keys = None, safetensors_keys(path)  # the header is enough
     else:
@@ -76,18 +82,31 @@ def _file_format(path):
     if any(k.startswith(("stem.", "stages.")) for k in keys):
         return "timm", tensors
     if any(k.startswith(("bit.", "embedder.", "encoder.")) for k in keys):
-        raise ValueError(f"{path} is a transformers BiT state dict, whose architecture lives in "
-                         "config.json: pass the checkpoint directory holding both")
-    raise ValueError(f"{path} is neither a timm ResNetV2-BiT nor a transformers BiT state dict "
-                     f"(keys look like: {', '.join(sorted(keys)[:3])})")
+        raise ValueError(
+            f"{path} is a transformers BiT state dict, whose architecture lives in "
+            "config.json: pass the checkpoint directory holding both"
+        )
+    raise ValueError(
+        f"{path} is neither a timm ResNetV2-BiT nor a transformers BiT state dict "
+        f"(keys look like: {', '.join(sorted(keys)[:3])})"
+    )
 
 
 def _read_hf(source):
     directory = hf.checkpoint_dir(source)
     name = os.path.basename(os.path.abspath(source)) if os.path.exists(source) else source.rstrip("/").split("/")[-1]
     files = tuple(os.path.join(directory, f) for f in os.listdir(directory))
-    return Checkpoint("hf", name, directory, hf.read_config(directory), hf.read_tensors(directory), hf.TABLE, 0,
-                      hf.read_preprocessor(directory), files)
+    return Checkpoint(
+        "hf",
+        name,
+        directory,
+        hf.read_config(directory),
+        hf.read_tensors(directory),
+        hf.TABLE,
+        0,
+        hf.read_preprocessor(directory),
+        files,
+    )
 
 
 def read_checkpoint(source, format=None):
@@ -100,8 +119,9 @@ def read_checkpoint(source, format=None):
     source = os.fspath(source)
     format, tensors = _detect(source, format)
     if format == "keras":
-        raise ValueError(f"{source} is a .keras model, not a checkpoint: load it with "
-                         "keras.saving.load_model or tfbit.load_model")
+        raise ValueError(
+            f"{source} is a .keras model, not a checkpoint: load it with keras.saving.load_model or tfbit.load_model"
+        )
     if format == "timm":
         return timm.read(source, tensors)
     return _read_hf(source) if format == "hf" else npz.read(source)
@@ -118,8 +138,11 @@ def read_preset(name):
     preset = get_preset(name)
     checkpoint = read_checkpoint(fetch(preset), preset.format)
     expected = BitConfig(**preset.architecture)
-    wrong = [f"{field} {getattr(checkpoint.config, field)} (expected {getattr(expected, field)})"
-             for field in _PRESET_FIELDS if getattr(checkpoint.config, field) != getattr(expected, field)]
+    wrong = [
+        f"{field} {getattr(checkpoint.config, field)} (expected {getattr(expected, field)})"
+        for field in _PRESET_FIELDS
+        if getattr(checkpoint.config, field) != getattr(expected, field)
+    ]
     if wrong:
         raise CheckpointError(f"{checkpoint.path} is not preset {preset.name}: " + ", ".join(wrong))
     return dataclasses.replace(checkpoint, name=preset.name.rsplit("/", 1)[-1])

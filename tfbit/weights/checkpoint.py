@@ -13,9 +13,9 @@ import numpy as np
 
 TRANSFORMS = {
     None: lambda a: a,
-    "oihw_to_hwio": lambda a: np.transpose(a, (2, 3, 1, 0)),      # torch conv kernel
-    "linear": lambda a: np.transpose(a),                          # torch Linear (out, in)
-    "conv1x1_to_linear": lambda a: a.reshape(a.shape[-2:]),        # (1, 1, in, out) head
+    "oihw_to_hwio": lambda a: np.transpose(a, (2, 3, 1, 0)),  # torch conv kernel
+    "linear": lambda a: np.transpose(a),  # torch Linear (out, in)
+    "conv1x1_to_linear": lambda a: a.reshape(a.shape[-2:]),  # (1, 1, in, out) head
     "oi11_to_linear": lambda a: np.transpose(a.reshape(a.shape[:2])),  # (out, in, 1, 1) head
 }
 
@@ -41,8 +41,7 @@ def map_keys(keys, table, index_base=0):
         for pattern, template, transform in compiled:
             m = pattern.fullmatch(key)
             if m:
-                groups = {k: (int(v) + 1 - index_base if k in ("s", "u") else v)
-                          for k, v in m.groupdict().items()}
+                groups = {k: (int(v) + 1 - index_base if k in ("s", "u") else v) for k, v in m.groupdict().items()}
                 mapped[key] = (template.format(**groups), transform)
                 break
         else:
@@ -60,8 +59,10 @@ def assign_checkpoint(model, tensors, table, *, source, index_base=0, unused=lam
     mapped, unexpected = map_keys(tensors, table, index_base)
     if tensors and not mapped:
         example = ", ".join(sorted(tensors)[:3])
-        raise CheckpointError(f"{source} is not a BiT checkpoint: none of its {len(tensors)} keys "
-                              f"is a BiT weight (keys look like: {example})")
+        raise CheckpointError(
+            f"{source} is not a BiT checkpoint: none of its {len(tensors)} keys "
+            f"is a BiT weight (keys look like: {example})"
+        )
     problems, mismatched, bad_values, filled, values = [], [], [], set(), {}
     for key, (target, transform) in mapped.items():
         if target not in variables:
@@ -86,8 +87,12 @@ def assign_checkpoint(model, tensors, table, *, source, index_base=0, unused=lam
         filled.add(target)
         values[target] = array
     missing = sorted(set(variables) - filled)
-    for title, items in (("unexpected keys", unexpected), ("missing weights", missing),
-                         ("wrongly shaped keys", mismatched), ("bad values", bad_values)):
+    for title, items in (
+        ("unexpected keys", unexpected),
+        ("missing weights", missing),
+        ("wrongly shaped keys", mismatched),
+        ("bad values", bad_values),
+    ):
         if items:
             problems.append(_listing(title, items))
     if problems:
@@ -125,5 +130,6 @@ class Checkpoint:
 
     def load_into(self, model):
         """Copy the weights into `model` (any tfbit model class of a compatible config)."""
-        return assign_checkpoint(model, self.tensors, self.table, source=self.path,
-                                 index_base=self.index_base, unused=model.checkpoint_skips)
+        return assign_checkpoint(
+            model, self.tensors, self.table, source=self.path, index_base=self.index_base, unused=model.checkpoint_skips
+        )

@@ -13,6 +13,7 @@ def is_repo_id(text):
 def _offline():
     # A submodule: `import huggingface_hub` alone does not load it on every version.
     from huggingface_hub import constants
+
     return constants.HF_HUB_OFFLINE
 
 
@@ -21,6 +22,7 @@ def snapshot(repo_id):
     (safetensors preferred over the pickle-based pytorch_model.bin)."""
     import huggingface_hub
     from huggingface_hub.utils import HfHubHTTPError  # also where huggingface_hub 0.24 has it
+
     try:
         files = None if _offline() else set(huggingface_hub.list_repo_files(repo_id))
         patterns = ["*.json"]
@@ -30,19 +32,23 @@ def snapshot(repo_id):
             patterns.append("pytorch_model.bin")
         return huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns)
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise FileNotFoundError(f"{repo_id} is neither a local directory nor a reachable Hugging Face "
-                                f"hub repo ({type(e).__name__}: {e})") from None
+        raise FileNotFoundError(
+            f"{repo_id} is neither a local directory nor a reachable Hugging Face hub repo ({type(e).__name__}: {e})"
+        ) from None
 
 
 def download(repo_id, filenames):
     """Path of the first of `filenames` the repo has; FileNotFoundError listing each failure."""
     import huggingface_hub
     from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError
+
     errors = []
     for filename in filenames:
         try:
             return huggingface_hub.hf_hub_download(repo_id, filename)
         except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
             errors.append(f"{filename}: {type(e).__name__}: {e}")
-    raise FileNotFoundError(f"{repo_id}: none of {', '.join(filenames)} could be fetched from the "
-                            "Hugging Face hub:\n  " + "\n  ".join(errors))
+    raise FileNotFoundError(
+        f"{repo_id}: none of {', '.join(filenames)} could be fetched from the "
+        "Hugging Face hub:\n  " + "\n  ".join(errors)
+    )

@@ -28,9 +28,11 @@ def infer_config(tensors, table, index_base=0, source="checkpoint", labels=None,
     """
     mapped, _ = map_keys(tensors, table, index_base)
     if not mapped:
-        raise CheckpointError(f"{source} is not a BiT checkpoint of this format: none of its "
-                              f"{len(tensors)} keys is a BiT weight (keys look like: "
-                              f"{', '.join(sorted(tensors)[:3])})")
+        raise CheckpointError(
+            f"{source} is not a BiT checkpoint of this format: none of its "
+            f"{len(tensors)} keys is a BiT weight (keys look like: "
+            f"{', '.join(sorted(tensors)[:3])})"
+        )
     shapes, bad = {}, []
     for key, (target, transform) in mapped.items():
         try:
@@ -59,22 +61,31 @@ def infer_config(tensors, table, index_base=0, source="checkpoint", labels=None,
             units.setdefault(int(m[1]), {})[int(m[2])] = key
     stages = sorted(units)
     if not stages or stages != list(range(1, len(stages) + 1)):
-        raise CheckpointError(f"{source}: stages {stages} are not numbered contiguously from 1 "
-                              "(tfbit numbering): not a BiT ResNetV2")
+        raise CheckpointError(
+            f"{source}: stages {stages} are not numbered contiguously from 1 (tfbit numbering): not a BiT ResNetV2"
+        )
     for s in stages:
         if sorted(units[s]) != list(range(1, len(units[s]) + 1)):
             keys = ", ".join(units[s][u] for u in sorted(units[s]))
-            raise CheckpointError(f"{source}: the units of stage {s} are {sorted(units[s])} (tfbit "
-                                  f"numbering), not contiguous: a unit is missing (keys: {keys})")
-    hidden_sizes = [shape_of(f"stage{s}_unit1_conv3/kernel", 4, f"last conv of stage {s} unit 1")[-1]
-                    for s in stages]
+            raise CheckpointError(
+                f"{source}: the units of stage {s} are {sorted(units[s])} (tfbit "
+                f"numbering), not contiguous: a unit is missing (keys: {keys})"
+            )
+    hidden_sizes = [shape_of(f"stage{s}_unit1_conv3/kernel", 4, f"last conv of stage {s} unit 1")[-1] for s in stages]
     num_labels = shape_of("classifier/kernel", 2, "classifier kernel")[-1] if "classifier/kernel" in shapes else 0
     known = labels is not None and len(labels) == num_labels > 0
     try:
-        return BitConfig(num_channels=num_channels, embedding_size=stem, hidden_sizes=hidden_sizes,
-                         depths=[len(units[s]) for s in stages], layer_type="preactivation",
-                         global_padding=None, num_groups=32,
-                         num_labels=None if known else num_labels,
-                         id2label=dict(enumerate(labels)) if known else None, **fields)
+        return BitConfig(
+            num_channels=num_channels,
+            embedding_size=stem,
+            hidden_sizes=hidden_sizes,
+            depths=[len(units[s]) for s in stages],
+            layer_type="preactivation",
+            global_padding=None,
+            num_groups=32,
+            num_labels=None if known else num_labels,
+            id2label=dict(enumerate(labels)) if known else None,
+            **fields,
+        )
     except ValueError as e:
         raise CheckpointError(f"{source}: the inferred architecture is not a valid BiT: {e}") from None

@@ -3,8 +3,7 @@
 import importlib.util
 from pathlib import Path
 
-CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                  "truck")
+CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def known_labels(num_labels, name=""):
@@ -18,6 +17,7 @@ def known_labels(num_labels, name=""):
     if spec is None:
         return None
     info = Path(spec.submodule_search_locations[0], "data", "_info")
-    lemmas = dict(line.split("\t", 1) for line in
-                  (info / "imagenet_synset_to_lemma.txt").read_text("utf-8").splitlines())
+    lemmas = dict(
+        line.split("\t", 1) for line in (info / "imagenet_synset_to_lemma.txt").read_text("utf-8").splitlines()
+    )
     return [lemmas.get(s, s) for s in (info / synsets).read_text("utf-8").splitlines()]

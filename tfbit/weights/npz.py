@@ -24,10 +24,15 @@ _UNIT = _ROOT + r"block(?P<s>\d+)/unit(?P<u>\d+)/"
 TABLE = [  # kernels already HWIO; index_base 1 (unit01 -> 1)
     (_ROOT + r"root_block/standardized_conv2d/kernel", "stem_conv/kernel", None),
     (_UNIT + r"a/proj/standardized_conv2d/kernel", _T + "downsample_conv/kernel", None),
-    *[row for sub, i in zip("abc", "123") for row in (
-        (_UNIT + sub + r"/standardized_conv2d/kernel", _T + f"conv{i}/kernel", None),
-        (_UNIT + sub + r"/group_norm/gamma", _T + f"norm{i}/gamma", None),
-        (_UNIT + sub + r"/group_norm/beta", _T + f"norm{i}/beta", None))],
+    *[
+        row
+        for sub, i in zip("abc", "123")
+        for row in (
+            (_UNIT + sub + r"/standardized_conv2d/kernel", _T + f"conv{i}/kernel", None),
+            (_UNIT + sub + r"/group_norm/gamma", _T + f"norm{i}/gamma", None),
+            (_UNIT + sub + r"/group_norm/beta", _T + f"norm{i}/beta", None),
+        )
+    ],
     (_ROOT + r"group_norm/gamma", "norm/gamma", None),
     (_ROOT + r"group_norm/beta", "norm/beta", None),
     (_ROOT + r"head/conv2d/kernel", "classifier/kernel", "conv1x1_to_linear"),
@@ -43,8 +48,13 @@ def scope(tensors):
 def original_preprocessor(crop_size=224):
     """The original evaluation preprocessing as a `BitImageProcessor`: the whole image resized
     to `crop_size` squared (bilinear, no center crop), pixels scaled to [-1, 1]."""
-    return BitImageProcessor(size={"height": crop_size, "width": crop_size}, do_center_crop=False,
-                             resample=2, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    return BitImageProcessor(
+        size={"height": crop_size, "width": crop_size},
+        do_center_crop=False,
+        resample=2,
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+    )
 
 
 def read(path):
@@ -55,5 +65,4 @@ def read(path):
     name = default_name(path)
     labels = known_labels(np.size(tensors.get(scope(tensors) + "head/conv2d/bias", ())), name)
     config = infer_config(tensors, TABLE, 1, path, labels, ws_eps=WS_EPS)
-    return Checkpoint("npz", name, path, config, tensors, TABLE, 1,
-                      original_preprocessor().to_dict(), (path,))
+    return Checkpoint("npz", name, path, config, tensors, TABLE, 1, original_preprocessor().to_dict(), (path,))

@@ -8,13 +8,23 @@ import struct
 import numpy as np
 
 # safetensors dtype -> numpy; BF16 has no numpy type and is widened to float32 exactly.
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
-                       "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 def read_safetensors(path):
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
+
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
@@ -50,6 +60,7 @@ def _read_safetensors_widening_bf16(path):
 def safetensors_keys(path):
     """Keys of a safetensors file from its header alone."""
     from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(path, framework="numpy") as f:
             return list(f.keys())
@@ -62,8 +73,9 @@ def read_torch_bin(path):
     try:
         import torch
     except ImportError:
-        raise ImportError(f"{path} is a PyTorch pickle: install torch to read it, "
-                          "or convert the checkpoint to model.safetensors") from None
+        raise ImportError(
+            f"{path} is a PyTorch pickle: install torch to read it, or convert the checkpoint to model.safetensors"
+        ) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe pickles
@@ -72,8 +84,10 @@ def read_torch_bin(path):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise ValueError(f"{path} is not a flat state dict: {', '.join(map(str, not_tensors[:5]))} "
-                         "are not tensors (a training checkpoint? save its model state_dict instead)")
+        raise ValueError(
+            f"{path} is not a flat state dict: {', '.join(map(str, not_tensors[:5]))} "
+            "are not tensors (a training checkpoint? save its model state_dict instead)"
+        )
     return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
 
 

@@ -32,8 +32,9 @@ TABLE = [  # index_base 0
 # timm's StdConv2d eps for its BiT models (timm/models/resnetv2.py).
 WS_EPS = 1e-8
 # timm's _cfg() for its BiT models: Inception mean/std (i.e. [-1, 1]), 224 crop of a 256 resize.
-DEFAULTS = dict(input_size=(3, 224, 224), crop_pct=0.875, interpolation="bilinear",
-                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+DEFAULTS = dict(
+    input_size=(3, 224, 224), crop_pct=0.875, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+)
 _RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL ids, the torchvision backend's two filters
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 GENERIC_STEMS = {"model", "pytorch_model", "weights", "checkpoint"}
@@ -46,8 +47,7 @@ def is_hub_name(text):
 def _files(source):
     """(weight file, timm config.json dict, name from the hub or None)."""
     if os.path.isdir(source):
-        weights = next((os.path.join(source, f) for f in WEIGHT_FILES
-                        if os.path.isfile(os.path.join(source, f))), None)
+        weights = next((os.path.join(source, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(source, f))), None)
         if weights is None:
             raise FileNotFoundError(f"no {' or '.join(WEIGHT_FILES)} in {source}")
         return weights, _config(os.path.join(source, "config.json")), None
@@ -70,8 +70,10 @@ def _config(path):
         return {}
     arch = config["architecture"]
     if not arch.split(".")[0].endswith("_bit"):
-        raise ValueError(f"{path}: timm architecture {arch!r} is not a BiT ResNetV2 (resnetv2_*_bit); "
-                         "other timm ResNetV2 variants differ in stem, convolution or norm")
+        raise ValueError(
+            f"{path}: timm architecture {arch!r} is not a BiT ResNetV2 (resnetv2_*_bit); "
+            "other timm ResNetV2 variants differ in stem, convolution or norm"
+        )
     return config
 
 
@@ -89,11 +91,18 @@ def preprocessor(pretrained_cfg=None):
     cfg = {**DEFAULTS, **{k: v for k, v in (pretrained_cfg or {}).items() if v is not None}}
     _, h, w = cfg["input_size"]
     crop_pct = cfg["crop_pct"]
-    size = {"shortest_edge": math.floor(h / crop_pct)} if h == w else \
-        {"height": math.floor(h / crop_pct), "width": math.floor(w / crop_pct)}
-    return BitImageProcessor(size=size, crop_size={"height": h, "width": w},
-                             resample=_RESAMPLE.get(cfg["interpolation"], 2),
-                             image_mean=cfg["mean"], image_std=cfg["std"]).to_dict()
+    size = (
+        {"shortest_edge": math.floor(h / crop_pct)}
+        if h == w
+        else {"height": math.floor(h / crop_pct), "width": math.floor(w / crop_pct)}
+    )
+    return BitImageProcessor(
+        size=size,
+        crop_size={"height": h, "width": w},
+        resample=_RESAMPLE.get(cfg["interpolation"], 2),
+        image_mean=cfg["mean"],
+        image_std=cfg["std"],
+    ).to_dict()
 
 
 def default_name(path):
@@ -115,5 +124,6 @@ def read(source, tensors=None):
     labels = _labels(timm_config) or known_labels(np.size(tensors.get("head.fc.bias", ())), name)
     config = infer_config(tensors, TABLE, 0, weights, labels, ws_eps=WS_EPS)
     files = (weights,) + ((os.path.join(os.path.dirname(weights), "config.json"),) if timm_config else ())
-    return Checkpoint("timm", name, weights, config, tensors, TABLE, 0,
-                      preprocessor(timm_config.get("pretrained_cfg")), files)
+    return Checkpoint(
+        "timm", name, weights, config, tensors, TABLE, 0, preprocessor(timm_config.get("pretrained_cfg")), files
+    )

@@ -59,15 +59,16 @@ def checkpoint_keys(names, table, index_base=0, digits=None):
     Raises CheckpointError naming the weights the table cannot write, or a key that the table
     would not read back as the same weight.
     """
-    rows = [(_target_pattern(target), _source_template(source), transform)
-            for source, target, transform in table]
+    rows = [(_target_pattern(target), _source_template(source), transform) for source, target, transform in table]
     keys, unmapped = {}, []
     for name in names:
         for pattern, template, transform in rows:
             m = pattern.fullmatch(name)
             if m:
-                fields = {k: (f"{int(v) - 1 + index_base:0{(digits or {}).get(k, 1)}d}" if k in _NUMBERED else v)
-                          for k, v in m.groupdict().items()}
+                fields = {
+                    k: (f"{int(v) - 1 + index_base:0{(digits or {}).get(k, 1)}d}" if k in _NUMBERED else v)
+                    for k, v in m.groupdict().items()
+                }
                 keys[name] = (template.format(**fields), transform)
                 break
         else:
@@ -75,8 +76,11 @@ def checkpoint_keys(names, table, index_base=0, digits=None):
     if unmapped:
         raise CheckpointError(f"no checkpoint key for tfbit weights: {', '.join(unmapped)}")
     mapped, _ = map_keys([key for key, _ in keys.values()], table, index_base)
-    wrong = [f"{name} -> {key} -> {mapped.get(key, (None,))[0]}" for name, (key, _) in keys.items()
-             if mapped.get(key, (None,))[0] != name]
+    wrong = [
+        f"{name} -> {key} -> {mapped.get(key, (None,))[0]}"
+        for name, (key, _) in keys.items()
+        if mapped.get(key, (None,))[0] != name
+    ]
     if wrong:
         raise CheckpointError(f"the table does not read its own keys back: {'; '.join(wrong)}")
     return keys
@@ -103,7 +107,9 @@ def _kernel_for_eps(layer, kernel, eps):
 def _state_dict(model, table, index_base, eps, digits=None):
     """{checkpoint key: float32 array} of `model` through `table`, kernels for `eps`."""
     import keras
+
     from tfbit.layers import WSConv2D
+
     arrays = {}
     for layer in model.layers:
         for variable in layer.weights:
@@ -111,8 +117,10 @@ def _state_dict(model, table, index_base, eps, digits=None):
             if isinstance(layer, WSConv2D):
                 value = _kernel_for_eps(layer, value, eps)
             arrays[variable.path] = value.astype(np.float32)
-    return {key: np.ascontiguousarray(INVERSE_TRANSFORMS[transform](arrays[name]))
-            for name, (key, transform) in checkpoint_keys(arrays, table, index_base, digits).items()}
+    return {
+        key: np.ascontiguousarray(INVERSE_TRANSFORMS[transform](arrays[name]))
+        for name, (key, transform) in checkpoint_keys(arrays, table, index_base, digits).items()
+    }
 
 
 def transformers_class(model):
@@ -128,8 +136,10 @@ def transformers_state_dict(model):
     """{transformers key: array} of `model`, named as its transformers class names its weights
     (base-model weights under "bit." except in `BitModel`)."""
     prefix = "" if transformers_class(model) == "BitModel" else "bit."
-    return {(key if key.startswith("classifier.") else prefix + key): value
-            for key, value in _state_dict(model, hf.TABLE, 0, HF_WS_EPS).items()}
+    return {
+        (key if key.startswith("classifier.") else prefix + key): value
+        for key, value in _state_dict(model, hf.TABLE, 0, HF_WS_EPS).items()
+    }
 
 
 def transformers_config(model):
@@ -137,8 +147,12 @@ def transformers_config(model):
     final norm and head from the unscaled widths, so width_factor is folded into hidden_sizes)
     and the eps its weights are written for."""
     config = model.config.to_dict()
-    config.update(hidden_sizes=list(model.config.stage_channels), width_factor=1, ws_eps=HF_WS_EPS,
-                  architectures=[transformers_class(model)])
+    config.update(
+        hidden_sizes=list(model.config.stage_channels),
+        width_factor=1,
+        ws_eps=HF_WS_EPS,
+        architectures=[transformers_class(model)],
+    )
     return config
 
 
@@ -163,12 +177,18 @@ def save_transformers(model, directory, preprocessor=None):
             preprocessor_config.json file (or its folder) to write beside the weights.
     """
     import json
+
     from safetensors.numpy import save_file
+
     from tfbit.image_processor import BitImageProcessor
+
     directory = os.path.abspath(os.fspath(directory))
     if preprocessor is not None and not isinstance(preprocessor, BitImageProcessor):
-        preprocessor = BitImageProcessor.from_dict(preprocessor) if isinstance(preprocessor, dict) \
+        preprocessor = (
+            BitImageProcessor.from_dict(preprocessor)
+            if isinstance(preprocessor, dict)
             else BitImageProcessor.from_pretrained(preprocessor)
+        )
     state_dict = transformers_state_dict(model)
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
@@ -198,8 +218,9 @@ def save_original_npz(model, path):
     loader read it. Written beside `path` and renamed into place once read back."""
     path = os.path.abspath(os.fspath(path))
     arrays = _state_dict(model, npz.TABLE, 1, npz.WS_EPS, digits={"u": 2})
-    handle, partial = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", suffix=".npz",
-                                       dir=os.path.dirname(path))
+    handle, partial = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.partial-", suffix=".npz", dir=os.path.dirname(path)
+    )
     try:
         with os.fdopen(handle, "wb") as f:
             np.savez(f, **arrays)
