@@ -284,6 +284,30 @@ def previous_groupnorm_call(self, inputs):
     return self.activation(inputs * scale + offset)
 
 
+def whole_plane_groupnorm_call(self, inputs):
+    """`GroupNormActivation.call` from 2026-11-28 to 2026-12-06: per-channel moments over all H*W
+    pixels at once (one float32 sum of 3136 values at R50x1's stage 1), which lost accuracy
+    against float64, in TFLite most. Replaced by sums over rows, then columns (layers.py)."""
+    from keras import ops
+
+    channels = self.gamma.shape[0]
+    per_group = channels // self.groups
+    h, w = inputs.shape[1:3]
+    x = ops.reshape(ops.cast(inputs, "float32"), (-1, h * w, channels))
+    channel_mean = ops.mean(x, axis=1, keepdims=True)
+    channel_var = ops.mean((x - channel_mean) * (x - channel_mean), axis=1)
+    channel_mean = ops.reshape(channel_mean, (-1, self.groups, per_group))
+    mean = ops.mean(channel_mean, axis=-1, keepdims=True)
+    var = ops.mean(ops.reshape(channel_var, (-1, self.groups, per_group)), axis=-1, keepdims=True) + ops.mean(
+        (channel_mean - mean) * (channel_mean - mean), axis=-1, keepdims=True
+    )
+    scale = ops.reshape(self.gamma, (self.groups, per_group)) * ops.rsqrt(var + self.epsilon)
+    offset = ops.reshape(self.beta, (self.groups, per_group)) - mean * scale
+    return self.activation(
+        inputs * ops.reshape(scale, (-1, 1, 1, channels)) + ops.reshape(offset, (-1, 1, 1, channels))
+    )
+
+
 def use_previous_groupnorm():
     import tfbit
 

@@ -327,6 +327,9 @@ def build_parser():
     parser.add_argument(
         "--num-shards", type=cli.positive_int, default=0, help="files per output (default: Beam's choice)"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="remove the files of an earlier run with the same --output first"
+    )
     cli.add_verbose(parser)
     return parser
 
@@ -374,6 +377,31 @@ def summary(result, seconds):
     return predicted, skipped, line
 
 
+def earlier_shards(prefix):
+    """The files an earlier run wrote with this output prefix (records of any format, errors)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    patterns = [f"{prefix}-?????-of-?????.{f}" for f in FORMATS] + [f"{prefix}-{ERRORS}-?????-of-?????.jsonl"]
+    return sorted(m.path for result in FileSystems.match(patterns) for m in result.metadata_list)
+
+
+def claim_prefix(prefix, overwrite):
+    """A run owns its output prefix: shards of an earlier run (another --num-shards or --format
+    would leave them beside the new ones, and `neighbours` would read both) are refused, or
+    removed first with --overwrite."""
+    from apache_beam.io.filesystems import FileSystems
+
+    found = earlier_shards(prefix)
+    if found and not overwrite:
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise ValueError(
+            f"--output {prefix}: an earlier run's files are there ({found[0]}{more}): pass --overwrite to "
+            "remove them first, or choose another prefix"
+        )
+    if found:
+        FileSystems.delete(found)
+
+
 def _pipeline(args, beam_args):
     """The whole pipeline, built after every check that can fail (the cheap ones before TensorFlow
     is imported); FileNotFoundError/ValueError naming the problem."""
@@ -385,6 +413,7 @@ def _pipeline(args, beam_args):
         check_tfrecord_writer()
     saved_model, root = saved_model_of(args.artifact)
     check_globs(args.globs)
+    claim_prefix(args.output, args.overwrite)
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 

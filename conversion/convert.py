@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -497,7 +498,7 @@ def _report(loaded, request, real, image_size, version, rows, published, failed,
 
 
 def _export_verify_publish(loaded, request, image_size, calibration, real, pixel_values, started, log):
-    from conversion import export, publish, runners, verify
+    from conversion import export, processes, publish, runners, verify
 
     output = request.output
     version = publish.next_serving_version(output)
@@ -509,6 +510,7 @@ def _export_verify_publish(loaded, request, image_size, calibration, real, pixel
         log(f"[2/5] exporting into {staging}")
         inference = export.float32_inference_model(loaded.pixel_model)
         artifacts = export_artifacts(loaded, request, inference, staging, version, image_size, calibration, log)
+        processes.raise_if_received()  # a signal whose exception the export swallowed
         export_seconds = time.perf_counter() - started
         log(f"[3/5] verifying {len(artifacts)} artifacts on {real.description}")
         reference, reference_kind = reference_outputs(loaded, pixel_values, log)
@@ -698,6 +700,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted: nothing was published", file=sys.stderr)
         return 130
+    except SystemExit:
+        if processes.received:  # SIGTERM or SIGHUP (tfbit.processes.termination_as_exit)
+            print(f"terminated by {signal.Signals(processes.received[0]).name}: nothing was published", file=sys.stderr)
+        raise
     except Exception:
         traceback.print_exc()
         print(

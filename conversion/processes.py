@@ -12,8 +12,8 @@ import threading
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Signals that end a process by default and that a conversion should clean up after.
-# SIGINT needs nothing: Python already raises KeyboardInterrupt for it.
 TERMINATION_SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s))
+received = []  # the signals `termination_as_exit` turned into exceptions, in order
 
 
 def _find_prctl():
@@ -60,7 +60,23 @@ def die_with_parent(parent_pid=None):
 
 
 def _exit_on_signal(signum, frame):
-    raise SystemExit(128 + signum)  # the shell's status for "killed by signum"
+    received.append(signum)
+    raise _exception(signum)
+
+
+def _exception(signum):
+    if signum == signal.SIGINT:
+        return KeyboardInterrupt()
+    return SystemExit(128 + signum)  # the shell's status for "killed by signum"
+
+
+def raise_if_received():
+    """Raise again for a signal already received. The exception a handler raises is lost when
+    the signal lands in code that swallows exceptions -- a garbage-collector callback or a
+    `__del__` ("Exception ignored in ...", seen with TensorFlow's during TFLite conversion):
+    call this before any step that must not run after a termination request (publishing)."""
+    if received:
+        raise _exception(received[0])
 
 
 def _in_main_thread():
@@ -71,16 +87,18 @@ def _in_main_thread():
 @contextlib.contextmanager
 def termination_as_exit():
     """Inside the block SIGTERM/SIGHUP raise SystemExit(128 + signum) instead of killing the
-    process outright, so cleanup code runs. A handler the application installed itself (or an
-    ignored signal) is left alone; the previous handlers come back on exit.
+    process outright, so cleanup code runs, and SIGINT raises KeyboardInterrupt as usual; each
+    is also recorded (`received`, `raise_if_received`), since the exception can be swallowed.
+    A handler the application installed itself (or an ignored signal) is left alone; the
+    previous handlers come back on exit.
 
     A signal is handled when the main thread next runs Python code: during a long C call
     (a TFLite conversion) it waits for that call to return.
     """
     previous = {}
     if _in_main_thread():
-        for signum in TERMINATION_SIGNALS:
-            if signal.getsignal(signum) == signal.SIG_DFL:
+        for signum in (*TERMINATION_SIGNALS, signal.SIGINT):
+            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
                 previous[signum] = signal.signal(signum, _exit_on_signal)
     try:
         yield

@@ -360,6 +360,7 @@ def publish(staging, output, written, *, source_paths=(), overwrite=False):
     All checks run before anything moves. Each artifact moves with one os.replace (a folder that
     is replaced is moved aside first and deleted after); report.json moves last.
     """
+    processes.raise_if_received()  # a termination request that an ignored exception lost
     output = _locked(output)
     written = _normalized(written)
     missing = [rel for rel in written if not os.path.lexists(os.path.join(staging, rel))]

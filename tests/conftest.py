@@ -46,6 +46,30 @@ def perturb_(module, seed=0):
     return module.eval()
 
 
+# Modules that run for minutes (fresh installs, full-size R50x1, multi-process training) start
+# first, so that with several workers (make test: pytest-xdist) none of them is left for last.
+SLOW_FIRST = (
+    "test_plain_install",
+    "test_readme",
+    "test_realistic_r50",
+    "test_multi_worker",
+    "test_user_model",
+    "test_finetune",
+    "test_finetune_cli",
+    "test_backbone_export",
+    "test_batch_predict",
+    "test_convert",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        module = item.module.__name__ if item.module else ""
+        return SLOW_FIRST.index(module) if module in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a module is kept
+
+
 def _missing_dependency_fails(report):
     """`pytest.importorskip` of a test dependency (torch, timm, Beam, ...) fails the run instead
     of skipping it silently: `make test` installs every one, so a skip means a broken install.

@@ -437,3 +437,26 @@ def test_help_imports_no_tensorflow(module):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--verbose" in done.stdout
     assert not {"tensorflow", "keras", "apache_beam"} & imported_modules(done.stderr)
+
+
+def test_a_run_owns_its_output_prefix(exports, images, tmp_path):
+    """A rerun into the same prefix with another --num-shards is refused (its shards would sit
+    beside the old ones and neighbours would read both); --overwrite removes the old ones."""
+    prefix = tmp_path / "feats"
+    args = ("conversion.batch_predict", exports["features"], f"{images}/good/*", "--task", "features")
+    assert cli(*args, "--output", prefix, "--num-shards", "3").returncode == 0
+    old = sorted(p.name for p in tmp_path.iterdir())
+    done = cli(*args, "--output", prefix, "--num-shards", "2")
+    assert done.returncode == 2
+    assert f"--output {prefix}: an earlier run's files are there ({prefix}-00000-of-00003.jsonl" in error_line(done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == old
+    done = cli(*args, "--output", prefix, "--num-shards", "2", "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "feats-00000-of-00002.jsonl",
+        "feats-00001-of-00002.jsonl",
+        "feats-errors-00000-of-00002.jsonl",
+        "feats-errors-00001-of-00002.jsonl",
+    ]
+    done = cli("conversion.neighbours", prefix, "--json", "--k", "1")
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == len(GOOD) + 1  # each image once

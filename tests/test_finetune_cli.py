@@ -92,6 +92,34 @@ def test_a_single_class_is_refused(tmp_path, source):
     _assert_refused(process, "1 class ['all']", "at least 2 classes")
 
 
+def test_overwrite_trains_again_and_replaces_the_completed_run(tmp_path, source, digits_folder):
+    command = [
+        source,
+        "--data",
+        digits_folder,
+        "--output",
+        tmp_path / "run",
+        "--steps",
+        "2",
+        "--epochs",
+        "1",
+        *SMALL_RUN,
+    ]
+    assert _cli(*command).returncode == 0
+    first = (tmp_path / "run" / "metrics.json").read_text()
+    done = _cli(*command, "--overwrite", "--base-lr", "0.5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    second = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert second["plan"]["base_lr"] == 0.5 and json.loads(first)["plan"]["base_lr"] != 0.5
+    assert sorted(os.listdir(tmp_path / "run")) == [
+        "best.keras",
+        "config.json",
+        "metrics.json",
+        "preprocessor_config.json",
+        "training_curve.png",
+    ]
+
+
 @pytest.mark.parametrize("flag", ["--epochs", "--steps", "--batch-size"])
 def test_counts_must_be_positive(tmp_path, source, digits_folder, flag):
     process = _cli(source, "--data", digits_folder, "--output", tmp_path / "run", flag, "0")
@@ -101,13 +129,17 @@ def test_counts_must_be_positive(tmp_path, source, digits_folder, flag):
 
 def test_killed_run_resumes_to_exactly_the_planned_steps(tmp_path, source, digits_folder):
     """Killed once the first epoch's backup exists, the same command finishes the plan: 60 steps,
-    not 60 plus the steps already made."""
+    not 60 plus the steps already made; metrics.json covers every epoch and step of the whole
+    run, and best.keras is the best of the whole run (its validation accuracy is the history's
+    highest), whichever part of the run reached it."""
     command = [
         sys.executable,
         "-m",
         "tfbit.finetune",
         source,
         "--data",
+        str(digits_folder),
+        "--validation",
         str(digits_folder),
         "--output",
         str(tmp_path / "run"),
@@ -138,4 +170,17 @@ def test_killed_run_resumes_to_exactly_the_planned_steps(tmp_path, source, digit
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["resumed_from_step"] >= 10
     assert metrics["final_step"] == metrics["plan"]["total_steps"] == 60
-    assert not (tmp_path / "run" / "backup").exists()
+    assert not (tmp_path / "run" / "backup").exists() and not (tmp_path / "run" / "run").exists()
+    history = metrics["history"]
+    assert len(history["loss"]) == len(history["val_accuracy"]) == 6  # every epoch, before the kill too
+    assert metrics["steps"]["step"] == list(range(1, 61))
+    assert metrics["validation"]["accuracy"] == pytest.approx(max(history["val_accuracy"]), abs=1e-6)
+
+    # the completed run is not silently trained again
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    _assert_refused(
+        again,
+        f"{tmp_path / 'run'} holds a completed fine-tune (metrics.json, best.keras): pass "
+        "overwrite=True (--overwrite) to train again",
+    )
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics

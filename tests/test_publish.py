@@ -365,3 +365,34 @@ def test_overwrite_never_replaces_a_users_folder_with_a_file(output):
         with pytest.raises(publish.OutputError, match=message):
             publish.publish(staging, output, written, overwrite=True)
     assert _tree(output) == {"report.json/notes.txt": "mine", "config.json": "old"}
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, None)])
+def test_a_signal_whose_exception_is_swallowed_still_stops_publishing(signum, code, tmp_path):
+    """The handler's exception raised inside a `__del__` (or a gc callback, as TensorFlow's
+    during a TFLite conversion) is printed as "Exception ignored" and lost: publish raises it
+    again instead of moving the new files in."""
+    script = f"""
+import gc, os, signal, sys, time
+from conversion import processes, publish
+output = sys.argv[1]
+class Swallows:
+    def __del__(self):
+        os.kill(os.getpid(), {int(signum)})
+        time.sleep(0.5)  # the handler runs here, and its exception is ignored
+with processes.termination_as_exit():
+    with publish.OutputLock(output), publish.staging_dir(output) as staging:
+        open(os.path.join(staging, "config.json"), "w").close()
+        Swallows(); gc.collect()
+        print("went on", flush=True)
+        publish.publish(staging, output, ["config.json"])
+        print("published", flush=True)
+"""
+    output = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(output)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert "Exception ignored" in done.stderr  # the first exception was indeed lost
+    assert done.stdout.splitlines() == ["went on"]
+    assert done.returncode == (code or -signal.SIGINT)  # Python ends an uncaught KeyboardInterrupt by SIGINT
+    assert not output.exists() and os.listdir(tmp_path) == []  # no staging folder, no lock file left

@@ -1,4 +1,4 @@
-"""The README's offline Python examples run as written."""
+"""The README's and docs/' offline examples run as written."""
 
 import pathlib
 import re
@@ -18,15 +18,12 @@ def test_models_example_runs_and_its_comments_hold():
     assert list(maps) == ["stage2", "stage4"] and namespace["backbone"].channels == [512, 2048]
 
 
-def _blocks_after(heading, language):
-    text = README.read_text()
-    section = text[text.index(heading) :]
-    section = section[: section.index("\n## ", 1)]
-    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
+def _blocks(page, language):
+    return re.findall(rf"```{language}\n(.*?)```", (README.parent / page).read_text(), re.S)
 
 
 def test_your_own_keras_model_recipe_runs_as_typed(tmp_path, hf_checkpoint):
-    """The "Your own Keras model" section in fresh processes, offline, on a full-size R50x1 in
+    """docs/own-model.md in fresh processes, offline, on a full-size R50x1 in
     a local hub cache (google/bit-50's real layout, random weights) and real photos."""
     import json
     import os
@@ -76,10 +73,7 @@ def test_your_own_keras_model_recipe_runs_as_typed(tmp_path, hf_checkpoint):
         assert done.returncode in codes, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 
-    python, bash = (
-        _blocks_after("## Your own Keras model", "python")[0],
-        _blocks_after("## Your own Keras model", "bash")[0],
-    )
+    python, bash = _blocks("docs/own-model.md", "python")[0], _blocks("docs/own-model.md", "bash")[0]
     counts = "\nprint('COUNTS', len(model.trainable_weights), len(base.trainable_weights))\n"
     trained = python.replace("model.fit(train, epochs=2)\n", "model.fit(train, epochs=2)\n" + counts)
     out = run(["-c", trained + counts])
@@ -107,3 +101,13 @@ def test_your_own_keras_model_recipe_runs_as_typed(tmp_path, hf_checkpoint):
     served, own = run(commands[1][1:]), run(commands[2][1:])
     assert served.splitlines()[0] == own.splitlines()[0] == "photos/cat/1.jpg"
     assert served.split()[2] == own.split()[2]  # the same top label
+
+
+def test_readme_is_a_front_door_and_every_link_resolves():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250
+    pages = sorted((README.parent / "docs").glob("*.md"))
+    assert {p.name for p in pages} <= set(re.findall(r"\(docs/([\w-]+\.md)\)", text))  # every page linked
+    for page in [README, *pages]:
+        for link in re.findall(r"\]\(([\w./-]+\.md)\)", page.read_text()):
+            assert (page.parent / link).exists(), f"{page.name} links to {link}, which does not exist"

@@ -437,3 +437,18 @@ keras.Model(inputs, Scale()(features)).save(sys.argv[1])
         "process does not know: convert it from Python after importing the module that defines it "
         "(conversion.convert.convert('custom.keras', ...))"
     ), first
+
+
+def test_batch_predict_runs_on_the_users_export(recipe, tmp_path):
+    root, _ = recipe
+    done = _run(
+        ["-m", "conversion.batch_predict", "export", *PHOTOS[:3], "--output", str(tmp_path / "preds")], cwd=root
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [
+        json.loads(line)
+        for path in sorted(tmp_path.glob("preds-*-of-*.jsonl"))
+        if "errors" not in path.name
+        for line in path.read_text().splitlines()
+    ]
+    assert len(records) == 3 and all(set(r["labels"]) <= set(LABELS) for r in records)

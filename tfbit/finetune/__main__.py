@@ -49,7 +49,7 @@ def main(argv=None):
         choices=("hyperrule", "short"),
         default="hyperrule",
         help="short: for runs of a few hundred steps or fewer (peak lr 0.01 at any batch size, "
-        "10%% warm-up, one decay at 80%%, small images at their own size; README 'Short runs')",
+        "10%% warm-up, one decay at 80%%, small images at their own size; docs/finetuning.md 'Short runs')",
     )
     parser.add_argument("--base-lr", type=float, help="override the base learning rate (at batch 512)")
     parser.add_argument("--crop-size", type=int, help="override the training resolution")
@@ -66,7 +66,7 @@ def main(argv=None):
         default="none",
         help="mirrored: tf.distribute.MirroredStrategy over all local devices; multi_worker: "
         "MultiWorkerMirroredStrategy over the cluster in TF_CONFIG, the same command on "
-        "every worker (README 'Scaling out')",
+        "every worker (docs/scaling.md)",
     )
     parser.add_argument(
         "--export",
@@ -82,6 +82,11 @@ def main(argv=None):
     )
     parser.add_argument(
         "--threads", type=runtime.positive_int, help="CPU threads (default: every available core; see tfbit/runtime.py)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train again into an OUTPUT holding a completed run (replaced when the new run completes)",
     )
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's C++ log lines")
     args = parser.parse_args(argv)
@@ -116,6 +121,7 @@ def main(argv=None):
             mixed_precision=args.mixed_precision,
             random_flip=not args.no_flip,
             schedule=args.schedule,
+            overwrite=args.overwrite,
         )
     except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)

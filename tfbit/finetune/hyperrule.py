@@ -37,7 +37,7 @@ REFERENCE_BATCH_SIZE = 512
 _SMALL_AREA = 96 * 96
 # Below this fraction of the full HyperRule schedule's learning (`total_learning`) a run is
 # warned about: on the digits, 0.4% (batch 32, 30 steps) left the model at 12% accuracy where
-# the short-run schedule (48%) reached 98% (README, "Short runs").
+# the short-run schedule (48%) reached 98% (docs/finetuning.md, "Short runs").
 MIN_LEARNING_FRACTION = 0.1
 # The short-run schedule (`short_run_plan`): what the measurements found for runs of 30-300 steps.
 SHORT_RUN_LEARNING_RATE = 0.01
@@ -250,7 +250,7 @@ def short_run_plan(
     **overrides,
 ) -> HyperRulePlan:
     """The short-run schedule: what a practitioner picks for a run of a few hundred steps or fewer,
-    where the HyperRule schedule scaled down (`scaled_to`) barely trains (measured in the README).
+    where the HyperRule schedule scaled down (`scaled_to`) barely trains (measured in docs/finetuning.md).
 
     Against `hyperrule_plan(...).scaled_to(total_steps)` it changes three things:
     - the peak learning rate is 0.01 at any batch size (HyperRule: 0.003 x batch / 512, 1.9e-4

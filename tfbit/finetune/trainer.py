@@ -2,9 +2,12 @@
 
 Writes into `output_dir`: `best.keras` (best checkpoint), `metrics.json`, `training_curve.png`
 (loss and learning rate per step, accuracy per epoch), `config.json` +
-`preprocessor_config.json` (so the result converts like any checkpoint), and `backup/` while
-training (removed when training completes; rerunning the same command after a crash resumes
-from it). Under a multi-worker strategy only the chief writes these (`workers`).
+`preprocessor_config.json` (so the result converts like any checkpoint). While training,
+`backup/` (Keras' BackupAndRestore) and `run/` (the run's journal and its best model so far)
+hold everything a rerun of the same command needs to resume: the metrics and the best model
+cover the whole run, however often it was interrupted. They are moved into place, replacing a
+previous run's only then, and removed. Under a multi-worker strategy only the chief writes
+these (`workers`).
 """
 
 import contextlib
@@ -53,6 +56,66 @@ class _StopOnNonFiniteLoss(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+RUN_DIR = "run"  # the journal and best model of a run in progress
+
+
+class CompletedRunError(ValueError):
+    """The output folder holds a completed fine-tune, which a new run would replace."""
+
+
+def _read_journal(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {"history": [], "steps": {"step": [], "loss": [], "seconds": []}, "best": None}
+
+
+def _write_json(path, value):
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+    os.replace(partial, path)
+
+
+class _RunJournal(keras.callbacks.Callback):
+    """The run's record across interruptions, in `path` (replaced at every epoch end): each
+    epoch's logs, each step's loss and time, and the best monitored value so far (that of the
+    best model, which `ModelCheckpoint` starts from on a resume). A resumed run drops what came
+    after its restored step (those epochs run again) and continues the record."""
+
+    def __init__(self, path, monitor, steps_per_epoch, step_log):
+        super().__init__()
+        self.path, self.monitor, self.steps_per_epoch, self.step_log = path, monitor, steps_per_epoch, step_log
+        self.record = _read_journal(path)
+        self._earlier_steps = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._earlier_steps is not None:
+            return
+        # the first epoch of this process: BackupAndRestore has restored the step by now
+        start = int(self.model.optimizer.iterations.numpy())
+        self.record["history"] = self.record["history"][: start // self.steps_per_epoch]
+        steps = self.record["steps"]
+        kept = sum(1 for step in steps["step"] if step <= start)
+        self._earlier_steps = {k: v[:kept] for k, v in steps.items()}
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        self.record["history"].append(logs)
+        value = logs.get(self.monitor)
+        if value is not None and (self.record["best"] is None or value > self.record["best"]):
+            self.record["best"] = value
+        this_run = {"step": self.step_log.steps, "loss": self.step_log.losses, "seconds": self.step_log.seconds}
+        self.record["steps"] = {k: self._earlier_steps[k] + this_run[k] for k in this_run}
+        _write_json(self.path, self.record)
+
+    def history(self):
+        """{metric: [value per epoch]} of the whole run."""
+        names = dict.fromkeys(k for epoch in self.record["history"] for k in epoch)
+        return {k: [epoch.get(k, math.nan) for epoch in self.record["history"]] for k in names}
+
+
 class _ResumeLog(keras.callbacks.Callback):
     """Records the optimizer step training starts from (non-zero after BackupAndRestore)."""
 
@@ -95,7 +158,7 @@ class _StepLog(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self.steps, self.losses, self.seconds, self.epoch_ends = [], [], [], []
+        self.steps, self.losses, self.seconds = [], [], []
         self._previous_mean = 0.0
         self._previous_end = None
 
@@ -110,10 +173,6 @@ class _StepLog(keras.callbacks.Callback):
         self.losses.append((batch + 1) * mean - batch * self._previous_mean)
         self.seconds.append(now - self._previous_end)
         self._previous_mean, self._previous_end = mean, now
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.steps:
-            self.epoch_ends.append(self.steps[-1])
 
 
 @dataclasses.dataclass
@@ -141,21 +200,23 @@ def load_model_source(source):
     return model, side
 
 
-def _plot(steps, history, plan, path):
-    """Loss per optimizer step (validation per epoch, at the step it ended on), accuracy per
-    epoch, and the learning rate of every step."""
+def _plot(steps, history, plan, steps_per_epoch, path):
+    """Loss per optimizer step (`steps`: {"step", "loss"} lists; validation per epoch, at the
+    step it ended on), accuracy per epoch, and the learning rate of every step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (loss_ax, accuracy_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.6))
-    loss_ax.plot(steps.steps, steps.losses, linewidth=0.8, alpha=0.6 if len(steps.steps) > 20 else 1, label="loss")
-    if len(steps.steps) > 20:  # a moving average shows the trend through the per-batch noise
-        window = max(5, len(steps.steps) // 20)
-        smooth = np.convolve(steps.losses, np.ones(window) / window, mode="valid")
-        loss_ax.plot(steps.steps[window - 1 :], smooth, label=f"loss (mean of {window})")
-    ends = steps.epoch_ends
+    numbers, losses = steps["step"], steps["loss"]
+    loss_ax.plot(numbers, losses, linewidth=0.8, alpha=0.6 if len(numbers) > 20 else 1, label="loss")
+    if len(numbers) > 20:  # a moving average shows the trend through the per-batch noise
+        window = max(5, len(numbers) // 20)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        loss_ax.plot(numbers[window - 1 :], smooth, label=f"loss (mean of {window})")
+    epochs = max((len(v) for v in history.values()), default=0)
+    ends = [min((i + 1) * steps_per_epoch, plan.total_steps) for i in range(epochs)]
     for ax, keys in ((loss_ax, ["val_loss"]), (accuracy_ax, ["accuracy", "val_accuracy"])):
         for key in keys:
             if key in history and len(history[key]) == len(ends):
@@ -216,6 +277,7 @@ def finetune(
     backup_every=None,
     verbose="auto",
     schedule="hyperrule",
+    overwrite=False,
 ):
     """Fine-tunes `source` on `train` with BiT-HyperRule and plain `model.fit`.
 
@@ -257,6 +319,9 @@ def finetune(
         schedule: "hyperrule" (the paper's rule, `hyperrule_plan`) or "short" (`short_run_plan`:
             for runs of a few hundred steps or fewer; `steps` defaults to the rule's). A plan
             with less than a tenth of the full rule's learning warns (`ShortScheduleWarning`).
+        overwrite: train again into an `output_dir` holding a completed run (its files are
+            replaced only when the new run completes); without it that is refused
+            (`CompletedRunError`), while an interrupted run resumes.
 
     Returns:
         A `FinetuneResult` with the best model, the plan, the Keras history and the metrics
@@ -288,6 +353,12 @@ def finetune(
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     strategy = strategy or tf.distribute.get_strategy()
     worker = workers.worker_of(strategy)
+    in_progress = os.path.isdir(os.path.join(output_dir, RUN_DIR)) or os.path.isdir(os.path.join(output_dir, "backup"))
+    if os.path.exists(os.path.join(output_dir, "metrics.json")) and not in_progress and not overwrite:
+        raise CompletedRunError(
+            f"{output_dir} holds a completed fine-tune (metrics.json, best.keras): pass overwrite=True "
+            "(--overwrite) to train again, which replaces them once the new run completes, or choose another output"
+        )
     if train.num_examples < worker.count:
         raise ValueError(f"{train.num_examples} training examples cannot be shared by {worker.count} workers")
     scratch = worker.scratch_dir(output_dir)
@@ -336,10 +407,26 @@ def finetune(
     backup_dir = os.path.join(scratch, "backup")
     if not worker.is_chief:
         workers.take_chief_backup(os.path.join(output_dir, "backup"), backup_dir)
-    best_path = os.path.join(output_dir, "best.keras")
+    run_dir = os.path.join(output_dir, RUN_DIR)
+    best_path = os.path.join(run_dir, "best.keras")  # moved to output_dir/best.keras at the end
     monitor = "val_accuracy" if val_ds is not None else "accuracy"
     nan_guard, resume, step_log = _StopOnNonFiniteLoss(), _ResumeLog(), _StepLog()
-    callbacks = [
+    journal = None
+    if worker.is_chief:
+        os.makedirs(run_dir, exist_ok=True)
+        journal = _RunJournal(os.path.join(run_dir, "journal.json"), monitor, steps_per_epoch, step_log)
+    # Callbacks run in this order at each hook. At an epoch's end the best model and the journal
+    # are written before the backup: a kill in between leaves a journal ahead of the backup,
+    # whose extra epoch the resumed run drops and runs again, never one behind it.
+    callbacks = [_LearningRateLog()]  # the epoch's logs get the learning rate before they are recorded
+    if worker.is_chief:
+        # the best of earlier, interrupted parts of the run is the one to beat
+        best_so_far = journal.record["best"] if os.path.exists(best_path) else None
+        checkpoint = keras.callbacks.ModelCheckpoint(
+            best_path, monitor=monitor, mode="max", save_best_only=True, initial_value_threshold=best_so_far
+        )
+        callbacks += [checkpoint, journal]  # the journal records the best after the checkpoint
+    callbacks += [
         # double_checkpoint: a kill while the backup is being written leaves the previous one.
         # Epoch-end backups (written after on_epoch_end) resume at the next epoch; batch-level
         # ones restart the interrupted epoch, which _StopAtStep keeps within the plan.
@@ -347,11 +434,8 @@ def finetune(
         resume,  # after BackupAndRestore, which restores the step in its on_train_begin
         nan_guard,
         _StopAtStep(plan.total_steps),
-        _LearningRateLog(),
         step_log,
     ]
-    if worker.is_chief:
-        callbacks.append(keras.callbacks.ModelCheckpoint(best_path, monitor=monitor, mode="max", save_best_only=True))
     if verbose == "auto":  # Keras draws its bar with \r and ANSI codes on any Linux stdout, files too
         verbose = 1 if sys.stdout.isatty() or "ipykernel" in sys.modules else 2
     with _naming_undecodable_examples(train, validation):
@@ -373,18 +457,24 @@ def finetune(
         "plan": plan.to_dict(),
         "steps_per_epoch": steps_per_epoch,
         "epochs": epochs,
-        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+        "history": journal.history()
+        if journal
+        else {k: [float(v) for v in vals] for k, vals in history.history.items()},
         "num_replicas": _num_replicas(strategy),
         "num_workers": worker.count,
         "resumed_from_step": resume.start_step,
         "final_step": int(model.optimizer.iterations.numpy()),
         "schedule": schedule,
         "total_learning": plan.total_learning(),
-        "steps": {"step": step_log.steps, "loss": step_log.losses, "seconds": step_log.seconds},
+        "steps": journal.record["steps"]
+        if journal
+        else {"step": step_log.steps, "loss": step_log.losses, "seconds": step_log.seconds},
     }
     if not worker.is_chief:
         shutil.rmtree(scratch, ignore_errors=True)
         return FinetuneResult(model, plan, history.history, metrics, None)
+    os.replace(best_path, os.path.join(output_dir, "best.keras"))
+    best_path = os.path.join(output_dir, "best.keras")
     best = keras.saving.load_model(best_path)
     if val_ds is not None:
         # the best model outside the strategy: evaluated here, on the chief's own pipeline
@@ -396,8 +486,9 @@ def finetune(
         json.dump(metrics, f, indent=2)
     best.config.save_pretrained(output_dir)
     _write_preprocessor(output_dir, plan.crop_size, options.preprocess)
-    _plot(step_log, history.history, plan, os.path.join(output_dir, "training_curve.png"))
-    return FinetuneResult(best, plan, history.history, metrics, output_dir)
+    _plot(metrics["steps"], metrics["history"], plan, steps_per_epoch, os.path.join(output_dir, "training_curve.png"))
+    shutil.rmtree(run_dir, ignore_errors=True)  # the run is complete: nothing to resume
+    return FinetuneResult(best, plan, metrics["history"], metrics, output_dir)
 
 
 def _num_replicas(strategy):

@@ -3,7 +3,7 @@
 Every worker runs the same command. Each reads its own shard of the training data (split by
 example, so no worker decodes another's images), the chief writes the outputs, and the other
 workers keep their backups in a folder of their own (`OUTPUT/.worker-<i>`), removed when
-training ends. See the README, "Scaling out".
+training ends. See docs/scaling.md.
 """
 
 import dataclasses
@@ -22,7 +22,7 @@ def multi_worker_strategy():
         raise ValueError(
             "--distribute multi_worker needs TF_CONFIG in the environment of every worker, e.g. "
             'TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-            '"task": {"type": "worker", "index": 0}}\' (README, "Scaling out")'
+            '"task": {"type": "worker", "index": 0}}\' (docs/scaling.md)'
         )
     try:
         config = json.loads(raw)
