@@ -18,7 +18,7 @@ from conversion.digits import load_digits_split
 from tfbit.image_processor import BitImageProcessor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(ROOT, "README.md")
+MOBILE_PAGE = os.path.join(ROOT, "docs", "mobile.md")
 QUANTIZATIONS = ("fp32", "fp16", "dynamic_int8", "int8")
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
@@ -231,14 +231,14 @@ def test_features_export_with_uint8_input_has_no_classifier_metadata(hf_checkpoi
 
 
 def _readme_block(marker):
-    blocks = re.findall(r"```python\n(.*?)```", open(README, encoding="utf-8").read(), re.S)
+    blocks = re.findall(r"```python\n(.*?)```", open(MOBILE_PAGE, encoding="utf-8").read(), re.S)
     found = [b for b in blocks if marker in b]
-    assert len(found) == 1, f"README has {len(found)} python blocks with {marker!r}"
+    assert len(found) == 1, f"docs/mobile.md has {len(found)} python blocks with {marker!r}"
     return found[0]
 
 
 def test_readme_litert_snippet_runs_as_written(uint8_export, tmp_path):
-    """The README's mobile example: LiteRT, a raw image file, no tfbit code."""
+    """docs/mobile.md's example: LiteRT, a raw image file, no tfbit code."""
     from PIL import Image
 
     output, _ = uint8_export
