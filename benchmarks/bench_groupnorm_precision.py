@@ -42,7 +42,7 @@ def precision(photos):
     import tfbit
     from conversion import export, runners
     from conversion import images as real
-    from tfbit.image_processor import BitImageProcessor
+    from tfbit.preprocessing.processor import BitImageProcessor
 
     torch.manual_seed(0)
     reference = transformers.BitBackbone(transformers.BitConfig(out_features=list(STAGES))).eval()

@@ -277,7 +277,7 @@ def child_conversion(args):
 
     import tfbit
     from conversion import export
-    from tfbit.image_processor import BitImageProcessor
+    from tfbit.preprocessing.processor import BitImageProcessor
 
     keras.utils.set_random_seed(0)
     config = tfbit.BitConfig(num_labels=NUM_CLASSES)
@@ -440,7 +440,7 @@ def child_groupnorm(args):
 
     import tfbit
     from conversion.digits import load_digits_split
-    from tfbit.image_processor import BitImageProcessor
+    from tfbit.preprocessing.processor import BitImageProcessor
 
     result = {"speed": [], "numerics": [], "model": {}, "ratios": {}}
     for shape in GN_SHAPES[:1] if args.quick else GN_SHAPES:

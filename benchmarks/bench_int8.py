@@ -80,7 +80,7 @@ def _realistic(args):
     from benchmarks import realistic_model
     from conversion import export
     from conversion import images as real
-    from tfbit.image_processor import BitImageProcessor
+    from tfbit.preprocessing.processor import BitImageProcessor
 
     model, checkpoint = tfbit.load_model(_checkpoint(args), task="classification")
     processor = BitImageProcessor.from_dict(checkpoint.preprocessor)

@@ -1,4 +1,4 @@
-"""Multi-worker fine-tuning on one host: the step time of `python -m tfbit.finetune` on one worker
+"""Multi-worker fine-tuning on one host: the step time of `python -m conversion.finetune` on one worker
 (every core) against two workers (a core each, MultiWorkerMirroredStrategy over gRPC on
 localhost), same global batch and data, in one run. It measures what synchronizing the replicas
 costs, not a speed-up: two workers on the cores one worker already uses cannot be faster.
@@ -102,7 +102,7 @@ def main():
         command = [
             sys.executable,
             "-m",
-            "tfbit.finetune",
+            "conversion.finetune",
             source,
             "--data",
             data,

@@ -97,7 +97,7 @@ def _read_images(paths):
 
     images = []
     for p in paths:
-        with Image.open(p) as image:  # as tfbit.image_files.load_image / transformers
+        with Image.open(p) as image:  # as tfbit.preprocessing.decode.load_image / transformers
             images.append(ImageOps.exif_transpose(image).convert("RGB"))
     return images
 

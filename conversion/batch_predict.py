@@ -405,7 +405,7 @@ def claim_prefix(prefix, overwrite):
 def _pipeline(args, beam_args):
     """The whole pipeline, built after every check that can fail (the cheap ones before TensorFlow
     is imported); FileNotFoundError/ValueError naming the problem."""
-    from tfbit import environment
+    from conversion import environment
 
     if args.normalize and args.task != "features":
         raise ValueError("--normalize scales feature vectors: it needs --task features")
@@ -419,7 +419,7 @@ def _pipeline(args, beam_args):
 
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))  # refuses an unknown --runner
     environment.configure(args.verbose)  # before anything imports TensorFlow
-    from tfbit.config import BitConfig
+    from tfbit.models.config import BitConfig
 
     outputs = signature_outputs(saved_model)
     handler = _model_handler_class()(saved_model, check_task(args.task, outputs, saved_model), args.batch_size)

@@ -1,20 +1,54 @@
-"""What the converter and predict command lines need before TensorFlow is imported: argument
+"""What the command lines need before TensorFlow is imported: argument
 types, the choices they list, the `--verbose` switch and progress output.
 
 `--help` must not import TensorFlow (5-10 s), and the library modules that define these
 choices import it: so the choices are repeated here, and tests/test_quiet_cli.py checks that
-they equal the library's (`conversion.export.TFLITE_QUANTIZATIONS`, `tfbit.pretrained.TASKS`,
-`tfbit.weights.FORMATS`). Nothing here imports TensorFlow or numpy (`tfbit.runtime` does not,
-and in a CLI's process neither does `tfbit` itself: `tfbit.api`).
+they equal the library's (`conversion.export.TFLITE_QUANTIZATIONS`, `tfbit.models.pretrained.TASKS`,
+`tfbit.weights.FORMATS`). Nothing here imports TensorFlow, numpy or tfbit (which imports Keras).
 """
 
+import argparse
+import os
 import sys
 import time
 
-from tfbit import runtime
+# console entry points (setup.cfg) of the command-line modules
+COMMANDS = {
+    "conversion.convert": "tfbit-convert",
+    "conversion.predict": "tfbit-predict",
+    "conversion.batch_predict": "tfbit-batch-predict",
+    "conversion.neighbours": "tfbit-neighbours",
+    "conversion.finetune": "tfbit-finetune",
+}
 
-positive_int = runtime.positive_int  # the argparse type of counts (--threads, --top-k, ...)
-parser = runtime.parser  # the parser of `python -m <module>` from its docstring
+
+def program(module):
+    """How the user started `module`: its console command (`tfbit-convert`), else `python -m`."""
+    command = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return command if command == COMMANDS.get(module) else f"python -m {module}"
+
+
+def parser(module, doc):
+    """The parser of the command line `module`: the module docstring's first paragraph describes
+    the command, the paragraphs after its usage line are the epilog."""
+    return argparse.ArgumentParser(
+        prog=program(module),
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def positive_int(text):
+    """argparse type of counts (`--threads`, `--top-k`, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
 
 TFLITE_QUANTIZATIONS = ("fp32", "fp16", "dynamic_int8", "int8")
 TASKS = ("classification", "features", "backbone")

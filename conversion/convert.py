@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from tfbit import environment
+from conversion import environment
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_checkpoint")
 DEFAULT_OUTPUT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "saved_models")
@@ -93,7 +93,7 @@ class Request:
     def check(self):
         """Fill the defaults that depend on others; ConversionError on a bad value."""
         from conversion.export import TFLITE_QUANTIZATIONS
-        from tfbit.pretrained import TASKS
+        from tfbit.models.pretrained import TASKS
 
         self.formats = tuple(self.formats)
         self.quantizations = tuple(self.quantizations or TFLITE_QUANTIZATIONS)
@@ -138,15 +138,15 @@ class Source:
 
     @property
     def user_model(self):
-        from tfbit.config import BitConfig
+        from tfbit.models.config import BitConfig
 
         return not isinstance(getattr(self.model, "config", None), BitConfig)
 
 
 def load_source(request, log):
     import tfbit
-    from tfbit import user_models
-    from tfbit.image_processor import BitImageProcessor
+    from tfbit.models import user_models
+    from tfbit.preprocessing.processor import BitImageProcessor
 
     source = DEFAULT_CHECKPOINT if request.demo else request.source
     task, preprocessor_path, labels_path, out_features = (
@@ -192,7 +192,7 @@ def load_source(request, log):
         raise ConversionError(
             f"{source} has no preprocessor_config.json beside it, so the image size and "
             "normalization it was trained with are unknown: put that file beside it "
-            "(tfbit.finetune writes one), pass --preprocessor FILE, or start the model "
+            "(conversion.finetune writes one), pass --preprocessor FILE, or start the model "
             "with a tfbit.BitPreprocessing layer"
         )
     else:
@@ -235,7 +235,7 @@ def export_artifacts(source, request, inference, staging, version, image_size, c
     """The artifacts of `source` (`inference`: its float32 folded pixel model, which every graph
     is exported from) written into `staging`."""
     from conversion import export, runners, tflite_metadata
-    from tfbit import user_models
+    from tfbit.models import user_models
 
     task, processor, config, name = source.task, source.processor, source.config, request.name
     formats, quantizations, tflite_input = request.formats, request.quantizations, request.tflite_input
@@ -322,7 +322,7 @@ def reference_outputs(source, pixel_values, log):
     the Keras model itself (in float32: a mixed-precision model is rebuilt in float32)."""
     import tfbit
     from conversion.references import torch_reference
-    from tfbit import user_models
+    from tfbit.models import user_models
 
     reference = None
     # timm and .npz references are headless: logits or pooled features, no stage maps
@@ -581,7 +581,7 @@ def main(argv=None):
     from conversion.cli import SOURCE_FORMATS, TASKS, TFLITE_QUANTIZATIONS
 
     parser = argparse.ArgumentParser(
-        prog="python -m conversion.convert",
+        prog=cli.program("conversion.convert"),
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="SOURCE: a Hugging Face hub id (google/bit-50) or checkpoint directory, a timm "
@@ -662,13 +662,14 @@ def main(argv=None):
         "--xla_cpu_compilation_enabled=true and compiles once per new batch/image size",
     )
     parser.add_argument(
-        "--threads", type=cli.positive_int, help="CPU threads (default: every available core; see tfbit/runtime.py)"
+        "--threads",
+        type=cli.positive_int,
+        help="CPU threads (default: every available core; see conversion/runtime.py)",
     )
     cli.add_verbose(parser)
     args = parser.parse_args(argv)
     environment.configure(args.verbose)  # before anything else imports TensorFlow
-    from conversion import processes
-    from tfbit import runtime
+    from conversion import processes, runtime
 
     threads = runtime.set_threads(args.threads)
     try:

@@ -15,8 +15,9 @@ import tensorflow as tf
 
 import tfbit
 from conversion import processes
-from tfbit import image_ops, user_models
-from tfbit.image_processor import BitImageProcessor
+from tfbit.models import user_models
+from tfbit.preprocessing import tf_processor
+from tfbit.preprocessing.processor import BitImageProcessor
 
 TFLITE_QUANTIZATIONS = ("fp32", "fp16", "dynamic_int8", "int8")
 
@@ -71,7 +72,7 @@ def _save(model, path, endpoints):
         function = tf.function(fn, input_signature=[spec], autograph=False)
         setattr(module, name, function)
         signatures[name] = function.get_concrete_function()
-    # the weights, and an unfolded model's cached standardized kernels (tfbit.layers.WSConv2D)
+    # the weights, and an unfolded model's cached standardized kernels (tfbit.models.layers.WSConv2D)
     module.captured = list({id(v): v for c in signatures.values() for v in c.variables}.values())
     tf.saved_model.save(module, path, signatures=signatures)
     return path
@@ -101,7 +102,7 @@ def write_saved_model(model, task, processor, labels, path, top_k=5, xla=False):
         path,
         {
             "serving_default": (
-                lambda image_bytes: outputs(image_ops.preprocess_image_bytes(image_bytes, processor)),
+                lambda image_bytes: outputs(tf_processor.preprocess_image_bytes(image_bytes, processor)),
                 tf.TensorSpec([None], tf.string, name="image_bytes"),
             ),
             "pixel_values": (lambda pixel_values: outputs(pixel_values), pixel_spec),
@@ -251,7 +252,7 @@ def tflite_models(model, task, image_size, quantizations, representative_images=
         )
 
         def serve(image):
-            return result(image_ops.preprocess_images(image, normalize))
+            return result(tf_processor.preprocess_images(image, normalize))
 
         float_graph = (serve, tf.TensorSpec([1, *image_size, 3], tf.uint8, name="image"))
         # Full int8 quantizes a float input of 0-255 values into uint8 with the identity

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from tfbit.image_files import IMAGE_EXTENSIONS
+from tfbit.preprocessing.decode import IMAGE_EXTENSIONS
 
 # 32 files: 12 license-clean photos (scikit-image, matplotlib, scikit-learn, scipy) and 20 crops
 # of them, mostly JPEG plus grayscale, RGBA and RGB PNGs, odd sizes up to 512 px; origins and
@@ -55,7 +55,7 @@ def digits_images(split="test", limit=None):
 
 
 def _read_files(paths, description, labels=None):
-    from tfbit.image_files import load_image
+    from tfbit.preprocessing.decode import load_image
 
     encoded = []
     for p in paths:

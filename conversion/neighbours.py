@@ -58,7 +58,7 @@ def read_records(path, verbose=False):
 
 
 def _tfrecord_records(path, verbose=False):
-    from tfbit import environment
+    from conversion import environment
 
     environment.configure(verbose)  # TensorFlow's import-time lines hidden unless --verbose
     import tensorflow as tf

@@ -10,7 +10,7 @@ one), a SavedModel directory (serving/<version>) or a `.tflite` file. PATH: imag
 skipped. Labels and preprocessing come from the config.json / preprocessor_config.json beside
 the artifact; a `.keras` file without them uses its own labels (else LABEL_<i>, or --labels)
 and its BitPreprocessing layer (else --preprocessor). CPU defaults (every core, oneDNN off,
-XLA opt-in) are explained in `tfbit/runtime.py`.
+XLA opt-in) are explained in `conversion/runtime.py`.
 
 --evaluate: each PATH is a labelled folder, root/<label>/... (any depth below <label>); prints
 the top-1 accuracy and writes a confusion-matrix PNG.
@@ -24,8 +24,7 @@ import os
 import re
 import sys
 
-from conversion import cli
-from tfbit import environment
+from conversion import cli, environment
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 
@@ -65,7 +64,7 @@ def resolve_artifact(artifact):
 
 
 def _images_in(folder):
-    from tfbit.image_files import IMAGE_EXTENSIONS
+    from tfbit.preprocessing.decode import IMAGE_EXTENSIONS
 
     return sorted(
         os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)
@@ -122,8 +121,8 @@ class Classifier:
         preprocessor_config.json (or its folder) for a `.keras` file that has none beside it."""
         environment.require_tensorflow_backend("predict needs", "predict")
         from conversion import runners
-        from tfbit import user_models
-        from tfbit.config import BitConfig
+        from tfbit.models import user_models
+        from tfbit.models.config import BitConfig
 
         self.path = path = resolve_artifact(artifact)
         if xla and not path.endswith(".keras"):
@@ -160,7 +159,7 @@ class Classifier:
     @staticmethod
     def _processor(path, root, own, preprocessor):
         """The model's own BitPreprocessing layer, else --preprocessor, else the export's file."""
-        from tfbit.image_processor import BitImageProcessor
+        from tfbit.preprocessing.processor import BitImageProcessor
 
         if own is not None:
             if preprocessor:
@@ -198,7 +197,7 @@ class Classifier:
             with open(path, "rb") as f:
                 return f.read()
         from conversion import runners
-        from tfbit.image_files import load_image
+        from tfbit.preprocessing.decode import load_image
 
         if self.raw_crops:
             return runners.raw_crops(self.processor, [load_image(path)])[0]
@@ -258,7 +257,7 @@ def predict(
     Args:
         artifact: see the module docstring.
         image_paths: image files, folders or globs (see `expand_paths`).
-        threads: LiteRT's thread count (TensorFlow's is set by `tfbit.runtime.set_threads`).
+        threads: LiteRT's thread count (TensorFlow's is set by `conversion.runtime.set_threads`).
         xla: compile a `.keras` model with XLA (faster per image, ~20-40 s to compile R50x1).
         on_error: called with (path, message) for each image that cannot be read; by default
             the first one raises ValueError.
@@ -413,7 +412,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     environment.configure(args.verbose)  # before anything else imports TensorFlow
-    from tfbit import runtime
+    from conversion import runtime
 
     threads = runtime.set_threads(args.threads)
     skipped = []

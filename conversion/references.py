@@ -11,7 +11,7 @@ import importlib.util
 
 import numpy as np
 
-from tfbit.models import BitBackbone, BitForImageClassification
+from tfbit.models.bit import BitBackbone, BitForImageClassification
 from tfbit.weights import npz
 from tfbit.weights.readers import read_state_dict
 

@@ -10,7 +10,7 @@ def load_keras(path):
     import keras
 
     import tfbit
-    from tfbit import user_models
+    from tfbit.models import user_models
 
     processor, model = user_models.split_preprocessing(keras.saving.load_model(path))
     return processor, tfbit.fold_weight_standardization(model)
@@ -18,10 +18,10 @@ def load_keras(path):
 
 def model_runner(model, jit_compile=False, task="classification"):
     """A Keras model (pixel values -> outputs) traced once (XLA-compiled on request), its
-    outputs named as the exported task's (`tfbit.user_models.task_outputs`)."""
+    outputs named as the exported task's (`tfbit.models.user_models.task_outputs`)."""
     import tensorflow as tf
 
-    from tfbit import user_models
+    from tfbit.models import user_models
 
     call = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile, autograph=False)
 
@@ -50,7 +50,7 @@ def tflite_runner(path, num_threads=None):
     """A `.tflite` file in LiteRT, one image per call (mobile runtimes run batch 1)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from tfbit.runtime import available_cores
+    from conversion.runtime import available_cores
 
     interpreter = Interpreter(model_path=path, num_threads=num_threads or available_cores())
     runner = interpreter.get_signature_runner("serving_default")

@@ -187,7 +187,7 @@ def keras_file_for_conversion(workdir, output_dir):
     """A classifier loaded from transformers and saved as `.keras` under this backend, with the
     preprocessing and the expected logits the converted artifacts must reproduce."""
     from conversion import images
-    from tfbit.image_processor import BitImageProcessor
+    from tfbit.preprocessing.processor import BitImageProcessor
 
     path = os.path.join(workdir, "to_convert")
     reference = hf_model("BitForImageClassification", path, seed=2, **SMALL)

@@ -176,7 +176,7 @@ def test_data_parallel_finetune_under_jax_on_two_devices(tmp_path):
 
 
 def test_finetune_cli_under_jax_exports_through_tensorflow(tmp_path):
-    """`python -m tfbit.finetune ... --export` under JAX: training runs on JAX, and the export
+    """`python -m conversion.finetune ... --export` under JAX: training runs on JAX, and the export
     (a converter process of its own) on TensorFlow, which verifies what it exported."""
     pytest.importorskip("jax")
     from PIL import Image
@@ -191,7 +191,7 @@ def test_finetune_cli_under_jax_exports_through_tensorflow(tmp_path):
     result = run(
         [
             "-m",
-            "tfbit.finetune",
+            "conversion.finetune",
             os.path.join(ROOT, "conversion", "default_checkpoint"),
             "--data",
             str(tmp_path / "data"),

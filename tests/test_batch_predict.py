@@ -45,7 +45,7 @@ def cli(*args):
 def exports(tmp_path_factory):
     """{task: export directory} of one small random classifier with named labels."""
     import tfbit
-    from tfbit.image_processor import BitImageProcessor
+    from tfbit.preprocessing.processor import BitImageProcessor
 
     root = tmp_path_factory.mktemp("exports")
     model = tfbit.BitForImageClassification(tfbit.BitConfig(**SMALL, id2label=dict(enumerate(LABELS))))
@@ -203,11 +203,11 @@ def keras_features(export, paths):
     import tensorflow as tf
 
     from conversion import runners
-    from tfbit import image_ops
-    from tfbit.image_processor import BitImageProcessor
+    from tfbit.preprocessing import tf_processor
+    from tfbit.preprocessing.processor import BitImageProcessor
 
     processor = BitImageProcessor.from_pretrained(export).to_dict()
-    pixel_values = image_ops.preprocess_image_bytes(tf.constant([open(p, "rb").read() for p in paths]), processor)
+    pixel_values = tf_processor.preprocess_image_bytes(tf.constant([open(p, "rb").read() for p in paths]), processor)
     return runners.keras_runner(str(next(export.glob("*.keras"))), task="features")(pixel_values)["features"]
 
 

@@ -66,7 +66,7 @@ def small_export(tmp_path_factory):
     """A small classifier exported to .keras and TFLite fp32, with its config beside them."""
     import tfbit
     from conversion import export
-    from tfbit.image_processor import BitImageProcessor
+    from tfbit.preprocessing.processor import BitImageProcessor
 
     root = tmp_path_factory.mktemp("export")
     model = tfbit.BitForImageClassification(tfbit.BitConfig(**SMALL))

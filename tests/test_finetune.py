@@ -374,7 +374,7 @@ def test_killed_training_resumes_from_its_backup(tmp_path):
 def test_cli_trains_from_an_image_folder_and_exports(tmp_path, capsys):
     from PIL import Image
 
-    from tfbit.finetune.__main__ import main
+    from conversion.finetune import main
 
     x, y, _, _ = load_digits_split()
     for i in range(40):
@@ -413,7 +413,7 @@ def test_cli_trains_from_an_image_folder_and_exports(tmp_path, capsys):
 
 
 def test_cli_reports_bad_data_paths(tmp_path, capsys):
-    from tfbit.finetune.__main__ import main
+    from conversion.finetune import main
 
     assert main([str(tmp_path / "m.keras"), "--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 2
     assert "nowhere" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`python -m tfbit.finetune` as typed: bad data and arguments exit with 2 and a message naming
+"""`python -m conversion.finetune` as typed: bad data and arguments exit with 2 and a message naming
 the problem, and a killed run resumes to exactly the planned number of steps."""
 
 import io
@@ -45,7 +45,11 @@ def digits_folder(tmp_path_factory):
 
 def _cli(*args, **kwargs):
     return subprocess.run(
-        [sys.executable, "-m", "tfbit.finetune", *map(str, args)], capture_output=True, text=True, timeout=600, **kwargs
+        [sys.executable, "-m", "conversion.finetune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
     )
 
 
@@ -135,7 +139,7 @@ def test_killed_run_resumes_to_exactly_the_planned_steps(tmp_path, source, digit
     command = [
         sys.executable,
         "-m",
-        "tfbit.finetune",
+        "conversion.finetune",
         source,
         "--data",
         str(digits_folder),

@@ -151,7 +151,7 @@ def test_finetune_cli_with_a_hub_id(hub_cache, tmp_path):
     done = run(
         [
             "-m",
-            "tfbit.finetune",
+            "conversion.finetune",
             "google/bit-tiny",
             "--data",
             str(tmp_path / "data"),

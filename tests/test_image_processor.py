@@ -1,4 +1,5 @@
-"""tfbit.image_processor against transformers' BitImageProcessor, and tfbit.image_ops against both.
+"""tfbit.preprocessing.processor against transformers' BitImageProcessor, and its TF twin
+tfbit.preprocessing.tf_processor against both.
 
 Photographs come from scikit-image. Run with ``-s`` to see the measured differences. Encoded files
 (formats, EXIF orientation, refusals, the SavedModel) are tested in tests/test_serving_images.py.
@@ -12,7 +13,7 @@ import PIL
 import pytest
 from PIL import Image
 
-from tfbit.image_processor import BitImageProcessor
+from tfbit.preprocessing.processor import BitImageProcessor
 
 skdata = pytest.importorskip("skimage.data")
 
@@ -167,7 +168,7 @@ def test_torchvision_resize_kernel_is_exact():
     """Random sizes, channels and both supported filters against torchvision itself."""
     torch = pytest.importorskip("torch")
     tvf = pytest.importorskip("torchvision.transforms.v2.functional")
-    from tfbit.image_processor import torchvision_resize
+    from tfbit.preprocessing.processor import torchvision_resize
 
     rng = np.random.default_rng(0)
     modes = {2: tvf.InterpolationMode.BILINEAR, 3: tvf.InterpolationMode.BICUBIC}
@@ -308,9 +309,9 @@ def test_error_messages(tmp_path):
 @pytest.fixture(scope="module")
 def tf_ops():
     tf = pytest.importorskip("tensorflow")
-    from tfbit import image_ops
+    from tfbit.preprocessing import tf_processor
 
-    return tf, image_ops
+    return tf, tf_processor
 
 
 def _encode(image, fmt, **options):

@@ -53,9 +53,9 @@ def graph():
 
 
 def test_modules_are_found(graph):
-    assert {"tfbit.models", "tfbit.weights.hf", "conversion.convert", "tfbit.finetune.trainer"} <= set(graph)
-    assert "tfbit.weights.hub" in graph["tfbit.weights.hf"] and "tfbit.models" in graph["tfbit.pretrained"]
-    assert "tfbit.weights" in graph["tfbit.models"]  # from_pretrained's lazy import is seen
+    assert {"tfbit.models.bit", "tfbit.weights.hf", "conversion.convert", "tfbit.finetune.trainer"} <= set(graph)
+    assert "tfbit.weights.hub" in graph["tfbit.weights.hf"] and "tfbit.models.bit" in graph["tfbit.models.pretrained"]
+    assert "tfbit.weights" in graph["tfbit.models.bit"]  # from_pretrained's lazy import is seen
 
 
 def test_imports_point_from_the_application_to_the_library(graph):

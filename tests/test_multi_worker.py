@@ -62,7 +62,7 @@ def _command(source, digits_folder, output, validation=False):
     return [
         sys.executable,
         "-m",
-        "tfbit.finetune",
+        "conversion.finetune",
         source,
         "--data",
         str(digits_folder),

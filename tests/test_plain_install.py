@@ -51,11 +51,11 @@ def test_convert_works_on_a_plain_install(tmp_path, hf_checkpoint):
 PILLOW_ORDER_CHECK = """
 import numpy as np, PIL
 from conversion import images
-from tfbit import image_ops
-from tfbit.image_processor import BitImageProcessor
+from tfbit.preprocessing import tf_processor
+from tfbit.preprocessing.processor import BitImageProcessor
 photo = np.asarray(images.photo_images().images[0].convert("RGB"))
 shapes = [np.tile(photo, (4, 1, 1))[:2000, :300], np.tile(photo, (1, 4, 1))[:300, :2000], photo]
-deltas = [np.abs(image_ops.preprocess_images(x, p).numpy() - p(x)).max()
+deltas = [np.abs(tf_processor.preprocess_images(x, p).numpy() - p(x)).max()
           for resample in (2, 3) for p in [BitImageProcessor(backend="pil", resample=resample)] for x in shapes]
 print(PIL.__version__, max(deltas))
 """

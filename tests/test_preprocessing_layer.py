@@ -13,11 +13,11 @@ from conftest import SMALL
 
 import tfbit
 from conversion import images as photos
-from tfbit.image_files import load_image
-from tfbit.image_processor import BitImageProcessor
+from tfbit.preprocessing.decode import load_image
+from tfbit.preprocessing.processor import BitImageProcessor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# uint8 images: the layer resizes in the processor's own fixed-point arithmetic (tfbit/image_ops.py),
+# uint8 images: the layer resizes in the processor's own fixed-point arithmetic (tfbit/preprocessing/tf_processor.py),
 # so the pixels are equal and only the float32 normalization may round differently (measured
 # <= 4.8e-7; the float32 ulp of values near 2.6). Before that, TF's float32 resize weights left
 # one uint8 level (1 / 255 / std = 0.015) on <= 0.8% of the values and 1.9 levels on a few.

@@ -88,7 +88,7 @@ def test_unknown_preset_names_close_matches():
 
 DOWNLOAD_RUN = """
 import sys, numpy as np
-from tfbit.presets import Preset, cached_path, fetch
+from tfbit.models.presets import Preset, cached_path, fetch
 source, missing = sys.argv[1:]
 preset = Preset("test", "", (1,), 1, 1, "npz", source)
 path = fetch(preset)

@@ -11,7 +11,7 @@ import pytest
 from conftest import SMALL
 
 from conversion import cli
-from tfbit.environment import _NATIVE_LOG_LINE
+from conversion.environment import _NATIVE_LOG_LINE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_ENV = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
@@ -41,12 +41,12 @@ def imported_modules(importtime_stderr):
     }
 
 
-@pytest.mark.parametrize("module", ["conversion.convert", "conversion.predict", "tfbit.finetune"])
+@pytest.mark.parametrize("module", ["conversion.convert", "conversion.predict", "conversion.finetune"])
 def test_help_imports_no_tensorflow(module):
     done = run("-X", "importtime", "-m", module, "--help")
     assert done.returncode == 0 and "--verbose" in done.stdout, done.stderr[-2000:]
     imported = imported_modules(done.stderr)
-    assert "tfbit" in imported and not {"tensorflow", "keras", "torch"} & imported
+    assert "conversion" in imported and not {"tfbit", "tensorflow", "keras", "torch"} & imported
     started = time.perf_counter()
     done = run("-m", module, "--help")
     seconds = time.perf_counter() - started
@@ -54,9 +54,38 @@ def test_help_imports_no_tensorflow(module):
     assert seconds < 3, f"{module} --help took {seconds:.1f} s"  # importing TensorFlow alone takes 5-10 s
 
 
+@pytest.mark.parametrize("module", sorted(cli.COMMANDS))
+def test_console_commands_answer_help_at_once(module):
+    """The console entry points pip installs (setup.cfg) next to `python -m`: same parser, named
+    as typed, and no TensorFlow or tfbit imported to print it."""
+    command = os.path.join(os.path.dirname(sys.executable), cli.COMMANDS[module])
+    started = time.perf_counter()
+    done = subprocess.run([command, "--help"], capture_output=True, text=True, timeout=60, env=USER_ENV)
+    seconds = time.perf_counter() - started
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.startswith(f"usage: {cli.COMMANDS[module]} ") and "--verbose" in done.stdout
+    assert seconds < 3, f"{command} --help took {seconds:.1f} s"
+    as_module = run("-m", module, "--help")
+    assert as_module.stdout.replace(f"python -m {module}", cli.COMMANDS[module]).split() == done.stdout.split()
+
+
+def test_no_import_reads_the_command_line():
+    """What `import tfbit` does may not depend on how the process started (issue 21): no module
+    reads sys.argv/orig_argv except to name the running command in its help."""
+    readers = []
+    for folder in ("tfbit", "conversion"):
+        for path, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                if name.endswith(".py"):
+                    text = open(os.path.join(path, name), encoding="utf-8").read()
+                    if "orig_argv" in text or "sys.argv" in text:
+                        readers.append(os.path.relpath(os.path.join(path, name), ROOT))
+    assert sorted(readers) == ["conversion/cli.py", "conversion/export.py"], readers
+
+
 def test_import_tfbit_elsewhere_registers_the_layers(tmp_path):
-    """Outside the command lines `import tfbit` imports the API at once, so a `.keras` file
-    with tfbit's layers loads with Keras alone; a command line imports it after configuring."""
+    """`import tfbit` registers every layer, so a `.keras` file with tfbit's layers loads with
+    Keras' own loader; the command lines import tfbit only after configuring TensorFlow."""
     import tfbit
 
     tfbit.BitForImageClassification(tfbit.BitConfig(**SMALL)).save(tmp_path / "m.keras")
@@ -68,7 +97,7 @@ def test_import_tfbit_elsewhere_registers_the_layers(tmp_path):
 
 def test_the_cli_choices_are_the_librarys():
     from conversion.export import TFLITE_QUANTIZATIONS
-    from tfbit.pretrained import TASKS
+    from tfbit.models.pretrained import TASKS
     from tfbit.weights import FORMATS
 
     assert (cli.TFLITE_QUANTIZATIONS, cli.TASKS, cli.SOURCE_FORMATS) == (TFLITE_QUANTIZATIONS, TASKS, FORMATS)
@@ -123,7 +152,7 @@ def test_predict_is_quiet_and_inference_defaults_apply(tmp_path):
 
     import tfbit
     from conversion import export
-    from tfbit.image_processor import BitImageProcessor
+    from tfbit.preprocessing.processor import BitImageProcessor
 
     model = tfbit.BitForImageClassification(tfbit.BitConfig(**SMALL))
     model.config.save_pretrained(tmp_path)
@@ -152,7 +181,7 @@ def test_filtering_keeps_everything_but_native_log_lines():
     done = run(
         "-c",
         "import os, sys, warnings\n"
-        "from tfbit.environment import native_logs_filtered\n"
+        "from conversion.environment import native_logs_filtered\n"
         "try:\n"
         "    with native_logs_filtered():\n"
         "        os.write(2, b'W0000 00:00:1795969144.623448   22771 helpers.cc:364] Ignored output_format.\\n')\n"
@@ -168,7 +197,7 @@ def test_filtering_keeps_everything_but_native_log_lines():
 
 
 def test_finetune_is_quiet_unless_verbose(tmp_path):
-    """`python -m tfbit.finetune` printed 5-7 TensorFlow lines (and a oneDNN note) at every start."""
+    """`python -m conversion.finetune` printed 5-7 TensorFlow lines (and a oneDNN note) at every start."""
     from PIL import Image
 
     import tfbit
@@ -180,7 +209,7 @@ def test_finetune_is_quiet_unless_verbose(tmp_path):
             Image.new("RGB", (36, 36), (value + i, value, value)).save(tmp_path / "data" / label / f"{i}.png")
     command = [
         "-m",
-        "tfbit.finetune",
+        "conversion.finetune",
         tmp_path / "m.keras",
         "--data",
         tmp_path / "data",
@@ -202,4 +231,4 @@ def test_finetune_is_quiet_unless_verbose(tmp_path):
     done = run(*command, "--output", tmp_path / "verbose", "--verbose")
     assert done.returncode == 0, done.stderr[-3000:]
     assert native_lines(done.stderr), done.stderr
-    assert "oneDNN custom operations are on" in done.stderr  # fine-tuning's default (tfbit/runtime.py)
+    assert "oneDNN custom operations are on" in done.stderr  # fine-tuning's default (conversion/runtime.py)

@@ -1,4 +1,4 @@
-"""CPU defaults of the command-line tools (tfbit/runtime.py) and the parallel int8 export."""
+"""CPU defaults of the command-line tools (conversion/runtime.py) and the parallel int8 export."""
 
 import os
 import subprocess
@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 from conftest import SMALL
 
-from conversion import convert, export, predict
-from tfbit import runtime
-from tfbit.environment import ONEDNN, onednn_default
+from conversion import convert, export, predict, runtime
+from conversion.environment import ONEDNN, onednn_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = (
-    "import sys; from tfbit import runtime; "
+    "import sys; from conversion import runtime; "
     "threads = runtime.set_threads(int(sys.argv[1]) if len(sys.argv) > 1 else None); "
     "import tensorflow as tf; print(threads, tf.config.threading.get_intra_op_parallelism_threads())"
 )

@@ -12,7 +12,7 @@ import pytest
 from conftest import SMALL, random_images
 
 import tfbit
-from tfbit.image_processor import BitImageProcessor
+from tfbit.preprocessing.processor import BitImageProcessor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = {0: "cat", 1: "dog", 2: "eel"}
@@ -221,7 +221,7 @@ def test_a_missing_preprocessor_file_is_named_and_nothing_is_written(tmp_path):
 
 
 def test_finetune_cli_writes_a_transformers_checkpoint(tmp_path):
-    """`python -m tfbit.finetune ... --save-pretrained` as typed: the folder it writes loads in
+    """`python -m conversion.finetune ... --save-pretrained` as typed: the folder it writes loads in
     transformers, with the data's labels, computing what best.keras computes."""
     import keras
     from PIL import Image
@@ -236,7 +236,7 @@ def test_finetune_cli_writes_a_transformers_checkpoint(tmp_path):
         [
             sys.executable,
             "-m",
-            "tfbit.finetune",
+            "conversion.finetune",
             str(tmp_path / "source"),
             "--data",
             str(tmp_path / "data"),

@@ -1,5 +1,5 @@
-"""Encoded images: the serving graph (tfbit.image_decode, tfbit.image_ops) against the Python loader
-(tfbit.image_files.load_image) and transformers' load_image.
+"""Encoded images: the serving graph (tfbit.preprocessing.tf_decode, tfbit.preprocessing.tf_processor)
+against the Python loader (tfbit.preprocessing.decode.load_image) and transformers' load_image.
 
 Every file both paths accept decodes to the same pixels as transformers' load_image (PIL, EXIF
 transpose, convert("RGB")); every file they refuse is refused by both, with the same message, the
@@ -22,13 +22,13 @@ import PIL
 import pytest
 from PIL import Image
 
-from tfbit.image_files import MAX_PIXELS, load_image, read_image_header
-from tfbit.image_processor import BitImageProcessor, pil_to_rgb
+from tfbit.preprocessing.decode import MAX_PIXELS, load_image, read_image_header
+from tfbit.preprocessing.processor import BitImageProcessor, pil_to_rgb
 
 skdata = pytest.importorskip("skimage.data")
 tf = pytest.importorskip("tensorflow")
 
-# The graph resizes in BitImageProcessor's own fixed-point arithmetic (tfbit/image_ops.py), so on
+# The graph resizes in BitImageProcessor's own fixed-point arithmetic (tfbit/preprocessing/tf_processor.py), so on
 # the same decoded pixels only the float32 normalization may round differently.
 PIXEL_TOL = 1e-6
 
@@ -38,23 +38,23 @@ CAT, COFFEE, ASTRONAUT, CAMERA = skdata.chelsea(), skdata.coffee(), skdata.astro
 @pytest.fixture(scope="module")
 def graph():
     """The graph functions, each traced once for the module."""
-    from tfbit import image_decode, image_ops
+    from tfbit.preprocessing import tf_decode, tf_processor
 
     batch = [tf.TensorSpec([None], tf.string)]
     processor = BitImageProcessor()
     return SimpleNamespace(
-        ops=image_ops,
+        ops=tf_processor,
         preprocess=tf.function(
-            lambda s: image_ops.preprocess_image_bytes(s, processor), input_signature=batch, autograph=False
+            lambda s: tf_processor.preprocess_image_bytes(s, processor), input_signature=batch, autograph=False
         ),
         decode=tf.function(
-            lambda s: image_decode.decode_image_bytes(s),
+            lambda s: tf_decode.decode_image_bytes(s),
             input_signature=[tf.TensorSpec([], tf.string)],
             autograph=False,
         ),
         headers=tf.function(
             lambda s: tf.map_fn(
-                lambda x: image_decode._inspect(x, MAX_PIXELS), s, fn_output_signature=image_decode._HEADER_SPEC
+                lambda x: tf_decode._inspect(x, MAX_PIXELS), s, fn_output_signature=tf_decode._HEADER_SPEC
             ),
             input_signature=batch,
             autograph=False,

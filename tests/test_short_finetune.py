@@ -1,6 +1,6 @@
 """Short fine-tuning runs: the HyperRule schedule scaled to 30 steps barely trains and says so;
 the short-run schedule reaches what a practitioner's hand-picked settings reach; the training curve
-has one loss per step. Through `python -m tfbit.finetune` as typed, on the embedded digits
+has one loss per step. Through `python -m conversion.finetune` as typed, on the embedded digits
 checkpoint and digits images."""
 
 import json
@@ -39,7 +39,7 @@ def finetune_cli(digits, output, *args):
         [
             sys.executable,
             "-m",
-            "tfbit.finetune",
+            "conversion.finetune",
             DEFAULT_CHECKPOINT,
             "--data",
             digits / "train",

@@ -15,7 +15,7 @@ from conftest import SMALL
 
 from conversion import convert, runners, tflite_metadata
 from conversion.digits import load_digits_split
-from tfbit.image_processor import BitImageProcessor
+from tfbit.preprocessing.processor import BitImageProcessor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOBILE_PAGE = os.path.join(ROOT, "docs", "mobile.md")

@@ -45,7 +45,7 @@ import sys
 import keras, tfbit
 
 config, out = sys.argv[1], sys.argv[2]
-processor = tfbit.image_processor.BitImageProcessor(size={"shortest_edge": 160},
+processor = tfbit.preprocessing.processor.BitImageProcessor(size={"shortest_edge": 160},
                                                     crop_size={"height": 128, "width": 128})
 model = keras.Sequential([keras.Input((None, None, 3), dtype="uint8"), tfbit.BitPreprocessing(processor),
                           tfbit.BitForImageClassification(tfbit.BitConfig.from_pretrained(config))])
@@ -128,12 +128,12 @@ def test_predict_on_the_export_and_on_the_keras_file_equals_the_users_model(reci
     import keras
 
     import tfbit
-    from tfbit.image_files import load_image
+    from tfbit.preprocessing.decode import load_image
 
     root, _ = recipe
     photos = PHOTOS[:5]
     model = keras.saving.load_model(root / "mine.keras")
-    processor = tfbit.image_processor.BitImageProcessor.from_pretrained(root)
+    processor = tfbit.preprocessing.processor.BitImageProcessor.from_pretrained(root)
     logits = model.predict(processor([load_image(p) for p in photos]), verbose=0)
     expected = np.exp(logits - logits.max(-1, keepdims=True))
     expected /= expected.sum(-1, keepdims=True)
@@ -171,11 +171,11 @@ def test_saved_model_image_bytes_signature_gives_the_same_top1(recipe):
     import tensorflow as tf
 
     import tfbit
-    from tfbit.image_files import load_image
+    from tfbit.preprocessing.decode import load_image
 
     root, _ = recipe
     model = keras.saving.load_model(root / "mine.keras")
-    processor = tfbit.image_processor.BitImageProcessor.from_pretrained(root)
+    processor = tfbit.preprocessing.processor.BitImageProcessor.from_pretrained(root)
     serve = tf.saved_model.load(str(root / "export" / "serving" / "1")).signatures["serving_default"]
     blobs = [open(p, "rb").read() for p in PHOTOS[:8]]
     out = serve(image_bytes=tf.constant(blobs))

@@ -10,7 +10,7 @@ from conftest import SMALL, assert_parity, load_source, perturb_, random_images,
 
 import tfbit
 from conversion.references import torch_reference
-from tfbit.image_processor import BitImageProcessor
+from tfbit.preprocessing.processor import BitImageProcessor
 from tfbit.weights import CheckpointError, detect_format, npz, timm
 from tfbit.weights.infer import infer_config
 from tfbit.weights.readers import read_npz

@@ -1,29 +1,46 @@
 """tfbit: BiT (Big Transfer) ResNetV2 models as Keras 3 / TensorFlow, numerically identical to
-Hugging Face transformers' BiT."""
+Hugging Face transformers' BiT.
 
-from tfbit import api as _api
+Importing tfbit imports Keras and registers every tfbit layer, model and schedule with it, so a
+`.keras` file holding them loads with `keras.saving.load_model` after `import tfbit`. The command
+lines (`conversion.*`, `tfbit-convert`, ...) import tfbit only after setting TensorFlow's
+environment, which TensorFlow reads once, at import."""
 
 __version__ = "0.1.0"
 
-import_api = _api.expose(
-    globals(),
-    {
-        "BitConfig": "tfbit.config",
-        "BitModel": "tfbit.models",
-        "BitForImageClassification": "tfbit.models",
-        "BitBackbone": "tfbit.models",
-        "CheckpointError": "tfbit.weights.checkpoint",
-        "fold_weight_standardization": "tfbit.inference",
-        "inference_model": "tfbit.inference",
-        "load_model": "tfbit.pretrained",
-        "presets": "tfbit.presets",
-        "WSConv2D": "tfbit.layers",
-        "GroupNormActivation": "tfbit.layers",
-        "StemMaxPool": "tfbit.layers",
-        "DropPath": "tfbit.layers",
-        "BiTSchedule": "tfbit.schedules",
-        "BitPreprocessing": "tfbit.preprocessing_layer",
-    },
+from tfbit.finetune.schedules import BiTSchedule
+from tfbit.models import (
+    BitBackbone,
+    BitConfig,
+    BitForImageClassification,
+    BitModel,
+    DropPath,
+    GroupNormActivation,
+    StemMaxPool,
+    WSConv2D,
+    fold_weight_standardization,
+    inference_model,
+    load_model,
 )
-if not _api.deferred():
-    import_api()
+from tfbit.models.presets import presets
+from tfbit.preprocessing import BitImageProcessor, BitPreprocessing
+from tfbit.weights.checkpoint import CheckpointError
+
+__all__ = [
+    "BitConfig",
+    "BitModel",
+    "BitForImageClassification",
+    "BitBackbone",
+    "CheckpointError",
+    "fold_weight_standardization",
+    "inference_model",
+    "load_model",
+    "presets",
+    "WSConv2D",
+    "GroupNormActivation",
+    "StemMaxPool",
+    "DropPath",
+    "BiTSchedule",
+    "BitImageProcessor",
+    "BitPreprocessing",
+]

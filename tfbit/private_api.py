@@ -4,10 +4,10 @@ hook, when an installed release no longer has one; `tests/test_layout.py` keeps 
 from reaching for private names.
 
 Hooks tfbit subclasses override (their names are private, their call sites are Keras'/TF's):
-- `keras.Model._maybe_symbolic_build(iterator=None, data_batch=None)`: `tfbit.multi_worker`
+- `keras.Model._maybe_symbolic_build(iterator=None, data_batch=None)`: `tfbit.models.multi_worker_fit`
   gives it the local replica's batch under MultiWorkerMirroredStrategy (keras-team/keras#20585).
 - `keras.layers.Layer._trackable_children(save_type, **kwargs)` (TensorFlow's Trackable):
-  `tfbit.layers.WSConv2D` adds its standardized-kernel cache, which `tf.saved_model.save`
+  `tfbit.models.layers.WSConv2D` adds its standardized-kernel cache, which `tf.saved_model.save`
   must reach but Keras does not track as weights.
 """
 

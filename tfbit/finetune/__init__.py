@@ -1,26 +1,33 @@
-"""Fine-tuning recipe (BiT-HyperRule), MixUp and tf.data input pipelines."""
+"""Fine-tuning: the recipe (BiT-HyperRule and its schedule), MixUp, tf.data input pipelines,
+the trainer and multi-worker runs."""
 
-from tfbit import api as _api
-
-import_api = _api.expose(
-    globals(),
-    {
-        **dict.fromkeys(
-            [
-                "IMAGE_EXTENSIONS",
-                "ImageDataset",
-                "Normalize",
-                "PipelineOptions",
-                "from_arrays",
-                "from_image_folder",
-                "from_tfds",
-                "make_pipeline",
-            ],
-            "tfbit.finetune.data",
-        ),
-        **dict.fromkeys(["BiTSchedule", "HyperRulePlan", "hyperrule_plan"], "tfbit.finetune.hyperrule"),
-        **dict.fromkeys(["MixUp", "mixup", "sample_mixup_lambda"], "tfbit.finetune.mixup"),
-    },
+from tfbit.finetune.data import (
+    IMAGE_EXTENSIONS,
+    ImageDataset,
+    Normalize,
+    PipelineOptions,
+    from_arrays,
+    from_image_folder,
+    from_tfds,
+    make_pipeline,
 )
-if not _api.deferred():
-    import_api()
+from tfbit.finetune.hyperrule import HyperRulePlan, hyperrule_plan
+from tfbit.finetune.mixup import MixUp, mixup, sample_mixup_lambda
+from tfbit.finetune.schedules import BiTSchedule
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageDataset",
+    "Normalize",
+    "PipelineOptions",
+    "from_arrays",
+    "from_image_folder",
+    "from_tfds",
+    "make_pipeline",
+    "HyperRulePlan",
+    "hyperrule_plan",
+    "MixUp",
+    "mixup",
+    "sample_mixup_lambda",
+    "BiTSchedule",
+]

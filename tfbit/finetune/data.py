@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfbit import image_decode
 from tfbit.finetune.hyperrule import HyperRulePlan
 from tfbit.finetune.mixup import MixUp
-from tfbit.image_files import IMAGE_EXTENSIONS
+from tfbit.preprocessing import tf_decode
+from tfbit.preprocessing.decode import IMAGE_EXTENSIONS
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -232,7 +232,7 @@ def from_tfds(
 def _decode_file(path, label):
     # The serving graph's decoder: training sees each photo as inference will (EXIF orientation,
     # 16-bit and palette handling, the first GIF frame), and refuses the same files.
-    return image_decode.decode_image_bytes(tf.io.read_file(path)), label
+    return tf_decode.decode_image_bytes(tf.io.read_file(path)), label
 
 
 def from_image_folder(root, extensions: Sequence[str] = IMAGE_EXTENSIONS, verify: bool = True) -> ImageDataset:

@@ -17,7 +17,7 @@ rate is scaled linearly, ``learning_rate = base_lr * batch_size / 512``, which i
 0.003 at the reference batch. A smaller batch therefore sees fewer examples in total;
 ``plan.scaled_to(total_steps)`` lengthens the schedule (same shape) to keep the number of epochs.
 
-The learning-rate schedule, `BiTSchedule`, lives in `tfbit.schedules`: `import tfbit` registers
+The learning-rate schedule, `BiTSchedule`, lives in `tfbit.finetune.schedules`: `import tfbit` registers
 it, so a saved model's optimizer loads without importing the fine-tuning pipelines.
 """
 
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from tfbit.schedules import BiTSchedule
+from tfbit.finetune.schedules import BiTSchedule
 
 REFERENCE_BATCH_SIZE = 512
 _SMALL_AREA = 96 * 96

@@ -189,8 +189,8 @@ def load_model_source(source):
     `.keras` file or any converter source (the side from its preprocessor_config.json)."""
     if isinstance(source, keras.Model):
         return source, None
-    from tfbit.image_processor import BitImageProcessor
-    from tfbit.pretrained import load_model
+    from tfbit.models.pretrained import load_model
+    from tfbit.preprocessing.processor import BitImageProcessor
 
     model, checkpoint = load_model(source, task="features")  # the body: the head is replaced anyway
     if checkpoint.preprocessor is None:
@@ -503,7 +503,7 @@ def _num_replicas(strategy):
 
 def _write_preprocessor(output_dir, crop_size, preprocess):
     """The evaluation preprocessing as an HF preprocessor_config.json (resize straight to crop)."""
-    from tfbit.image_processor import BitImageProcessor
+    from tfbit.preprocessing.processor import BitImageProcessor
 
     mean = getattr(preprocess, "mean", 0.5)
     std = getattr(preprocess, "std", 0.5)

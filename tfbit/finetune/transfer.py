@@ -2,8 +2,8 @@
 
 import keras
 
-from tfbit.config import BitConfig
-from tfbit.models import BitForImageClassification, copy_weights
+from tfbit.models.bit import BitForImageClassification, copy_weights
+from tfbit.models.config import BitConfig
 
 
 def with_new_head(model, num_labels=None, id2label=None, freeze_backbone=False):

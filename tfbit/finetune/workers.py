@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 
-from tfbit.multi_worker import WORKER_JOBS, is_multi_worker, worker_count
+from tfbit.models.multi_worker_fit import WORKER_JOBS, is_multi_worker, worker_count
 
 
 def multi_worker_strategy():

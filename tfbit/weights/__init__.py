@@ -9,16 +9,16 @@ Formats (`detect_format` tells them apart):
 * ``timm``  -- a timm ``resnetv2_*_bit`` state dict, timm hub snapshot directory, or hub name
   ``timm/<name>`` / ``hf-hub:<owner>/<name>`` (`tfbit.weights.timm`).
 * ``npz``   -- an original BiT release file, e.g. ``BiT-M-R50x1.npz`` (`tfbit.weights.npz`).
-* ``keras`` -- a tfbit ``.keras`` file; a whole model, loaded by `tfbit.pretrained`.
+* ``keras`` -- a tfbit ``.keras`` file; a whole model, loaded by `tfbit.models.pretrained`.
 """
 
 import dataclasses
 import os
 from pathlib import Path
 
-from tfbit.config import BitConfig, read_json
-from tfbit.presets import fetch, suggest
-from tfbit.presets import get as get_preset
+from tfbit.models.config import BitConfig, read_json
+from tfbit.models.presets import fetch, suggest
+from tfbit.models.presets import get as get_preset
 from tfbit.weights import hf, hub, npz, timm
 from tfbit.weights.checkpoint import Checkpoint, CheckpointError
 from tfbit.weights.readers import read_state_dict, safetensors_keys
@@ -132,7 +132,7 @@ _PRESET_FIELDS = ("num_channels", "embedding_size", "stage_channels", "depths", 
 
 
 def read_preset(name):
-    """A `Checkpoint` of a named preset (`tfbit.presets`): its source fetched (hub or cached
+    """A `Checkpoint` of a named preset (`tfbit.models.presets`): its source fetched (hub or cached
     download) and read, refused when its architecture is not the preset's, named after it
     (`bit-m-r50x1`; a hub id preset by its repo name, `bit-50`, as the hub source would be)."""
     preset = get_preset(name)

@@ -3,7 +3,7 @@ preprocessor_config.json) or a hub repo id."""
 
 import os
 
-from tfbit.config import BitConfig, read_json
+from tfbit.models.config import BitConfig, read_json
 from tfbit.weights import hub
 from tfbit.weights.readers import read_safetensors, read_torch_bin
 

@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 
-from tfbit.config import BitConfig
+from tfbit.models.config import BitConfig
 from tfbit.weights.checkpoint import TRANSFORMS, CheckpointError, map_keys
 
 _UNIT_TARGET = re.compile(r"stage(\d+)_unit(\d+)_.+")

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from tfbit.image_processor import BitImageProcessor
+from tfbit.preprocessing.processor import BitImageProcessor
 from tfbit.weights.checkpoint import Checkpoint
 from tfbit.weights.infer import infer_config
 from tfbit.weights.labels import known_labels

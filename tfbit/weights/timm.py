@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tfbit.config import read_json
-from tfbit.image_processor import BitImageProcessor
+from tfbit.models.config import read_json
+from tfbit.preprocessing.processor import BitImageProcessor
 from tfbit.weights import hub
 from tfbit.weights.checkpoint import Checkpoint
 from tfbit.weights.infer import infer_config

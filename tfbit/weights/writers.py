@@ -108,7 +108,7 @@ def _state_dict(model, table, index_base, eps, digits=None):
     """{checkpoint key: float32 array} of `model` through `table`, kernels for `eps`."""
     import keras
 
-    from tfbit.layers import WSConv2D
+    from tfbit.models.layers import WSConv2D
 
     arrays = {}
     for layer in model.layers:
@@ -180,7 +180,7 @@ def save_transformers(model, directory, preprocessor=None):
 
     from safetensors.numpy import save_file
 
-    from tfbit.image_processor import BitImageProcessor
+    from tfbit.preprocessing.processor import BitImageProcessor
 
     directory = os.path.abspath(os.fspath(directory))
     if preprocessor is not None and not isinstance(preprocessor, BitImageProcessor):

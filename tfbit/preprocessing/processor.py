@@ -22,7 +22,7 @@ vertical pass first for some shapes, e.g. tall images, which moves ~15% of the v
 Inputs follow transformers' conventions: float arrays hold 0-255 pixel values (with
 ``do_rescale=True``), paths are EXIF-transposed and converted with ``convert("RGB")`` (which drops
 alpha, unlike PIL images and arrays, whose alpha is composited on white). Paths are read by
-``tfbit.image_files.load_image``, which applies the serving graph's rules to encoded files
+``tfbit.preprocessing.decode.load_image``, which applies the serving graph's rules to encoded files
 (formats, ``MAX_PIXELS``, truncation, which EXIF orientation is read), so that a file gives the same
 pixels, or the same error, in every tfbit artifact.
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tfbit.image_files import load_image
+from tfbit.preprocessing.decode import load_image
 
 CONFIG_NAME = "preprocessor_config.json"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -69,7 +69,7 @@ def _triangle(x):
     return np.maximum(1.0 - np.abs(x), 0.0)
 
 
-_FILTERS = {2: (_triangle, 1.0), 3: (_bicubic, 2.0)}  # PIL resample id -> (filter, radius)
+FILTERS = {2: (_triangle, 1.0), 3: (_bicubic, 2.0)}  # PIL resample id -> (filter, radius)
 
 
 def _resample_weights(in_size, out_size, resample, dtype):
@@ -80,7 +80,7 @@ def _resample_weights(in_size, out_size, resample, dtype):
     biggest weight below 2**15; Pillow always uses 22 bits of int32, hence torch's off-by-one
     pixels. Float images get unquantized weights computed in the image's float type, like torch.
     """
-    filt, radius = _FILTERS[resample]
+    filt, radius = FILTERS[resample]
     real = np.float32 if dtype == np.float32 else np.float64
     scale = real(in_size) / real(out_size)
     filter_scale = max(scale, real(1.0))
@@ -223,7 +223,7 @@ class BitImageProcessor:
         self.size = _size_dict(224 if size is None else size, "size", square=False)
         self.crop_size = _size_dict(224 if crop_size is None else crop_size, "crop_size", square=True)
         self.resample = int(resample)
-        if self.resample not in (_FILTERS if backend == "torchvision" else range(6)):
+        if self.resample not in (FILTERS if backend == "torchvision" else range(6)):
             raise ValueError(f"resample={self.resample} is not supported by the {backend} backend")
         self.rescale_factor = float(rescale_factor)
         self.image_mean = _channel_stats(OPENAI_CLIP_MEAN if image_mean is None else image_mean, "image_mean")

@@ -1,8 +1,8 @@
 """TensorFlow decoder of encoded images (JPEG, PNG, GIF, BMP), for serving graphs.
 
 Encoded images are read first by their header, with the rules of
-``tfbit.image_files.read_image_header`` (the Python loader ``load_image`` applies the same rules;
-the constants and messages are image_files'), then decoded with core TF ops only (no
+``tfbit.preprocessing.decode.read_image_header`` (the Python loader ``load_image`` applies the same rules;
+the constants and messages are that module's), then decoded with core TF ops only (no
 ``py_function``) to the pixels of transformers' path loader (PIL, ``ImageOps.exif_transpose``,
 ``convert("RGB")``). Measured with Pillow 13 and TF 2.21:
 
@@ -34,10 +34,10 @@ the constants and messages are image_files'), then decoded with core TF ops only
   without IEND, a GIF cut inside its blocks, a BMP shorter than its pixels), never filled with grey.
   TF's decoders refuse them too, without naming the image; PIL refuses all but a PNG without IEND
   and a GIF missing only its last block terminator.
-* Decoded size: at most ``max_pixels`` (default ``image_files.MAX_PIXELS`` = 2**26, where PIL
+* Decoded size: at most ``max_pixels`` (default ``decode.MAX_PIXELS`` = 2**26, where PIL
   alone allows 89.5 M), read from the header (SOF, IHDR, GIF image descriptors, BMP header).
 
-A batch (``read_headers``, which ``tfbit.image_ops.preprocess_image_bytes`` calls) fails as a
+A batch (``read_headers``, which ``tfbit.preprocessing.tf_processor.preprocess_image_bytes`` calls) fails as a
 whole, with an ``InvalidArgumentError`` naming the first bad image by its 0-based index, bytes shown
 in hex: "assertion failed: [tfbit: image 3 of the batch: could not decode image: not JPEG, PNG, GIF
 or BMP data (12 bytes: 68 65 6c 6c 6f 2c 20 77)]". Damage inside compressed pixel data passes the
@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfbit import image_files as spec
+from tfbit.preprocessing import decode as spec
 
 _RUNNING, _DONE, _TRUNCATED, _CORRUPT, _TOO_MANY, _UNSUPPORTED = range(6)  # header walks
 _HEX = [f"{i:02x}" for i in range(256)]
@@ -133,7 +133,7 @@ def _walk_problem(name, status, n, pos):
 
 def _exif_orientation(u, start, end):
     """(IFD0 has tag 0x0112, its first value or 0) of the TIFF structure in u[start:end], as
-    image_files._exif_orientation; reads the IFD's entries at once rather than one by one."""
+    decode._exif_orientation; reads the IFD's entries at once rather than one by one."""
     length = end - start
     little = (_read(u, start) == 0x49) & (_read(u, start + 1) == 0x49)
     big = (_read(u, start) == 0x4D) & (_read(u, start + 1) == 0x4D)
@@ -271,7 +271,7 @@ def _png_header(data, u):
         _format(spec.TRUNCATED, "PNG", n),
         tf.where(corrupt, spec.CORRUPT.format("PNG", 12), _walk_problem("PNG", status, n, pos)),
     )
-    # The colour PIL's convert("RGB") keeps as info["transparency"] (see image_ops._whiten): a palette's one
+    # The colour PIL's convert("RGB") keeps as info["transparency"] (see tf_processor._whiten): a palette's one
     # fully transparent entry, or the tRNS colour of 2- to 8-bit gray and of RGB (its low bytes).
     alpha = _read(u, trns + tf.range(tf.maximum(trns_end - trns, 0)))
     single = (tf.reduce_sum(tf.cast(alpha == 0, tf.int64)) == 1) & tf.reduce_all((alpha == 0) | (alpha == 255))
@@ -367,7 +367,7 @@ def _gif_header(data, u):
             ),
         ),
     )
-    # PIL keeps the palette colour of the transparent index as info["transparency"] (see image_ops._whiten).
+    # PIL keeps the palette colour of the transparent index as info["transparency"] (see tf_processor._whiten).
     table = tf.where(
         _read(u, first + 9) >= 0x80,
         first + 10,  # local colour table, else global
@@ -422,7 +422,7 @@ def _not_an_image(data, u):
 
 
 def _inspect(data, max_pixels):
-    """What ``image_files.read_image_header`` reads and what decoding needs, as tensors (see _HEADER_SPEC)."""
+    """What ``decode.read_image_header`` reads and what decoding needs, as tensors (see _HEADER_SPEC)."""
     kind = tf.constant(len(spec.FORMATS))  # the last branch: not an image
     for k, magic in spec.MAGIC:
         kind = tf.where(tf.strings.substr(data, 0, len(magic)) == magic, k, kind)
@@ -510,7 +510,7 @@ def decode(data, header):
 
 def decode_image_bytes(data, max_pixels=spec.MAX_PIXELS):
     """One encoded JPEG/PNG/GIF/BMP image (a tf.string scalar) -> upright uint8 (H, W, 3), decoded as
-    ``tfbit.image_files.load_image`` decodes files (see the module docstring).
+    ``tfbit.preprocessing.decode.load_image`` decodes files (see the module docstring).
 
     Data the header rules refuse, or images of more than ``max_pixels`` decoded pixels, raise
     ``InvalidArgumentError`` ("tfbit: could not decode image: ...") before anything is decoded.

@@ -1,6 +1,6 @@
 """BiT preprocessing as TensorFlow ops, for serving graphs (SavedModel / TF Serving).
 
-Same steps as :class:`tfbit.image_processor.BitImageProcessor` built from core TF ops only (no
+Same steps as :class:`tfbit.preprocessing.processor.BitImageProcessor` built from core TF ops only (no
 ``py_function``). uint8 images are resized in the processor's own integer arithmetic: the
 weights Pillow or torch compute in float64, quantized to fixed point (22 bits of int32 for
 Pillow, int16 with up to 22 bits for torch), two passes (horizontal first, except where Pillow 13
@@ -10,7 +10,7 @@ processor's bit for bit.
 left up to two uint8 levels of difference; it still resizes float images, where the processor
 uses unquantized weights too.
 
-``preprocess_image_bytes`` takes encoded images: ``tfbit.image_decode`` checks their headers and
+``preprocess_image_bytes`` takes encoded images: ``tfbit.preprocessing.tf_decode`` checks their headers and
 decodes them to the pixels of ``load_image``'s PIL image (its docstring lists the formats, what each
 does and the errors), then this module does what the processor does with that PIL image: a
 transparency colour kept by ``convert("RGB")`` becomes white (see ``_whiten``).
@@ -21,9 +21,9 @@ from __future__ import annotations
 import PIL
 import tensorflow as tf
 
-from tfbit import image_decode
-from tfbit.image_files import MAX_PIXELS
-from tfbit.image_processor import _FILTERS, BitImageProcessor
+from tfbit.preprocessing import tf_decode
+from tfbit.preprocessing.decode import MAX_PIXELS
+from tfbit.preprocessing.processor import FILTERS, BitImageProcessor
 
 _METHODS = {2: "bilinear", 3: "bicubic"}
 _PIL_BITS = 22  # Pillow's PRECISION_BITS: 32 - 8 - 2
@@ -65,9 +65,9 @@ def _power_of_two(bits):
 
 def _fixed_point_weights(in_size, out_size, resample, backend):
     """What Pillow's precompute_coeffs + normalize_coeffs_8bpc and torch's uint8 antialias kernel
-    compute, as `tfbit.image_processor._resample_weights` does in NumPy: input index and int32
+    compute, as `tfbit.preprocessing.processor._resample_weights` does in NumPy: input index and int32
     weight of every tap, (out_size, taps), and the fixed-point bits."""
-    radius = _FILTERS[resample][1]
+    radius = FILTERS[resample][1]
     scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
     filter_scale = tf.maximum(scale, 1.0)
     support = radius * filter_scale
@@ -132,7 +132,7 @@ def _resize(x, p):
     return tf.cast(x, tf.float32)
 
 
-def _center_crop(x, height, width, ceil_padding):
+def center_crop(x, height, width, ceil_padding):
     pad_h = tf.maximum(height - tf.shape(x)[1], 0)
     pad_w = tf.maximum(width - tf.shape(x)[2], 0)
     top, left = (pad_h + int(ceil_padding)) // 2, (pad_w + int(ceil_padding)) // 2
@@ -175,7 +175,7 @@ def _preprocess_batch(images, p):
     if p.do_resize:
         x = _resize(x, p)
     if p.do_center_crop:
-        x = _center_crop(x, p.crop_size["height"], p.crop_size["width"], p.backend == "pil")
+        x = center_crop(x, p.crop_size["height"], p.crop_size["width"], p.backend == "pil")
     return _rescale_normalize(tf.cast(x, tf.float32), p)
 
 
@@ -221,7 +221,7 @@ def _whiten(image, colour):
 def _decoded_rgb(data, header, p):
     """What BitImageProcessor takes from load_image's PIL image: its pixels, a transparency colour
     made white when it converts to RGB."""
-    image = image_decode.decode(data, header)
+    image = tf_decode.decode(data, header)
     return _whiten(image, header["transparent"]) if p.do_convert_rgb else image
 
 
@@ -230,12 +230,12 @@ def preprocess_image_bytes(data, processor, max_pixels=MAX_PIXELS):
 
     Graph-safe under ``tf.function(input_signature=[tf.TensorSpec([None], tf.string)])``. Every
     header is checked before anything is decoded, and a bad image fails the batch with an
-    ``InvalidArgumentError`` naming it (see ``tfbit.image_decode``). ``max_pixels`` bounds each
+    ``InvalidArgumentError`` naming it (see ``tfbit.preprocessing.tf_decode``). ``max_pixels`` bounds each
     image's decoded pixels (all frames of a GIF).
     """
     p = _processor(processor)
     data = tf.reshape(tf.convert_to_tensor(data, tf.string), [-1])
-    headers = image_decode.read_headers(data, max_pixels)
+    headers = tf_decode.read_headers(data, max_pixels)
     return tf.map_fn(
         lambda args: _preprocess_batch(_decoded_rgb(*args, p)[None], p)[0],
         (data, headers),

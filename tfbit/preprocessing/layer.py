@@ -1,6 +1,6 @@
 """`BitPreprocessing`: BitImageProcessor as a Keras layer, for functional models and `tf.data`.
 
-The computation is `tfbit.image_ops` (the serving graph's preprocessing), so a model with this
+The computation is `tfbit.preprocessing.tf_processor` (the serving graph's preprocessing), so a model with this
 layer in front takes what the SavedModel's `serving_default` takes after decoding: images of any
 size, uint8 or floats holding 0-255 values. On uint8 images it equals the Python processor (its
 fixed-point resize); floats are resized with TF's antialiased resize. TensorFlow backend only.
@@ -8,8 +8,8 @@ fixed-point resize); floats are resized with TF's antialiased resize. TensorFlow
 
 import keras
 
-from tfbit import image_ops
-from tfbit.image_processor import BitImageProcessor
+from tfbit.preprocessing import tf_processor
+from tfbit.preprocessing.processor import BitImageProcessor
 
 
 @keras.saving.register_keras_serializable(package="tfbit")
@@ -44,7 +44,7 @@ class BitPreprocessing(keras.layers.Layer):
         return cls(BitImageProcessor.from_pretrained(path), **kwargs)
 
     def call(self, images):
-        out = image_ops.preprocess_images(images, self.processor)  # always a batch
+        out = tf_processor.preprocess_images(images, self.processor)  # always a batch
         return out if len(images.shape) == 4 else out[0]
 
     def _output_size(self):

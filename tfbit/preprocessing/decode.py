@@ -1,6 +1,6 @@
 """Encoded image files on the Python side: the rules tfbit reads them by, and ``load_image``.
 
-The serving graph applies the same rules in TF ops (``tfbit.image_decode``, whose docstring lists
+The serving graph applies the same rules in TF ops (``tfbit.preprocessing.tf_decode``, whose docstring lists
 what each format does): both paths accept the same files, refuse the rest with the same message and
 read the same size and EXIF orientation, so that a file gives the same pixels, or the same error, in
 every tfbit artifact. The constants and message templates below are the ones both paths use.
@@ -45,7 +45,7 @@ XMP_ORIENTATION = b"tiff:Orientation"
 # it; tfbit reads these types from the entry only (orientations are one SHORT in practice).
 EXIF_INTEGERS = {3: 2, 4: 4, 6: 1, 8: 2, 9: 4}
 BMP_MASKS = (0xFF0000, 0xFF00, 0xFF)  # the only BI_BITFIELDS layout TF's decoder reads right
-# Messages, filled in by str.format here and by image_decode._format in the graph; no quotes, which
+# Messages, filled in by str.format here and by tf_decode._format in the graph; no quotes, which
 # tf.debugging.Assert would print escaped.
 NOT_AN_IMAGE = "could not decode image: not JPEG, PNG, GIF or BMP data ({} bytes: {})"
 TRUNCATED = "could not decode image: truncated {} data ({} bytes)"

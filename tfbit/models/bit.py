@@ -9,9 +9,9 @@ import re
 
 import keras
 
-from tfbit.config import BitConfig
-from tfbit.layers import DropPath, GroupNormActivation, StemMaxPool, WSConv2D, conv_padding
-from tfbit.multi_worker import MultiWorkerFit
+from tfbit.models.config import BitConfig
+from tfbit.models.layers import DropPath, GroupNormActivation, StemMaxPool, WSConv2D, conv_padding
+from tfbit.models.multi_worker_fit import MultiWorkerFit
 
 GN_EPS = 1e-5  # GroupNorm eps of every BiT implementation
 
@@ -126,7 +126,7 @@ def _as_config(config):
 
 class _BitBase(MultiWorkerFit, keras.Model):
     """Shared construction protocol: a functional model built from a `BitConfig`; trains with
-    `fit` under any strategy, multi-worker included (`tfbit.multi_worker`).
+    `fit` under any strategy, multi-worker included (`tfbit.models.multi_worker_fit`).
 
     `standardize_weights=False` builds the inference form: its conv kernels hold already
     standardized weights (see `tfbit.fold_weight_standardization`), so no call recomputes them.

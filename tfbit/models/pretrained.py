@@ -2,10 +2,10 @@
 
 import os
 
-from tfbit import user_models
-from tfbit.config import BitConfig, read_json
-from tfbit.models import BitBackbone, BitForImageClassification, BitModel, copy_weights
-from tfbit.presets import is_preset
+from tfbit.models import user_models
+from tfbit.models.bit import BitBackbone, BitForImageClassification, BitModel, copy_weights
+from tfbit.models.config import BitConfig, read_json
+from tfbit.models.presets import is_preset
 from tfbit.weights import Checkpoint, detect_format, read_checkpoint, read_preset
 from tfbit.weights.hf import PREPROCESSOR_FILE
 
@@ -120,7 +120,7 @@ def load_model(source, task="classification", format=None, config=None, out_feat
             `BitModel`), "features" (`BitModel`) or "backbone" (`BitBackbone` returning the
             stages of the config's `out_features`: the last one unless the checkpoint says).
             A `.keras` file of a model a user built on tfbit loads as that model, whatever
-            the task (`tfbit.user_models.check_task` tells which tasks its outputs fit).
+            the task (`tfbit.models.user_models.check_task` tells which tasks its outputs fit).
         format: a `tfbit.weights.FORMATS` name to skip format detection.
         config: a `BitConfig` replacing the stored or inferred one.
         out_features: the stages a backbone returns (e.g. ["stage2", "stage4"]), replacing

@@ -11,7 +11,7 @@ import copy
 import keras
 import numpy as np
 
-from tfbit.layers import WSConv2D
+from tfbit.models.layers import WSConv2D
 
 
 def standardizing_convs(model):

@@ -1,6 +1,6 @@
 """Fine-tune a BiT model with BiT-HyperRule:
 
-    python -m tfbit.finetune SOURCE --data DATA --output DIR [--validation DATA] [--export ...]
+    python -m conversion.finetune SOURCE --data DATA --output DIR [--validation DATA] [--export ...]
 
 SOURCE: anything the converter loads (hub id, checkpoint directory, timm file, .npz) or a
 `.keras` file. DATA: an image folder (root/<class>/*.jpg) or a tensorflow-datasets name
@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 
-from tfbit import environment, runtime
+from conversion import cli, environment, runtime
 
 
 def _dataset(spec, data_dir, download):
@@ -25,23 +25,23 @@ def _dataset(spec, data_dir, download):
 
 
 def main(argv=None):
-    parser = runtime.parser("tfbit.finetune", __doc__)
+    parser = cli.parser("conversion.finetune", __doc__)
     parser.add_argument("source")
     parser.add_argument("--data", required=True, help="training data: image folder or tfds name[:split]")
     parser.add_argument("--validation", help="validation data, same forms as --data")
     parser.add_argument("--data-dir", help="tensorflow-datasets data_dir")
     parser.add_argument("--download", action="store_true", help="let tensorflow-datasets download")
     parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--batch-size", type=runtime.positive_int, default=64, help="global batch size (default 64)")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=64, help="global batch size (default 64)")
     parser.add_argument(
         "--epochs",
-        type=runtime.positive_int,
+        type=cli.positive_int,
         default=10,
         help="Keras epochs the HyperRule steps are spread over (default 10)",
     )
     parser.add_argument(
         "--steps",
-        type=runtime.positive_int,
+        type=cli.positive_int,
         help="train this many steps instead of the HyperRule's; warm-up and decays scale with it",
     )
     parser.add_argument(
@@ -81,7 +81,9 @@ def main(argv=None):
         "OUTPUT/transformers: config.json, model.safetensors, preprocessor_config.json)",
     )
     parser.add_argument(
-        "--threads", type=runtime.positive_int, help="CPU threads (default: every available core; see tfbit/runtime.py)"
+        "--threads",
+        type=cli.positive_int,
+        help="CPU threads (default: every available core; see conversion/runtime.py)",
     )
     parser.add_argument(
         "--overwrite",

@@ -6,12 +6,11 @@
   where it slows BiT at batch 1 by ~20% (nothing fuses with GroupNorm) and gains ~7% at
   batch 16; on for fine-tuning, where its convolution gradients make a step 40-45% faster.
   Some TensorFlow builds turn it on by default, so every CLI says it explicitly before
-  anything imports TensorFlow (`tfbit.environment.configure`); a value already in the
+  anything imports TensorFlow (`conversion.environment.configure`); a value already in the
   environment wins.
 - XLA stays opt-in: +5-20% img/s for inference, but compiling R50x1 takes 20-40 s.
 """
 
-import argparse
 import os
 import warnings
 
@@ -20,28 +19,6 @@ def available_cores():
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def parser(module, doc):
-    """The parser of `python -m <module>`: the module docstring's first paragraph describes the
-    command, the paragraphs after its usage line are the epilog."""
-    return argparse.ArgumentParser(
-        prog=f"python -m {module}",
-        description=doc.split("\n\n")[0],
-        epilog=doc.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-
-
-def positive_int(text):
-    """argparse type of counts (`--threads`, `--top-k`, ...)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def set_threads(threads=None):

@@ -15,7 +15,7 @@ simplest such models, so every function here takes them too.
 
 import keras
 
-from tfbit.config import BitConfig
+from tfbit.models.config import BitConfig
 
 TASKS = ("classification", "features", "backbone")
 
@@ -63,7 +63,7 @@ def split_preprocessing(model):
     model returned starts at its output (float32 pixel values of the processor's crop size).
     Anywhere else it cannot be taken out: ValueError naming the layer.
     """
-    from tfbit.preprocessing_layer import BitPreprocessing
+    from tfbit.preprocessing.layer import BitPreprocessing
 
     found = [layer for layer in _nested_layers(model) if isinstance(layer, BitPreprocessing)]
     if not found:
@@ -141,7 +141,7 @@ def output_labels(model, id2label=None):
     """{id: label} of a classifier's output: `id2label` when given (its size must match), else
     those of the tfbit classifier inside when its head has as many classes (a model wrapping
     it), else LABEL_<i> (a body's config names the classes of a head the model does not use)."""
-    from tfbit.models import BitForImageClassification
+    from tfbit.models.bit import BitForImageClassification
 
     width = model.outputs[0].shape[-1]
     if id2label is not None:

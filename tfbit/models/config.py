@@ -275,7 +275,7 @@ class BitConfig:
         """The architecture of a named preset (`tfbit.presets()`), nothing downloaded; `fields`
         replace the preset's (`num_labels=10`, `id2label=...`, `out_features=...`). Label names
         come with the weights (`from_preset` of a model class): here they are LABEL_<i>."""
-        from tfbit.presets import get  # the module: `tfbit.presets` is the listing function
+        from tfbit.models.presets import get  # the module: `tfbit.presets` is the listing function
 
         architecture = get(name).architecture
         if fields.get("id2label") is not None:  # the labels' count is the head's size

@@ -1,12 +1,11 @@
-"""The process environment of the command lines (`python -m tfbit.finetune`, the converter,
+"""The process environment of the command lines (`python -m conversion.finetune`, the converter,
 predict, ...), set before TensorFlow is imported.
 
-Importing this module does not import TensorFlow; in a process started as one of those command
-lines, neither does importing `tfbit` (`tfbit.api`), so a CLI parses its arguments (`--help`
-is instant) and then calls `configure()`. What it sets, and why:
+Neither this module nor anything a CLI imports before parsing its arguments imports TensorFlow
+or tfbit (which imports Keras), so `--help` is instant; a CLI then calls `configure()`. What it sets, and why:
 
 - oneDNN (`TF_ENABLE_ONEDNN_OPTS`): off for inference, on for fine-tuning, unless the
-  environment says otherwise (the measurements are in `tfbit/runtime.py`).
+  environment says otherwise (the measurements are in `conversion/runtime.py`).
 - TensorFlow's C++ logging: `TF_CPP_MIN_LOG_LEVEL=3` unless exported (TensorFlow reads it
   once, at import), which silences the converter's ~25 MLIR/SavedModel-loader lines and the
   `failed call to cuInit` error of a machine without a GPU. The lines TensorFlow writes while
@@ -60,15 +59,14 @@ def quiet_defaults(verbose=False):
 
 def configure(verbose=False, training=False):
     """Everything above, then TensorFlow imported with its import-time log lines filtered out,
-    then tfbit's public API (whose import `tfbit.api` deferred in a command line's process).
-    Call it first thing in a CLI's `main`, after parsing the arguments."""
+    then tfbit (which imports Keras). Call it first thing in a CLI's `main`, after parsing the arguments."""
     global _quiet
     _quiet = not verbose
     onednn_default(training)
     quiet_defaults(verbose)
     with native_logs_filtered(enabled=not verbose):
         importlib.import_module("tensorflow")  # here, so that its import-time lines are filtered
-        importlib.import_module("tfbit").import_api()
+        importlib.import_module("tfbit")
 
 
 def exported_environment():
