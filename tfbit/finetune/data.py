@@ -190,25 +190,7 @@ def from_tfds(
     """
     import tensorflow_datasets as tfds  # heavy; only needed here
 
-    builder = name_or_builder
-    if isinstance(builder, (str, os.PathLike)):
-        builder = os.fspath(builder)
-        if os.path.isdir(builder):
-            builder = tfds.builder_from_directory(builder)
-        elif os.path.isabs(builder) or builder.startswith("."):  # a path, not "name[/config]"
-            raise FileNotFoundError(f"tfds dataset directory not found: {builder!r}")
-        else:
-            builder = tfds.builder(builder, data_dir=data_dir)
-    # ImageFolder reads files on the fly: it is never "prepared" and refuses to prepare.
-    reads_files = isinstance(builder, tfds.ImageFolder)
-    if download and not reads_files:
-        builder.download_and_prepare()
-    if not reads_files and not builder.is_prepared():
-        raise FileNotFoundError(
-            f"tfds dataset {builder.name!r} is not prepared in {builder.data_dir!r}; "
-            "prepare it there or pass download=True"
-        )
-
+    builder = _prepared_builder(name_or_builder, data_dir, download)
     features = builder.info.features
     for key in (image_key, label_key):
         if key not in features:
@@ -227,6 +209,31 @@ def from_tfds(
     return ImageDataset(
         source, tuple(features[label_key].names), builder.info.splits[split].num_examples, decode, image_size
     )
+
+
+def _prepared_builder(name_or_builder, data_dir, download):
+    """The tfds builder `from_tfds` names, prepared (downloaded only with `download`)."""
+    import tensorflow_datasets as tfds
+
+    builder = name_or_builder
+    if isinstance(builder, (str, os.PathLike)):
+        builder = os.fspath(builder)
+        if os.path.isdir(builder):
+            builder = tfds.builder_from_directory(builder)
+        elif os.path.isabs(builder) or builder.startswith("."):  # a path, not "name[/config]"
+            raise FileNotFoundError(f"tfds dataset directory not found: {builder!r}")
+        else:
+            builder = tfds.builder(builder, data_dir=data_dir)
+    # ImageFolder reads files on the fly: it is never "prepared" and refuses to prepare.
+    reads_files = isinstance(builder, tfds.ImageFolder)
+    if download and not reads_files:
+        builder.download_and_prepare()
+    if not reads_files and not builder.is_prepared():
+        raise FileNotFoundError(
+            f"tfds dataset {builder.name!r} is not prepared in {builder.data_dir!r}; "
+            "prepare it there or pass download=True"
+        )
+    return builder
 
 
 def _decode_file(path, label):
@@ -344,6 +351,42 @@ class PipelineOptions:
     seed: int | None = None
 
 
+def _batch_and_mixup(plan, batch_size, training, options):
+    """The batch size (the plan's unless given) and MixUp α (the plan's for training unless
+    `options` gives one) of a pipeline."""
+    if batch_size is None:
+        if plan is None:
+            raise ValueError("batch_size is required when no HyperRulePlan is given")
+        batch_size = plan.batch_size
+    mixup_alpha = options.mixup_alpha
+    if mixup_alpha is None:
+        mixup_alpha = plan.mixup_alpha if plan is not None and training else 0.0
+    if mixup_alpha and not training:
+        raise ValueError(f"MixUp is for training only, got mixup_alpha={mixup_alpha} with training=False")
+    return batch_size, mixup_alpha
+
+
+def _resized(image, size, options):
+    return tf.image.resize(image, (size, size), antialias=options.antialias)
+
+
+def _augmented(ds, resize, crop, options):
+    """Training examples: resized to `resize`, randomly cropped to `crop`, flipped, preprocessed."""
+
+    def augment(example, aug_seed):
+        image, label = example
+        crop_seed, flip_seed = tf.unstack(tf.random.split(aug_seed, 2))
+        image = tf.image.stateless_random_crop(_resized(image, resize, options), (crop, crop, 3), crop_seed)
+        if options.random_flip:
+            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        return options.preprocess(image), label
+
+    # One stateless seed per example keeps augmentation reproducible under parallel map,
+    # and rerandomize_each_iteration gives new crops/flips on every pass.
+    seeds = tf.data.Dataset.random(seed=options.seed, rerandomize_each_iteration=True).batch(2)
+    return tf.data.Dataset.zip(ds, seeds).map(augment, num_parallel_calls=AUTOTUNE)
+
+
 def make_pipeline(
     image_dataset: ImageDataset,
     plan_or_sizes,
@@ -374,17 +417,8 @@ def make_pipeline(
     options = options or PipelineOptions()
     plan = plan_or_sizes if isinstance(plan_or_sizes, HyperRulePlan) else None
     resize, crop = _sizes(plan_or_sizes)
-    if batch_size is None:
-        if plan is None:
-            raise ValueError("batch_size is required when no HyperRulePlan is given")
-        batch_size = plan.batch_size
-    mixup_alpha = options.mixup_alpha
-    if mixup_alpha is None:
-        mixup_alpha = plan.mixup_alpha if plan is not None and training else 0.0
-    if mixup_alpha and not training:
-        raise ValueError(f"MixUp is for training only, got mixup_alpha={mixup_alpha} with training=False")
+    batch_size, mixup_alpha = _batch_and_mixup(plan, batch_size, training, options)
     repeat = training if repeat is None else repeat
-    preprocess = options.preprocess
 
     ds = image_dataset.source
     if training:
@@ -394,26 +428,13 @@ def make_pipeline(
         ds = ds.repeat()
     if image_dataset.decode is not None:
         ds = ds.map(image_dataset.decode, num_parallel_calls=AUTOTUNE)
-
-    def resize_to(image, size):
-        return tf.image.resize(image, (size, size), antialias=options.antialias)
-
     if training:
-
-        def augment(example, aug_seed):
-            image, label = example
-            crop_seed, flip_seed = tf.unstack(tf.random.split(aug_seed, 2))
-            image = tf.image.stateless_random_crop(resize_to(image, resize), (crop, crop, 3), crop_seed)
-            if options.random_flip:
-                image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-            return preprocess(image), label
-
-        # One stateless seed per example keeps augmentation reproducible under parallel map,
-        # and rerandomize_each_iteration gives new crops/flips on every pass.
-        seeds = tf.data.Dataset.random(seed=options.seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip(ds, seeds).map(augment, num_parallel_calls=AUTOTUNE)
+        ds = _augmented(ds, resize, crop, options)
     else:
-        ds = ds.map(lambda image, label: (preprocess(resize_to(image, crop)), label), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(
+            lambda image, label: (options.preprocess(_resized(image, crop, options)), label),
+            num_parallel_calls=AUTOTUNE,
+        )
 
     num_classes = image_dataset.num_classes
     ds = ds.batch(batch_size, drop_remainder=repeat)

@@ -6,6 +6,7 @@ weight names of `.keras` files and SavedModels and the targets of the checkpoint
 """
 
 import re
+from typing import NamedTuple
 
 import keras
 
@@ -52,31 +53,45 @@ def _stem(make, x):
     return StemMaxPool(config.embedding_dynamic_padding, name="stem_pool")(x)
 
 
-def _preactivation_unit(make, x, name, out_channels, mid_channels, stride, first, drop_rate):
+class _Unit(NamedTuple):
+    """One residual unit of a stage: its layer-name prefix and shape."""
+
+    name: str
+    out_channels: int
+    mid_channels: int
+    stride: int
+    first: bool  # the stage's first unit: its shortcut is a projection
+    drop_rate: float
+    dilation: int
+
+
+def _preactivation_unit(make, x, unit):
     """Pre-activation bottleneck (BiT): GN+act before each conv; the projection sees the
     pre-activated input. HF does not dilate this unit's 3x3 conv, so neither do we."""
+    name = unit.name
     preact = make.norm(f"{name}_norm1")(x)
-    shortcut = make.conv(out_channels, 1, f"{name}_downsample_conv", stride)(preact) if first else x
-    h = make.conv(mid_channels, 1, f"{name}_conv1")(preact)
-    h = make.conv(mid_channels, 3, f"{name}_conv2", stride)(make.norm(f"{name}_norm2")(h))
-    h = make.conv(out_channels, 1, f"{name}_conv3")(make.norm(f"{name}_norm3")(h))
-    if drop_rate:
-        h = DropPath(drop_rate, name=f"{name}_drop_path")(h)
+    shortcut = make.conv(unit.out_channels, 1, f"{name}_downsample_conv", unit.stride)(preact) if unit.first else x
+    h = make.conv(unit.mid_channels, 1, f"{name}_conv1")(preact)
+    h = make.conv(unit.mid_channels, 3, f"{name}_conv2", unit.stride)(make.norm(f"{name}_norm2")(h))
+    h = make.conv(unit.out_channels, 1, f"{name}_conv3")(make.norm(f"{name}_norm3")(h))
+    if unit.drop_rate:
+        h = DropPath(unit.drop_rate, name=f"{name}_drop_path")(h)
     return keras.layers.Add(name=f"{name}_add")([h, shortcut])
 
 
-def _bottleneck_unit(make, x, name, out_channels, mid_channels, stride, first, drop_rate, dilation):
+def _bottleneck_unit(make, x, unit):
     """Non-pre-activation bottleneck (the hybrid-ViT variant): GN after each conv, act after add."""
+    name = unit.name
     shortcut = x
-    if first:
-        shortcut = make.conv(out_channels, 1, f"{name}_downsample_conv", stride)(x)
+    if unit.first:
+        shortcut = make.conv(unit.out_channels, 1, f"{name}_downsample_conv", unit.stride)(x)
         shortcut = make.norm(f"{name}_downsample_norm", activation=False)(shortcut)
-    h = make.norm(f"{name}_norm1")(make.conv(mid_channels, 1, f"{name}_conv1")(x))
-    h = make.conv(mid_channels, 3, f"{name}_conv2", stride, dilation)(h)
+    h = make.norm(f"{name}_norm1")(make.conv(unit.mid_channels, 1, f"{name}_conv1")(x))
+    h = make.conv(unit.mid_channels, 3, f"{name}_conv2", unit.stride, unit.dilation)(h)
     h = make.norm(f"{name}_norm2")(h)
-    h = make.norm(f"{name}_norm3", activation=False)(make.conv(out_channels, 1, f"{name}_conv3")(h))
-    if drop_rate:
-        h = DropPath(drop_rate, name=f"{name}_drop_path")(h)
+    h = make.norm(f"{name}_norm3", activation=False)(make.conv(unit.out_channels, 1, f"{name}_conv3")(h))
+    if unit.drop_rate:
+        h = DropPath(unit.drop_rate, name=f"{name}_drop_path")(h)
     h = keras.layers.Add(name=f"{name}_add")([h, shortcut])
     return keras.layers.Activation(make.config.hidden_act, name=f"{name}_out")(h)
 
@@ -102,14 +117,17 @@ def bit_features(config, pixel_values, standardize_weights=True):
     plan = zip(config.stage_channels, config.mid_channels, config.depths, config.stage_plan())
     for s, (out_ch, mid_ch, depth, (stride, dilation, first_dilation, rates)) in enumerate(plan, 1):
         for u in range(depth):
-            name = f"stage{s}_unit{u + 1}"
-            unit_stride = stride if u == 0 else 1
-            if config.layer_type == "preactivation":
-                x = _preactivation_unit(make, x, name, out_ch, mid_ch, unit_stride, u == 0, rates[u])
-            else:
-                x = _bottleneck_unit(
-                    make, x, name, out_ch, mid_ch, unit_stride, u == 0, rates[u], first_dilation if u == 0 else dilation
-                )
+            first = u == 0
+            unit = _Unit(
+                f"stage{s}_unit{u + 1}",
+                out_ch,
+                mid_ch,
+                stride if first else 1,
+                first,
+                rates[u],
+                first_dilation if first else dilation,
+            )
+            x = (_preactivation_unit if config.layer_type == "preactivation" else _bottleneck_unit)(make, x, unit)
         hidden_states.append(x)
     if config.layer_type == "preactivation":
         x = make.norm("norm")(x)

@@ -294,6 +294,34 @@ def _png_header(data, u):
 def _gif_header(data, u):
     n = tf.size(u, tf.int64)
     screen_width, screen_height = _read(u, 6, 2, True), _read(u, 8, 2, True)
+    zero, none = tf.constant(0, tf.int64), tf.constant(-1, tf.int64)
+    status, (pos, _, frames, pixels, control, first) = _walk(
+        _gif_step(u, n, screen_width, screen_height),
+        (13 + _color_table(_read(u, 10)), tf.constant(False), zero, zero, none, none),
+    )
+    unsupported = _format(
+        spec.UNSUPPORTED_GIF, frames, *(_read(u, pos + k, 2, True) for k in (5, 7, 1, 3)), screen_width, screen_height
+    )
+    problem = tf.where(
+        n < 13,
+        _format(spec.TRUNCATED, "GIF", n),
+        tf.where(
+            status == _UNSUPPORTED,
+            unsupported,
+            tf.where(
+                (status == _DONE) & (frames == 0),
+                _format(spec.CORRUPT, "GIF", pos),
+                _walk_problem("GIF", status, n, pos),
+            ),
+        ),
+    )
+    transparent = _gif_transparent_colour(u, control, first)
+    return _header(problem, screen_width, screen_height, frames, pixels, gif_control=control, transparent=transparent)
+
+
+def _gif_step(u, n, screen_width, screen_height):
+    """One step of `_walk` over a GIF's blocks; its state is (position, inside data sub-blocks,
+    frames, pixels, the first frame's graphic control extension, its image descriptor)."""
     runs = 256 * tf.range(64, dtype=tf.int64)
 
     def body(state):
@@ -347,35 +375,20 @@ def _gif_header(data, u):
             tf.where(is_first, pos, first),
         )
 
-    zero, none = tf.constant(0, tf.int64), tf.constant(-1, tf.int64)
-    status, (pos, _, frames, pixels, control, first) = _walk(
-        body, (13 + _color_table(_read(u, 10)), tf.constant(False), zero, zero, none, none)
-    )
-    unsupported = _format(
-        spec.UNSUPPORTED_GIF, frames, *(_read(u, pos + k, 2, True) for k in (5, 7, 1, 3)), screen_width, screen_height
-    )
-    problem = tf.where(
-        n < 13,
-        _format(spec.TRUNCATED, "GIF", n),
-        tf.where(
-            status == _UNSUPPORTED,
-            unsupported,
-            tf.where(
-                (status == _DONE) & (frames == 0),
-                _format(spec.CORRUPT, "GIF", pos),
-                _walk_problem("GIF", status, n, pos),
-            ),
-        ),
-    )
-    # PIL keeps the palette colour of the transparent index as info["transparency"] (see tf_processor._whiten).
+    return body
+
+
+def _gif_transparent_colour(u, control, first):
+    """The first frame's transparent colour (RGB), or -1: PIL keeps the palette colour of the
+    transparent index as info["transparency"] (see tf_processor._whiten)."""
+    none = tf.constant(-1, tf.int64)
     table = tf.where(
         _read(u, first + 9) >= 0x80,
         first + 10,  # local colour table, else global
         tf.where(_read(u, 10) >= 0x80, tf.constant(13, tf.int64), none),
     )
     colour = _read(u, table + 3 * _read(u, control + 3) + tf.range(3, dtype=tf.int64))
-    transparent = tf.where((control >= 0) & (first >= 0) & (_read(u, control) % 2 == 1) & (table >= 0), colour, -1)
-    return _header(problem, screen_width, screen_height, frames, pixels, gif_control=control, transparent=transparent)
+    return tf.where((control >= 0) & (first >= 0) & (_read(u, control) % 2 == 1) & (table >= 0), colour, -1)
 
 
 def _bmp_fields(u):
