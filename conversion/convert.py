@@ -29,7 +29,9 @@ import numpy as np
 from conversion import environment
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_checkpoint")
-DEFAULT_OUTPUT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "saved_models")
+# relative to the working directory: the repository's saved_models/ when run from its root, as
+# the README does, and never inside site-packages for a pip-installed tfbit
+DEFAULT_OUTPUT_ROOT = "saved_models"
 OUTPUT_FORMATS = ("keras", "saved_model", "tflite")
 TFLITE_INPUTS = ("float32", "uint8")
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
@@ -228,89 +230,132 @@ def gather_images(request, label2id):
     )
 
 
+@dataclasses.dataclass
+class Images:
+    """The real images of a conversion."""
+
+    real: object  # conversion.images.RealImages: the verification images
+    pixel_values: np.ndarray  # `real` preprocessed: what the source and most artifacts take
+    calibration: object  # what full int8 TFLite calibrates on, or None
+
+    @property
+    def size(self):
+        return self.pixel_values.shape[1:3]
+
+
+def preprocessed_images(request, source):
+    """The real images, preprocessed to the size the source takes (else ConversionError)."""
+    real, calibration = gather_images(request, source.config.label2id)
+    try:
+        pixel_values = source.processor(real.images)
+    except ValueError as e:
+        raise ConversionError(f"the images cannot be preprocessed: {e}") from e
+    images = Images(real, pixel_values, calibration)
+    expected = tuple(source.pixel_model.inputs[0].shape[1:3])
+    if any(want is not None and want != got for want, got in zip(expected, images.size)):
+        raise ConversionError(
+            f"{request.source} takes {expected[0]}x{expected[1]} images, but its preprocessing "
+            f"gives {images.size[0]}x{images.size[1]}: pass the preprocessor_config.json it was "
+            "trained with (--preprocessor)"
+        )
+    return images
+
+
 # -- step 3: export ------------------------------------------------------------------------------
 
 
-def export_artifacts(source, request, inference, staging, version, image_size, calibration, log):
+def export_artifacts(source, request, inference, staging, version, images, log):
     """The artifacts of `source` (`inference`: its float32 folded pixel model, which every graph
     is exported from) written into `staging`."""
-    from conversion import export, runners, tflite_metadata
+    source.config.save_pretrained(staging)
+    source.processor.save_pretrained(staging)
+    artifacts = []
+    if "keras" in request.formats:
+        artifacts += _keras_artifacts(source, request, staging, log)
+    if "saved_model" in request.formats:
+        artifacts += _saved_model_artifacts(source, request, inference, staging, version, log)
+    if "tflite" in request.formats:
+        artifacts += _tflite_artifacts(source, request, inference, staging, images, log)
+    return artifacts
+
+
+def _keras_artifacts(source, request, staging, log):
+    from conversion import runners
     from tfbit.models import user_models
 
-    task, processor, config, name = source.task, source.processor, source.config, request.name
-    formats, quantizations, tflite_input = request.formats, request.quantizations, request.tflite_input
+    log("      .keras")
+    path = f"{request.name}.keras"
+    source.model.save(os.path.join(staging, path))
+    # a mixed-precision model (a fine-tune) computes in float16/bfloat16: not float32 parity
+    lossless = user_models.computes_in_float32(source.model)
+    return [Artifact("keras", path, lambda p: runners.keras_runner(p, task=source.task), lossless=lossless)]
+
+
+def _saved_model_artifacts(source, request, inference, staging, version, log):
+    from conversion import export, runners
+
+    log(f"      TF Serving SavedModel (version {version})")
+    path = os.path.join("serving", str(version))
+    export.write_saved_model(
+        inference,
+        source.task,
+        source.processor.to_dict(),
+        source.config.id2label,
+        os.path.join(staging, path),
+        request.top_k,
+        xla=request.saved_model_xla,
+    )
+    return [
+        Artifact("saved_model[pixel_values]", path, lambda p: runners.saved_model_runner(p, "pixel_values")),
+        Artifact(
+            "saved_model[image_bytes]",
+            path,
+            lambda p: runners.saved_model_runner(p, "serving_default"),
+            inputs="encoded",
+            lossless=False,
+        ),
+    ]
+
+
+def _tflite_artifacts(source, request, inference, staging, images, log):
+    from conversion import export, runners, tflite_metadata
+
+    processor, config, name = source.processor, source.config, request.name
+    raw = request.tflite_input == "uint8"  # raw RGB crops in, normalized inside
+    log(f"      TFLite {', '.join(request.quantizations)}{' (raw uint8 input)' if raw else ''}")
+    os.makedirs(os.path.join(staging, "tflite"))
+    calib = None
+    if images.calibration is not None:
+        calib = runners.raw_crops(processor, images.calibration) if raw else processor(images.calibration)
+    files = export.tflite_models(
+        inference, source.task, images.size, request.quantizations, calib, processor if raw else None
+    )
+    labels = [config.id2label[i] for i in range(config.num_labels)]
     artifacts = []
-    config.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    if "keras" in formats:
-        log("      .keras")
-        source.model.save(os.path.join(staging, f"{name}.keras"))
-        # a mixed-precision model (a fine-tune) computes in float16/bfloat16: not float32 parity
-        artifacts.append(
-            Artifact(
-                "keras",
-                f"{name}.keras",
-                lambda p: runners.keras_runner(p, task=task),
-                lossless=user_models.computes_in_float32(source.model),
+    for q, flatbuffer in files.items():
+        path, artifact = tflite_path(name, q, request.tflite_input), f"tflite_{q}{'[uint8]' if raw else ''}"
+        if isinstance(flatbuffer, export.VariantError):  # reported as a failed artifact
+            artifacts.append(Artifact(artifact, path, None, lossless=False, error=str(flatbuffer)))
+            continue
+        if source.task == "classification":  # labels and normalization for the LiteRT support tooling
+            flatbuffer = tflite_metadata.add_classifier_metadata(
+                flatbuffer,
+                labels,
+                *tflite_metadata.pixel_normalization(processor),
+                name,
+                f"BiT image classifier ({q}) converted by tfbit",
             )
-        )
-    if "saved_model" in formats:
-        log(f"      TF Serving SavedModel (version {version})")
-        path = os.path.join("serving", str(version))
-        export.write_saved_model(
-            inference,
-            task,
-            processor.to_dict(),
-            config.id2label,
-            os.path.join(staging, path),
-            request.top_k,
-            xla=request.saved_model_xla,
-        )
-        artifacts.append(
-            Artifact("saved_model[pixel_values]", path, lambda p: runners.saved_model_runner(p, "pixel_values"))
-        )
+        with open(os.path.join(staging, path), "wb") as f:
+            f.write(flatbuffer)
         artifacts.append(
             Artifact(
-                "saved_model[image_bytes]",
+                artifact,
                 path,
-                lambda p: runners.saved_model_runner(p, "serving_default"),
-                inputs="encoded",
-                lossless=False,
+                lambda p: runners.tflite_runner(p, request.threads),
+                inputs="crops" if raw else "pixels",
+                lossless=q == "fp32",
             )
         )
-    if "tflite" in formats:
-        raw = tflite_input == "uint8"  # raw RGB crops in, normalized inside
-        log(f"      TFLite {', '.join(quantizations)}{' (raw uint8 input)' if raw else ''}")
-        os.makedirs(os.path.join(staging, "tflite"))
-        calib = None
-        if calibration is not None:
-            calib = runners.raw_crops(processor, calibration) if raw else processor(calibration)
-        files = export.tflite_models(inference, task, image_size, quantizations, calib, processor if raw else None)
-        labels = [config.id2label[i] for i in range(config.num_labels)]
-        for q, flatbuffer in files.items():
-            path, artifact = tflite_path(name, q, tflite_input), f"tflite_{q}{'[uint8]' if raw else ''}"
-            if isinstance(flatbuffer, export.VariantError):  # reported as a failed artifact
-                artifacts.append(Artifact(artifact, path, None, lossless=False, error=str(flatbuffer)))
-                continue
-            if task == "classification":  # labels and normalization for the LiteRT support tooling
-                flatbuffer = tflite_metadata.add_classifier_metadata(
-                    flatbuffer,
-                    labels,
-                    *tflite_metadata.pixel_normalization(processor),
-                    name,
-                    f"BiT image classifier ({q}) converted by tfbit",
-                )
-            with open(os.path.join(staging, path), "wb") as f:
-                f.write(flatbuffer)
-            artifacts.append(
-                Artifact(
-                    artifact,
-                    path,
-                    lambda p: runners.tflite_runner(p, request.threads),
-                    inputs="crops" if raw else "pixels",
-                    lossless=q == "fp32",
-                )
-            )
     return artifacts
 
 
@@ -387,6 +432,33 @@ def verify_artifacts(artifacts, staging, reference, pixel_values, images, crops=
     return rows
 
 
+@dataclasses.dataclass
+class Outcome:
+    """What verification found, and so what is published."""
+
+    rows: list  # conversion.verify.Row of each artifact
+    reference: str  # what the artifacts were compared with: "pytorch" or "keras"
+    failed: set  # paths of the artifacts that failed
+    missing: set  # paths of the artifacts that could not be produced: nothing to publish
+    published: list  # paths to publish
+
+
+def verify_conversion(source, request, artifacts, staging, images, log):
+    """Each artifact checked against the source's outputs on the real images."""
+    from conversion import runners
+
+    log(f"[3/5] verifying {len(artifacts)} artifacts on {images.real.description}")
+    reference, reference_kind = reference_outputs(source, images.pixel_values, log)
+    uint8 = request.tflite_input == "uint8" and "tflite" in request.formats
+    crops = runners.raw_crops(source.processor, images.real.images) if uint8 else None
+    with environment.cli_logs_filtered():  # LiteRT's notice when it first runs a file
+        rows = verify_artifacts(artifacts, staging, reference, images.pixel_values, images.real, crops)
+    failed = {r.path for r in rows if not r.passed}
+    missing = {a.path for a in artifacts if a.error}
+    published = sorted({a.path for a in artifacts} - missing - (set() if request.keep_failed else failed))
+    return Outcome(rows, reference_kind, failed, missing, published)
+
+
 # -- the pipeline --------------------------------------------------------------------------------
 
 
@@ -417,12 +489,17 @@ def convert(source=None, output=None, *, log=_log, **options):
 
     Raises ConversionError on bad input.
     """
-    from conversion import publish
-
     try:
         request = Request(source=source, output=output, **options)
     except TypeError as e:
         raise TypeError(f"convert() {str(e).removeprefix('Request.__init__() ')}") from None
+    return run(request, log)
+
+
+def run(request, log=_log):
+    """`convert` of a `Request` (which the command line builds from its arguments)."""
+    from conversion import publish
+
     try:
         environment.require_tensorflow_backend("exports need", "the converter")
     except ValueError as e:
@@ -431,7 +508,6 @@ def convert(source=None, output=None, *, log=_log, **options):
     started = time.perf_counter()
     log(f"[1/5] loading {'the embedded digits checkpoint' if request.demo else request.source}")
     loaded = load_source(request, log)
-    config = loaded.config
     request.name = request.name or ("digits" if request.demo else loaded.checkpoint.name)
     request.output = os.path.abspath(request.output or os.path.join(DEFAULT_OUTPUT_ROOT, request.name))
     kind = (
@@ -440,25 +516,13 @@ def convert(source=None, output=None, *, log=_log, **options):
         else f"{loaded.checkpoint.format} checkpoint"
     )
     log(
-        f"      {kind}, {config.num_labels if request.task == 'classification' else 'no'} labels, "
+        f"      {kind}, {loaded.config.num_labels if request.task == 'classification' else 'no'} labels, "
         f"{sum(int(np.prod(w.shape)) for w in loaded.model.weights) / 1e6:.1f} M parameters"
     )
-    real, calibration = gather_images(request, config.label2id)
-    try:
-        pixel_values = loaded.processor(real.images)
-    except ValueError as e:
-        raise ConversionError(f"the images cannot be preprocessed: {e}") from e
-    image_size = pixel_values.shape[1:3]
-    expected = tuple(loaded.pixel_model.inputs[0].shape[1:3])
-    if any(want is not None and want != got for want, got in zip(expected, image_size)):
-        raise ConversionError(
-            f"{request.source} takes {expected[0]}x{expected[1]} images, but its preprocessing "
-            f"gives {image_size[0]}x{image_size[1]}: pass the preprocessor_config.json it was "
-            "trained with (--preprocessor)"
-        )
+    images = preprocessed_images(request, loaded)
     try:
         with publish.OutputLock(request.output):
-            return _export_verify_publish(loaded, request, image_size, calibration, real, pixel_values, started, log)
+            return _export_verify_publish(loaded, request, images, started, log)
     except publish.OutputError as e:  # the output is locked, or publishing would lose a file
         raise ConversionError(str(e)) from e
 
@@ -474,22 +538,22 @@ def _planned_files(request, version):
     return planned
 
 
-def _report(loaded, request, real, image_size, version, rows, published, failed, export_seconds, started, reference):
+def _report(loaded, request, images, version, outcome, export_seconds, started):
     report = {
         "source": str(request.source or DEFAULT_CHECKPOINT),
         "format": loaded.checkpoint.format,
         "model": type(loaded.model).__name__,
         "task": request.task,
         "name": request.name,
-        "reference": reference,
-        "images": real.description,
-        "num_images": len(real.encoded),
-        "image_size": list(image_size),
-        "serving_version": version if os.path.join("serving", str(version)) in published else None,
+        "reference": outcome.reference,
+        "images": images.real.description,
+        "num_images": len(images.real.encoded),
+        "image_size": list(images.size),
+        "serving_version": version if os.path.join("serving", str(version)) in outcome.published else None,
         "export_seconds": round(export_seconds, 1),
         "verification_seconds": round(time.perf_counter() - started - export_seconds, 1),
-        "artifacts": [dataclasses.asdict(r) | {"published": r.path in published} for r in rows],
-        "passed": not failed,
+        "artifacts": [dataclasses.asdict(r) | {"published": r.path in outcome.published} for r in outcome.rows],
+        "passed": not outcome.failed,
     }
     if request.demo:
         with open(os.path.join(DEFAULT_CHECKPOINT, "metrics.json"), encoding="utf-8") as f:
@@ -497,8 +561,8 @@ def _report(loaded, request, real, image_size, version, rows, published, failed,
     return report
 
 
-def _export_verify_publish(loaded, request, image_size, calibration, real, pixel_values, started, log):
-    from conversion import export, processes, publish, runners, verify
+def _export_verify_publish(loaded, request, images, started, log):
+    from conversion import export, processes, publish, verify
 
     output = request.output
     version = publish.next_serving_version(output)
@@ -509,42 +573,34 @@ def _export_verify_publish(loaded, request, image_size, calibration, real, pixel
     with publish.staging_dir(output) as staging:
         log(f"[2/5] exporting into {staging}")
         inference = export.float32_inference_model(loaded.pixel_model)
-        artifacts = export_artifacts(loaded, request, inference, staging, version, image_size, calibration, log)
+        artifacts = export_artifacts(loaded, request, inference, staging, version, images, log)
         processes.raise_if_received()  # a signal whose exception the export swallowed
         export_seconds = time.perf_counter() - started
-        log(f"[3/5] verifying {len(artifacts)} artifacts on {real.description}")
-        reference, reference_kind = reference_outputs(loaded, pixel_values, log)
-        uint8 = request.tflite_input == "uint8" and "tflite" in request.formats
-        crops = runners.raw_crops(loaded.processor, real.images) if uint8 else None
-        with environment.cli_logs_filtered():  # LiteRT's notice when it first runs a file
-            rows = verify_artifacts(artifacts, staging, reference, pixel_values, real, crops)
-        failed = {r.path for r in rows if not r.passed}
-        missing = {a.path for a in artifacts if a.error}  # could not be produced: nothing to publish
-        published = sorted({a.path for a in artifacts} - missing - (set() if request.keep_failed else failed))
-        report = _report(
-            loaded, request, real, image_size, version, rows, published, failed, export_seconds, started, reference_kind
-        )
+        outcome = verify_conversion(loaded, request, artifacts, staging, images, log)
+        report = _report(loaded, request, images, version, outcome, export_seconds, started)
         with open(os.path.join(staging, "report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
-        log("\n" + verify.format_table(rows))
+        log("\n" + verify.format_table(outcome.rows))
         if request.demo:
             log(f"\nheld-out digits accuracy measured by transformers (PyTorch): {report['transformers_accuracy']:.2%}")
         log(f"\nloading + export {report['export_seconds']} s, verification {report['verification_seconds']} s")
+        published = outcome.published
         log(f"[4/5] publishing {len(published)} verified artifact{'s' if len(published) != 1 else ''} into {output}")
         written = ["config.json", "preprocessor_config.json", *published, "report.json"]
         publish.publish(staging, output, written, source_paths=loaded.checkpoint.files, overwrite=request.overwrite)
-    if failed:
+    if outcome.failed:
         log(
-            f"[5/5] verification FAILED for {', '.join(r.artifact for r in rows if not r.passed)}: "
-            + _failure_advice(request, failed, missing)
+            f"[5/5] verification FAILED for {', '.join(r.artifact for r in outcome.rows if not r.passed)}: "
+            + _failure_advice(request, outcome)
         )
     else:
         log(f"[5/5] all artifacts verified -> {output}")
     return report
 
 
-def _failure_advice(request, failed, missing):
+def _failure_advice(request, outcome):
     """What happened to the failed artifacts, and the flags that keep or skip them."""
+    failed, missing = outcome.failed, outcome.missing
     formats, quantizations, name, output = request.formats, request.quantizations, request.name, request.output
     tflite_input, keep_failed = request.tflite_input, request.keep_failed
     kept = failed - missing
@@ -575,10 +631,10 @@ def _failure_advice(request, failed, missing):
     return advice + (f" with {' '.join(flags)}" if flags else "")
 
 
-def main(argv=None):
+def build_parser():
     # The parser imports no TensorFlow (conversion.cli): --help answers at once.
     from conversion import cli
-    from conversion.cli import SOURCE_FORMATS, TASKS, TFLITE_QUANTIZATIONS
+    from conversion.cli import SOURCE_FORMATS
 
     parser = argparse.ArgumentParser(
         prog=cli.program("conversion.convert"),
@@ -596,6 +652,16 @@ def main(argv=None):
     parser.add_argument("--source-format", choices=SOURCE_FORMATS, help="override format detection")
     parser.add_argument("--output", help="output directory (default: saved_models/<name>)")
     parser.add_argument("--name", help="artifact name (default: from the source)")
+    _add_artifact_arguments(parser)
+    _add_input_arguments(parser)
+    _add_run_arguments(parser)
+    cli.add_verbose(parser)
+    return parser
+
+
+def _add_artifact_arguments(parser):
+    from conversion.cli import TASKS, TFLITE_QUANTIZATIONS
+
     parser.add_argument("--formats", nargs="+", default=list(OUTPUT_FORMATS), choices=OUTPUT_FORMATS)
     parser.add_argument(
         "--tflite",
@@ -618,6 +684,9 @@ def main(argv=None):
         choices=TASKS,
         help="classification (logits), features (pooled vector) or backbone (stage maps)",
     )
+
+
+def _add_input_arguments(parser):
     parser.add_argument(
         "--images", help="folder of real images for verification/calibration (default: the photos shipped with tfbit)"
     )
@@ -636,6 +705,11 @@ def main(argv=None):
         help="with --task backbone: the stages to export, e.g. stage2 stage4 (default: the "
         "checkpoint's out_features, as transformers' BitBackbone returns)",
     )
+
+
+def _add_run_arguments(parser):
+    from conversion import cli
+
     parser.add_argument("--num-images", type=cli.positive_int, default=32, help="verification images (default 32)")
     parser.add_argument(
         "--calibration-images",
@@ -666,35 +740,19 @@ def main(argv=None):
         type=cli.positive_int,
         help="CPU threads (default: every available core; see conversion/runtime.py)",
     )
-    cli.add_verbose(parser)
-    args = parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     environment.configure(args.verbose)  # before anything else imports TensorFlow
     from conversion import processes, runtime
 
-    threads = runtime.set_threads(args.threads)
+    # every option but --verbose is stored under the name of its Request field
+    request = Request(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Request)})
+    request.threads = runtime.set_threads(args.threads)
     try:
         with processes.termination_as_exit():  # SIGTERM runs the clean-up of a normal exit
-            report = convert(
-                args.source,
-                args.output,
-                name=args.name,
-                formats=args.formats,
-                quantizations=args.quantizations,
-                task=args.task,
-                source_format=args.source_format,
-                overwrite=args.overwrite,
-                images=args.images,
-                num_images=args.num_images,
-                top_k=args.top_k,
-                calibration_images=args.calibration_images,
-                threads=threads,
-                keep_failed=args.keep_failed,
-                preprocessor=args.preprocessor,
-                labels=args.labels,
-                out_features=args.out_features,
-                tflite_input=args.tflite_input,
-                saved_model_xla=args.saved_model_xla,
-            )
+            report = run(request)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -222,43 +222,8 @@ def tflite_models(model, task, image_size, quantizations, representative_images=
     (`float32_inference_model`): an unfolded one computes its kernels at run time, which full
     int8 cannot quantize as weights.
     """
-    unknown = [q for q in quantizations if q not in TFLITE_QUANTIZATIONS]
-    if unknown:
-        raise ValueError(f"unknown TFLite quantization {unknown}; choose from {TFLITE_QUANTIZATIONS}")
-    if "int8" in quantizations and (representative_images is None or not len(representative_images)):
-        raise ValueError("full int8 quantization needs representative images")
-    channels = model.inputs[0].shape[-1]
-    if "int8" in quantizations and np.shape(representative_images)[1:] != (*image_size, channels):
-        raise ValueError(
-            f"representative images have shape {np.shape(representative_images)[1:]}; "
-            f"the TFLite graph takes {(*image_size, channels)}"
-        )
-    outputs = task_outputs(model, task, {0: ""}, 1)
-
-    def result(pixel_values):
-        out = outputs(pixel_values)
-        return {"logits": out["logits"]} if task == "classification" else out
-
-    if input_processor is None:
-
-        def serve(pixel_values):
-            return result(pixel_values)
-
-        spec = tf.TensorSpec([None, *image_size, channels], tf.float32, name="pixel_values")
-        float_graph = int8_graph = (serve, spec)
-    else:
-        normalize = BitImageProcessor.from_dict(
-            input_processor.to_dict(), backend=input_processor.backend, do_resize=False, do_center_crop=False
-        )
-
-        def serve(image):
-            return result(tf_processor.preprocess_images(image, normalize))
-
-        float_graph = (serve, tf.TensorSpec([1, *image_size, 3], tf.uint8, name="image"))
-        # Full int8 quantizes a float input of 0-255 values into uint8 with the identity
-        # (`_configure`): no float op is left for integer accelerators, unlike a uint8 -> float cast.
-        int8_graph = (serve, tf.TensorSpec([1, *image_size, 3], tf.float32, name="image"))
-
+    _check_tflite_request(model, image_size, quantizations, representative_images)
+    float_graph, int8_graph = _tflite_graphs(model, task, image_size, input_processor)
     floats = [q for q in quantizations if q != "int8"]
     with tempfile.TemporaryDirectory() as workdir:
         worker = _Int8Worker(representative_images, workdir) if "int8" in quantizations else None
@@ -281,6 +246,51 @@ def tflite_models(model, task, image_size, quantizations, representative_images=
             if worker:
                 worker.close()
     return {q: results[q] for q in quantizations}
+
+
+def _check_tflite_request(model, image_size, quantizations, representative_images):
+    unknown = [q for q in quantizations if q not in TFLITE_QUANTIZATIONS]
+    if unknown:
+        raise ValueError(f"unknown TFLite quantization {unknown}; choose from {TFLITE_QUANTIZATIONS}")
+    if "int8" in quantizations and (representative_images is None or not len(representative_images)):
+        raise ValueError("full int8 quantization needs representative images")
+    channels = model.inputs[0].shape[-1]
+    if "int8" in quantizations and np.shape(representative_images)[1:] != (*image_size, channels):
+        raise ValueError(
+            f"representative images have shape {np.shape(representative_images)[1:]}; "
+            f"the TFLite graph takes {(*image_size, channels)}"
+        )
+
+
+def _tflite_graphs(model, task, image_size, input_processor):
+    """(float variants' graph, full int8's graph), each as (fn, input spec) for `_save`; one
+    graph serves both unless the input is raw uint8 crops."""
+    outputs = task_outputs(model, task, {0: ""}, 1)
+
+    def result(pixel_values):
+        out = outputs(pixel_values)
+        return {"logits": out["logits"]} if task == "classification" else out
+
+    if input_processor is None:
+
+        def serve(pixel_values):
+            return result(pixel_values)
+
+        graph = (serve, tf.TensorSpec([None, *image_size, model.inputs[0].shape[-1]], tf.float32, name="pixel_values"))
+        return graph, graph
+    normalize = BitImageProcessor.from_dict(
+        input_processor.to_dict(), backend=input_processor.backend, do_resize=False, do_center_crop=False
+    )
+
+    def serve(image):
+        return result(tf_processor.preprocess_images(image, normalize))
+
+    # Full int8 quantizes a float input of 0-255 values into uint8 with the identity
+    # (`_configure`): no float op is left for integer accelerators, unlike a uint8 -> float cast.
+    return (
+        (serve, tf.TensorSpec([1, *image_size, 3], tf.uint8, name="image")),
+        (serve, tf.TensorSpec([1, *image_size, 3], tf.float32, name="image")),
+    )
 
 
 def tflite_bytes(model, task, image_size, quantization, representative_images=None):

@@ -18,11 +18,13 @@ Exit codes: 0 every image predicted, 1 some images skipped, 2 bad arguments or n
 """
 
 import csv
+import dataclasses
 import glob
 import json
 import os
 import re
 import sys
+from typing import Callable
 
 from conversion import cli, environment
 
@@ -240,48 +242,59 @@ def ranked(logits, labels, k):
     return [(labels[int(i)], float(probabilities[i])) for i in best]
 
 
-def predict(
-    artifact,
-    image_paths,
-    top_k=5,
-    threads=None,
-    xla=False,
-    on_error=None,
-    batch_size=32,
-    progress=None,
-    labels=None,
-    preprocessor=None,
-):
+@dataclasses.dataclass
+class Options:
+    """How `predict` runs: its keyword arguments (see `predict`)."""
+
+    top_k: int = 5
+    threads: int | None = None
+    xla: bool = False
+    on_error: Callable | None = None
+    batch_size: int = 32
+    progress: Callable | None = None
+    labels: str | None = None
+    preprocessor: str | None = None
+
+    def classifier(self, artifact):
+        return Classifier(artifact, self.threads, self.xla, self.labels, self.preprocessor)
+
+
+def predict(artifact, image_paths, **options):
     """[(image path, [(label, probability), ...]), ...] for each readable image.
 
     Args:
         artifact: see the module docstring.
         image_paths: image files, folders or globs (see `expand_paths`).
-        threads: LiteRT's thread count (TensorFlow's is set by `conversion.runtime.set_threads`).
-        xla: compile a `.keras` model with XLA (faster per image, ~20-40 s to compile R50x1).
-        on_error: called with (path, message) for each image that cannot be read; by default
-            the first one raises ValueError.
-        batch_size: images per model call (TFLite files still run them one at a time).
-        progress: called with the number of images done after each batch.
-        labels: a labels file, one per line, replacing the export's (or a `.keras` model's).
-        preprocessor: a preprocessor_config.json for a `.keras` file that has none beside it.
+        **options: the fields of `Options`:
+            top_k: the labels returned per image.
+            threads: LiteRT's thread count (TensorFlow's is set by `conversion.runtime.set_threads`).
+            xla: compile a `.keras` model with XLA (faster per image, ~20-40 s to compile R50x1).
+            on_error: called with (path, message) for each image that cannot be read; by default
+                the first one raises ValueError.
+            batch_size: images per model call (TFLite files still run them one at a time).
+            progress: called with the number of images done after each batch.
+            labels: a labels file, one per line, replacing the export's (or a `.keras` model's).
+            preprocessor: a preprocessor_config.json for a `.keras` file that has none beside it.
     """
-    classifier = Classifier(artifact, threads, xla, labels, preprocessor)
-    paths = expand_paths(image_paths)
-    return list(_predictions(classifier, paths, top_k, batch_size, on_error, progress))
+    try:
+        options = Options(**options)
+    except TypeError as e:
+        raise TypeError(f"predict() {str(e).removeprefix('Options.__init__() ')}") from None
+    return list(_predictions(options.classifier(artifact), expand_paths(image_paths), options))
 
 
-def _predictions(classifier, paths, k, batch_size, on_error, progress):
+def _predictions(classifier, paths, options):
+    batch_size = options.batch_size
     for start in range(0, len(paths), batch_size):
         for path, logits, message in classifier.logits(paths[start : start + batch_size]):
             if logits is None:
-                if on_error is None:
+                if options.on_error is None:
                     raise ValueError(message)
-                on_error(path, message)
+                options.on_error(path, message)
             else:
-                yield path, ranked(logits, classifier.labels, k)
-        if progress:
-            progress(min(start + batch_size, len(paths)))
+                yield path, ranked(logits, classifier.labels, options.top_k)
+        if options.progress:
+            options.progress(min(start + batch_size, len(paths)))
 
 
 def write_predictions(path, results, truth=None):
@@ -404,35 +417,8 @@ def _check_output_paths(args):
             raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        _check_output_paths(args)  # before the slow start
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    environment.configure(args.verbose)  # before anything else imports TensorFlow
-    from conversion import runtime
-
-    threads = runtime.set_threads(args.threads)
-    skipped = []
-
-    def report(path, message):
-        skipped.append(path)
-        print(f"skipped: {message}", file=sys.stderr)
-
-    try:
-        classifier = Classifier(args.artifact, threads, args.xla, args.labels, args.preprocessor)
-        truth = dict(labelled_paths(args.images, set(classifier.labels.values()))) if args.evaluate else None
-        paths = list(truth) if truth else expand_paths(args.images)
-        progress = cli.Progress(len(paths), "images", single_step=len(paths) <= args.batch_size)
-        results = list(_predictions(classifier, paths, args.top_k, args.batch_size, report, progress.update))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not results:
-        print("error: none of the images could be read", file=sys.stderr)
-        return 2
+def _show(args, results, truth, skipped):
+    """Print or write the `results` as the arguments ask; `skipped`: how many images could not be read."""
     if args.output:
         write_predictions(args.output, results, truth)
         print(f"wrote {len(results)} predictions to {args.output}")
@@ -453,8 +439,48 @@ def main(argv=None):
         correct = round(accuracy * len(results))
         print(
             f"accuracy: {accuracy:.2%} ({correct}/{len(results)} images"
-            f"{f', {len(skipped)} skipped' if skipped else ''}); confusion matrix: {args.confusion_matrix}"
+            f"{f', {skipped} skipped' if skipped else ''}); confusion matrix: {args.confusion_matrix}"
         )
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        _check_output_paths(args)  # before the slow start
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    environment.configure(args.verbose)  # before anything else imports TensorFlow
+    from conversion import runtime
+
+    skipped = []
+
+    def report(path, message):
+        skipped.append(path)
+        print(f"skipped: {message}", file=sys.stderr)
+
+    options = Options(
+        top_k=args.top_k,
+        threads=runtime.set_threads(args.threads),
+        xla=args.xla,
+        on_error=report,
+        batch_size=args.batch_size,
+        labels=args.labels,
+        preprocessor=args.preprocessor,
+    )
+    try:
+        classifier = options.classifier(args.artifact)
+        truth = dict(labelled_paths(args.images, set(classifier.labels.values()))) if args.evaluate else None
+        paths = list(truth) if truth else expand_paths(args.images)
+        options.progress = cli.Progress(len(paths), "images", single_step=len(paths) <= args.batch_size).update
+        results = list(_predictions(classifier, paths, options))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not results:
+        print("error: none of the images could be read", file=sys.stderr)
+        return 2
+    _show(args, results, truth, len(skipped))
     return 1 if skipped else 0
 
 

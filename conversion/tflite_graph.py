@@ -5,8 +5,9 @@ is integer; float input/output is allowed at the edges (one QUANTIZE after each 
 DEQUANTIZE before each output), so those are not counted.
 """
 
-from tensorflow.lite.python import schema_py_generated as schema
-from tensorflow.lite.tools import flatbuffer_utils
+from tfbit.private_api import tflite_flatbuffer_utils, tflite_schema
+
+schema, flatbuffer_utils = tflite_schema(), tflite_flatbuffer_utils()
 
 _FLOAT_TYPES = {schema.TensorType.FLOAT16, schema.TensorType.FLOAT32, schema.TensorType.FLOAT64}
 _OP_NAMES = {code: name for name, code in vars(schema.BuiltinOperator).items() if not name.startswith("_")}

@@ -8,7 +8,7 @@ bytes). No maintained writer installs beside TensorFlow 2.21: tflite-support 0.4
 protobuf < 4 and mediapipe >= 0.10.30 ships its writer without the native module it imports
 (0.10.21 needs numpy < 2). So the few tables used here are written with the `flatbuffers`
 builder, field slots as numbered in that schema, into a model read and re-packed with the
-runtime's model schema (`tensorflow.lite.tools.flatbuffer_utils`, as `conversion/tflite_graph.py`).
+runtime's model schema (`tfbit.private_api.tflite_flatbuffer_utils`, as `conversion/tflite_graph.py`).
 """
 
 import io
@@ -56,7 +56,9 @@ def _table(builder, fields):
     return builder.EndObject()
 
 
-def _model_metadata(name, description, input_name, input_description, output_name, mean, std, height, width):
+def _model_metadata(name, description, input_name, input_description, output_name, normalization, size):
+    """`normalization`: (mean, std) of the input; `size`: its (height, width)."""
+    (mean, std), (height, width) = normalization, size
     b = flatbuffers.Builder(1024)
     labels = _table(
         b,
@@ -112,8 +114,9 @@ def add_classifier_metadata(flatbuffer, labels, mean, std, name, description):
             float input is (pixel - mean) / std. For a uint8-input model the model applies it
             itself and the support library feeds raw pixels (it normalizes float inputs only).
     """
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
+    from tfbit.private_api import tflite_flatbuffer_utils, tflite_schema
+
+    schema, flatbuffer_utils = tflite_schema(), tflite_flatbuffer_utils()
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
     subgraph = model.subgraphs[0]
@@ -130,7 +133,7 @@ def add_classifier_metadata(flatbuffer, labels, mean, std, name, description):
         else "float32 RGB pixels normalized as (pixel - mean) / std"
     )
     metadata = _model_metadata(
-        name, description, "image", f"{height}x{width} {pixels}", "logits", mean, std, int(height), int(width)
+        name, description, "image", f"{height}x{width} {pixels}", "logits", (mean, std), (int(height), int(width))
     )
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(metadata, np.uint8)
@@ -191,7 +194,10 @@ def read_classifier_metadata(data):
     labels} from a `.tflite` file's bytes (or path); None when it has no metadata."""
     from flatbuffers import number_types as types
     from flatbuffers.table import Table
-    from tensorflow.lite.python import schema_py_generated as schema
+
+    from tfbit.private_api import tflite_schema
+
+    schema = tflite_schema()
 
     if not isinstance(data, (bytes, bytearray)):
         with open(data, "rb") as f:

@@ -58,8 +58,20 @@ def test_stateless_scope_is_seen():
         assert private_api.in_stateless_scope()
 
 
+def test_tflite_schema_reads_and_writes_a_model():
+    import tensorflow as tf
+
+    schema, utils = private_api.tflite_schema(), private_api.tflite_flatbuffer_utils()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [tf.function(lambda x: x * 2.0).get_concrete_function(tf.TensorSpec([1, 3], tf.float32))]
+    )
+    model = utils.read_model_from_bytearray(bytearray(converter.convert()))
+    assert isinstance(model, schema.ModelT) and model.subgraphs[0].tensors[0].type == schema.TensorType.FLOAT32
+    assert schema.Model.GetRootAs(bytes(utils.convert_object_to_bytearray(model)), 0).SubgraphsLength() == 1
+
+
 def test_no_other_module_uses_private_keras_or_tensorflow_modules():
-    pattern = re.compile(r"\b(keras\.src|tensorflow\.python|tf\.python)\b|\._kernel\b")
+    pattern = re.compile(r"\b(keras\.src|tensorflow\.python|tf\.python|tensorflow\.lite\.(python|tools))\b|\._kernel\b")
     found = []
     for package in ("tfbit", "conversion", "benchmarks", "tools"):
         for folder, _, files in os.walk(os.path.join(ROOT, package)):

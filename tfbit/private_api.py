@@ -23,7 +23,15 @@ OVERRIDDEN = {
     "keras.layers.Layer": ("_trackable_children", ("save_type",)),
 }
 
-__all__ = ["in_stateless_scope", "conv_kernel", "watch_assignments", "CHECKED_ON", "OVERRIDDEN"]
+__all__ = [
+    "in_stateless_scope",
+    "conv_kernel",
+    "watch_assignments",
+    "tflite_schema",
+    "tflite_flatbuffer_utils",
+    "CHECKED_ON",
+    "OVERRIDDEN",
+]
 
 
 def conv_kernel(layer):
@@ -40,3 +48,20 @@ def watch_assignments(variable, watched_class):
         raise TypeError(f"watch_assignments: {variable.path} is a {type(variable).__name__}, not a keras.Variable")
     variable.__class__ = watched_class
     return variable
+
+
+def tflite_schema():
+    """TFLite's model schema as generated Python classes (`tensorflow.lite.python.
+    schema_py_generated`): TensorFlow ships no public reader of a `.tflite` file's tables, and the
+    converter's exports must be inspected (float ops left in int8 graphs) and re-packed (metadata)."""
+    from tensorflow.lite.python import schema_py_generated
+
+    return schema_py_generated
+
+
+def tflite_flatbuffer_utils():
+    """`tensorflow.lite.tools.flatbuffer_utils`: reads a `.tflite` file into the schema's object
+    API and writes it back, the round trip the metadata writer needs."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    return flatbuffer_utils
