@@ -24,14 +24,24 @@ def _dataset(spec, data_dir, download):
     return from_tfds(name, split or "train", data_dir=data_dir, download=download)
 
 
-def main(argv=None):
+def build_parser():
     parser = cli.parser("conversion.finetune", __doc__)
+    _add_data_arguments(parser)
+    _add_training_arguments(parser)
+    _add_output_arguments(parser)
+    return parser
+
+
+def _add_data_arguments(parser):
     parser.add_argument("source")
     parser.add_argument("--data", required=True, help="training data: image folder or tfds name[:split]")
     parser.add_argument("--validation", help="validation data, same forms as --data")
     parser.add_argument("--data-dir", help="tensorflow-datasets data_dir")
     parser.add_argument("--download", action="store_true", help="let tensorflow-datasets download")
     parser.add_argument("--output", required=True, help="output directory")
+
+
+def _add_training_arguments(parser):
     parser.add_argument("--batch-size", type=cli.positive_int, default=64, help="global batch size (default 64)")
     parser.add_argument(
         "--epochs",
@@ -68,6 +78,9 @@ def main(argv=None):
         "MultiWorkerMirroredStrategy over the cluster in TF_CONFIG, the same command on "
         "every worker (docs/scaling.md)",
     )
+
+
+def _add_output_arguments(parser):
     parser.add_argument(
         "--export",
         nargs="*",
@@ -91,40 +104,18 @@ def main(argv=None):
         help="train again into an OUTPUT holding a completed run (replaced when the new run completes)",
     )
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's C++ log lines")
-    args = parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     environment.configure(args.verbose, training=True)  # before anything else imports TensorFlow
     runtime.set_threads(args.threads)
 
-    from tfbit.finetune.trainer import NonFiniteLossError, ShortScheduleWarning, finetune
+    from tfbit.finetune.trainer import NonFiniteLossError, ShortScheduleWarning
 
     _plain_warnings(ShortScheduleWarning)
-    overrides = {
-        k: v
-        for k, v in dict(
-            base_lr=args.base_lr, crop_size=args.crop_size, resize_size=args.resize_size, mixup_alpha=args.mixup_alpha
-        ).items()
-        if v is not None
-    }
     try:
-        strategy = _strategy(args.distribute)  # before the data: collectives start with TensorFlow's runtime
-        train = _dataset(args.data, args.data_dir, args.download)
-        validation = _dataset(args.validation, args.data_dir, args.download) if args.validation else None
-        result = finetune(
-            args.source,
-            train,
-            args.output,
-            validation,
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            steps=args.steps,
-            plan_overrides=overrides,
-            freeze_backbone=args.freeze_backbone,
-            strategy=strategy,
-            mixed_precision=args.mixed_precision,
-            random_flip=not args.no_flip,
-            schedule=args.schedule,
-            overwrite=args.overwrite,
-        )
+        result = _train(args)
     except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -138,6 +129,41 @@ def main(argv=None):
             file=sys.stderr,
         )
         return 1
+    return _report(args, result)
+
+
+def _train(args):
+    from tfbit.finetune.trainer import finetune
+
+    strategy = _strategy(args.distribute)  # before the data: collectives start with TensorFlow's runtime
+    train = _dataset(args.data, args.data_dir, args.download)
+    validation = _dataset(args.validation, args.data_dir, args.download) if args.validation else None
+    return finetune(args.source, train, args.output, validation, _options(args, strategy))
+
+
+def _options(args, strategy):
+    """The `FinetuneOptions` the command line asks for, under `strategy`."""
+    from tfbit.finetune.trainer import FinetuneOptions
+
+    overrides = dict(
+        base_lr=args.base_lr, crop_size=args.crop_size, resize_size=args.resize_size, mixup_alpha=args.mixup_alpha
+    )
+    return FinetuneOptions(
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        steps=args.steps,
+        plan_overrides={k: v for k, v in overrides.items() if v is not None},
+        freeze_backbone=args.freeze_backbone,
+        strategy=strategy,
+        mixed_precision=args.mixed_precision,
+        random_flip=not args.no_flip,
+        schedule=args.schedule,
+        overwrite=args.overwrite,
+    )
+
+
+def _report(args, result):
+    """Prints where the results are and runs the exports; the exit code."""
     if result.output_dir is None:
         print("training done; the chief writes the outputs")
         return 0

@@ -195,6 +195,23 @@ def test_counts_must_be_positive_ints(arguments, message, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_options_object_and_keywords(tmp_path):
+    """One FinetuneOptions travels through the run; keywords override its fields, and what is
+    not an option is refused as Python refuses an unknown keyword."""
+    from tfbit.finetune import FinetuneOptions
+
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        FinetuneOptions(batch_size=0)
+    options = FinetuneOptions(epochs=3)
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        finetune("never-loaded.keras", _tiny_dataset(), str(tmp_path / "run"), None, options, batch_size=0)
+    with pytest.raises(TypeError, match="finetune\\(\\) got an unexpected keyword argument 'learning_rate'"):
+        finetune("never-loaded.keras", _tiny_dataset(), str(tmp_path / "run"), learning_rate=0.1)
+    with pytest.raises(TypeError, match="options must be a FinetuneOptions, got int"):
+        finetune("never-loaded.keras", _tiny_dataset(), str(tmp_path / "run"), None, 64)
+    assert not (tmp_path / "run").exists()
+
+
 def test_one_class_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"1 class \['a'\]: a classifier needs at least 2 classes"):
         finetune("never-loaded.keras", _tiny_dataset(classes=("a",)), str(tmp_path))

@@ -14,6 +14,7 @@ from tfbit.finetune.data import (
 from tfbit.finetune.hyperrule import HyperRulePlan, hyperrule_plan
 from tfbit.finetune.mixup import MixUp, mixup, sample_mixup_lambda
 from tfbit.finetune.schedules import BiTSchedule
+from tfbit.finetune.trainer import FinetuneOptions, finetune
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -30,4 +31,6 @@ __all__ = [
     "mixup",
     "sample_mixup_lambda",
     "BiTSchedule",
+    "FinetuneOptions",
+    "finetune",
 ]

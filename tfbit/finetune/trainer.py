@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -231,66 +232,13 @@ def _plot(steps, history, plan, steps_per_epoch, path):
     plt.close(fig)
 
 
-def _plan(train, batch_size, steps, schedule, overrides, source_side=None):
-    if schedule == "short":
-        total_steps = steps or hyperrule_plan(train.num_examples, train.image_size).total_steps
-        return short_run_plan(
-            train.num_examples, train.image_size, total_steps, batch_size, source_side, **(overrides or {})
-        )
-    plan = hyperrule_plan(train.num_examples, train.image_size, batch_size=batch_size, **(overrides or {}))
-    return plan if steps is None else plan.scaled_to(steps)
-
-
-def _check_positive_int(name, value):
-    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-@contextlib.contextmanager
-def _naming_undecodable_examples(*datasets):
-    """A decoding failure inside tf.data names only the op: find and name the example."""
-    try:
-        yield
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
-        for dataset in datasets:
-            if dataset is not None:
-                dataset.verify()  # raises ValueError naming the example that does not decode
-        raise
-
-
-def finetune(
-    source,
-    train,
-    output_dir,
-    validation=None,
-    *,
-    batch_size=64,
-    epochs=10,
-    steps=None,
-    plan_overrides=None,
-    freeze_backbone=False,
-    strategy=None,
-    mixed_precision=None,
-    preprocess=None,
-    random_flip=True,
-    seed=0,
-    backup_every=None,
-    verbose="auto",
-    schedule="hyperrule",
-    overwrite=False,
-):
-    """Fine-tunes `source` on `train` with BiT-HyperRule and plain `model.fit`.
-
-    The run makes exactly the plan's `total_steps` optimizer steps, also when it resumes
-    from `output_dir/backup` after an interruption.
+@dataclasses.dataclass(frozen=True)
+class FinetuneOptions:
+    """How `finetune` trains. `finetune` also takes each field as a keyword, which replaces that
+    field of its `options`: `finetune(..., batch_size=32)` is
+    `finetune(..., options=FinetuneOptions(batch_size=32))`.
 
     Args:
-        source: a Keras model, a `.keras` file, or any source the converter loads; its body
-            gets a new zero-initialized head for the training classes.
-        train: the training `ImageDataset`, with at least 2 classes.
-        output_dir: where the checkpoint, metrics and configs are written (see the module).
-        validation: an optional `ImageDataset` whose classes are training classes, matched by
-            name (it may hold a subset of them); it selects the best checkpoint.
         batch_size: the global batch (split across a strategy's replicas); the HyperRule
             learning rate is scaled to it.
         epochs: Keras epochs the plan's steps are split into (progress, validation and the
@@ -322,63 +270,222 @@ def finetune(
         overwrite: train again into an `output_dir` holding a completed run (its files are
             replaced only when the new run completes); without it that is refused
             (`CompletedRunError`), while an interrupted run resumes.
+    """
+
+    batch_size: int = 64
+    epochs: int = 10
+    steps: int | None = None
+    plan_overrides: dict | None = None
+    freeze_backbone: bool = False
+    strategy: tf.distribute.Strategy | None = None
+    mixed_precision: str | None = None
+    preprocess: Callable | None = None
+    random_flip: bool = True
+    seed: int = 0
+    backup_every: int | None = None
+    verbose: int | str = "auto"
+    schedule: str = "hyperrule"
+    overwrite: bool = False
+
+    def __post_init__(self):
+        _check_positive_int("batch_size", self.batch_size)
+        _check_positive_int("epochs", self.epochs)
+        for name, value in (("steps", self.steps), ("backup_every", self.backup_every)):
+            if value is not None:
+                _check_positive_int(name, value)
+        if self.strategy is not None and keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                f"strategy= takes a tf.distribute strategy, which only the TensorFlow backend trains "
+                f"with (Keras runs on {keras.backend.backend()}): under JAX set a keras.distribution "
+                "instead, e.g. keras.distribution.set_distribution(keras.distribution.DataParallel())"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+
+def _with_overrides(options, overrides):
+    """`options` (default `FinetuneOptions()`) with `finetune`'s keywords replacing its fields."""
+    names = {field.name for field in dataclasses.fields(FinetuneOptions)}
+    unknown = [name for name in overrides if name not in names]
+    if unknown:  # worded as Python words it for a function's unknown keyword
+        raise TypeError(f"finetune() got an unexpected keyword argument {unknown[0]!r}")
+    if options is not None and not isinstance(options, FinetuneOptions):
+        raise TypeError(
+            f"finetune(): options must be a FinetuneOptions, got {type(options).__name__} "
+            "(pass batch_size and the other options by keyword)"
+        )
+    return dataclasses.replace(FinetuneOptions() if options is None else options, **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What the steps of one `finetune` call share once its model is built."""
+
+    options: FinetuneOptions
+    output_dir: str
+    strategy: tf.distribute.Strategy
+    worker: workers.Worker
+    plan: object
+    steps_per_epoch: int
+    epochs: int
+    pipeline: PipelineOptions
+
+    @property
+    def one_hot(self):
+        return bool(self.plan.mixup_alpha)
+
+    @property
+    def scratch_dir(self):
+        return self.worker.scratch_dir(self.output_dir)
+
+    @property
+    def run_dir(self):
+        return os.path.join(self.output_dir, RUN_DIR)
+
+    @property
+    def best_path(self):
+        """The best model so far, moved to `output_dir/best.keras` at the end."""
+        return os.path.join(self.run_dir, "best.keras")
+
+    def training_pipeline(self, dataset, batch):
+        return make_pipeline(dataset, self.plan, batch, training=True, one_hot=self.one_hot, options=self.pipeline)
+
+    def evaluation_pipeline(self, dataset, batch):
+        return make_pipeline(dataset, self.plan, batch, one_hot=self.one_hot, options=self.pipeline)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Callbacks:
+    """The callbacks of `model.fit`, in order, and those whose records outlive it."""
+
+    all: list
+    nan_guard: _StopOnNonFiniteLoss
+    resume: _ResumeLog
+    step_log: _StepLog
+    journal: _RunJournal | None  # the chief's only
+
+
+def _plan(train, options, source_side=None):
+    overrides = options.plan_overrides or {}
+    if options.schedule == "short":
+        total_steps = options.steps or hyperrule_plan(train.num_examples, train.image_size).total_steps
+        return short_run_plan(
+            train.num_examples, train.image_size, total_steps, options.batch_size, source_side, **overrides
+        )
+    plan = hyperrule_plan(train.num_examples, train.image_size, batch_size=options.batch_size, **overrides)
+    return plan if options.steps is None else plan.scaled_to(options.steps)
+
+
+def _check_positive_int(name, value):
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+@contextlib.contextmanager
+def _naming_undecodable_examples(*datasets):
+    """A decoding failure inside tf.data names only the op: find and name the example."""
+    try:
+        yield
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+        for dataset in datasets:
+            if dataset is not None:
+                dataset.verify()  # raises ValueError naming the example that does not decode
+        raise
+
+
+def finetune(source, train, output_dir, validation=None, options=None, **overrides):
+    """Fine-tunes `source` on `train` with BiT-HyperRule and plain `model.fit`.
+
+    The run makes exactly the plan's `total_steps` optimizer steps, also when it resumes
+    from `output_dir/backup` after an interruption.
+
+    Args:
+        source: a Keras model, a `.keras` file, or any source the converter loads; its body
+            gets a new zero-initialized head for the training classes.
+        train: the training `ImageDataset`, with at least 2 classes.
+        output_dir: where the checkpoint, metrics and configs are written (see the module).
+        validation: an optional `ImageDataset` whose classes are training classes, matched by
+            name (it may hold a subset of them); it selects the best checkpoint.
+        options: how to train, a `FinetuneOptions`; default its defaults.
+        **overrides: `FinetuneOptions` fields replacing those of `options` (`batch_size=32`).
 
     Returns:
         A `FinetuneResult` with the best model, the plan, the Keras history and the metrics
         written to `metrics.json`; on a worker that is not the chief, with the last model
         and `output_dir` None (it writes nothing).
     """
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("epochs", epochs)
-    for name, value in (("steps", steps), ("backup_every", backup_every)):
-        if value is not None:
-            _check_positive_int(name, value)
-    if strategy is not None and keras.backend.backend() != "tensorflow":
-        raise ValueError(
-            f"strategy= takes a tf.distribute strategy, which only the TensorFlow backend trains "
-            f"with (Keras runs on {keras.backend.backend()}): under JAX set a keras.distribution "
-            "instead, e.g. keras.distribution.set_distribution(keras.distribution.DataParallel())"
-        )
+    options = _with_overrides(options, overrides)
+    validation = _checked_data(train, validation)
+    strategy = options.strategy or tf.distribute.get_strategy()
+    worker = workers.worker_of(strategy)
+    _refuse_completed_run(output_dir, options.overwrite)
+    if train.num_examples < worker.count:
+        raise ValueError(f"{train.num_examples} training examples cannot be shared by {worker.count} workers")
+    os.makedirs(worker.scratch_dir(output_dir), exist_ok=True)
+    plan = _checked_plan(train, options)  # before the slow load
+    steps_per_epoch = math.ceil(plan.total_steps / options.epochs)
+    epochs = math.ceil(plan.total_steps / steps_per_epoch)
+    pipeline = PipelineOptions(
+        preprocess=options.preprocess or Normalize(), random_flip=options.random_flip, seed=options.seed
+    )
+    model, plan = _build_model(source, train, plan, options, strategy)
+    run = _Run(options, output_dir, strategy, worker, plan, steps_per_epoch, epochs, pipeline)
+    train_ds, val_ds = _pipelines(run, train, validation)
+    callbacks = _callbacks(run, monitor="val_accuracy" if val_ds is not None else "accuracy")
+    history = _fit(run, model, (train_ds, val_ds), callbacks, (train, validation))
+    metrics = _metrics(run, model, history, callbacks)
+    if not worker.is_chief:
+        shutil.rmtree(run.scratch_dir, ignore_errors=True)
+        return FinetuneResult(model, plan, history.history, metrics, None)
+    best = _write_outputs(run, validation, metrics)
+    return FinetuneResult(best, plan, metrics["history"], metrics, output_dir)
+
+
+def _checked_data(train, validation):
+    """`validation` labelled by the training classes (which must be at least 2), or None."""
     if train.num_classes < 2:
         raise ValueError(
             f"the training data has {train.num_classes} class {list(train.class_names)}: "
             "a classifier needs at least 2 classes to tell apart"
         )
-    if validation is not None:
-        try:
-            validation = validation.relabeled(train.class_names)
-        except ValueError as e:
-            raise ValueError(f"validation data: {e} of the training data") from None
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    strategy = strategy or tf.distribute.get_strategy()
-    worker = workers.worker_of(strategy)
+    if validation is None:
+        return None
+    try:
+        return validation.relabeled(train.class_names)
+    except ValueError as e:
+        raise ValueError(f"validation data: {e} of the training data") from None
+
+
+def _refuse_completed_run(output_dir, overwrite):
     in_progress = os.path.isdir(os.path.join(output_dir, RUN_DIR)) or os.path.isdir(os.path.join(output_dir, "backup"))
     if os.path.exists(os.path.join(output_dir, "metrics.json")) and not in_progress and not overwrite:
         raise CompletedRunError(
             f"{output_dir} holds a completed fine-tune (metrics.json, best.keras): pass overwrite=True "
             "(--overwrite) to train again, which replaces them once the new run completes, or choose another output"
         )
-    if train.num_examples < worker.count:
-        raise ValueError(f"{train.num_examples} training examples cannot be shared by {worker.count} workers")
-    scratch = worker.scratch_dir(output_dir)
-    os.makedirs(scratch, exist_ok=True)
-    plan = _plan(train, batch_size, steps, schedule, plan_overrides)  # checked before the slow load
+
+
+def _checked_plan(train, options):
+    """The plan of `train` and `options`, with a `ShortScheduleWarning` when it teaches too little."""
+    plan = _plan(train, options)
     shortfall = learning_shortfall(plan)
     if shortfall:
-        warnings.warn(shortfall, ShortScheduleWarning, stacklevel=2)
-    steps_per_epoch = math.ceil(plan.total_steps / epochs)
-    epochs = math.ceil(plan.total_steps / steps_per_epoch)
-    options = PipelineOptions(preprocess=preprocess or Normalize(), random_flip=random_flip, seed=seed)
+        warnings.warn(shortfall, ShortScheduleWarning, stacklevel=3)  # at finetune's caller
+    return plan
+
+
+def _build_model(source, train, plan, options, strategy):
+    """(`source`'s body with a new head for `train`'s classes, compiled under `strategy`, the plan):
+    the short schedule's plan follows the resolution the source was trained at."""
     previous_policy = keras.config.dtype_policy()
-    if mixed_precision:
-        keras.config.set_dtype_policy(mixed_precision)
+    if options.mixed_precision:
+        keras.config.set_dtype_policy(options.mixed_precision)
     try:
         donor, source_side = load_model_source(source)
-        if schedule == "short" and source_side:
-            plan = _plan(train, batch_size, steps, schedule, plan_overrides, source_side)
+        if options.schedule == "short" and source_side:
+            plan = _plan(train, options, source_side)
         with strategy.scope():
-            model = with_new_head(donor, id2label=train.id2label, freeze_backbone=freeze_backbone)
+            model = with_new_head(donor, id2label=train.id2label, freeze_backbone=options.freeze_backbone)
             one_hot = bool(plan.mixup_alpha)
             loss = (
                 keras.losses.CategoricalCrossentropy(from_logits=True)
@@ -393,102 +500,123 @@ def finetune(
             model.compile(optimizer=plan.optimizer(), loss=loss, metrics=[accuracy])
     finally:
         keras.config.set_dtype_policy(previous_policy)
+    return model, plan
 
-    def training_pipeline(dataset, batch):
-        return make_pipeline(dataset, plan, batch, training=True, one_hot=one_hot, options=options)
 
-    def evaluation_pipeline(dataset, batch):
-        return make_pipeline(dataset, plan, batch, one_hot=one_hot, options=options)
+def _pipelines(run, train, validation):
+    """The (training, validation or None) datasets of `fit`: under several workers each trains on
+    its shard of `train`, and evaluates all of `validation` (collectives need the same number of
+    batches on every worker)."""
+    batch_size = run.options.batch_size
+    train_ds = workers.distribute(run.strategy, run.training_pipeline, train, batch_size, shard=True)
+    if validation is None:
+        return train_ds, None
+    return train_ds, workers.distribute(run.strategy, run.evaluation_pipeline, validation, batch_size, shard=False)
 
-    train_ds = workers.distribute(strategy, training_pipeline, train, batch_size, shard=True)
-    val_ds = None
-    if validation is not None:
-        val_ds = workers.distribute(strategy, evaluation_pipeline, validation, batch_size, shard=False)
-    backup_dir = os.path.join(scratch, "backup")
-    if not worker.is_chief:
-        workers.take_chief_backup(os.path.join(output_dir, "backup"), backup_dir)
-    run_dir = os.path.join(output_dir, RUN_DIR)
-    best_path = os.path.join(run_dir, "best.keras")  # moved to output_dir/best.keras at the end
-    monitor = "val_accuracy" if val_ds is not None else "accuracy"
+
+def _callbacks(run, monitor):
+    """The callbacks that make the run resumable, guarded and recorded (`monitor` picks the best)."""
+    backup_dir = os.path.join(run.scratch_dir, "backup")
+    if not run.worker.is_chief:
+        workers.take_chief_backup(os.path.join(run.output_dir, "backup"), backup_dir)
     nan_guard, resume, step_log = _StopOnNonFiniteLoss(), _ResumeLog(), _StepLog()
     journal = None
-    if worker.is_chief:
-        os.makedirs(run_dir, exist_ok=True)
-        journal = _RunJournal(os.path.join(run_dir, "journal.json"), monitor, steps_per_epoch, step_log)
+    if run.worker.is_chief:
+        os.makedirs(run.run_dir, exist_ok=True)
+        journal = _RunJournal(os.path.join(run.run_dir, "journal.json"), monitor, run.steps_per_epoch, step_log)
     # Callbacks run in this order at each hook. At an epoch's end the best model and the journal
     # are written before the backup: a kill in between leaves a journal ahead of the backup,
     # whose extra epoch the resumed run drops and runs again, never one behind it.
     callbacks = [_LearningRateLog()]  # the epoch's logs get the learning rate before they are recorded
-    if worker.is_chief:
+    if run.worker.is_chief:
         # the best of earlier, interrupted parts of the run is the one to beat
-        best_so_far = journal.record["best"] if os.path.exists(best_path) else None
+        best_so_far = journal.record["best"] if os.path.exists(run.best_path) else None
         checkpoint = keras.callbacks.ModelCheckpoint(
-            best_path, monitor=monitor, mode="max", save_best_only=True, initial_value_threshold=best_so_far
+            run.best_path, monitor=monitor, mode="max", save_best_only=True, initial_value_threshold=best_so_far
         )
         callbacks += [checkpoint, journal]  # the journal records the best after the checkpoint
     callbacks += [
         # double_checkpoint: a kill while the backup is being written leaves the previous one.
         # Epoch-end backups (written after on_epoch_end) resume at the next epoch; batch-level
         # ones restart the interrupted epoch, which _StopAtStep keeps within the plan.
-        keras.callbacks.BackupAndRestore(backup_dir, save_freq=backup_every or "epoch", double_checkpoint=True),
+        keras.callbacks.BackupAndRestore(
+            backup_dir, save_freq=run.options.backup_every or "epoch", double_checkpoint=True
+        ),
         resume,  # after BackupAndRestore, which restores the step in its on_train_begin
         nan_guard,
-        _StopAtStep(plan.total_steps),
+        _StopAtStep(run.plan.total_steps),
         step_log,
     ]
+    return _Callbacks(callbacks, nan_guard, resume, step_log, journal)
+
+
+def _fit(run, model, datasets, callbacks, examples):
+    """`model.fit` on the (training, validation) `datasets`; a decoding failure names its example
+    among the `examples` they were made from."""
+    train_ds, val_ds = datasets
+    verbose = run.options.verbose
     if verbose == "auto":  # Keras draws its bar with \r and ANSI codes on any Linux stdout, files too
         verbose = 1 if sys.stdout.isatty() or "ipykernel" in sys.modules else 2
-    with _naming_undecodable_examples(train, validation):
+    with _naming_undecodable_examples(*examples):
         history = model.fit(
             train_ds,
-            epochs=epochs,
-            steps_per_epoch=steps_per_epoch,
+            epochs=run.epochs,
+            steps_per_epoch=run.steps_per_epoch,
             validation_data=val_ds,
-            callbacks=callbacks,
+            callbacks=callbacks.all,
             verbose=verbose,
             shuffle=False,
         )
-    if nan_guard.failure:
+    if callbacks.nan_guard.failure:
         raise NonFiniteLossError(
-            f"{nan_guard.failure}; training stopped. Lower the learning rate "
+            f"{callbacks.nan_guard.failure}; training stopped. Lower the learning rate "
             "(plan_overrides={'base_lr': ...}) or check the input data"
         )
-    metrics = {
-        "plan": plan.to_dict(),
-        "steps_per_epoch": steps_per_epoch,
-        "epochs": epochs,
+    return history
+
+
+def _metrics(run, model, history, callbacks):
+    """What `metrics.json` records, the chief's journal covering every part of an interrupted run."""
+    journal, step_log = callbacks.journal, callbacks.step_log
+    return {
+        "plan": run.plan.to_dict(),
+        "steps_per_epoch": run.steps_per_epoch,
+        "epochs": run.epochs,
         "history": journal.history()
         if journal
         else {k: [float(v) for v in vals] for k, vals in history.history.items()},
-        "num_replicas": _num_replicas(strategy),
-        "num_workers": worker.count,
-        "resumed_from_step": resume.start_step,
+        "num_replicas": _num_replicas(run.strategy),
+        "num_workers": run.worker.count,
+        "resumed_from_step": callbacks.resume.start_step,
         "final_step": int(model.optimizer.iterations.numpy()),
-        "schedule": schedule,
-        "total_learning": plan.total_learning(),
+        "schedule": run.options.schedule,
+        "total_learning": run.plan.total_learning(),
         "steps": journal.record["steps"]
         if journal
         else {"step": step_log.steps, "loss": step_log.losses, "seconds": step_log.seconds},
     }
-    if not worker.is_chief:
-        shutil.rmtree(scratch, ignore_errors=True)
-        return FinetuneResult(model, plan, history.history, metrics, None)
-    os.replace(best_path, os.path.join(output_dir, "best.keras"))
-    best_path = os.path.join(output_dir, "best.keras")
+
+
+def _write_outputs(run, validation, metrics):
+    """The chief's files (see the module), `metrics` completed with the best model's validation
+    results; returns the best model."""
+    best_path = os.path.join(run.output_dir, "best.keras")
+    os.replace(run.best_path, best_path)
     best = keras.saving.load_model(best_path)
-    if val_ds is not None:
+    if validation is not None:
         # the best model outside the strategy: evaluated here, on the chief's own pipeline
-        val_ds = evaluation_pipeline(validation, batch_size)
+        val_ds = run.evaluation_pipeline(validation, run.options.batch_size)
         with _naming_undecodable_examples(validation):
             results = best.evaluate(val_ds, verbose=0, return_dict=True)
         metrics["validation"] = {k: float(v) for k, v in results.items()}
-    with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(run.output_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
-    best.config.save_pretrained(output_dir)
-    _write_preprocessor(output_dir, plan.crop_size, options.preprocess)
-    _plot(metrics["steps"], metrics["history"], plan, steps_per_epoch, os.path.join(output_dir, "training_curve.png"))
-    shutil.rmtree(run_dir, ignore_errors=True)  # the run is complete: nothing to resume
-    return FinetuneResult(best, plan, metrics["history"], metrics, output_dir)
+    best.config.save_pretrained(run.output_dir)
+    _write_preprocessor(run.output_dir, run.plan.crop_size, run.pipeline.preprocess)
+    curve = os.path.join(run.output_dir, "training_curve.png")
+    _plot(metrics["steps"], metrics["history"], run.plan, run.steps_per_epoch, curve)
+    shutil.rmtree(run.run_dir, ignore_errors=True)  # the run is complete: nothing to resume
+    return best
 
 
 def _num_replicas(strategy):
