@@ -50,6 +50,16 @@ def positive_int(text):
     return value
 
 
+def thread_count(text):
+    """argparse type of `--threads` (`conversion.runtime.checked_threads`)."""
+    from conversion.runtime import checked_threads
+
+    try:
+        return checked_threads(positive_int(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 TFLITE_QUANTIZATIONS = ("fp32", "fp16", "dynamic_int8", "int8")
 TASKS = ("classification", "features", "backbone")
 SOURCE_FORMATS = ("hf", "timm", "npz", "keras")

@@ -737,7 +737,7 @@ def _add_run_arguments(parser):
     )
     parser.add_argument(
         "--threads",
-        type=cli.positive_int,
+        type=cli.thread_count,
         help="CPU threads (default: every available core; see conversion/runtime.py)",
     )
 

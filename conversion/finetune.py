@@ -95,7 +95,7 @@ def _add_output_arguments(parser):
     )
     parser.add_argument(
         "--threads",
-        type=cli.positive_int,
+        type=cli.thread_count,
         help="CPU threads (default: every available core; see conversion/runtime.py)",
     )
     parser.add_argument(

@@ -21,9 +21,24 @@ def available_cores():
     return os.cpu_count() or 1
 
 
+THREADS_PER_CORE = 4  # beyond this, threads only contend (and each TF pool thread costs memory)
+
+
+def checked_threads(threads):
+    """`threads`, refused (ValueError) above THREADS_PER_CORE per available core: a typo such as
+    100000 would otherwise start that many TensorFlow threads (minutes of stall, gigabytes)."""
+    cores = available_cores()
+    if threads > THREADS_PER_CORE * cores:
+        raise ValueError(
+            f"at most {THREADS_PER_CORE} threads per available core ({THREADS_PER_CORE * cores} "
+            f"on this machine's {cores}), got {threads}"
+        )
+    return threads
+
+
 def set_threads(threads=None):
     """TensorFlow's intra-op pool gets `threads` (default: every available core); returns it."""
-    threads = threads or available_cores()
+    threads = checked_threads(threads) if threads else available_cores()
     import tensorflow as tf
 
     current = tf.config.threading.get_intra_op_parallelism_threads()  # 0: TF's default, all cores

@@ -59,6 +59,7 @@ SLOW_FIRST = (
     "test_backbone_export",
     "test_batch_predict",
     "test_convert",
+    "test_docs",
 )
 
 

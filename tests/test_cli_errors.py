@@ -61,6 +61,17 @@ def test_bad_numbers_are_refused_by_argparse(tmp_path):
     assert done.returncode == 2 and "--num-images: must be at least 1, got 0" in done.stderr
 
 
+@pytest.mark.parametrize("module", ["conversion.convert", "conversion.predict"])
+def test_absurd_thread_counts_are_refused_before_tensorflow_starts(module, tmp_path):
+    done = cli(module, str(tmp_path / "anything"), "--threads", "100000", timeout=60)
+    cores = len(os.sched_getaffinity(0))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert (
+        f"argument --threads: at most 4 threads per available core ({4 * cores} on this machine's {cores}), got 100000"
+        in (done.stderr)
+    )
+
+
 @pytest.fixture(scope="module")
 def small_export(tmp_path_factory):
     """A small classifier exported to .keras and TFLite fp32, with its config beside them."""

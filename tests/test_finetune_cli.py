@@ -131,6 +131,19 @@ def test_counts_must_be_positive(tmp_path, source, digits_folder, flag):
     assert not (tmp_path / "run").exists()
 
 
+def test_absurd_batch_size_and_threads_are_refused_up_front(tmp_path, source, digits_folder):
+    """`--batch-size 100000000` printed nothing for 400 s and `--threads 100000` started that many
+    TensorFlow threads; both are refused before any work, naming the sizes."""
+    started = time.monotonic()
+    process = _cli(source, "--data", digits_folder, "--output", tmp_path / "run", "--batch-size", "100000000")
+    _assert_refused(process, "batch_size 100000000: one batch of ", " GiB of float32 pixels, more than this machine's ")
+    assert time.monotonic() - started < 120 and not (tmp_path / "run").exists()
+    process = _cli(source, "--data", digits_folder, "--output", tmp_path / "run", "--threads", "100000")
+    cores = len(os.sched_getaffinity(0))
+    _assert_refused(process, f"argument --threads: at most 4 threads per available core ({4 * cores} on this machine's")
+    assert not (tmp_path / "run").exists()
+
+
 def test_killed_run_resumes_to_exactly_the_planned_steps(tmp_path, source, digits_folder):
     """Killed once the first epoch's backup exists, the same command finishes the plan: 60 steps,
     not 60 plus the steps already made; metrics.json covers every epoch and step of the whole

@@ -84,3 +84,36 @@ def test_no_import_cycles(graph):
         if node not in done:
             visit(node, [node])
     assert not cycles, cycles
+
+
+# Constructors whose parameters are transformers' own (a user passes them by the same names).
+MIRRORS_TRANSFORMERS = {"tfbit/preprocessing/processor.py:BitImageProcessor.__init__"}
+MAX_PARAMETERS, MAX_LINES = 8, 60
+
+
+def _functions():
+    """(where, parameter count, line count) of every function of the library and the CLIs;
+    self/cls and *args/**kwargs are not counted, nested functions count in their parent too."""
+    for package in ("tfbit", "conversion"):
+        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+            for file in sorted(f for f in files if f.endswith(".py")):
+                path = os.path.join(folder, file)
+                tree = ast.parse(open(path, encoding="utf-8").read())
+                for owner in [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef))]:
+                    prefix = "" if owner is tree else f"{owner.name}."
+                    for node in owner.body:
+                        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                            args = node.args
+                            names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+                            count = len(names) - (1 if names[:1] in (["self"], ["cls"]) and prefix else 0)
+                            where = f"{os.path.relpath(path, ROOT)}:{prefix}{node.name}"
+                            yield where, count, node.end_lineno - node.lineno + 1
+
+
+def test_functions_take_at_most_8_parameters_and_60_lines():
+    """Issue 21: state travels in request/options objects, long functions are split into steps."""
+    functions = list(_functions())
+    assert len(functions) > 300 and any(w.endswith("convert.py:main") for w, _, _ in functions)
+    wide = [f"{w} ({n} parameters)" for w, n, _ in functions if n > MAX_PARAMETERS and w not in MIRRORS_TRANSFORMERS]
+    long = [f"{w} ({n} lines)" for w, _, n in functions if n > MAX_LINES]
+    assert not wide and not long, wide + long

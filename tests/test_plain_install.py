@@ -1,5 +1,5 @@
 """`pip install .` with no extras (no torch, transformers, timm or scikit-learn), then the
-converter's default command on a checkpoint, from a folder outside the repository: what a new
+converter's console command (`tfbit-convert`) on a checkpoint, from a folder outside the repository: what a new
 user runs first."""
 
 import json
@@ -25,8 +25,8 @@ def test_convert_works_on_a_plain_install(tmp_path, hf_checkpoint):
     assert not {"torch", "transformers", "timm", "scikit-learn"} & {line.split()[0] for line in listed.splitlines()[2:]}
     output = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    done = subprocess.run(
-        [python, "-m", "conversion.convert", str(source), "--output", str(output)],
+    done = subprocess.run(  # the console command pip installed, as a user types it
+        [str(venv / "bin" / "tfbit-convert"), str(source), "--output", str(output)],
         cwd=tmp_path,
         env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"},
         capture_output=True,

@@ -421,8 +421,8 @@ def finetune(source, train, output_dir, validation=None, options=None, **overrid
     _refuse_completed_run(output_dir, options.overwrite)
     if train.num_examples < worker.count:
         raise ValueError(f"{train.num_examples} training examples cannot be shared by {worker.count} workers")
+    plan = _checked_plan(train, options, worker.count)  # before the slow load
     os.makedirs(worker.scratch_dir(output_dir), exist_ok=True)
-    plan = _checked_plan(train, options)  # before the slow load
     steps_per_epoch = math.ceil(plan.total_steps / options.epochs)
     epochs = math.ceil(plan.total_steps / steps_per_epoch)
     pipeline = PipelineOptions(
@@ -465,9 +465,20 @@ def _refuse_completed_run(output_dir, overwrite):
         )
 
 
-def _checked_plan(train, options):
-    """The plan of `train` and `options`, with a `ShortScheduleWarning` when it teaches too little."""
+def _checked_plan(train, options, machines):
+    """The plan of `train` and `options`, with a `ShortScheduleWarning` when it teaches too little;
+    refused when one machine's share of a batch cannot fit in its memory (a mistyped
+    `--batch-size` would otherwise spend minutes building a pipeline that cannot run)."""
     plan = _plan(train, options)
+    share = math.ceil(plan.batch_size / machines)
+    pixels = share * plan.crop_size**2 * 3 * 4  # the float32 input batch alone
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if pixels > memory:
+        raise ValueError(
+            f"batch_size {plan.batch_size}: one batch of {plan.crop_size}x{plan.crop_size} training images is "
+            f"{pixels / 2**30:.1f} GiB of float32 pixels{' per machine' if machines > 1 else ''}, more than "
+            f"this machine's {memory / 2**30:.1f} GiB of memory"
+        )
     shortfall = learning_shortfall(plan)
     if shortfall:
         warnings.warn(shortfall, ShortScheduleWarning, stacklevel=3)  # at finetune's caller
