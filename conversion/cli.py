@@ -65,6 +65,14 @@ TASKS = ("classification", "features", "backbone")
 SOURCE_FORMATS = ("hf", "timm", "npz", "keras")
 
 
+def add_threads(parser):
+    parser.add_argument(
+        "--threads",
+        type=thread_count,
+        help="CPU threads (default: every available core; see conversion/runtime.py)",
+    )
+
+
 def add_verbose(parser):
     parser.add_argument(
         "--verbose", action="store_true", help="show TensorFlow's and LiteRT's own log lines (hidden by default)"

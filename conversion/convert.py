@@ -735,11 +735,7 @@ def _add_run_arguments(parser):
         help="compile the SavedModel's forward pass with XLA; TF Serving must run with "
         "--xla_cpu_compilation_enabled=true and compiles once per new batch/image size",
     )
-    parser.add_argument(
-        "--threads",
-        type=cli.thread_count,
-        help="CPU threads (default: every available core; see conversion/runtime.py)",
-    )
+    cli.add_threads(parser)
 
 
 def main(argv=None):

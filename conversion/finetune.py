@@ -93,11 +93,7 @@ def _add_output_arguments(parser):
         help="also write the best checkpoint for transformers' from_pretrained (into "
         "OUTPUT/transformers: config.json, model.safetensors, preprocessor_config.json)",
     )
-    parser.add_argument(
-        "--threads",
-        type=cli.thread_count,
-        help="CPU threads (default: every available core; see conversion/runtime.py)",
-    )
+    cli.add_threads(parser)
     parser.add_argument(
         "--overwrite",
         action="store_true",

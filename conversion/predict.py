@@ -390,7 +390,7 @@ def build_parser():
         help="where --evaluate writes its PNG (default: confusion_matrix.png)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--threads", type=cli.thread_count, help="CPU threads (default: every available core)")
+    cli.add_threads(parser)
     parser.add_argument("--xla", action="store_true", help="compile a .keras model with XLA (for many images)")
     parser.add_argument(
         "--labels",

@@ -180,33 +180,16 @@ def world(tmp_path_factory):
 def _other_sources(root, checkpoint):
     """What docs/models.md's placeholders name: a transformers directory, timm's hub copy (a
     small timm ResNetV2 with the BiT tag's name), and original-release `.npz` files."""
-    import functools
-
-    import torch
-    from safetensors.torch import save_file
-    from test_hub import write_hub_cache
-    from timm.layers import StdConv2d
-    from timm.models.resnetv2 import ResNetV2
+    from test_hub import write_timm_repo
 
     import tfbit
     from tfbit.weights.writers import save_original_npz
 
     shutil.copytree(checkpoint, root / "path" / "to" / "checkpoint")
-    torch.manual_seed(1)
-    timm_model = ResNetV2(
-        layers=[1, 1, 1, 1],
-        channels=(128, 256, 512, 1024),
-        stem_chs=32,
-        stem_type="fixed",
-        conv_layer=functools.partial(StdConv2d, eps=1e-8),
-        num_classes=5,
+    (root / "timm").mkdir()
+    write_timm_repo(
+        root / "hub", "timm/resnetv2_50x1_bit.goog_in21k_ft_in1k", root / "timm", num_classes=5, side=64, seed=1
     )
-    save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, root / "timm.safetensors")
-    timm_config = {"architecture": "resnetv2_50x1_bit", "num_classes": 5}
-    timm_config["pretrained_cfg"] = {"input_size": [3, 64, 64], "crop_pct": 1.0}
-    (root / "timm_config.json").write_text(json.dumps(timm_config))
-    files = {"model.safetensors": root / "timm.safetensors", "config.json": root / "timm_config.json"}
-    write_hub_cache(root / "hub", "timm/resnetv2_50x1_bit.goog_in21k_ft_in1k", files)
     # the original release's GroupNorm has 32 groups: the small model's widths are multiples of 32
     original = dict(embedding_size=32, hidden_sizes=[128, 256, 384, 512], depths=[1, 1, 1, 1], num_labels=7)
     model = tfbit.BitForImageClassification(tfbit.BitConfig(**original, num_groups=32))

@@ -41,15 +41,38 @@ def run(args, cache, timeout=600):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def hub_cache(tmp_path, hf_checkpoint, torch_module):
-    """google/bit-tiny (transformers) and timm/resnetv2_tiny_bit.test in a local hub cache."""
+def write_timm_repo(cache, repo, folder, num_classes, side, label_names=None, seed=0):
+    """`repo` in `cache` as timm publishes a BiT tag (model.safetensors and timm's config.json):
+    a small random timm ResNetV2 with BiT's stem and weight standardization."""
     import functools
 
+    import torch
     from safetensors.torch import save_file
     from timm.layers import StdConv2d
     from timm.models.resnetv2 import ResNetV2
 
+    torch.manual_seed(seed)
+    model = ResNetV2(
+        layers=[1, 1, 1, 1],
+        channels=(128, 256, 512, 1024),
+        stem_chs=32,
+        stem_type="fixed",
+        conv_layer=functools.partial(StdConv2d, eps=1e-8),
+        num_classes=num_classes,
+    )
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    config = {"architecture": "resnetv2_50x1_bit", "num_classes": num_classes}
+    if label_names:
+        config["label_names"] = label_names
+    config["pretrained_cfg"] = {"input_size": [3, side, side], "crop_pct": 1.0}
+    (folder / "timm_config.json").write_text(json.dumps(config))
+    files = {"model.safetensors": folder / "model.safetensors", "config.json": folder / "timm_config.json"}
+    return write_hub_cache(cache, repo, files)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, hf_checkpoint, torch_module):
+    """google/bit-tiny (transformers) and timm/resnetv2_tiny_bit.test in a local hub cache."""
     hf_dir, _ = hf_checkpoint(**SMALL)
     (hf_dir / "preprocessor_config.json").write_text(
         json.dumps(
@@ -68,30 +91,8 @@ def hub_cache(tmp_path, hf_checkpoint, torch_module):
         "google/bit-tiny",
         {f: hf_dir / f for f in ("config.json", "model.safetensors", "preprocessor_config.json")},
     )
-    torch_module.manual_seed(0)
-    timm_model = ResNetV2(
-        layers=[1, 1, 1, 1],
-        channels=(128, 256, 512, 1024),
-        stem_chs=32,
-        stem_type="fixed",
-        conv_layer=functools.partial(StdConv2d, eps=1e-8),
-        num_classes=3,
-    )
-    save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, tmp_path / "model.safetensors")
-    (tmp_path / "timm_config.json").write_text(
-        json.dumps(
-            {
-                "architecture": "resnetv2_50x1_bit",
-                "num_classes": 3,
-                "label_names": ["cat", "dog", "eel"],
-                "pretrained_cfg": {"input_size": [3, 32, 32], "crop_pct": 1.0},
-            }
-        )
-    )
-    write_hub_cache(
-        cache,
-        "timm/resnetv2_tiny_bit.test",
-        {"model.safetensors": tmp_path / "model.safetensors", "config.json": tmp_path / "timm_config.json"},
+    write_timm_repo(
+        cache, "timm/resnetv2_tiny_bit.test", tmp_path, num_classes=3, side=32, label_names=["cat", "dog", "eel"]
     )
     return cache
 
