@@ -16,6 +16,7 @@ error (a bug: please report it with the traceback).
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -292,6 +293,8 @@ def _keras_artifacts(source, request, staging, log):
 
 
 def _saved_model_artifacts(source, request, inference, staging, version, log):
+    import tensorflow as tf
+
     from conversion import export, runners
 
     log(f"      TF Serving SavedModel (version {version})")
@@ -305,12 +308,13 @@ def _saved_model_artifacts(source, request, inference, staging, version, log):
         request.top_k,
         xla=request.saved_model_xla,
     )
+    load = functools.cache(tf.saved_model.load)  # both signatures are checked on one load (seconds each)
     return [
-        Artifact("saved_model[pixel_values]", path, lambda p: runners.saved_model_runner(p, "pixel_values")),
+        Artifact("saved_model[pixel_values]", path, lambda p: runners.saved_model_runner(load(p), "pixel_values")),
         Artifact(
             "saved_model[image_bytes]",
             path,
-            lambda p: runners.saved_model_runner(p, "serving_default"),
+            lambda p: runners.saved_model_runner(load(p), "serving_default"),
             inputs="encoded",
             lossless=False,
         ),

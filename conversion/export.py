@@ -69,9 +69,10 @@ def _save(model, path, endpoints):
     module = tf.Module()
     signatures = {}
     for name, (fn, spec) in endpoints.items():
-        function = tf.function(fn, input_signature=[spec], autograph=False)
-        setattr(module, name, function)
-        signatures[name] = function.get_concrete_function()
+        signatures[name] = tf.function(fn, input_signature=[spec], autograph=False).get_concrete_function()
+        # the concrete function, not its tf.function, which saving would trace a second time
+        # (the image-decoding graph alone takes seconds)
+        setattr(module, name, signatures[name])
     # the weights, and an unfolded model's cached standardized kernels (tfbit.models.layers.WSConv2D)
     module.captured = list({id(v): v for c in signatures.values() for v in c.variables}.values())
     tf.saved_model.save(module, path, signatures=signatures)

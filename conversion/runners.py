@@ -1,6 +1,8 @@
 """Artifact runners: load an exported artifact from disk and give `run(inputs) -> {output: array}`.
 Shared by verification (what is checked is what is deployed) and `predict`."""
 
+import os
+
 import numpy as np
 
 
@@ -36,12 +38,14 @@ def keras_runner(path, jit_compile=False, task="classification"):
     return model_runner(load_keras(path)[1], jit_compile, task)
 
 
-def saved_model_runner(path, signature):
-    """One signature of a SavedModel: `serving_default` takes encoded images, `pixel_values`
-    preprocessed ones."""
+def saved_model_runner(saved_model, signature):
+    """One signature of a SavedModel (its folder, or what `tf.saved_model.load` returned for it):
+    `serving_default` takes encoded images, `pixel_values` preprocessed ones."""
     import tensorflow as tf
 
-    fn = tf.saved_model.load(path).signatures[signature]
+    if isinstance(saved_model, (str, os.PathLike)):
+        saved_model = tf.saved_model.load(os.fspath(saved_model))
+    fn = saved_model.signatures[signature]
     key = "image_bytes" if signature == "serving_default" else "pixel_values"
     return lambda x: {k: v.numpy() for k, v in fn(**{key: tf.constant(x)}).items()}
 
