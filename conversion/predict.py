@@ -406,7 +406,10 @@ def build_parser():
     return parser
 
 
-def _check_output_paths(args):
+def _check_paths(args):
+    """What can be refused before the slow start: a missing artifact, outputs that cannot be written."""
+    if not os.path.exists(args.artifact):
+        raise ValueError(f"no artifact at {args.artifact}")
     files = [(args.output, "--output")] if args.output else []
     files += [(args.confusion_matrix, "--confusion-matrix")] if args.evaluate else []
     if args.output and not args.output.endswith(OUTPUT_SUFFIXES):
@@ -415,6 +418,10 @@ def _check_output_paths(args):
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+        if os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is a folder: name a file")
+        if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+            raise ValueError(f"{flag} {path}: cannot write there (read-only file or folder)")
 
 
 def _show(args, results, truth, skipped):
@@ -446,7 +453,7 @@ def _show(args, results, truth, skipped):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        _check_output_paths(args)  # before the slow start
+        _check_paths(args)  # before the slow start
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

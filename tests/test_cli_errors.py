@@ -141,3 +141,40 @@ def test_an_output_below_a_file_is_bad_input(tmp_path):
     done = cli("conversion.convert", "--output", str(tmp_path / "afile" / "out"), "--formats", "keras")
     assert done.returncode == 2
     assert f"cannot create the output folder {tmp_path / 'afile' / 'out'}: File exists" in error_line(done)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder on a read-only file system (a tmpfs mounted read-only; root may write anywhere else)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_predict_refuses_what_it_cannot_read_or_write_before_it_starts(small_export, tmp_path, read_only_folder):
+    photo = os.path.join(ROOT, "conversion", "photos", "coffee.jpg")
+    artifact = str(small_export / "m.keras")
+    cases = [
+        ([str(tmp_path / "missing.keras"), photo], f"no artifact at {tmp_path / 'missing.keras'}"),
+        ([artifact, photo, "--output", str(tmp_path / "x.csv") + "/"], "name a .csv or .jsonl file"),
+        (
+            [artifact, photo, "--output", str(read_only_folder / "p.csv")],
+            f"--output {read_only_folder / 'p.csv'}: cannot write there (read-only file or folder)",
+        ),
+    ]
+    (tmp_path / "folder.csv").mkdir()
+    cases.append(([artifact, photo, "--output", str(tmp_path / "folder.csv")], "folder.csv is a folder: name a file"))
+    for args, message in cases:
+        done = cli("conversion.predict", *args, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert message in error_line(done)
+    assert os.listdir(read_only_folder) == []

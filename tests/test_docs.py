@@ -5,8 +5,9 @@ offline), real photos, image folders, the demo's export.
 
 One substitution: `google/bit-50` is a preset whose architecture tfbit checks (a full-size R50x1),
 and converting and fine-tuning a full-size model in every block would take many minutes; the
-blocks run with `bit-50` replaced by `bit-small`, a small random BiT at `google/bit-small`. The
-full-size `google/bit-50` path as typed runs in tests/test_readme.py (docs/own-model.md's recipe).
+blocks run with `bit-50` replaced by `bit-small`, a small random BiT at `google/bit-small`. A
+full-size R50x1 converts with the default command in tests/test_realistic_r50.py, and
+`google/bit-50` loads full-size weights from a hub cache in tests/test_presets.py.
 
 A block that cannot run on a test machine (a server, a cloud, several hosts, the network) is
 listed in EXCUSED with the reason; a block run by another test module is listed in ELSEWHERE.
@@ -35,6 +36,7 @@ ELSEWHERE = {
     ("docs/own-model.md", "python -m conversion.convert mine.keras"): "tests/test_readme.py",
     ("docs/mobile.md", "digits_int8_uint8.tflite"): "tests/test_tflite_uint8.py",
     ("docs/models.md", "BitPreprocessing.from_pretrained"): "tests/test_preprocessing_layer.py",
+    ("docs/finetuning.md", "load_digits_split"): "tests/test_short_finetune.py",
 }
 # (page, a text the block holds) -> why no test machine can run it
 EXCUSED = {
@@ -82,7 +84,6 @@ RUN_HERE = {
     ("README.md", "--output runs/flowers --export saved_model tflite"),
     ("docs/finetuning.md", "--output runs/flowers --export saved_model tflite"),
     ("docs/finetuning.md", "from tfbit.finetune.trainer import finetune\n\ntrain"),
-    ("docs/finetuning.md", "load_digits_split"),
     ("docs/conversion.md", "python -m conversion.predict saved_models/digits image.png"),
     ("docs/conversion.md", "--confusion-matrix cm.png"),
     ("docs/models.md", 'from_pretrained("google/bit-50")'),
@@ -288,12 +289,6 @@ def test_models_sources(world):
     shapes = "\nprint(timm_model.config.num_labels, original.config.num_labels, type(model).__name__)"
     out = run_python(world, "import tfbit\n" + block("docs/models.md", 'from_pretrained("google/bit-50")') + shapes)
     assert out.split()[-3:] == ["5", "7", "BitModel"]
-
-
-def test_digits_short_run(world):
-    run_bash(world, "docs/finetuning.md", "load_digits_split")
-    metrics = json.loads((world / "runs" / "digits" / "metrics.json").read_text())
-    assert metrics["history"]
 
 
 def test_predict_commands(world):

@@ -23,8 +23,12 @@ def _blocks(page, language):
 
 
 def test_your_own_keras_model_recipe_runs_as_typed(tmp_path, hf_checkpoint):
-    """docs/own-model.md in fresh processes, offline, on a full-size R50x1 in
-    a local hub cache (google/bit-50's real layout, random weights) and real photos."""
+    """docs/own-model.md in fresh processes, offline, on real photos, with the body from a local
+    hub cache (huggingface_hub's real layout). The body has google/bit-50's depths, on which the
+    page's counts of trainable weights depend, at a narrow width: as tests/test_docs.py does, the
+    blocks name it `google/bit-small` (tfbit checks that `google/bit-50` is a full-size R50x1,
+    whose conversion tests/test_realistic_r50.py runs). The page's parameter count is checked on
+    the full-size architecture."""
     import json
     import os
     import shlex
@@ -34,7 +38,14 @@ def test_your_own_keras_model_recipe_runs_as_typed(tmp_path, hf_checkpoint):
     from PIL import Image
     from test_hub import write_hub_cache
 
-    checkpoint, _ = hf_checkpoint(num_labels=1000)  # google/bit-50's architecture and head
+    import tfbit
+
+    full_size = tfbit.BitModel(tfbit.BitConfig()).count_params() + 2048 * 3 + 3  # + the 3-label head
+    page = (README.parent / "docs" / "own-model.md").read_text()
+    assert f"your Functional built on tfbit, 3 labels, {full_size / 1e6:.1f} M parameters" in page
+
+    narrow = dict(embedding_size=16, hidden_sizes=[32, 64, 96, 128], depths=[3, 4, 6, 3], num_groups=8)
+    checkpoint, _ = hf_checkpoint(num_labels=1000, **narrow)
     (checkpoint / "preprocessor_config.json").write_text(
         json.dumps(
             {
@@ -49,7 +60,7 @@ def test_your_own_keras_model_recipe_runs_as_typed(tmp_path, hf_checkpoint):
     cache = tmp_path / "hub"
     write_hub_cache(
         cache,
-        "google/bit-50",
+        "google/bit-small",
         {f: checkpoint / f for f in ("config.json", "model.safetensors", "preprocessor_config.json")},
     )
     photos = README.parent / "conversion" / "photos"
@@ -74,12 +85,14 @@ def test_your_own_keras_model_recipe_runs_as_typed(tmp_path, hf_checkpoint):
         return done.stdout
 
     python, bash = _blocks("docs/own-model.md", "python")[0], _blocks("docs/own-model.md", "bash")[0]
-    counts = "\nprint('COUNTS', len(model.trainable_weights), len(base.trainable_weights))\n"
+    assert 'tfbit.load_model("google/bit-50", task="features")' in python
+    python = python.replace("google/bit-50", "google/bit-small")
+    counts = "\nprint('COUNTS', len(model.trainable_weights), len(base.trainable_weights), model.count_params())\n"
     trained = python.replace("model.fit(train, epochs=2)\n", "model.fit(train, epochs=2)\n" + counts)
     out = run(["-c", trained + counts])
     first, last = [line.split()[1:] for line in out.splitlines() if line.startswith("COUNTS")]
-    assert first == ["2", "0"]  # as the README's comments say
-    assert last == ["87", "85"]
+    assert first[:2] == ["2", "0"]  # as the page's comments say
+    assert last[:2] == ["87", "85"]
     assert (tmp_path / "labels.txt").read_text() == "cat\ncoffee\nrocket"
     commands = [shlex.split(line.split("#")[0]) for line in bash.strip().splitlines()]
     assert [c[:3] for c in commands] == [
@@ -88,14 +101,14 @@ def test_your_own_keras_model_recipe_runs_as_typed(tmp_path, hf_checkpoint):
         ["python", "-m", "conversion.predict"],
     ]
     converted = run(commands[0][1:], codes=(0, 1))
-    assert "your Functional built on tfbit, 3 labels, 23.5 M parameters" in converted
+    assert f"your Functional built on tfbit, 3 labels, {int(last[2]) / 1e6:.1f} M parameters" in converted
     assert "reference: your Keras model" in converted
     report = json.loads((tmp_path / "export" / "report.json").read_text())
     rows = {row["artifact"]: row for row in report["artifacts"]}
     lossless = ["keras", "saved_model[pixel_values]", "tflite_fp32"]
     assert all(rows[name]["passed"] and rows[name]["published"] for name in lossless + ["saved_model[image_bytes]"])
     # A random-weight body barely separates the photos (logits within ~0.3 of each other): the
-    # quantized files may disagree on those near-ties and are then left out, as the README says
+    # quantized files may disagree on those near-ties and are then left out, as the page says
     # of full int8. Trained weights are what the lossy bounds are calibrated on.
     assert all(rows[name]["published"] == rows[name]["passed"] for name in rows)
     served, own = run(commands[1][1:]), run(commands[2][1:])

@@ -1,93 +1,62 @@
 """Short fine-tuning runs: the HyperRule schedule scaled to 30 steps barely trains and says so;
 the short-run schedule reaches what a practitioner's hand-picked settings reach; the training curve
-has one loss per step. Through `python -m conversion.finetune` as typed, on the embedded digits
-checkpoint and digits images."""
+has one loss per step. docs/finetuning.md's digits block as typed, then the same command without
+`--schedule short`, on the embedded digits checkpoint and scikit-learn's digits as image folders."""
 
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_docs import _run, block
 
 from conversion.convert import DEFAULT_CHECKPOINT
-from conversion.digits import load_digits_split
 from tfbit.finetune.hyperrule import hyperrule_plan, learning_shortfall, short_run_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WARNING = "warning: this schedule gives the model 0.39% of the learning of the full BiT-HyperRule schedule"
+SHORT = "--schedule short"
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """320 training digits and 100 held-out ones as root/<digit>/<i>.png."""
-    root = tmp_path_factory.mktemp("digits")
-    x, y, x_test, y_test = load_digits_split()
-    for split, images, labels in (("train", x[:320], y[:320]), ("val", x_test[:100], y_test[:100])):
-        for i, (image, label) in enumerate(zip(images, labels)):
-            (root / split / str(label)).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(root / split / str(label) / f"{i}.png")
-    return root
-
-
-def finetune_cli(digits, output, *args):
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "conversion.finetune",
-            DEFAULT_CHECKPOINT,
-            "--data",
-            digits / "train",
-            "--validation",
-            digits / "val",
-            "--output",
-            output,
-            "--batch-size",
-            "32",
-            "--steps",
-            "30",
-            "--epochs",
-            "3",
-            "--no-flip",
-            *args,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
+def _finetune(cwd, command):
+    done = _run(cwd, ["bash", "-e", "-c", command])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done, json.loads((output / "metrics.json").read_text())
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done
 
 
-def test_scaled_hyperrule_warns_and_barely_trains_where_the_short_schedule_learns(digits, tmp_path):
-    done, metrics = finetune_cli(digits, tmp_path / "hyperrule")
-    assert WARNING in done.stderr and "--schedule short" in done.stderr
-    assert metrics["validation"]["accuracy"] < 0.5  # 12% on all held-out digits (README)
-    done, metrics = finetune_cli(digits, tmp_path / "short", "--schedule", "short")
+def test_scaled_hyperrule_warns_and_barely_trains_where_the_short_schedule_learns(tmp_path):
+    os.symlink(os.path.join(ROOT, "conversion"), tmp_path / "conversion")  # `conversion/default_checkpoint`
+    typed = block("docs/finetuning.md", "load_digits_split")
+    assert typed.rstrip().endswith(SHORT) and "--output runs/digits" in typed
+    done = _finetune(tmp_path, typed)
     assert "warning:" not in done.stderr, done.stderr
-    assert metrics["validation"]["accuracy"] >= 0.9  # 98% on all held-out digits (README)
+    metrics = json.loads((tmp_path / "runs" / "digits" / "metrics.json").read_text())
+    assert metrics["validation"]["accuracy"] >= 0.9  # 97.8% (docs/finetuning.md's table)
     assert metrics["plan"]["crop_size"] == 32 and metrics["plan"]["learning_rate"] == 0.01
     # per-step loss: one value per optimizer step, whose epoch means are Keras' epoch losses
-    steps = metrics["steps"]
+    steps, per_epoch = metrics["steps"], metrics["steps_per_epoch"]
     assert steps["step"] == list(range(1, 31)) and all(math.isfinite(v) for v in steps["loss"])
-    per_epoch = metrics["steps_per_epoch"]
     np.testing.assert_allclose(
         [np.mean(steps["loss"][i : i + per_epoch]) for i in range(0, 30, per_epoch)],
         metrics["history"]["loss"],
         rtol=1e-4,
     )
-    with Image.open(tmp_path / "short" / "training_curve.png") as image:
+    with Image.open(tmp_path / "runs" / "digits" / "training_curve.png") as image:
         assert image.format == "PNG"
     # a log file gets one line per epoch, no progress bar
     assert "\r" not in done.stdout and "\x1b[" not in done.stdout
-    assert [line.startswith("Epoch ") for line in done.stdout.splitlines()].count(True) == 3
+    epochs = [line.startswith("Epoch ") for line in done.stdout.splitlines()].count(True)
+    assert epochs == len(metrics["history"]["loss"]) == math.ceil(30 / per_epoch)
+
+    command = typed.splitlines()[-2:]  # the fine-tuning command, on the folders the block wrote
+    hyperrule = "\n".join(command).replace("runs/digits", "runs/hyperrule").replace(SHORT, "")
+    done = _finetune(tmp_path, hyperrule)
+    assert WARNING in done.stderr and SHORT in done.stderr
+    metrics = json.loads((tmp_path / "runs" / "hyperrule" / "metrics.json").read_text())
+    assert metrics["validation"]["accuracy"] < 0.5  # 12.3% (docs/finetuning.md's table)
 
 
 def test_learning_rates_are_the_schedules():
