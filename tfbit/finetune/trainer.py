@@ -58,7 +58,6 @@ class _StopOnNonFiniteLoss(keras.callbacks.Callback):
 
 
 RUN_DIR = "run"  # the journal and best model of a run in progress
-VALIDATION_CACHE_SHARE = 1 / 16  # of physical memory, for validation data kept decoded in memory
 
 
 class CompletedRunError(ValueError):
@@ -352,12 +351,7 @@ class _Run:
         return make_pipeline(dataset, self.plan, batch, training=True, one_hot=self.one_hot, options=self.pipeline)
 
     def evaluation_pipeline(self, dataset, batch):
-        pipeline = make_pipeline(dataset, self.plan, batch, one_hot=self.one_hot, options=self.pipeline)
-        # Keras opens two new iterators on validation data every epoch, and each one instantiates
-        # the image decoder's graph again (~1.5 s): a validation set that takes at most
-        # VALIDATION_CACHE_SHARE of memory is decoded once and kept.
-        pixels = dataset.num_examples * self.plan.crop_size**2 * 3 * 4
-        return pipeline.cache() if pixels <= VALIDATION_CACHE_SHARE * _memory() else pipeline
+        return make_pipeline(dataset, self.plan, batch, one_hot=self.one_hot, options=self.pipeline)
 
 
 @dataclasses.dataclass(frozen=True)
