@@ -465,11 +465,6 @@ def _refuse_completed_run(output_dir, overwrite):
         )
 
 
-def _memory():
-    """This machine's physical memory in bytes."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def _checked_plan(train, options, machines):
     """The plan of `train` and `options`, with a `ShortScheduleWarning` when it teaches too little;
     refused when one machine's share of a batch cannot fit in its memory (a mistyped
@@ -477,7 +472,7 @@ def _checked_plan(train, options, machines):
     plan = _plan(train, options)
     share = math.ceil(plan.batch_size / machines)
     pixels = share * plan.crop_size**2 * 3 * 4  # the float32 input batch alone
-    memory = _memory()
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if pixels > memory:
         raise ValueError(
             f"batch_size {plan.batch_size}: one batch of {plan.crop_size}x{plan.crop_size} training images is "
