@@ -360,3 +360,19 @@ def test_mixup_callable_in_dataset_map():
     one_hot = ds.map(lambda x, y: (x, tf.one_hot(y, 2)))
     y = next(iter(one_hot.map(MixUp(0.5, num_classes=2))))[1]
     np.testing.assert_allclose(tf.reduce_sum(y, axis=1), 1.0, rtol=1e-6)
+
+
+def test_mixup_in_pipeline_does_not_depend_on_an_earlier_iterator():
+    """Keras' `fit` under JAX reads one batch to build the model, drops that iterator and opens
+    another: the second's λs must not depend on how far the first (and its prefetching) got."""
+    ds = from_arrays(np.random.default_rng(0).integers(0, 255, (16, 8, 8, 3), np.uint8), np.arange(16) % 4)
+
+    def second_pass(batches_read_first):
+        pipeline = make_pipeline(ds, 8, batch_size=4, training=True, options=PipelineOptions(mixup_alpha=0.5, seed=3))
+        first = iter(pipeline)
+        for _ in range(batches_read_first):
+            next(first)
+        del first
+        return [y.numpy() for _, y in pipeline.take(6)]
+
+    np.testing.assert_array_equal(second_pass(1), second_pass(40))

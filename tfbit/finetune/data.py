@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfbit.finetune.hyperrule import HyperRulePlan
-from tfbit.finetune.mixup import MixUp
+from tfbit.finetune.mixup import mixup
 from tfbit.preprocessing import tf_decode
 from tfbit.preprocessing.decode import IMAGE_EXTENSIONS
 
@@ -399,6 +399,18 @@ def _augmented(ds, resize, crop, options):
     return tf.data.Dataset.zip(ds, seeds).map(augment, num_parallel_calls=AUTOTUNE)
 
 
+def _mixed(batches, alpha, num_classes, seed):
+    """MixUp on each batch, its λ drawn from a seed stream zipped with the batches.
+
+    Not a stateful generator: Keras opens the training data twice (one batch to build the
+    model, then the real pass), and a generator would start the real pass wherever the first
+    iterator's prefetching left it, so the same seed gave different λs from run to run."""
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    return tf.data.Dataset.zip(batches, seeds).map(
+        lambda batch, batch_seed: mixup(*batch, alpha, num_classes, seed=batch_seed)
+    )
+
+
 def make_pipeline(
     image_dataset: ImageDataset,
     plan_or_sizes,
@@ -433,11 +445,15 @@ def make_pipeline(
     repeat = training if repeat is None else repeat
 
     ds = image_dataset.source
-    if training:
-        buffer = options.shuffle_buffer or min(image_dataset.num_examples, 10_000)
-        ds = ds.shuffle(buffer, seed=options.seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
+    if training:
+        # Repeat, then shuffle, as BiT's own pipeline does: one shuffle per iterator. A shuffle
+        # inside the repeat reshuffles per epoch from one seed generator that all iterators
+        # share, so the epochs a dropped iterator had prefetched (Keras' `fit` reads a batch from
+        # an iterator of its own under JAX) would change the order the next one sees.
+        buffer = options.shuffle_buffer or min(image_dataset.num_examples, 10_000)
+        ds = ds.shuffle(buffer, seed=options.seed, reshuffle_each_iteration=True)
     if image_dataset.decode is not None:
         ds = ds.map(image_dataset.decode, num_parallel_calls=AUTOTUNE)
     if training:
@@ -451,7 +467,7 @@ def make_pipeline(
     num_classes = image_dataset.num_classes
     ds = ds.batch(batch_size, drop_remainder=repeat)
     if mixup_alpha:
-        ds = ds.map(MixUp(mixup_alpha, num_classes, seed=options.seed))
+        ds = _mixed(ds, mixup_alpha, num_classes, options.seed)
     elif one_hot:
         ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes, dtype=tf.float32)), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)

@@ -77,6 +77,10 @@ class MixUp:
     A `tf.random.Generator` supplies a fresh stateless seed per batch, so a given `seed`
     reproduces the λ sequence while successive epochs still draw new values. Map it
     without `num_parallel_calls` if reproducibility matters (parallel calls reorder draws).
+    The generator is shared by every iterator over the mapped dataset, prefetching included:
+    an iterator opened after another continues wherever that one stopped drawing (Keras'
+    `fit` opens its data twice under JAX). `make_pipeline` zips its batches with a seed
+    stream instead, which each iterator starts afresh.
 
     Args:
         alpha: MixUp's α (see `mixup`).
