@@ -399,6 +399,25 @@ def _augmented(ds, resize, crop, options):
     return tf.data.Dataset.zip(ds, seeds).map(augment, num_parallel_calls=AUTOTUNE)
 
 
+def _shuffled(ds, buffer, seed, repeat):
+    """`ds` shuffled anew on each pass; with `repeat`, forever, and the same stream from every
+    iterator.
+
+    The repeating stream is built inside each iterator (`flat_map` over one element): a
+    reshuffling `shuffle().repeat()` keeps one seed generator for all its iterators, so the
+    epochs a dropped iterator had prefetched would change the order the next one sees, and
+    Keras' `fit` reads a batch from an iterator of its own first under JAX and under
+    `tf.distribute` strategies."""
+    if not repeat:
+        return ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+
+    def stream(_):
+        return ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+
+    forever = tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY)
+    return tf.data.Dataset.range(1).flat_map(stream).apply(forever)
+
+
 def _mixed(batches, alpha, num_classes, seed):
     """MixUp on each batch, its λ drawn from a seed stream zipped with the batches.
 
@@ -445,15 +464,11 @@ def make_pipeline(
     repeat = training if repeat is None else repeat
 
     ds = image_dataset.source
-    if repeat:
-        ds = ds.repeat()
     if training:
-        # Repeat, then shuffle, as BiT's own pipeline does: one shuffle per iterator. A shuffle
-        # inside the repeat reshuffles per epoch from one seed generator that all iterators
-        # share, so the epochs a dropped iterator had prefetched (Keras' `fit` reads a batch from
-        # an iterator of its own under JAX) would change the order the next one sees.
         buffer = options.shuffle_buffer or min(image_dataset.num_examples, 10_000)
-        ds = ds.shuffle(buffer, seed=options.seed, reshuffle_each_iteration=True)
+        ds = _shuffled(ds, buffer, options.seed, repeat)
+    elif repeat:
+        ds = ds.repeat()
     if image_dataset.decode is not None:
         ds = ds.map(image_dataset.decode, num_parallel_calls=AUTOTUNE)
     if training:
