@@ -375,6 +375,7 @@ def test_a_signal_whose_exception_is_swallowed_still_stops_publishing(signum, co
     script = f"""
 import gc, os, signal, sys, time
 from conversion import processes, publish
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever ours inherited
 output = sys.argv[1]
 class Swallows:
     def __del__(self):
