@@ -362,17 +362,27 @@ def test_mixup_callable_in_dataset_map():
     np.testing.assert_allclose(tf.reduce_sum(y, axis=1), 1.0, rtol=1e-6)
 
 
-def test_mixup_in_pipeline_does_not_depend_on_an_earlier_iterator():
+def test_every_iterator_of_a_training_pipeline_yields_the_same_stream():
     """Keras' `fit` under JAX reads one batch to build the model, drops that iterator and opens
-    another: the second's λs must not depend on how far the first (and its prefetching) got."""
-    ds = from_arrays(np.random.default_rng(0).integers(0, 255, (16, 8, 8, 3), np.uint8), np.arange(16) % 4)
+    another: its order, crops, flips and MixUp λs must not depend on how far the first (and its
+    prefetching) got, and equal what a single iterator sees under TensorFlow."""
+    ds = from_arrays(np.random.default_rng(0).integers(0, 255, (16, 10, 10, 3), np.uint8), np.arange(16) % 4)
 
-    def second_pass(batches_read_first):
-        pipeline = make_pipeline(ds, 8, batch_size=4, training=True, options=PipelineOptions(mixup_alpha=0.5, seed=3))
-        first = iter(pipeline)
-        for _ in range(batches_read_first):
+    def pipeline():
+        options = PipelineOptions(mixup_alpha=0.5, seed=3)
+        return make_pipeline(ds, (10, 8), batch_size=4, training=True, options=options)
+
+    def batches(dataset):
+        return [np.concatenate([x.numpy().ravel(), y.numpy().ravel()]) for x, y in dataset.take(6)]
+
+    def after_reading(count):
+        dataset = pipeline()
+        first = iter(dataset)
+        for _ in range(count):
             next(first)
         del first
-        return [y.numpy() for _, y in pipeline.take(6)]
+        return batches(dataset)
 
-    np.testing.assert_array_equal(second_pass(1), second_pass(40))
+    alone = batches(pipeline())
+    np.testing.assert_array_equal(after_reading(1), alone)
+    np.testing.assert_array_equal(after_reading(40), alone)

@@ -382,7 +382,38 @@ def _resized(image, size, options):
     return tf.image.resize(image, (size, size), antialias=options.antialias)
 
 
-def _augmented(ds, resize, crop, options):
+def _per_iterator(make, repeat):
+    """`make()`, a dataset whose randomness comes from seed generators of its own; with `repeat`
+    (an endless training stream) built inside each iterator, so that every iterator yields the
+    same stream.
+
+    A dataset's seed generators are shared by its iterators: a reshuffling `shuffle().repeat()`
+    advances at each epoch, `Dataset.random(rerandomize_each_iteration=True)` at each iterator.
+    Keras' `fit` first reads a batch from an iterator of its own under JAX and under
+    `tf.distribute` strategies, and how far that dropped iterator had prefetched would change
+    what the next one sees. Without `repeat`, each pass draws anew (new order and crops per
+    epoch of a finite pipeline)."""
+    if not repeat:
+        return make()
+    stream = tf.autograph.experimental.do_not_convert(lambda _: make())
+    forever = tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY)
+    return tf.data.Dataset.range(1).flat_map(stream).apply(forever)
+
+
+def _seeds(seed, repeat):
+    """Stateless seeds, shape [2], one per element (see `_per_iterator`)."""
+    return _per_iterator(lambda: tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2), repeat)
+
+
+def _shuffled(ds, buffer, seed, repeat):
+    def shuffled():
+        once = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        return once.repeat() if repeat else once
+
+    return _per_iterator(shuffled, repeat)
+
+
+def _augmented(ds, resize, crop, options, repeat):
     """Training examples: resized to `resize`, randomly cropped to `crop`, flipped, preprocessed."""
 
     def augment(example, aug_seed):
@@ -393,39 +424,14 @@ def _augmented(ds, resize, crop, options):
             image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         return options.preprocess(image), label
 
-    # One stateless seed per example keeps augmentation reproducible under parallel map,
-    # and rerandomize_each_iteration gives new crops/flips on every pass.
-    seeds = tf.data.Dataset.random(seed=options.seed, rerandomize_each_iteration=True).batch(2)
-    return tf.data.Dataset.zip(ds, seeds).map(augment, num_parallel_calls=AUTOTUNE)
+    # a stateless seed per example keeps augmentation reproducible under parallel map
+    return tf.data.Dataset.zip(ds, _seeds(options.seed, repeat)).map(augment, num_parallel_calls=AUTOTUNE)
 
 
-def _shuffled(ds, buffer, seed, repeat):
-    """`ds` shuffled anew on each pass; with `repeat`, forever, and the same stream from every
-    iterator.
-
-    The repeating stream is built inside each iterator (`flat_map` over one element): a
-    reshuffling `shuffle().repeat()` keeps one seed generator for all its iterators, so the
-    epochs a dropped iterator had prefetched would change the order the next one sees, and
-    Keras' `fit` reads a batch from an iterator of its own first under JAX and under
-    `tf.distribute` strategies."""
-    if not repeat:
-        return ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-
-    def stream(_):
-        return ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-
-    forever = tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY)
-    return tf.data.Dataset.range(1).flat_map(stream).apply(forever)
-
-
-def _mixed(batches, alpha, num_classes, seed):
-    """MixUp on each batch, its λ drawn from a seed stream zipped with the batches.
-
-    Not a stateful generator: Keras opens the training data twice (one batch to build the
-    model, then the real pass), and a generator would start the real pass wherever the first
-    iterator's prefetching left it, so the same seed gave different λs from run to run."""
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    return tf.data.Dataset.zip(batches, seeds).map(
+def _mixed(batches, alpha, num_classes, seed, repeat):
+    """MixUp on each batch, its λ drawn from a seed stream zipped with the batches: `MixUp`'s
+    generator would be shared by all iterators (see `_per_iterator`)."""
+    return tf.data.Dataset.zip(batches, _seeds(seed, repeat)).map(
         lambda batch, batch_seed: mixup(*batch, alpha, num_classes, seed=batch_seed)
     )
 
@@ -472,7 +478,7 @@ def make_pipeline(
     if image_dataset.decode is not None:
         ds = ds.map(image_dataset.decode, num_parallel_calls=AUTOTUNE)
     if training:
-        ds = _augmented(ds, resize, crop, options)
+        ds = _augmented(ds, resize, crop, options, repeat)
     else:
         ds = ds.map(
             lambda image, label: (options.preprocess(_resized(image, crop, options)), label),
@@ -482,7 +488,7 @@ def make_pipeline(
     num_classes = image_dataset.num_classes
     ds = ds.batch(batch_size, drop_remainder=repeat)
     if mixup_alpha:
-        ds = _mixed(ds, mixup_alpha, num_classes, options.seed)
+        ds = _mixed(ds, mixup_alpha, num_classes, options.seed, repeat)
     elif one_hot:
         ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes, dtype=tf.float32)), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
