@@ -14,15 +14,21 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python setup.cfg setup.py
-	$(BIN)/pip install --quiet -e '.[demo]'
+	$(BIN)/pip install --quiet -e .
 	touch $@
 
+# JAX (tests/test_backends.py) goes into .venv/jax, on PYTHONPATH only in the processes that run
+# Keras on it: TensorFlow imports jax whenever it can (tensorflow/lite/python/util.py), 0.8 s more
+# in each of the suite's ~250 TensorFlow processes. --no-deps: what it needs (numpy, ml_dtypes,
+# opt_einsum, scipy) comes with TensorFlow and scikit-image.
 # torch's x86_64 wheel pulls in triton, which segfaults when imported into a process that has
 # already loaded TensorFlow (transformers imports it lazily); PyTorch on CPU does not need it.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip uninstall --quiet --yes triton || true
+	$(BIN)/pip install --quiet --no-deps --target $(VENV)/jax jax==0.10.2 jaxlib==0.10.2
+	PYTHONPATH=$(VENV)/jax $(BIN)/python -c "import jax.numpy"
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed-test

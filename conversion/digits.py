@@ -1,4 +1,5 @@
-"""scikit-learn's handwritten digits rendered as small RGB images.
+"""The handwritten digits (scikit-learn's ``load_digits``, shipped in digits_data/) rendered as
+small RGB images.
 
 The 1797 8x8 digits (ink intensity 0..16) become dark-on-light RGB uint8 images:
 ``gray = 255 - round(v * 255 / 16)``, upsampled with PIL bicubic to
@@ -11,7 +12,8 @@ set. Both sets keep the original dataset order. PCG64 streams are stable across
 numpy versions, so the split does not depend on the installed scikit-learn's
 ``train_test_split`` implementation.
 
-Only numpy, PIL and ``sklearn.datasets.load_digits`` (the data source) are used.
+Only numpy and PIL are used: the 8x8 digits ship in ``digits_data/digits.npz`` (CC BY 4.0, see
+its README.md), so neither the demo nor the tests need scikit-learn.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ SEED = 0
 HELDOUT_FRACTION = 0.2
 NUM_CLASSES = 10
 DIGIT_LABELS = {i: str(i) for i in range(NUM_CLASSES)}
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_data", "digits.npz")
 
 __all__ = [
     "DIGIT_LABELS",
@@ -52,11 +55,10 @@ def render_digit(digit_8x8: np.ndarray, image_size: int = IMAGE_SIZE) -> np.ndar
 
 def load_digits_images(image_size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """All 1797 digits as (N, image_size, image_size, 3) uint8 images and int64 labels."""
-    from sklearn.datasets import load_digits  # ships with scikit-learn, no download
-
-    data = load_digits()
-    images = np.stack([render_digit(d, image_size) for d in data.images])
-    return images, data.target.astype(np.int64)
+    with np.load(DATA) as data:
+        digits, labels = data["images"], data["labels"]
+    images = np.stack([render_digit(d, image_size) for d in digits])
+    return images, labels.astype(np.int64)
 
 
 def heldout_indices(labels: np.ndarray, fraction: float = HELDOUT_FRACTION, seed: int = SEED) -> np.ndarray:

@@ -42,13 +42,10 @@ def _encode_png(array):
 
 
 def digits_images(split="test", limit=None):
-    """Held-out (or training) digits, losslessly PNG-encoded, labelled. Needs scikit-learn."""
-    try:
-        from conversion.digits import load_digits_split
+    """Held-out (or training) digits, losslessly PNG-encoded, labelled."""
+    from conversion.digits import load_digits_split
 
-        x_train, y_train, x_test, y_test = load_digits_split()
-    except ImportError as e:
-        raise ImportError(f"the digits demo needs scikit-learn ({e}): pip install 'tfbit[demo]'") from None
+    x_train, y_train, x_test, y_test = load_digits_split()
     images, labels = (x_test, y_test) if split == "test" else (x_train, y_train)
     images, labels = images[:limit], labels[:limit]
     return RealImages([_encode_png(a) for a in images], list(images), labels, f"held-out digits ({split})")

@@ -1,7 +1,7 @@
 """tfbit under the Keras backend the caller chose: parity with transformers, fine-tuning, `.keras`.
 
-    KERAS_BACKEND=jax python tests/backend_check.py OUTPUT_DIR
-    KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+    KERAS_BACKEND=jax PYTHONPATH=.venv/jax python tests/backend_check.py OUTPUT_DIR
+    KERAS_BACKEND=jax PYTHONPATH=.venv/jax XLA_FLAGS=--xla_force_host_platform_device_count=2 \
         python tests/backend_check.py OUTPUT_DIR --data-parallel
 
 Run by tests/test_backends.py in a fresh process per backend (the backend is fixed at the first

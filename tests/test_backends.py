@@ -6,6 +6,7 @@ Keras fixes its backend at the first `import keras`, so each backend runs in a f
 TensorFlow backend is what every other test runs under.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,21 +19,28 @@ from conftest import assert_parity
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 BACKENDS = ["jax", "torch"]
+# `make install-test` puts JAX beside the venv, not in it (see the Makefile): only the processes
+# that run Keras on JAX have it on their path.
+JAX_PATH = os.path.join(sys.prefix, "jax")
 
 
 def run(command, backend, **env):
-    return subprocess.run(
-        [sys.executable, *command],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
-    )
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", **env}
+    if backend == "jax":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [JAX_PATH, env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+
+
+def require(backend):
+    """importorskip, for JAX in the folder its processes get (conftest turns the skip into a failure)."""
+    if backend != "jax":
+        pytest.importorskip(backend)
+    elif not os.path.isfile(os.path.join(JAX_PATH, "jax", "__init__.py")) and importlib.util.find_spec("jax") is None:
+        pytest.skip(f"could not import 'jax': neither in {JAX_PATH} nor installed (make install-test)")
 
 
 def backend_check(backend, output_dir, *args, **env):
-    pytest.importorskip(backend)
+    require(backend)
     pytest.importorskip("transformers")
     result = run([os.path.join(TESTS, "backend_check.py"), str(output_dir), *args], backend, **env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -131,7 +139,7 @@ def test_keras_file_written_under_the_backend_converts_under_tensorflow(checked,
 
 
 def test_converter_says_exports_need_tensorflow(tmp_path):
-    pytest.importorskip("jax")
+    require("jax")
     output = tmp_path / "out"
     result = run(
         ["-m", "conversion.convert", os.path.join(ROOT, "conversion", "default_checkpoint"), "--output", str(output)],
@@ -146,7 +154,7 @@ def test_converter_says_exports_need_tensorflow(tmp_path):
 
 
 def test_predict_says_it_needs_tensorflow(tmp_path):
-    pytest.importorskip("jax")
+    require("jax")
     result = run(
         [
             "-m",
@@ -178,7 +186,7 @@ def test_data_parallel_finetune_under_jax_on_two_devices(tmp_path):
 def test_finetune_cli_under_jax_exports_through_tensorflow(tmp_path):
     """`python -m conversion.finetune ... --export` under JAX: training runs on JAX, and the export
     (a converter process of its own) on TensorFlow, which verifies what it exported."""
-    pytest.importorskip("jax")
+    require("jax")
     from PIL import Image
 
     rng = np.random.RandomState(0)

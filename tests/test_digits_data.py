@@ -16,6 +16,20 @@ def split():
     return digits.load_digits_split()
 
 
+def test_shipped_digits_are_scikit_learns():
+    """conversion/digits_data/digits.npz holds load_digits' arrays (scikit-learn 1.9.1, written by
+    tools/make_digits_data.py): UCI optdigits.tes' per-class counts and a pinned digest, so any
+    change to the file fails here (the test environment has no scikit-learn to compare with)."""
+    import hashlib
+
+    with np.load(digits.DATA) as data:
+        images, labels = data["images"], data["labels"]
+    assert images.shape == (1797, 8, 8) and images.dtype == labels.dtype == np.uint8
+    assert images.max() == 16 and np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    assert digest == "87ff0c9e40dc7e2c0e34e7257799c2e3f3aec1a016363bb11cad869ec428a826"
+
+
 def test_shapes_and_dtypes(split):
     x_train, y_train, x_test, y_test = split
     s = digits.IMAGE_SIZE

@@ -6,7 +6,7 @@ Dev-only (not shipped). Every photo comes from a package on PyPI whose files car
 allows redistribution; conversion/photos/README.md (written by this script) lists origin package
 and version, original file, author and license of each output file.
 
-Needs scikit-image, matplotlib and scikit-learn installed (the `test` extra) and the scipy 1.9.3
+Needs scikit-image, matplotlib (the `test` extra) and scikit-learn installed and the scipy 1.9.3
 wheel (its `scipy/misc/face.dat` is the raccoon photo, dropped from later scipy releases): pass
 `--scipy-wheel`, or the script runs `pip download scipy==1.9.3 --no-deps` into a temporary folder.
 
