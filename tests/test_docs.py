@@ -93,6 +93,7 @@ RUN_HERE = {
     ("docs/scaling.md", "pip install 'tfbit[beam]'"),
     ("docs/scaling.md", "--format parquet"),
     ("docs/scaling.md", "python -m conversion.neighbours out/features --k 5"),
+    ("README.md", "python -m conversion.convert no/such/dir"),
 }
 
 
@@ -148,6 +149,7 @@ def world(tmp_path_factory):
         _photo(f"{name}.jpg").save(root / "photos" / f"{name}.jpg")
     _photo("chelsea_eyes.jpg").save(root / "photos" / "cat.jpg")
     _photo("camera.png").save(root / "more" / "camera.png")
+    (root / "notes.jpg").write_text("not an image: a text file named .jpg")
     folders = {
         "train": {"cat": ["chelsea", "chelsea_eyes"], "coffee": ["coffee", "coffee_cup"], "rocket": ["rocket_tower"]},
         "val": {"cat": ["chelsea"], "coffee": ["coffee_table"], "rocket": ["rocket_launchpad"]},
@@ -315,3 +317,20 @@ def test_batch_inference_and_neighbours(world):
     run_bash(world, "docs/scaling.md", "pip install 'tfbit[beam]'")
     run_bash(world, "docs/scaling.md", "--format parquet")
     assert list((world / "out").glob("preds*")) and list((world / "out").glob("features*"))
+
+
+def test_exit_code_examples(world):
+    """README's exit codes, each line run alone: the code and the last line on stderr its comment gives."""
+    lines = _runnable(block("README.md", "python -m conversion.convert no/such/dir")).strip().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        command, expected = (part.strip() for part in line.split("#"))
+        code, message = expected.split(": ", 1)
+        done = _run(world, ["bash", "-c", command])
+        assert done.returncode == int(code), command + "\n" + done.stderr[-2000:]
+        assert "Traceback" not in done.stderr, done.stderr[-3000:]
+        if code == "0":
+            assert message == "done" and done.stdout.startswith("digit.png\n") and not done.stderr.strip()
+        else:
+            last = done.stderr.strip().splitlines()[-1]
+            assert last.startswith(message.removesuffix("...").strip()), (command, done.stderr[-2000:])
