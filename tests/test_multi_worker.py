@@ -18,6 +18,7 @@ from tests.test_finetune_cli import SMALL_RUN, TINY, _write_digits
 from tfbit.finetune.workers import localhost_tf_configs
 
 STEPS = ["--steps", "24", "--epochs", "6"]  # 4 steps per epoch, a backup after each
+VALIDATED_STEPS = ["--steps", "12", "--epochs", "3"]
 
 
 def _worker_envs(count):
@@ -58,7 +59,7 @@ def inputs(tmp_path_factory):
 
 def _command(source, digits_folder, output, validation=False):
     # Validation costs each epoch a retrace of Keras' evaluation function under this strategy
-    # (~7 s here), so only the first test validates.
+    # (~7 s here), so only the first test validates, over fewer epochs.
     return [
         sys.executable,
         "-m",
@@ -73,7 +74,7 @@ def _command(source, digits_folder, output, validation=False):
         "multi_worker",
         "--threads",
         "1",
-        *STEPS,
+        *(VALIDATED_STEPS if validation else STEPS),
         *SMALL_RUN,
     ]
 
@@ -86,9 +87,9 @@ def test_two_workers_train_and_only_the_chief_writes(tmp_path, inputs):
     assert codes == [0, 0], _log(tmp_path, "run", 0)[-3000:] + _log(tmp_path, "run", 1)[-3000:]
     metrics = json.loads((output / "metrics.json").read_text())
     assert (metrics["num_workers"], metrics["num_replicas"]) == (2, 2)
-    assert metrics["final_step"] == metrics["plan"]["total_steps"] == 24
+    assert metrics["final_step"] == metrics["plan"]["total_steps"] == 12
     assert metrics["plan"]["batch_size"] == 8  # the global batch: 4 per worker
-    assert len(metrics["steps"]["seconds"]) == 24 and min(metrics["steps"]["seconds"]) > 0
+    assert len(metrics["steps"]["seconds"]) == 12 and min(metrics["steps"]["seconds"]) > 0
     assert "best checkpoint" in _log(tmp_path, "run", 0)
     assert "the chief writes the outputs" in _log(tmp_path, "run", 1)
     # the worker's backups lived in its own folder, removed at the end
@@ -100,7 +101,7 @@ def test_two_workers_train_and_only_the_chief_writes(tmp_path, inputs):
         [line.split("loss: ")[1].split()[0] for line in _log(tmp_path, "run", i).splitlines() if "/step - " in line]
         for i in range(2)
     ]
-    assert len(losses[0]) == 6 and losses[0] == losses[1]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
     # every worker evaluated the whole validation set: the same numbers, and the chief's final ones
     validation = [
         [
@@ -110,7 +111,7 @@ def test_two_workers_train_and_only_the_chief_writes(tmp_path, inputs):
         ]
         for i in range(2)
     ]
-    assert len(validation[0]) == 6 and validation[0] == validation[1]
+    assert len(validation[0]) == 3 and validation[0] == validation[1]
     assert "validation" in metrics
 
 
