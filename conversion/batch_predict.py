@@ -266,12 +266,22 @@ def saved_model_of(artifact):
 
 
 def check_globs(globs):
-    """ValueError naming an INPUT_GLOB that matches no file (Beam's MatchFiles would yield nothing)."""
+    """ValueError naming an INPUT_GLOB that matches no file (Beam's MatchFiles would yield
+    nothing) or a file whose name Beam cannot carry."""
     from apache_beam.io.filesystems import FileSystems
 
     for pattern, result in zip(globs, FileSystems.match(list(globs))):
         if not result.metadata_list:
             raise ValueError(f"no images matched the INPUT_GLOB {pattern}")
+        for path in (m.path for m in result.metadata_list):
+            try:
+                path.encode("utf-8")
+            except UnicodeEncodeError:  # Beam's coders carry paths as UTF-8 text only
+                pattern, path = (os.fsencode(p).decode("utf-8", "backslashreplace") for p in (pattern, path))
+                raise ValueError(
+                    f"INPUT_GLOB {pattern} matches {path}, whose name is not UTF-8 text, which Beam "
+                    "cannot carry: rename it, or predict it with python -m conversion.predict"
+                ) from None
 
 
 def check_tfrecord_writer():
@@ -290,11 +300,12 @@ def check_tfrecord_writer():
 
 def signature_outputs(saved_model):
     """{output name: static shape} of `serving_default`, read from saved_model.pb (no variables loaded)."""
-    from tensorflow.core.protobuf import saved_model_pb2
+    from conversion.runners import saved_model_signatures
 
-    with open(os.path.join(saved_model, "saved_model.pb"), "rb") as f:
-        proto = saved_model_pb2.SavedModel.FromString(f.read())
-    signature = proto.meta_graphs[0].signature_def["serving_default"]
+    signatures = saved_model_signatures(saved_model)
+    if "serving_default" not in signatures:
+        raise ValueError(f"{saved_model} has no serving_default signature: export it with python -m conversion.convert")
+    signature = signatures["serving_default"]
     return {name: [d.size for d in t.tensor_shape.dim] for name, t in signature.outputs.items()}
 
 
@@ -385,6 +396,20 @@ def earlier_shards(prefix):
     return sorted(m.path for result in FileSystems.match(patterns) for m in result.metadata_list)
 
 
+def check_prefix_folder(prefix):
+    """ValueError when the folder of a local PREFIX cannot be written: Beam would fail only once
+    it starts writing, with a traceback. Remote filesystems answer for themselves."""
+    if "://" in prefix:
+        return
+    folder = os.path.dirname(os.path.abspath(prefix))
+    while not os.path.exists(folder):  # Beam creates the missing folders
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"--output {prefix}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--output {prefix}: cannot write in {folder} (read-only folder)")
+
+
 def claim_prefix(prefix, overwrite):
     """A run owns its output prefix: shards of an earlier run (another --num-shards or --format
     would leave them beside the new ones, and `neighbours` would read both) are refused, or
@@ -413,6 +438,7 @@ def _pipeline(args, beam_args):
         check_tfrecord_writer()
     saved_model, root = saved_model_of(args.artifact)
     check_globs(args.globs)
+    check_prefix_folder(args.output)
     claim_prefix(args.output, args.overwrite)
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions

@@ -512,7 +512,7 @@ def run(request, log=_log):
     started = time.perf_counter()
     log(f"[1/5] loading {'the embedded digits checkpoint' if request.demo else request.source}")
     loaded = load_source(request, log)
-    request.name = request.name or ("digits" if request.demo else loaded.checkpoint.name)
+    request.name = text_name(request.name or ("digits" if request.demo else loaded.checkpoint.name))
     request.output = os.path.abspath(request.output or os.path.join(DEFAULT_OUTPUT_ROOT, request.name))
     kind = (
         f"your {type(loaded.model).__name__} built on tfbit"
@@ -529,6 +529,12 @@ def run(request, log=_log):
             return _export_verify_publish(loaded, request, images, started, log)
     except publish.OutputError as e:  # the output is locked, or publishing would lose a file
         raise ConversionError(str(e)) from e
+
+
+def text_name(name):
+    """`name` with each byte that is not UTF-8 (a Linux folder name may hold any) as "_": the
+    name goes into TFLite metadata, which holds UTF-8 text only."""
+    return os.fsencode(name).decode("utf-8", "replace").replace("\ufffd", "_")
 
 
 def _planned_files(request, version):

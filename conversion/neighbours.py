@@ -13,6 +13,7 @@ Exit codes: 0 done, 2 bad arguments (no records, a query that is not among them,
 
 import json
 import os
+import re
 import sys
 
 from conversion import batch_predict, cli
@@ -54,7 +55,19 @@ def read_records(path, verbose=False):
             import pyarrow.parquet as pq
 
             return pq.read_table(f).to_pylist()
-        return [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
+        return [_json_record(path, n, line) for n, line in enumerate(f.read().splitlines(), 1) if line.strip()]
+
+
+def _json_record(path, number, line):
+    """The object on line `number` of a JSON-lines file; ValueError naming the file and line."""
+    try:
+        record = json.loads(line)
+    except ValueError as e:  # a JSONDecodeError or bytes that are not UTF-8
+        where = f" (column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ValueError(f"{path} line {number} is not a JSON record: {getattr(e, 'msg', e)}{where}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} line {number} holds a JSON {type(record).__name__}, expected a record object")
+    return record
 
 
 def _tfrecord_records(path, verbose=False):
@@ -62,16 +75,24 @@ def _tfrecord_records(path, verbose=False):
 
     environment.configure(verbose)  # TensorFlow's import-time lines hidden unless --verbose
     import tensorflow as tf
+    from google.protobuf.message import DecodeError
 
     records = []
-    for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
-        feature = tf.train.Example.FromString(serialized).features.feature
-        records.append(
-            {
-                "path": feature["path"].bytes_list.value[0].decode(),
-                **({"features": list(feature["features"].float_list.value)} if "features" in feature else {}),
-            }
-        )
+    try:
+        for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            feature = tf.train.Example.FromString(serialized).features.feature
+            records.append(
+                {
+                    # bytes as batch_predict wrote them: a file name need not be UTF-8
+                    "path": os.fsdecode(feature["path"].bytes_list.value[0]),
+                    **({"features": list(feature["features"].float_list.value)} if "features" in feature else {}),
+                }
+            )
+    except (tf.errors.DataLossError, DecodeError, IndexError) as e:
+        reason = str(e) or "an example without a path"
+        if isinstance(e, tf.errors.OpError):  # the reason, without TensorFlow's function and op names
+            reason = re.sub(r"\{\{.*?\}\}", "", e.message).split("[Op:")[0]
+        raise ValueError(f"{path} is damaged, not a file of tf.train.Example records: {reason.strip()}") from None
     return records
 
 
@@ -82,7 +103,7 @@ def feature_matrix(files, verbose=False):
     rows = {}
     for path in files:
         for record in read_records(path, verbose):
-            if "features" not in record:
+            if "features" not in record or "path" not in record:
                 raise ValueError(
                     f"{path} holds no feature vectors (fields: {', '.join(sorted(record))}): "
                     "write them with batch_predict --task features"

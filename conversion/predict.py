@@ -14,6 +14,9 @@ XLA opt-in) are explained in `conversion/runtime.py`.
 
 --evaluate: each PATH is a labelled folder, root/<label>/... (any depth below <label>); prints
 the top-1 accuracy and writes a confusion-matrix PNG.
+--output: a file name that is not UTF-8 is written recoverably, in CSV as its own bytes (read
+the file with errors="surrogateescape"), in JSON lines as Python's surrogate escapes ("\\udce9");
+os.fsencode of the value read back gives the name's bytes.
 Exit codes: 0 every image predicted, 1 some images skipped, 2 bad arguments or no usable image.
 """
 
@@ -193,13 +196,11 @@ class Classifier:
         return [(path, *results[path]) for path in paths]
 
     def _read(self, path):
+        from tfbit.preprocessing.decode import load_image, read_file
+
         if self.encoded:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"image file not found: {path}")
-            with open(path, "rb") as f:
-                return f.read()
+            return read_file(path)
         from conversion import runners
-        from tfbit.preprocessing.decode import load_image
 
         if self.raw_crops:
             return runners.raw_crops(self.processor, [load_image(path)])[0]
@@ -300,10 +301,10 @@ def _predictions(classifier, paths, options):
 def write_predictions(path, results, truth=None):
     """`results` as CSV (path, label_1, score_1, ..., label_k, score_k) or JSON lines (path,
     labels, scores), with the true label when evaluating; written beside `path` and renamed
-    into place once complete."""
+    into place once complete; names that are not UTF-8 as the module docstring says."""
     partial = f"{path}.partial-{os.getpid()}"
     try:
-        with open(partial, "w", encoding="utf-8", newline="") as f:
+        with open(partial, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
             if path.endswith(".csv"):
                 k = max((len(top) for _, top in results), default=0)
                 writer = csv.writer(f)

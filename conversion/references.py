@@ -6,8 +6,11 @@ original code's weight-standardization eps (1e-10), so that a conversion that us
 would fail. Requires torch and that library; `torch_reference` returns None without them.
 """
 
+import contextlib
 import functools
 import importlib.util
+import os
+import tempfile
 
 import numpy as np
 
@@ -36,13 +39,29 @@ def timm_model(config, num_classes):
     ).eval()
 
 
+@contextlib.contextmanager
+def _utf8_path(path):
+    """`path`, or a UTF-8 named symbolic link to it while in use: safetensors' reader refuses
+    paths that are not UTF-8, which a folder name on Linux need not be."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        with tempfile.TemporaryDirectory(prefix="tfbit-reference-") as folder:
+            link = os.path.join(folder, "checkpoint")
+            os.symlink(os.path.abspath(path), link)
+            yield link
+        return
+    yield path
+
+
 def _transformers(checkpoint, model):
     import torch
     import transformers
 
     extra = {"out_features": model.config.out_features} if isinstance(model, BitBackbone) else {}
     # float32 whatever the stored dtype (a bfloat16 file included), as tfbit computes
-    reference = getattr(transformers, type(model).__name__).from_pretrained(checkpoint.path, **extra)
+    with _utf8_path(checkpoint.path) as path:
+        reference = getattr(transformers, type(model).__name__).from_pretrained(path, **extra)
     return reference.to(torch.float32).eval()
 
 

@@ -38,13 +38,41 @@ def keras_runner(path, jit_compile=False, task="classification"):
     return model_runner(load_keras(path)[1], jit_compile, task)
 
 
+def saved_model_signatures(folder):
+    """The signatures of a SavedModel folder, read from its saved_model.pb without loading the
+    variables; ValueError naming a damaged file (TensorFlow's own report is a traceback)."""
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    file = os.path.join(folder, "saved_model.pb")
+    try:
+        with open(file, "rb") as f:
+            return saved_model_pb2.SavedModel.FromString(f.read()).meta_graphs[0].signature_def
+    except (DecodeError, IndexError) as e:
+        raise ValueError(
+            f"{file} is damaged, not a SavedModel graph ({e or 'it holds none'}): export the model again"
+        ) from None
+
+
+def load_saved_model(folder):
+    """`tf.saved_model.load` of a SavedModel folder; ValueError naming a damaged export."""
+    import tensorflow as tf
+
+    saved_model_signatures(folder)
+    try:
+        return tf.saved_model.load(folder)
+    except (OSError, tf.errors.OpError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{folder} is a damaged SavedModel export ({reason}): export the model again") from None
+
+
 def saved_model_runner(saved_model, signature):
     """One signature of a SavedModel (its folder, or what `tf.saved_model.load` returned for it):
     `serving_default` takes encoded images, `pixel_values` preprocessed ones."""
     import tensorflow as tf
 
     if isinstance(saved_model, (str, os.PathLike)):
-        saved_model = tf.saved_model.load(os.fspath(saved_model))
+        saved_model = load_saved_model(os.fspath(saved_model))
     fn = saved_model.signatures[signature]
     key = "image_bytes" if signature == "serving_default" else "pixel_values"
     return lambda x: {k: v.numpy() for k, v in fn(**{key: tf.constant(x)}).items()}

@@ -254,6 +254,15 @@ def _decode_file(path, label):
     return _file_decoder()(path), label
 
 
+def _is_file(entry):
+    """Whether a folder entry is a file; ValueError naming one that cannot be read (a symbolic
+    link loop), as `ImageDataset.verify` names a file that cannot be decoded."""
+    try:
+        return entry.is_file()
+    except OSError as e:
+        raise ValueError(f"cannot read image file {entry.path!r}: {e.strerror}") from None
+
+
 def from_image_folder(root, extensions: Sequence[str] = IMAGE_EXTENSIONS, verify: bool = True) -> ImageDataset:
     """Images in `root/<class>/*.{jpg,jpeg,png,bmp,gif}`; class ids follow sorted folder names.
 
@@ -276,7 +285,7 @@ def from_image_folder(root, extensions: Sequence[str] = IMAGE_EXTENSIONS, verify
     paths, labels = [], []
     for label, name in enumerate(class_names):
         folder = os.path.join(root, name)
-        files = sorted(f.path for f in os.scandir(folder) if f.is_file() and f.name.lower().endswith(extensions))
+        files = sorted(f.path for f in os.scandir(folder) if f.name.lower().endswith(extensions) and _is_file(f))
         if not files:
             raise ValueError(f"class folder {folder!r} contains no images ({', '.join(extensions)})")
         paths += files

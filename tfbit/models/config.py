@@ -59,6 +59,19 @@ def _positive_int(name, value):
     return value
 
 
+def _label_ids(label2id):
+    """`label2id` as {label: class id}; a config.json written by hand may hold anything."""
+    if not isinstance(label2id, dict):
+        raise ValueError(f"BitConfig.label2id must be a dict of label: class id, got a {type(label2id).__name__}")
+    ids = {}
+    for label, value in label2id.items():
+        try:
+            ids[str(label)] = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"BitConfig.label2id[{label!r}] must be an integer class id, got {value!r}") from None
+    return ids
+
+
 class BitConfig:
     """Configuration of a BiT (ResNetV2 + GroupNorm + Weight Standardization) model.
 
@@ -187,9 +200,7 @@ class BitConfig:
                 raise ValueError(f"BitConfig.num_labels must be a non-negative integer, got {n!r}")
             id2label = {i: f"LABEL_{i}" for i in range(n)}
         self.id2label = id2label
-        self.label2id = (
-            {v: k for k, v in id2label.items()} if label2id is None else {str(k): int(v) for k, v in label2id.items()}
-        )
+        self.label2id = {v: k for k, v in id2label.items()} if label2id is None else _label_ids(label2id)
 
     # -- derived architecture -------------------------------------------------------------------
     @property

@@ -4,8 +4,9 @@ import os
 
 from tfbit.models import user_models
 from tfbit.models.bit import BitBackbone, BitForImageClassification, BitModel, copy_weights
-from tfbit.models.config import BitConfig, read_json
+from tfbit.models.config import BitConfig
 from tfbit.models.presets import is_preset
+from tfbit.preprocessing.processor import read_config
 from tfbit.weights import Checkpoint, detect_format, read_checkpoint, read_preset
 from tfbit.weights.hf import PREPROCESSOR_FILE
 
@@ -49,7 +50,7 @@ def _read_keras(path):
     if not isinstance(getattr(saved, "config", None), BitConfig):
         user_models.check_built_on_tfbit(saved, path)
     beside = os.path.join(os.path.dirname(os.path.abspath(path)), PREPROCESSOR_FILE)
-    preprocessor = read_json(beside) if os.path.isfile(beside) else None
+    preprocessor = read_config(beside) if os.path.isfile(beside) else None
     files = (path, beside) if preprocessor else (path,)
     name = os.path.splitext(os.path.basename(path))[0]
     config = user_models.export_config(saved)

@@ -266,16 +266,25 @@ def exif_transpose(image, orientation):
     return image
 
 
+def read_file(path):
+    """The bytes of an image file; an OSError naming it with the system's reason when it cannot
+    be read (missing, a folder, a symbolic link loop, no permission)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except OSError as e:
+        raise OSError(f"cannot read {path}: {e.strerror}") from None
+
+
 def load_image(path, max_pixels=MAX_PIXELS):
     """Open an image file as transformers' ``load_image`` does (PIL, EXIF transpose, RGB), within
     the serving graph's rules: files it refuses (other formats, more than ``max_pixels`` decoded
     pixels, truncated data, ...) raise ``ValueError``, and the orientation is the EXIF tag it reads.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: {path}")
-    with open(path, "rb") as f:
-        data = f.read()
+    data = read_file(path)
     try:
         header = read_image_header(data, max_pixels)
     except ValueError as err:

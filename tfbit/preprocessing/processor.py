@@ -30,6 +30,7 @@ pixels, or the same error, in every tfbit artifact.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from pathlib import Path
 
@@ -166,23 +167,62 @@ def pil_to_rgb(image):
     return np.asarray(image.convert("RGB"))
 
 
+def _is_number(value):
+    return isinstance(value, (numbers.Real, np.number)) and not isinstance(value, (bool, np.bool_))
+
+
+def _pixels(name, value):
+    if not _is_number(value) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must hold positive whole numbers of pixels, got {value!r}")
+    return int(value)
+
+
 def _size_dict(value, name, square):
-    if isinstance(value, int):
+    if _is_number(value):
+        value = _pixels(name, value)
         return {"height": value, "width": value} if square else {"shortest_edge": value}
     if isinstance(value, (tuple, list)) and len(value) == 2:
-        return {"height": int(value[0]), "width": int(value[1])}
+        return {"height": _pixels(name, value[0]), "width": _pixels(name, value[1])}
     allowed = [{"height", "width"}] + ([] if square else [{"shortest_edge"}])
     if isinstance(value, dict) and set(value) in allowed:
-        return {k: int(v) for k, v in value.items()}
+        return {k: _pixels(name, v) for k, v in value.items()}
     expected = "{'height', 'width'}" + ("" if square else " or {'shortest_edge'}")
     raise ValueError(f"{name} must be an int, (height, width) or a dict with keys {expected}; got {value!r}")
 
 
 def _channel_stats(value, name):
-    value = [float(v) for v in value] if np.ndim(value) else float(value)
-    if np.ndim(value) and len(value) != 3:
-        raise ValueError(f"{name} must be a float or 3 floats, got {value!r}")
+    value = value.tolist() if isinstance(value, np.ndarray) else value
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(map(_is_number, value)):
+        return [float(v) for v in value]
+    if _is_number(value):
+        return float(value)
+    raise ValueError(f"{name} must be a number or 3 numbers (one per RGB channel), got {value!r}")
+
+
+def _number(name, value):
+    if not _is_number(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
     return value
+
+
+def _flag(name, value):
+    # bool() would take the JSON string "false" for true
+    if not isinstance(value, (bool, np.bool_)) and value not in (0, 1):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def read_config(file):
+    """The settings of a preprocessor_config.json, checked: a value of the wrong type is an
+    error naming the file, the key and what it must be (ValueError)."""
+    from tfbit.models.config import read_json
+
+    config = read_json(file)
+    try:
+        BitImageProcessor.from_dict(config)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    return config
 
 
 class BitImageProcessor:
@@ -217,15 +257,16 @@ class BitImageProcessor:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
-        self.do_resize, self.do_center_crop = bool(do_resize), bool(do_center_crop)
-        self.do_rescale, self.do_normalize = bool(do_rescale), bool(do_normalize)
-        self.do_convert_rgb = bool(do_convert_rgb)
+        self.do_resize, self.do_center_crop = _flag("do_resize", do_resize), _flag("do_center_crop", do_center_crop)
+        self.do_rescale, self.do_normalize = _flag("do_rescale", do_rescale), _flag("do_normalize", do_normalize)
+        self.do_convert_rgb = _flag("do_convert_rgb", do_convert_rgb)
         self.size = _size_dict(224 if size is None else size, "size", square=False)
         self.crop_size = _size_dict(224 if crop_size is None else crop_size, "crop_size", square=True)
-        self.resample = int(resample)
+        self.resample = _number("resample", resample)
         if self.resample not in (FILTERS if backend == "torchvision" else range(6)):
-            raise ValueError(f"resample={self.resample} is not supported by the {backend} backend")
-        self.rescale_factor = float(rescale_factor)
+            raise ValueError(f"resample={self.resample!r} is not supported by the {backend} backend")
+        self.resample = int(self.resample)
+        self.rescale_factor = float(_number("rescale_factor", rescale_factor))
         self.image_mean = _channel_stats(OPENAI_CLIP_MEAN if image_mean is None else image_mean, "image_mean")
         self.image_std = _channel_stats(OPENAI_CLIP_STD if image_std is None else image_std, "image_std")
         self.extra = {k: v for k, v in extra.items() if k not in _IGNORED_KEYS}
@@ -260,8 +301,7 @@ class BitImageProcessor:
         file = path / CONFIG_NAME if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} at {file}")
-        with open(file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), **kwargs)
+        return cls.from_dict(read_config(file), **kwargs)
 
     def save_pretrained(self, directory):
         """Write a transformers-compatible ``preprocessor_config.json``; returns its path."""

@@ -67,5 +67,7 @@ def read_tensors(directory):
 
 def read_preprocessor(directory):
     """preprocessor_config.json as a dict, or None when the checkpoint has none."""
+    from tfbit.preprocessing.processor import read_config
+
     file = os.path.join(directory, PREPROCESSOR_FILE)
-    return read_json(file) if os.path.isfile(file) else None
+    return read_config(file) if os.path.isfile(file) else None
