@@ -36,13 +36,15 @@ process; otherwise the path must exist on every worker (a shared mount or the co
 INPUT_GLOB and PREFIX may be on any filesystem the workers reach (gs://, s3://, hdfs://).
 """
 
+import glob
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 
-from conversion import cli
+from conversion import cli, diskspace
 
 TASKS = ("classification", "features")
 FORMATS = ("jsonl", "parquet", "tfrecord")
@@ -357,6 +359,36 @@ class _HideBeamImportNotices(logging.Filter):
         return not record.getMessage().startswith(_BEAM_IMPORT_NOTICES)
 
 
+def _beam_temp_folders(prefix):
+    folder, name = os.path.split(os.path.abspath(prefix))
+    return set(glob.glob(os.path.join(glob.escape(folder), f"beam-temp-{glob.escape(name)}-*")))
+
+
+def _run(pipeline, prefix):
+    """The finished pipeline's result; on a full disk an OSError saying so, after removing the
+    temporary folders the run's writers had started (Beam leaves them on failure)."""
+    before = _beam_temp_folders(prefix)
+    logging.getLogger("apache_beam.runners.common").addFilter(_HideOutOfSpaceLogs())
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+        return result
+    except Exception as e:  # Beam re-raises a worker's error as its own type, the reason in the text
+        if not (reason := diskspace.out_of_space(e)):
+            raise
+        for folder in _beam_temp_folders(prefix) - before:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise OSError(f"{reason} while writing {prefix}-*") from None
+
+
+class _HideOutOfSpaceLogs(logging.Filter):
+    """Beam logs a worker's error with its traceback before re-raising it; a full disk gets one
+    line instead (`_run`)."""
+
+    def filter(self, record):
+        return not diskspace.out_of_space_in(record.getMessage())
+
+
 def hide_beam_import_notices():
     """Hidden like TensorFlow's log lines unless --verbose (see `_BEAM_IMPORT_NOTICES`)."""
     for name in ("", "apache_beam.io.tfrecordio"):  # a filter acts on its own logger's records only
@@ -467,8 +499,11 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    result = pipeline.run()
-    result.wait_until_finish()
+    try:
+        result = _run(pipeline, args.output)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     predicted, skipped, line = summary(result, time.perf_counter() - started)
     print(line)
     print(f"records: {args.output}-SSSSS-of-NNNNN.{args.format}; errors: {args.output}-errors-SSSSS-of-NNNNN.jsonl")

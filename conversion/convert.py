@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from conversion import environment
+from conversion import diskspace, environment
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_checkpoint")
 # relative to the working directory: the repository's saved_models/ when run from its root, as
@@ -523,12 +523,29 @@ def run(request, log=_log):
         f"      {kind}, {loaded.config.num_labels if request.task == 'classification' else 'no'} labels, "
         f"{sum(int(np.prod(w.shape)) for w in loaded.model.weights) / 1e6:.1f} M parameters"
     )
+    _check_space(request, loaded)
     images = preprocessed_images(request, loaded)
     try:
         with publish.OutputLock(request.output):
             return _export_verify_publish(loaded, request, images, started, log)
     except publish.OutputError as e:  # the output is locked, or publishing would lose a file
         raise ConversionError(str(e)) from e
+
+
+# bytes per weight each artifact stores at the least: float32 files hold every weight in 4 bytes,
+# fp16 in 2, the int8 ones in 1 (dynamic-range int8 keeps small tensors in float)
+_BYTES_PER_WEIGHT = {"keras": 4, "saved_model": 4, "fp32": 4, "fp16": 2, "dynamic_int8": 1, "int8": 1}
+
+
+def _check_space(request, loaded):
+    """Refuses an output whose file system cannot hold the export before exporting for minutes.
+    Half the estimate: a converter that deduplicates equal constants stores less."""
+    kinds = [f for f in request.formats if f != "tflite"] + list(request.quantizations) * ("tflite" in request.formats)
+    weights = sum(int(np.prod(w.shape)) for w in loaded.model.weights)
+    try:
+        diskspace.check_free_space(request.output, weights * sum(map(_BYTES_PER_WEIGHT.get, kinds)) // 2, "the export")
+    except diskspace.InsufficientSpace as e:
+        raise ConversionError(str(e)) from None
 
 
 def text_name(name):
@@ -769,7 +786,10 @@ def main(argv=None):
         if processes.received:  # SIGTERM or SIGHUP (tfbit.processes.termination_as_exit)
             print(f"terminated by {signal.Signals(processes.received[0]).name}: nothing was published", file=sys.stderr)
         raise
-    except Exception:
+    except Exception as e:
+        if reason := diskspace.out_of_space(e):
+            print(f"error: {reason}: nothing was published", file=sys.stderr)
+            return EXIT_BAD_INPUT
         traceback.print_exc()
         print(
             "internal error: this is a bug in tfbit (the traceback above says where); nothing was published",

@@ -9,10 +9,11 @@ Rerunning the same command after an interruption resumes from the last backup.
 """
 
 import os
+import signal
 import sys
 import warnings
 
-from conversion import cli, environment, runtime
+from conversion import cli, diskspace, environment, processes, runtime
 
 
 def _dataset(spec, data_dir, download):
@@ -111,11 +112,23 @@ def main(argv=None):
 
     _plain_warnings(ShortScheduleWarning)
     try:
-        result = _train(args)
+        with processes.termination_as_exit():  # SIGTERM, SIGHUP: the clean-up of a normal exit
+            result = _train(args)
+    except KeyboardInterrupt:
+        print(f"interrupted: {_resume_hint(args.output)}", file=sys.stderr)
+        return 130
+    except SystemExit:
+        if processes.received:
+            name = signal.Signals(processes.received[0]).name
+            print(f"terminated by {name}: {_resume_hint(args.output)}", file=sys.stderr)
+        raise
     except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        if reason := diskspace.out_of_space(e):
+            print(f"error: {reason}; {_resume_hint(args.output)} once there is space", file=sys.stderr)
+            return 2
         if args.distribute != "multi_worker" or not _is_op_error(e):
             raise
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -126,6 +139,12 @@ def main(argv=None):
         )
         return 1
     return _report(args, result)
+
+
+def _resume_hint(output):
+    if os.path.isdir(os.path.join(output, "backup")):
+        return "the same command resumes the run from its last backup"
+    return "no epoch was backed up yet: the same command starts the run again"
 
 
 def _train(args):

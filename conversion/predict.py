@@ -29,7 +29,7 @@ import re
 import sys
 from typing import Callable
 
-from conversion import cli, environment
+from conversion import cli, diskspace, environment
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 
@@ -488,7 +488,13 @@ def main(argv=None):
     if not results:
         print("error: none of the images could be read", file=sys.stderr)
         return 2
-    _show(args, results, truth, len(skipped))
+    try:
+        _show(args, results, truth, len(skipped))
+    except OSError as e:
+        if not (reason := diskspace.out_of_space(e)):
+            raise
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
     return 1 if skipped else 0
 
 

@@ -437,12 +437,19 @@ def _augmented(ds, resize, crop, options, repeat):
     return tf.data.Dataset.zip(ds, _seeds(options.seed, repeat)).map(augment, num_parallel_calls=AUTOTUNE)
 
 
+MIXUP_STREAM = 1  # folded into the seeds, so the λ of batch b is not drawn from example b's crop seed
+
+
 def _mixed(batches, alpha, num_classes, seed, repeat):
     """MixUp on each batch, its λ drawn from a seed stream zipped with the batches: `MixUp`'s
     generator would be shared by all iterators (see `_per_iterator`)."""
-    return tf.data.Dataset.zip(batches, _seeds(seed, repeat)).map(
-        lambda batch, batch_seed: mixup(*batch, alpha, num_classes, seed=batch_seed)
-    )
+
+    def mixed(batch, batch_seed):
+        return mixup(
+            *batch, alpha, num_classes, seed=tf.random.experimental.stateless_fold_in(batch_seed, MIXUP_STREAM)
+        )
+
+    return tf.data.Dataset.zip(batches, _seeds(seed, repeat)).map(mixed)
 
 
 def make_pipeline(
