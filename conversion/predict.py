@@ -228,9 +228,16 @@ class Classifier:
 
 
 def decoder_message(message):
-    """The serving decoder's reason ("could not decode image: ...") out of TensorFlow's report."""
+    """The serving decoder's reason ("could not decode image: ...") out of TensorFlow's report:
+    the graph's own check, else the message of the TensorFlow decoder that refused the data
+    (the report's other lines are where in the graph it happened)."""
     found = re.search(r"tfbit: image \d+ of the batch: ([^\]]*)\]", message)
-    return found.group(1) if found else message.strip().splitlines()[0]
+    if found:
+        return found.group(1)
+    lines = [line.strip() for line in message.strip().splitlines()]
+    where = ("Graph execution error", "Detected at node", "<stack traces", "[[", "File ")
+    reasons = [line for line in lines if line and not line.startswith(where) and not line.endswith(":")]
+    return f"could not decode image: {reasons[0]}" if reasons else lines[0]
 
 
 def ranked(logits, labels, k):

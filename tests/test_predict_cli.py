@@ -121,6 +121,39 @@ def test_every_artifact_writes_the_same_jsonl(export, heldout, tmp_path):
         )
 
 
+def _with_bad_crc(png, chunk):
+    """`png` with the CRC of its first `chunk` chunk wrong (a bit flipped on disk or in transit)."""
+    pos = 8
+    while png[pos + 4 : pos + 8] != chunk:
+        pos += 12 + int.from_bytes(png[pos : pos + 4], "big")
+    end = pos + 8 + int.from_bytes(png[pos : pos + 4], "big")
+    return png[:end] + bytes([png[end] ^ 0xFF]) + png[end + 1 :]
+
+
+def test_every_artifact_answers_the_same_about_a_damaged_png(export, tmp_path):
+    """The SavedModel's decoder (libpng) refuses a PNG whose image data or end fails its CRC and
+    drops a text chunk that does; PIL checks neither the same way. Every artifact must agree."""
+    from PIL import Image, PngImagePlugin
+
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Comment", "a damaged text chunk is dropped, not fatal")
+    buffer = io.BytesIO()
+    Image.open(os.path.join(ROOT, "conversion", "photos", "flower_dahlia.png")).save(buffer, "PNG", pnginfo=text)
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    for chunk in ("tEXt", "IDAT", "IEND"):
+        (folder / f"bad_{chunk}.png").write_bytes(_with_bad_crc(buffer.getvalue(), chunk.encode()))
+    answers = {}
+    for artifact in ("digits.keras", "tflite/digits_fp32.tflite", "serving/1"):
+        done = cli("conversion.predict", export / artifact, folder, "--top-k", "1")
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        skipped = [line for line in done.stderr.splitlines() if line.startswith("skipped: ")]
+        answers[artifact] = (done.stdout.split()[0], [line.split(": ")[1].split()[2] for line in skipped])
+        assert all(": could not decode image: " in line for line in skipped), skipped
+    expected = (str(folder / "bad_tEXt.png"), [str(folder / f"bad_{chunk}.png") for chunk in ("IDAT", "IEND")])
+    assert all(answer == expected for answer in answers.values()), answers
+
+
 @pytest.mark.parametrize("artifact", ["digits.keras", "serving/1"])
 def test_bad_images_are_skipped_by_path_and_the_rest_predicted(artifact, export, heldout, tmp_path):
     """A SavedModel batch holding an undecodable image is rerun image by image: only it is lost."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import zlib
 from typing import NamedTuple
 
 from PIL import Image
@@ -278,6 +279,27 @@ def read_file(path):
         raise OSError(f"cannot read {path}: {e.strerror}") from None
 
 
+def _png_as_libpng_reads(data):
+    """PNG bytes as the serving graph's decoder (libpng) reads them: a critical chunk whose CRC
+    does not match makes the file unreadable; an ancillary one is dropped. PIL checks no CRC of
+    the image data and refuses a file for a bad text chunk, so without this the `.keras` and
+    TFLite paths would answer otherwise than the SavedModel about the same damaged file."""
+    pos, kept = 8, [data[:8]]
+    while pos + 12 <= len(data):
+        end = pos + 12 + _uint(data, pos, 4)
+        chunk = data[pos:end]
+        if zlib.crc32(chunk[4:-4]) != _uint(chunk, len(chunk) - 4, 4):
+            if not chunk[4] & 0x20:  # bit 5 of the first letter: clear (upper case) for critical chunks
+                name = chunk[4:8].decode("latin-1")
+                raise ValueError(f"{UNDECODABLE.format('PNG')} (chunk {name} at byte {pos} fails its CRC check)")
+            chunk = b""
+        kept.append(chunk)
+        if data[pos + 4 : pos + 8] == b"IEND":
+            break
+        pos = end
+    return b"".join(kept)
+
+
 def load_image(path, max_pixels=MAX_PIXELS):
     """Open an image file as transformers' ``load_image`` does (PIL, EXIF transpose, RGB), within
     the serving graph's rules: files it refuses (other formats, more than ``max_pixels`` decoded
@@ -287,6 +309,7 @@ def load_image(path, max_pixels=MAX_PIXELS):
     data = read_file(path)
     try:
         header = read_image_header(data, max_pixels)
+        data = _png_as_libpng_reads(data) if header.format == "PNG" else data
     except ValueError as err:
         raise ValueError(f"cannot read {path} as an image: {err}") from None
     try:
