@@ -28,7 +28,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip uninstall --quiet --yes triton || true
 	$(BIN)/pip install --quiet --no-deps --target $(VENV)/jax jax==0.10.2 jaxlib==0.10.2
-	PYTHONPATH=$(VENV)/jax $(BIN)/python -c "import jax.numpy"
+	PYTHONPATH=$(VENV)/jax TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -c "import jax.numpy"
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed-test
@@ -43,7 +43,7 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m conversion.convert
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadscope $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadscope --durations=25 $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_inference.py

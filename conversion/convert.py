@@ -543,8 +543,9 @@ def _check_space(request, loaded):
     kinds = [f for f in request.formats if f != "tflite"] + list(request.quantizations) * ("tflite" in request.formats)
     weights = sum(int(np.prod(w.shape)) for w in loaded.model.weights)
     try:
+        diskspace.check_writable(request.output)  # a read-only place first: more space would not help
         diskspace.check_free_space(request.output, weights * sum(map(_BYTES_PER_WEIGHT.get, kinds)) // 2, "the export")
-    except diskspace.InsufficientSpace as e:
+    except (ValueError, diskspace.InsufficientSpace) as e:
         raise ConversionError(str(e)) from None
 
 

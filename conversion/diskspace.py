@@ -1,5 +1,5 @@
-"""A full disk as one line with exit code 2: refused up front when the output's file system
-cannot hold what is about to be written, and recognised when a write fails for lack of space
+"""The output's file system, as one line with exit code 2: refused up front when it is read-only
+or cannot hold what is about to be written, and recognised when a write fails for lack of space
 (Python's OSError, or TensorFlow's error carrying the same errno text)."""
 
 import errno
@@ -59,6 +59,16 @@ def _existing_ancestor(path):
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     return path
+
+
+def check_writable(path):
+    """ValueError naming the place when `path` cannot be created or written (a read-only file
+    system or folder, a file where a folder is needed), before a long run finds out."""
+    existing = _existing_ancestor(path)
+    if existing != os.path.abspath(path) and not os.path.isdir(existing):
+        raise ValueError(f"cannot create {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"cannot write into {existing}: read-only file system or folder")
 
 
 def check_free_space(path, needed_bytes, what):

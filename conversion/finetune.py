@@ -105,6 +105,11 @@ def _add_output_arguments(parser):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    try:
+        diskspace.check_writable(args.output)  # before minutes of loading and training
+    except ValueError as e:
+        print(f"error: --output {args.output}: {e}", file=sys.stderr)
+        return 2
     environment.configure(args.verbose, training=True)  # before anything else imports TensorFlow
     runtime.set_threads(args.threads)
 

@@ -140,7 +140,9 @@ def test_an_output_below_a_file_is_bad_input(tmp_path):
     (tmp_path / "afile").write_text("")
     done = cli("conversion.convert", "--output", str(tmp_path / "afile" / "out"), "--formats", "keras")
     assert done.returncode == 2
-    assert f"cannot create the output folder {tmp_path / 'afile' / 'out'}: File exists" in error_line(done)
+    assert f"cannot create {tmp_path / 'afile' / 'out'}: {tmp_path / 'afile'} is a file, not a folder" in error_line(
+        done
+    )
 
 
 @pytest.fixture

@@ -79,11 +79,47 @@ def world(tmp_path_factory):
     return root
 
 
+def _mount_tmpfs(mount, options):
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a tmpfs needs root (the file-size limit tests below run everywhere)")
+
+
+@pytest.fixture(scope="module")
+def read_only(tmp_path_factory):
+    mount = tmp_path_factory.mktemp("mounts") / "read-only"
+    _mount_tmpfs(mount, "size=1m,ro")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+# predict's refusal: tests/test_cli_errors.py
+READ_ONLY_CASES = {
+    "convert": (["conversion.convert", "--output", "{ro}/export"], "error: cannot write into {ro}: "),
+    "batch_predict": (
+        ["conversion.batch_predict", "export", "photos/*", "--output", "{ro}/out/preds"],
+        "error: --output {ro}/out/preds: cannot write in {ro} (read-only folder)",
+    ),
+    "finetune": (
+        ["conversion.finetune", CHECKPOINT, "--data", "data", "--output", "{ro}/run", "--steps", "2"],
+        "error: --output {ro}/run: cannot write into {ro}: read-only file system or folder",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", READ_ONLY_CASES)
+def test_a_read_only_output_is_refused_before_the_work(world, read_only, command):
+    args, message = READ_ONLY_CASES[command]
+    if command == "batch_predict":
+        pytest.importorskip("apache_beam")
+    done = run([arg.format(ro=read_only) for arg in args], world)
+    _one_line_exit_2(done, message.format(ro=read_only))
+    assert "[2/5]" not in done.stdout and "Epoch" not in done.stdout
+
+
 def test_convert_refuses_a_file_system_too_small_before_exporting(world, tmp_path):
     mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode:
-        pytest.skip("mounting a tmpfs needs root (the file-size limit tests below run everywhere)")
+    _mount_tmpfs(mount, "size=1m")
     try:
         started = time.perf_counter()
         done = run(["conversion.convert", "--output", mount / "export"], world)
