@@ -433,9 +433,7 @@ def check_prefix_folder(prefix):
     it starts writing, with a traceback. Remote filesystems answer for themselves."""
     if "://" in prefix:
         return
-    folder = os.path.dirname(os.path.abspath(prefix))
-    while not os.path.exists(folder):  # Beam creates the missing folders
-        folder = os.path.dirname(folder)
+    folder = diskspace.existing_ancestor(os.path.dirname(os.path.abspath(prefix)))  # Beam creates the rest
     if not os.path.isdir(folder):
         raise ValueError(f"--output {prefix}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK):

@@ -519,11 +519,12 @@ def run(request, log=_log):
         if loaded.user_model
         else f"{loaded.checkpoint.format} checkpoint"
     )
+    weights = sum(int(np.prod(w.shape)) for w in loaded.model.weights)
     log(
         f"      {kind}, {loaded.config.num_labels if request.task == 'classification' else 'no'} labels, "
-        f"{sum(int(np.prod(w.shape)) for w in loaded.model.weights) / 1e6:.1f} M parameters"
+        f"{weights / 1e6:.1f} M parameters"
     )
-    _check_space(request, loaded)
+    _check_space(request, weights)
     images = preprocessed_images(request, loaded)
     try:
         with publish.OutputLock(request.output):
@@ -537,11 +538,11 @@ def run(request, log=_log):
 _BYTES_PER_WEIGHT = {"keras": 4, "saved_model": 4, "fp32": 4, "fp16": 2, "dynamic_int8": 1, "int8": 1}
 
 
-def _check_space(request, loaded):
-    """Refuses an output whose file system cannot hold the export before exporting for minutes.
-    Half the estimate: a converter that deduplicates equal constants stores less."""
+def _check_space(request, weights):
+    """Refuses an output whose file system cannot hold the export of a model with `weights`
+    values before exporting for minutes. Half the estimate: a converter that deduplicates equal
+    constants stores less."""
     kinds = [f for f in request.formats if f != "tflite"] + list(request.quantizations) * ("tflite" in request.formats)
-    weights = sum(int(np.prod(w.shape)) for w in loaded.model.weights)
     try:
         diskspace.check_writable(request.output)  # a read-only place first: more space would not help
         diskspace.check_free_space(request.output, weights * sum(map(_BYTES_PER_WEIGHT.get, kinds)) // 2, "the export")

@@ -54,7 +54,8 @@ def out_of_space_in(text):
     return None
 
 
-def _existing_ancestor(path):
+def existing_ancestor(path):
+    """`path`, or its nearest ancestor that exists (what a writer would create its folders in)."""
     path = os.path.abspath(path)
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
@@ -64,7 +65,7 @@ def _existing_ancestor(path):
 def check_writable(path):
     """ValueError naming the place when `path` cannot be created or written (a read-only file
     system or folder, a file where a folder is needed), before a long run finds out."""
-    existing = _existing_ancestor(path)
+    existing = existing_ancestor(path)
     if existing != os.path.abspath(path) and not os.path.isdir(existing):
         raise ValueError(f"cannot create {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK):
@@ -74,6 +75,6 @@ def check_writable(path):
 def check_free_space(path, needed_bytes, what):
     """InsufficientSpace when the file system of `path` has less than `needed_bytes` free.
     `needed_bytes` must be a lower bound of what `what` writes, so a refusal is never premature."""
-    free = shutil.disk_usage(_existing_ancestor(path)).free
+    free = shutil.disk_usage(existing_ancestor(path)).free
     if free < needed_bytes:
         raise InsufficientSpace(path, needed_bytes, free, what)
