@@ -241,14 +241,30 @@ def build_pipeline(pipeline, globs, handler, records, args):
         args.task,
         args.num_shards,
     )
+    links = pipeline | "Links leading nowhere" >> beam.Create(dead_links(globs))
     (
-        (files.errors, predicted.errors)
+        (files.errors, predicted.errors, links)
         | "All errors" >> beam.Flatten()
         | "Count skipped" >> beam.Map(_counted("skipped"))
         | "Errors to JSON" >> beam.Map(json.dumps)
         | "Write errors"
         >> beam.io.WriteToText(f"{args.output}-errors", file_name_suffix=".jsonl", num_shards=args.num_shards)
     )
+
+
+def dead_links(globs):
+    """Error records of the symbolic links a local INPUT_GLOB matches that lead nowhere (a missing
+    target, a loop): Beam's MatchFiles leaves them out without a word."""
+    found = []
+    for pattern in globs:
+        if "://" in pattern:
+            continue
+        for path in sorted(glob.glob(pattern)):
+            try:
+                os.stat(path)
+            except OSError as e:
+                found.append({"path": path, "error": f"cannot read {path}: {e.strerror}"})
+    return found
 
 
 # -- checks before the pipeline starts ------------------------------------------------------
@@ -301,10 +317,11 @@ def check_tfrecord_writer():
 
 
 def signature_outputs(saved_model):
-    """{output name: static shape} of `serving_default`, read from saved_model.pb (no variables loaded)."""
-    from conversion.runners import saved_model_signatures
+    """{output name: static shape} of `serving_default`, read from saved_model.pb; ValueError
+    naming a damaged export (`conversion.runners.check_saved_model`)."""
+    from conversion.runners import check_saved_model
 
-    signatures = saved_model_signatures(saved_model)
+    signatures = check_saved_model(saved_model)
     if "serving_default" not in signatures:
         raise ValueError(f"{saved_model} has no serving_default signature: export it with python -m conversion.convert")
     signature = signatures["serving_default"]

@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from conversion import diskspace, environment
+from tfbit.errors import TfbitError
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_checkpoint")
 # relative to the working directory: the repository's saved_models/ when run from its root, as
@@ -38,7 +39,7 @@ TFLITE_INPUTS = ("float32", "uint8")
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
 
 
-class ConversionError(Exception):
+class ConversionError(TfbitError):
     """A problem with the arguments, the source or the output location (exit code 2)."""
 
 
@@ -216,12 +217,12 @@ def gather_images(request, label2id):
 
     calibration_images = request.calibration_images if request.need_calibration else 0
     try:
+        if request.images:  # also for the demo: a user's folder is never ignored
+            return real.folder_images(request.images, request.num_images, label2id, calibration_images)
         if request.demo:
             verification = real.digits_images("test")
             calibration = real.digits_images("train", calibration_images).images if calibration_images else None
             return verification, calibration
-        if request.images:
-            return real.folder_images(request.images, request.num_images, label2id, calibration_images)
         verification = real.photo_images(request.num_images)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise ConversionError(str(e)) from e
@@ -268,6 +269,8 @@ def preprocessed_images(request, source):
 def export_artifacts(source, request, inference, staging, version, images, log):
     """The artifacts of `source` (`inference`: its float32 folded pixel model, which every graph
     is exported from) written into `staging`."""
+    from conversion import serving_kit
+
     source.config.save_pretrained(staging)
     source.processor.save_pretrained(staging)
     artifacts = []
@@ -275,6 +278,7 @@ def export_artifacts(source, request, inference, staging, version, images, log):
         artifacts += _keras_artifacts(source, request, staging, log)
     if "saved_model" in request.formats:
         artifacts += _saved_model_artifacts(source, request, inference, staging, version, log)
+        serving_kit.write(staging, version, request.name, source.processor)  # warm-up, models.config, batching
     if "tflite" in request.formats:
         artifacts += _tflite_artifacts(source, request, inference, staging, images, log)
     return artifacts
@@ -557,10 +561,12 @@ def text_name(name):
 
 
 def _planned_files(request, version):
+    from conversion import serving_kit
+
     name = request.name
     planned = ["config.json", "preprocessor_config.json", "report.json"]
     planned += [f"{name}.keras"] * ("keras" in request.formats)
-    planned += [f"serving/{version}"] * ("saved_model" in request.formats)
+    planned += [f"serving/{version}", *serving_kit.CONFIG_FILES] * ("saved_model" in request.formats)
     planned += [
         tflite_path(name, q, request.tflite_input) for q in request.quantizations if "tflite" in request.formats
     ]
@@ -591,7 +597,7 @@ def _report(loaded, request, images, version, outcome, export_seconds, started):
 
 
 def _export_verify_publish(loaded, request, images, started, log):
-    from conversion import export, processes, publish, verify
+    from conversion import export, processes, publish, serving_kit, verify
 
     output = request.output
     version = publish.next_serving_version(output)
@@ -616,6 +622,7 @@ def _export_verify_publish(loaded, request, images, started, log):
         published = outcome.published
         log(f"[4/5] publishing {len(published)} verified artifact{'s' if len(published) != 1 else ''} into {output}")
         written = ["config.json", "preprocessor_config.json", *published, "report.json"]
+        written[-1:-1] = serving_kit.files_to_publish(published, version)  # after the version they name
         publish.publish(staging, output, written, source_paths=loaded.checkpoint.files, overwrite=request.overwrite)
     if outcome.failed:
         log(

@@ -6,6 +6,8 @@ import errno
 import os
 import shutil
 
+from tfbit.errors import TfbitError
+
 # A file-size limit (`ulimit -f`, RLIMIT_FSIZE) fails writes with EFBIG: for the writer it is a full disk.
 _NO_SPACE = {
     errno.ENOSPC: "no space left on device",
@@ -14,7 +16,7 @@ _NO_SPACE = {
 }
 
 
-class InsufficientSpace(OSError):
+class InsufficientSpace(TfbitError, OSError):
     """Refused before writing: the output's file system cannot hold what is about to be written."""
 
     def __init__(self, path, needed_bytes, free_bytes, what):

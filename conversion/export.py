@@ -15,6 +15,7 @@ import tensorflow as tf
 
 import tfbit
 from conversion import processes
+from tfbit.errors import TfbitError
 from tfbit.models import user_models
 from tfbit.preprocessing import tf_processor
 from tfbit.preprocessing.processor import BitImageProcessor
@@ -140,7 +141,7 @@ def _converter(saved_model_dir):
     return tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=["serving_default"])
 
 
-class VariantError(RuntimeError):
+class VariantError(TfbitError, RuntimeError):
     """One TFLite variant could not be produced; the others can."""
 
 

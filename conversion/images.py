@@ -56,8 +56,11 @@ def _read_files(paths, description, labels=None):
 
     encoded = []
     for p in paths:
-        with open(p, "rb") as f:
-            encoded.append(f.read())
+        try:
+            with open(p, "rb") as f:
+                encoded.append(f.read())
+        except OSError as e:  # a dangling link, a link loop, a folder named like an image
+            raise ValueError(f"cannot read {p}: {e.strerror}") from None
     # PIL images, not arrays: the processor then handles a transparency colour as transformers does
     return RealImages(encoded, [load_image(p) for p in paths], labels, description)
 

@@ -93,6 +93,11 @@ def _tfrecord_records(path, verbose=False):
         if isinstance(e, tf.errors.OpError):  # the reason, without TensorFlow's function and op names
             reason = re.sub(r"\{\{.*?\}\}", "", e.message).split("[Op:")[0]
         raise ValueError(f"{path} is damaged, not a file of tf.train.Example records: {reason.strip()}") from None
+    if not records and os.path.getsize(path):  # TensorFlow reads a cut-off first record as the end
+        raise ValueError(
+            f"{path} is damaged, not a file of tf.train.Example records: no complete record in "
+            f"its {os.path.getsize(path)} B"
+        )
     return records
 
 
@@ -100,7 +105,7 @@ def feature_matrix(files, verbose=False):
     """(paths sorted, float64 matrix of unit rows); ValueError naming a file without features."""
     import numpy as np
 
-    rows = {}
+    rows, origin = {}, {}
     for path in files:
         for record in read_records(path, verbose):
             if "features" not in record or "path" not in record:
@@ -108,7 +113,8 @@ def feature_matrix(files, verbose=False):
                     f"{path} holds no feature vectors (fields: {', '.join(sorted(record))}): "
                     "write them with batch_predict --task features"
                 )
-            rows[record["path"]] = record["features"]
+            _check_length(path, record, rows)
+            rows[record["path"]], origin[record["path"]] = record["features"], path
     if not rows:
         raise ValueError(f"no records in {', '.join(files)}")
     paths = sorted(rows)
@@ -117,11 +123,25 @@ def feature_matrix(files, verbose=False):
     if bad:  # a NaN row would compare as -inf with every image, itself included
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise ValueError(
-            f"the feature vector of {bad[0]}{more} holds NaN or infinite values: rerun "
+            f"{origin[bad[0]]}: the feature vector of {bad[0]}{more} holds NaN or infinite values: rerun "
             "batch_predict on that image (a damaged export or image gives such features)"
         )
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     return paths, matrix / np.where(norms > 0, norms, 1.0)  # unit rows: cosine = dot product
+
+
+def _check_length(path, record, rows):
+    """ValueError naming a record whose feature vector is not a list as long as the others'."""
+    features = record["features"]
+    if not isinstance(features, (list, tuple)):
+        raise ValueError(f"{path}: the features of {record['path']} are a {type(features).__name__}, not a list")
+    if rows:
+        first, expected = next(iter(rows.items()))
+        if len(features) != len(expected):
+            raise ValueError(
+                f"{path}: the feature vector of {record['path']} has {len(features)} values, that of "
+                f"{first} {len(expected)}: the records come from different models"
+            )
 
 
 def neighbours(paths, matrix, queries, k):

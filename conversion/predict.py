@@ -135,6 +135,7 @@ class Classifier:
                 f"--xla compiles .keras models only; {path} is a "
                 f"{'TFLite file' if path.endswith('.tflite') else 'SavedModel'}"
             )
+        runners.check_file(path)  # a damaged file is named as such, before what lies beside it
         root = export_root(path, required=not path.endswith(".keras"))
         own_processor = None
         if path.endswith(".keras"):

@@ -36,6 +36,7 @@ import shutil
 import time
 
 from conversion import processes
+from tfbit.errors import TfbitError
 
 REPORT = "report.json"
 SERVING = "serving"
@@ -44,7 +45,7 @@ _SERVING_VERSION = re.compile(rf"{SERVING}/(\d+)")
 _held = {}  # resolved output -> OutputLock held by this process
 
 
-class OutputError(Exception):
+class OutputError(TfbitError):
     """The output folder cannot be written as asked (refusals come before anything is moved)."""
 
 

@@ -2,8 +2,23 @@
 Shared by verification (what is checked is what is deployed) and `predict`."""
 
 import os
+import zipfile
 
 import numpy as np
+
+
+def check_file(path):
+    """ValueError naming a `.keras` or `.tflite` file that is not one (Keras reports a damaged
+    `.keras` file as "File not found", LiteRT a damaged `.tflite` with a native traceback)."""
+    if not os.path.isfile(path):
+        return  # the loaders name a missing file
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is damaged, not a .keras file (a zip archive of the model): save the model again")
+    if path.endswith(".tflite"):
+        with open(path, "rb") as f:
+            identifier = f.read(8)[4:]
+        if identifier != b"TFL3":  # the FlatBuffer file identifier of every TFLite model
+            raise ValueError(f"{path} is damaged, not a TFLite model (no TFL3 identifier): convert the model again")
 
 
 def load_keras(path):
@@ -14,7 +29,12 @@ def load_keras(path):
     import tfbit
     from tfbit.models import user_models
 
-    processor, model = user_models.split_preprocessing(keras.saving.load_model(path))
+    check_file(path)
+    try:
+        loaded = keras.saving.load_model(path)
+    except (zipfile.BadZipFile, KeyError) as e:  # a cut-off archive, or one without the model
+        raise ValueError(f"{path} is damaged, not a complete .keras file ({e}): save the model again") from None
+    processor, model = user_models.split_preprocessing(loaded)
     return processor, tfbit.fold_weight_standardization(model)
 
 
@@ -54,6 +74,23 @@ def saved_model_signatures(folder):
         ) from None
 
 
+def check_saved_model(folder):
+    """The signatures of a SavedModel folder, whose graph (`saved_model_signatures`) and every
+    variable are read without building the model; ValueError naming a damaged one. batch_predict
+    checks before starting its pipeline, whose workers would report it as a traceback."""
+    import tensorflow as tf
+
+    signatures = saved_model_signatures(folder)
+    try:
+        reader = tf.train.load_checkpoint(os.path.join(folder, "variables", "variables"))
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except (OSError, ValueError, tf.errors.OpError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{folder} is a damaged SavedModel export ({reason}): export the model again") from None
+    return signatures
+
+
 def load_saved_model(folder):
     """`tf.saved_model.load` of a SavedModel folder; ValueError naming a damaged export."""
     import tensorflow as tf
@@ -84,6 +121,7 @@ def tflite_runner(path, num_threads=None):
 
     from conversion.runtime import available_cores
 
+    check_file(path)
     interpreter = Interpreter(model_path=path, num_threads=num_threads or available_cores())
     runner = interpreter.get_signature_runner("serving_default")
     ((name, detail),) = runner.get_input_details().items()
@@ -131,5 +169,6 @@ def tflite_takes_uint8(path):
     """Whether a `.tflite` file takes raw uint8 pixels (`convert --tflite-input uint8`)."""
     from ai_edge_litert.interpreter import Interpreter
 
+    check_file(path)
     (detail,) = Interpreter(model_path=path).get_signature_runner("serving_default").get_input_details().values()
     return detail["dtype"] == np.uint8

@@ -1,12 +1,18 @@
 """A corpus of bad inputs (issue 25): each command line as a user types it, in a fresh process
 in a folder of its own, must answer in one line with its documented exit code (docs/conversion.md,
 docs/scaling.md): no traceback, the first line of stderr naming the file or argument, and
-nothing written where it failed. The cases run two at a time (each process spends ~6 s
-importing TensorFlow); each test reads its own case's outcome.
+nothing written where it failed.
+
+Two parts: CASES, written by hand, pin exact messages; the generated corpus builds damaged
+images, checkpoints, exports and record files (DAMAGED) and runs every command line that takes
+that kind of input (SLOTS) on each. The processes run two at a time (each spends ~5 s importing
+TensorFlow); each test reads its own case's outcome.
 """
 
 import concurrent.futures
 import csv
+import glob
+import io
 import json
 import os
 import shutil
@@ -37,13 +43,6 @@ def images(folder, *names):
     os.makedirs(folder, exist_ok=True)
     for name in names:
         shutil.copy(PHOTO, os.path.join(os.fsencode(folder), os.fsencode(name)))
-
-
-def damaged_export(folder, export):
-    shutil.copytree(export, os.path.join(folder, "export"))
-    pb = os.path.join(folder, "export", "serving", "1", "saved_model.pb")
-    with open(pb, "r+b") as f:
-        f.truncate(300)
 
 
 def symlink_loop(folder, *classes):
@@ -95,27 +94,6 @@ CASES = [
         id="predict-preprocessor-crop-text",
     ),
     pytest.param(
-        "predict export photo.jpg --output preds.csv",
-        lambda cwd, export: (damaged_export(cwd, export), images(cwd, "photo.jpg")),
-        2,
-        "error: export/serving/1/saved_model.pb is damaged, not a SavedModel graph",
-        id="predict-damaged-saved-model",
-    ),
-    pytest.param(
-        "batch_predict export photo.jpg --output preds/p",
-        lambda cwd, export: (damaged_export(cwd, export), images(cwd, "photo.jpg")),
-        2,
-        "error: export/serving/1/saved_model.pb is damaged, not a SavedModel graph",
-        id="batch-predict-damaged-saved-model",
-    ),
-    pytest.param(
-        "neighbours features.tfrecord",
-        lambda cwd, export: write(cwd, "features.tfrecord", b"not a TFRecord file at all"),
-        2,
-        "error: features.tfrecord is damaged, not a file of tf.train.Example records: corrupted record at 0",
-        id="neighbours-damaged-tfrecord",
-    ),
-    pytest.param(
         "neighbours features.jsonl",
         lambda cwd, export: write(cwd, "features.jsonl", b'{"path": "a.jpg", "features": [1, 0]}\n[1, 0]\n'),
         2,
@@ -157,14 +135,158 @@ CASES = [
         "skipped: cannot read photos/l.jpg: Too many levels of symbolic links",
         id="predict-symlink-loop",
     ),
-    pytest.param(
-        "finetune " + CHECKPOINT + " --data photos --output run --steps 1 --batch-size 2",
-        lambda cwd, export: symlink_loop(os.path.join(cwd, "photos"), "cat", "dog"),
-        2,
-        "error: cannot read image file 'photos/cat/l.jpg': Too many levels of symbolic links",
-        id="finetune-symlink-loop",
-    ),
 ]
+
+
+# -- the generated corpus ------------------------------------------------------------------------
+
+
+def _put(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _photo_head():
+    with open(PHOTO, "rb") as f:
+        data = f.read()
+    return data[: len(data) // 3]
+
+
+def _png_with_bad_crc():
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[data.index(b"IDAT") + 4] ^= 0xFF  # the first data byte: the chunk's CRC no longer matches
+    return bytes(data)
+
+
+def _checkpoint_with(change):
+    def build(path, export):
+        shutil.copytree(CHECKPOINT, path)
+        change(path)
+
+    return build
+
+
+def _file(name, data):
+    return _checkpoint_with(lambda path: _put(os.path.join(path, name), data))
+
+
+def _cut(name):
+    def cut(path):
+        with open(os.path.join(path, name), "rb") as f:
+            data = f.read()
+        _put(os.path.join(path, name), data[: len(data) // 2])
+
+    return cut
+
+
+def _wider(path):
+    """The same stages at twice the width: every weight has another shape than the file's."""
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["hidden_sizes"] = [2 * width for width in config["hidden_sizes"]]
+    _put(os.path.join(path, "config.json"), json.dumps(config).encode())
+
+
+def _export_with(change):
+    def build(path, export):
+        shutil.copytree(export, path)
+        change(os.path.join(path, "serving", "1"))
+
+    return build
+
+
+def _keras_head(path, export):
+    with open(os.path.join(export, "digits.keras"), "rb") as f:
+        _put(path, f.read()[:5000])
+
+
+# What can be wrong with each kind of input: {name as typed: build(path, the module's export)}.
+DAMAGED = {
+    "image": {
+        "empty.jpg": lambda path, export: _put(path, b""),
+        "text.jpg": lambda path, export: _put(path, b"not an image\n"),
+        "truncated.jpg": lambda path, export: _put(path, _photo_head()),
+        "bad-crc.png": lambda path, export: _put(path, _png_with_bad_crc()),
+        "dangling.jpg": lambda path, export: os.symlink("missing.jpg", path),
+        "loop.jpg": lambda path, export: os.symlink("loop.jpg", path),
+    },
+    "checkpoint": {
+        "empty-folder": lambda path, export: os.mkdir(path),
+        "config-not-json": _file("config.json", b"{not json"),
+        "config-a-list": _file("config.json", b"[1, 2]"),
+        "weights-missing": _checkpoint_with(lambda path: os.remove(os.path.join(path, "model.safetensors"))),
+        "weights-cut-off": _checkpoint_with(_cut("model.safetensors")),
+        "weights-garbage": _file("model.safetensors", b"garbage" * 10),
+        "weights-of-other-shapes": _checkpoint_with(_wider),
+        "preprocessor-not-json": _file("preprocessor_config.json", b"{"),
+    },
+    "export": {
+        "empty-folder": lambda path, export: os.mkdir(path),
+        "garbage.keras": lambda path, export: _put(path, b"garbage"),
+        "cut-off.keras": _keras_head,
+        "garbage.tflite": lambda path, export: _put(path, b"garbage" * 20),
+        "empty.tflite": lambda path, export: _put(path, b""),
+        "graph-cut-off": _export_with(_cut("saved_model.pb")),
+        "variables-missing": _export_with(lambda version: shutil.rmtree(os.path.join(version, "variables"))),
+    },
+    "records": {
+        "empty.tfrecord": lambda path, export: _put(path, b""),
+        "one-byte.tfrecord": lambda path, export: _put(path, b"x"),
+        "garbage.tfrecord": lambda path, export: _put(path, b"not a TFRecord file at all"),
+        "empty.jsonl": lambda path, export: _put(path, b""),
+        "nan.jsonl": lambda path, export: _put(
+            path, b'{"path": "a.jpg", "features": [1, 0]}\n{"path": "b.jpg", "features": [NaN, 0]}\n'
+        ),
+        "ragged.jsonl": lambda path, export: _put(
+            path, b'{"path": "a.jpg", "features": [1, 0]}\n{"path": "b.jpg", "features": [1, 0, 2]}\n'
+        ),
+        "no-features.jsonl": lambda path, export: _put(path, b'{"path": "a.jpg"}\n'),
+    },
+}
+STEP = "--steps 1 --batch-size 2"
+# Every command line and argument that takes a kind of input: (id, kind, command line, the folder
+# the damaged item goes in, whether all items go in one run). "{}" is the damaged item as typed,
+# "{all}" all of them; the commands that skip unreadable images (exit 1) get them all at once,
+# the others (exit 2) one per process.
+SLOTS = [
+    ("convert", "checkpoint", "convert {} --output out --formats keras", "", False),
+    ("finetune", "checkpoint", f"finetune {{}} --data data --output run {STEP}", "", False),
+    ("convert-images", "image", "convert --output out --formats keras --images photos", "photos", False),
+    ("finetune-data", "image", f"finetune {CHECKPOINT} --data data --output run {STEP}", "data/cat", False),
+    ("predict", "export", "predict {} photo.jpg", "", False),
+    ("batch-predict", "export", "batch_predict {} photo.jpg --output preds/p", "", False),
+    ("neighbours", "records", "neighbours {}", "", False),
+    ("predict-images", "image", "predict {export} photos/good.jpg {all}", "photos", True),
+    ("batch-predict-images", "image", "batch_predict {export} photos/* --output preds/p", "photos", True),
+]
+
+
+def _world(cwd):
+    """What every case folder holds besides the damaged items: photos and a two-class image folder."""
+    images(cwd, "photo.jpg")
+    images(os.path.join(cwd, "photos"), "good.jpg")
+    for label in ("cat", "dog"):
+        images(os.path.join(cwd, "data", label), "a.jpg", "b.jpg")
+
+
+def _corpus():
+    """pytest params (command line, {damaged item as typed: build}, expected exit code)."""
+    params = []
+    for slot, kind, command, folder, together in SLOTS:
+        items = {os.path.join(folder, name): build for name, build in DAMAGED[kind].items()}
+        if together:
+            params.append(pytest.param(command.replace("{all}", " ".join(items)), items, 1, id=slot))
+            continue
+        for (item, build), name in zip(items.items(), DAMAGED[kind]):
+            params.append(pytest.param(command.replace("{}", item), {item: build}, 2, id=f"{slot}-{name}"))
+    return params
+
+
+CORPUS = _corpus()
 
 
 @pytest.fixture(scope="module")
@@ -210,30 +332,65 @@ def tree(folder):
 
 @pytest.fixture(scope="module")
 def outcomes(export, tmp_path_factory):
-    """{case id: (the finished process, the case folder before, after)}, the cases run two at a time."""
+    """{(part, case id): (the finished process, the case folder before, after)}, two at a time."""
 
-    def case(param):
-        command, setup, _, _ = param.values
-        cwd = str(tmp_path_factory.mktemp(param.id))
-        setup(cwd, export)
+    def case(command, setup, name):
+        cwd = str(tmp_path_factory.mktemp(name))
+        setup(cwd)
         before = tree(cwd)
-        argv = [a.replace("{export}", export) for a in command.split()]
-        done = run(argv, cwd)
+        done = run([a.replace("{export}", export) for a in command.split()], cwd)
         return done, cwd, before, tree(cwd)
 
+    def damaged(items):
+        def setup(cwd):
+            _world(cwd)
+            for item, build in items.items():
+                build(os.path.join(cwd, item), export)
+
+        return setup
+
+    runs = {("cases", p.id): (p.values[0], lambda cwd, p=p: p.values[1](cwd, export), p.id) for p in CASES}
+    runs.update({("corpus", p.id): (p.values[0], damaged(p.values[1]), p.id) for p in CORPUS})
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = {param.id: pool.submit(case, param) for param in CASES}
-        return {name: future.result() for name, future in futures.items()}
+        futures = {key: pool.submit(case, *arguments) for key, arguments in runs.items()}
+        return {key: future.result() for key, future in futures.items()}
 
 
 @pytest.mark.parametrize("command, setup, code, message", CASES)
 def test_one_line_and_the_documented_exit_code(command, setup, code, message, outcomes, request):
-    done, cwd, before, after = outcomes[request.node.callspec.id]
+    done, cwd, before, after = outcomes["cases", request.node.callspec.id]
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == code, done.stderr
     assert done.stderr.splitlines()[0].startswith(message.replace("{cwd}", cwd)), done.stderr
     if code == 2:  # refused: nothing written, nothing left behind
         assert after == before
+
+
+@pytest.mark.parametrize("command, items, code", CORPUS)
+def test_each_damaged_input_is_named_on_every_command_line(command, items, code, outcomes, request):
+    """Refused (exit 2): one error on stderr, its first line `error: ` naming the item, nothing
+    written. Skipped (exit 1, the commands that predict many images): each damaged image named,
+    by predict on stderr, by batch_predict in its errors file, the good image predicted."""
+    done, cwd, before, after = outcomes["corpus", request.node.callspec.id]
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == code, done.stderr
+    lines = done.stderr.splitlines()
+    if code == 2:
+        (item,) = items
+        assert lines[0].startswith("error: ") and item in lines[0], done.stderr
+        assert all(line.startswith("  ") for line in lines[1:]), done.stderr  # a list of its keys, say
+        assert after == before
+    elif command.startswith("batch_predict"):
+        errors = [json.loads(line) for f in glob.glob(f"{cwd}/preds/p-errors-*") for line in open(f)]
+        assert sorted(e["path"] for e in errors) == sorted(items), errors
+        assert all(e["error"].startswith(f"cannot read {e['path']}") for e in errors), errors
+        records = [json.loads(line) for f in glob.glob(f"{cwd}/preds/p-0*") for line in open(f)]
+        assert [r["path"] for r in records] == ["photos/good.jpg"]
+    else:
+        skipped = [line for line in lines if line.startswith("skipped: ")]
+        assert len(skipped) == len(lines) == len(items), done.stderr
+        assert all(item in line for item, line in zip(items, skipped)), done.stderr
+        assert done.stdout.startswith("photos/good.jpg"), done.stdout
 
 
 def test_predict_writes_names_that_are_not_utf8_recoverably(export, tmp_path):

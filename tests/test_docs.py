@@ -37,6 +37,9 @@ ELSEWHERE = {
     ("docs/mobile.md", "digits_int8_uint8.tflite"): "tests/test_tflite_uint8.py",
     ("docs/models.md", "BitPreprocessing.from_pretrained"): "tests/test_preprocessing_layer.py",
     ("docs/finetuning.md", "load_digits_split"): "tests/test_short_finetune.py",
+    ("docs/serving.md", "labels/stable:predict"): "tests/test_serving_kit.py",
+    ("docs/serving.md", "prediction_service_pb2_grpc"): "tests/test_serving_kit.py",
+    ("docs/models.md", "except tfbit.ConfigError"): "tests/test_api_errors.py",
 }
 # (page, a text the block holds) -> why no test machine can run it
 EXCUSED = {
@@ -50,8 +53,8 @@ EXCUSED = {
     "tests/test_multi_worker.py runs two localhost workers with the same TF_CONFIGs",
     ("docs/scaling.md", "multi_worker_strategy()"): "needs a TF_CONFIG cluster of several hosts",
     ("docs/scaling.md", "DataflowRunner"): "needs Dataflow, Flink and Spark clusters",
-    ("docs/serving.md", "docker run"): "needs a TF Serving server (docker)",
-    ("docs/serving.md", "prediction_service_pb2_grpc"): "needs a TF Serving server (gRPC)",
+    ("docs/serving.md", "docker run"): "needs docker and the tensorflow/serving image; "
+    "tests/test_serving_kit.py parses the files it reads with TF Serving's protos",
 }
 # lines of run blocks that are not run, and why
 SKIPPED_LINES = {

@@ -114,8 +114,8 @@ def test_missing_hub_id_offline_is_one_clear_line(hub_cache):
     done = run(["-c", "import tfbit; tfbit.BitModel.from_pretrained('google/not-cached')"], hub_cache)
     assert done.returncode == 1
     assert (
-        "FileNotFoundError: google/not-cached is neither a local directory nor a reachable Hugging Face hub repo"
-        in done.stderr
+        "tfbit.errors.MissingFileError: google/not-cached is neither a local directory nor a reachable "
+        "Hugging Face hub repo" in done.stderr
     )
 
 

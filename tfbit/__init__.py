@@ -8,6 +8,21 @@ environment, which TensorFlow reads once, at import."""
 
 __version__ = "0.1.0"
 
+# `from tfbit import errors` binds `tfbit.errors` also when a command line loaded it before tfbit
+# (conversion/__init__.py), which leaves the package without the attribute
+from tfbit import errors
+from tfbit.errors import (
+    CheckpointError,
+    CompletedRunError,
+    ConfigError,
+    DataError,
+    FileError,
+    ImageError,
+    MissingFileError,
+    ModelError,
+    NonFiniteLossError,
+    TfbitError,
+)
 from tfbit.finetune.schedules import BiTSchedule
 from tfbit.models import (
     BitBackbone,
@@ -24,14 +39,12 @@ from tfbit.models import (
 )
 from tfbit.models.presets import presets
 from tfbit.preprocessing import BitImageProcessor, BitPreprocessing
-from tfbit.weights.checkpoint import CheckpointError
 
 __all__ = [
     "BitConfig",
     "BitModel",
     "BitForImageClassification",
     "BitBackbone",
-    "CheckpointError",
     "fold_weight_standardization",
     "inference_model",
     "load_model",
@@ -43,4 +56,15 @@ __all__ = [
     "BiTSchedule",
     "BitImageProcessor",
     "BitPreprocessing",
+    "errors",
+    "TfbitError",
+    "ConfigError",
+    "CheckpointError",
+    "ModelError",
+    "ImageError",
+    "DataError",
+    "CompletedRunError",
+    "NonFiniteLossError",
+    "FileError",
+    "MissingFileError",
 ]

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tfbit.errors import ConfigError, DataError, ImageError, MissingFileError
 from tfbit.finetune.hyperrule import HyperRulePlan
 from tfbit.finetune.mixup import mixup
 from tfbit.preprocessing import tf_decode
@@ -48,7 +49,11 @@ def _gray_to_rgb(image):
 
 
 def _op_message(error: tf.errors.OpError) -> str:
-    """TensorFlow's own reason, without the node, kernel and op names it wraps it in."""
+    """TensorFlow's own reason, without the node, kernel and op names it wraps it in, and the
+    serving decoder's check without its assertion wrapper (tfbit.preprocessing.tf_decode)."""
+    found = re.search(r"assertion failed: \[tfbit: (?:image \d+ of the batch: )?([^\]]*)\]", error.message)
+    if found:
+        return found.group(1)
     return re.sub(r"\s*\[\[.*?\]\]|\{\{.*?\}\}|\[Op:.*", "", error.message, flags=re.S).strip()
 
 
@@ -102,13 +107,13 @@ class ImageDataset:
 
         Args:
             class_names: the target classes; each class of this dataset must be one of them
-                (ValueError naming those that are not).
+                (DataError naming those that are not).
         """
         class_names = tuple(class_names)
         ids = {name: i for i, name in enumerate(class_names)}
         unknown = [name for name in self.class_names if name not in ids]
         if unknown:
-            raise ValueError(f"classes {unknown} are not among the classes {list(class_names)}")
+            raise DataError(f"classes {unknown} are not among the classes {list(class_names)}")
         new_ids = tf.constant([ids[name] for name in self.class_names], tf.int64)
 
         def decode(*element):
@@ -127,7 +132,7 @@ class ImageDataset:
         """Decodes every example once, as training does, and returns their (h, w) sizes.
 
         Decoding runs in parallel through tf.data. If an example does not decode (a truncated
-        or corrupt file), raises ValueError naming it (its file when `paths` is known) with
+        or corrupt file), raises ImageError naming it (its file when `paths` is known) with
         TensorFlow's reason, and how many others fail too.
         """
 
@@ -157,7 +162,7 @@ class ImageDataset:
                 if others
                 else ""
             )
-            raise ValueError(f"cannot decode {self._name(first)}: {reason}{more}")
+            raise ImageError(f"cannot decode {self._name(first)}: {reason}{more}")
         return sizes
 
     def _name(self, index: int) -> str:
@@ -184,7 +189,7 @@ def from_tfds(
         split: a tfds split ("train", "test[:10%]", ...).
         data_dir: where tfds keeps prepared datasets (tfds' default when None).
         download: let tfds download and prepare the dataset. With False (the default, works
-            offline) it must already be prepared in `data_dir`; otherwise FileNotFoundError.
+            offline) it must already be prepared in `data_dir`; otherwise MissingFileError.
         image_key: the image feature.
         label_key: the `ClassLabel` feature; its names become `class_names`.
         shuffle_files: shuffle the order of the dataset's files (`builder.as_dataset`).
@@ -195,7 +200,7 @@ def from_tfds(
     features = builder.info.features
     for key in (image_key, label_key):
         if key not in features:
-            raise ValueError(f"tfds dataset {builder.name!r} has no feature {key!r}: {list(features)}")
+            raise DataError(f"tfds dataset {builder.name!r} has no feature {key!r}: {list(features)}")
     image_feature = features[image_key]
     source = builder.as_dataset(
         split=split, shuffle_files=shuffle_files, decoders={image_key: tfds.decode.SkipDecoding()}
@@ -222,15 +227,21 @@ def _prepared_builder(name_or_builder, data_dir, download):
         if os.path.isdir(builder):
             builder = tfds.builder_from_directory(builder)
         elif os.path.isabs(builder) or builder.startswith("."):  # a path, not "name[/config]"
-            raise FileNotFoundError(f"tfds dataset directory not found: {builder!r}")
+            raise MissingFileError(f"tfds dataset directory not found: {builder!r}")
         else:
-            builder = tfds.builder(builder, data_dir=data_dir)
+            try:
+                builder = tfds.builder(builder, data_dir=data_dir)
+            except tfds.core.DatasetNotFoundError:  # tfds' message lists its ~1300 datasets
+                raise MissingFileError(
+                    f"{builder!r} is neither an image folder nor a tensorflow-datasets name "
+                    "(https://www.tensorflow.org/datasets/catalog/overview)"
+                ) from None
     # ImageFolder reads files on the fly: it is never "prepared" and refuses to prepare.
     reads_files = isinstance(builder, tfds.ImageFolder)
     if download and not reads_files:
         builder.download_and_prepare()
     if not reads_files and not builder.is_prepared():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"tfds dataset {builder.name!r} is not prepared in {builder.data_dir!r}; "
             "prepare it there or pass download=True"
         )
@@ -255,12 +266,13 @@ def _decode_file(path, label):
 
 
 def _is_file(entry):
-    """Whether a folder entry is a file; ValueError naming one that cannot be read (a symbolic
-    link loop), as `ImageDataset.verify` names a file that cannot be decoded."""
+    """Whether a folder entry is a file; ImageError naming a symbolic link that leads nowhere (a
+    loop, a missing target), as `ImageDataset.verify` names a file that cannot be decoded."""
     try:
-        return entry.is_file()
+        os.stat(entry.path)  # entry.is_file() is False for a link to a missing target
     except OSError as e:
-        raise ValueError(f"cannot read image file {entry.path!r}: {e.strerror}") from None
+        raise ImageError(f"cannot read image file {entry.path!r}: {e.strerror}") from None
+    return entry.is_file()
 
 
 def from_image_folder(root, extensions: Sequence[str] = IMAGE_EXTENSIONS, verify: bool = True) -> ImageDataset:
@@ -277,17 +289,17 @@ def from_image_folder(root, extensions: Sequence[str] = IMAGE_EXTENSIONS, verify
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder not found: {root!r}")
+        raise MissingFileError(f"image folder not found: {root!r}")
     class_names = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
     if not class_names:
-        raise ValueError(f"no class folders in {root!r} (expected root/<class>/<image>)")
+        raise DataError(f"no class folders in {root!r} (expected root/<class>/<image>)")
     extensions = tuple(e.lower() for e in extensions)
     paths, labels = [], []
     for label, name in enumerate(class_names):
         folder = os.path.join(root, name)
         files = sorted(f.path for f in os.scandir(folder) if f.name.lower().endswith(extensions) and _is_file(f))
         if not files:
-            raise ValueError(f"class folder {folder!r} contains no images ({', '.join(extensions)})")
+            raise DataError(f"class folder {folder!r} contains no images ({', '.join(extensions)})")
         paths += files
         labels += [label] * len(files)
     source = tf.data.Dataset.from_tensor_slices((paths, np.array(labels, np.int64)))
@@ -311,17 +323,17 @@ def from_arrays(images, labels, class_names: Sequence[str] | None = None) -> Ima
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"images must have shape (N, H, W), (N, H, W, 1) or (N, H, W, 3), got {images.shape}")
+        raise DataError(f"images must have shape (N, H, W), (N, H, W, 1) or (N, H, W, 3), got {images.shape}")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
+        raise DataError(f"labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
     if len(images) != len(labels):
-        raise ValueError(f"images and labels differ in length: images {images.shape}, labels {labels.shape}")
+        raise DataError(f"images and labels differ in length: images {images.shape}, labels {labels.shape}")
     if len(labels) == 0:
-        raise ValueError("from_arrays got no examples")
+        raise DataError("from_arrays got no examples")
     if class_names is None:
         class_names = [str(i) for i in range(int(labels.max()) + 1)]
     if labels.min() < 0 or labels.max() >= len(class_names):
-        raise ValueError(f"labels must be in [0, {len(class_names)}), got range [{labels.min()}, {labels.max()}]")
+        raise DataError(f"labels must be in [0, {len(class_names)}), got range [{labels.min()}, {labels.max()}]")
     if images.dtype != np.uint8:
         images = images.astype(np.float32)
     source = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int64)))
@@ -344,7 +356,7 @@ def _sizes(plan_or_sizes) -> tuple[int, int]:
         return plan_or_sizes, plan_or_sizes
     resize, crop = plan_or_sizes
     if crop > resize:
-        raise ValueError(f"crop size {crop} exceeds resize size {resize}")
+        raise ConfigError(f"crop size {crop} exceeds resize size {resize}")
     return int(resize), int(crop)
 
 
@@ -377,13 +389,13 @@ def _batch_and_mixup(plan, batch_size, training, options):
     `options` gives one) of a pipeline."""
     if batch_size is None:
         if plan is None:
-            raise ValueError("batch_size is required when no HyperRulePlan is given")
+            raise ConfigError("batch_size is required when no HyperRulePlan is given")
         batch_size = plan.batch_size
     mixup_alpha = options.mixup_alpha
     if mixup_alpha is None:
         mixup_alpha = plan.mixup_alpha if plan is not None and training else 0.0
     if mixup_alpha and not training:
-        raise ValueError(f"MixUp is for training only, got mixup_alpha={mixup_alpha} with training=False")
+        raise ConfigError(f"MixUp is for training only, got mixup_alpha={mixup_alpha} with training=False")
     return batch_size, mixup_alpha
 
 

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
+from tfbit.errors import ConfigError
 from tfbit.finetune.schedules import BiTSchedule
 
 REFERENCE_BATCH_SIZE = 512
@@ -54,7 +55,7 @@ _SCHEDULES = (
 
 def _check(ok: bool, field: str, value, requirement: str) -> None:
     if not ok:
-        raise ValueError(f"{field} must be {requirement}, got {value!r}")
+        raise ConfigError(f"{field} must be {requirement}, got {value!r}")
 
 
 def _is_int(v) -> bool:
@@ -86,7 +87,7 @@ def _image_hw(image_size) -> tuple[int, int]:
 class HyperRulePlan:
     """Everything BiT-HyperRule decides for one fine-tuning run.
 
-    Build it with `hyperrule_plan`; fields are validated (ValueError naming the field).
+    Build it with `hyperrule_plan`; fields are validated (ConfigError naming the field).
 
     Args:
         dataset_size: number of training examples the rule was applied to.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfbit.errors import ConfigError, DataError
+
 
 def _as_seed(seed):
     """Stateless seed of shape [2]; an int `s` becomes [s, 0]."""
@@ -42,7 +44,7 @@ def _soft_labels(labels, num_classes: int) -> tf.Tensor:
         return tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=tf.float32)
     if labels.shape.rank == 2:  # already one-hot / soft
         return tf.cast(labels, tf.float32)
-    raise ValueError(f"labels must be (batch,) ids or (batch, classes), got shape {labels.shape}")
+    raise DataError(f"labels must be (batch,) ids or (batch, classes), got shape {labels.shape}")
 
 
 def mixup(images, labels, alpha: float, num_classes: int, seed=None):
@@ -60,7 +62,7 @@ def mixup(images, labels, alpha: float, num_classes: int, seed=None):
         float32 images and float32 soft labels of shape (batch, num_classes).
     """
     if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
+        raise ConfigError(f"alpha must be >= 0, got {alpha}")
     images = tf.cast(images, tf.float32)  # mixing uint8 would truncate
     labels = _soft_labels(labels, num_classes)
     if alpha == 0:
@@ -90,7 +92,7 @@ class MixUp:
 
     def __init__(self, alpha: float, num_classes: int, seed: int | None = None):
         if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
+            raise ConfigError(f"alpha must be >= 0, got {alpha}")
         self.alpha = float(alpha)
         self.num_classes = int(num_classes)
         self.seed = seed

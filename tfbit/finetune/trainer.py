@@ -26,16 +26,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+# NonFiniteLossError and CompletedRunError are defined in tfbit.errors, importable from here as before
+from tfbit.errors import CompletedRunError, ConfigError, DataError, NonFiniteLossError
 from tfbit.finetune import workers
 from tfbit.finetune.data import Normalize, PipelineOptions, make_pipeline
 from tfbit.finetune.hyperrule import hyperrule_plan, learning_shortfall, short_run_plan
 from tfbit.finetune.transfer import with_new_head
 
 SCHEDULES = ("hyperrule", "short")
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
 
 
 class ShortScheduleWarning(UserWarning):
@@ -58,10 +56,6 @@ class _StopOnNonFiniteLoss(keras.callbacks.Callback):
 
 
 RUN_DIR = "run"  # the journal and best model of a run in progress
-
-
-class CompletedRunError(ValueError):
-    """The output folder holds a completed fine-tune, which a new run would replace."""
 
 
 def _read_journal(path):
@@ -294,13 +288,13 @@ class FinetuneOptions:
             if value is not None:
                 _check_positive_int(name, value)
         if self.strategy is not None and keras.backend.backend() != "tensorflow":
-            raise ValueError(
+            raise ConfigError(
                 f"strategy= takes a tf.distribute strategy, which only the TensorFlow backend trains "
                 f"with (Keras runs on {keras.backend.backend()}): under JAX set a keras.distribution "
                 "instead, e.g. keras.distribution.set_distribution(keras.distribution.DataParallel())"
             )
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
 def _with_overrides(options, overrides):
@@ -378,7 +372,7 @@ def _plan(train, options, source_side=None):
 
 def _check_positive_int(name, value):
     if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ConfigError(f"{name} must be a positive int, got {value!r}")
 
 
 @contextlib.contextmanager
@@ -389,7 +383,7 @@ def _naming_undecodable_examples(*datasets):
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
         for dataset in datasets:
             if dataset is not None:
-                dataset.verify()  # raises ValueError naming the example that does not decode
+                dataset.verify()  # raises ImageError naming the example that does not decode
         raise
 
 
@@ -420,7 +414,7 @@ def finetune(source, train, output_dir, validation=None, options=None, **overrid
     worker = workers.worker_of(strategy)
     _refuse_completed_run(output_dir, options.overwrite)
     if train.num_examples < worker.count:
-        raise ValueError(f"{train.num_examples} training examples cannot be shared by {worker.count} workers")
+        raise DataError(f"{train.num_examples} training examples cannot be shared by {worker.count} workers")
     plan = _checked_plan(train, options, worker.count)  # before the slow load
     os.makedirs(worker.scratch_dir(output_dir), exist_ok=True)
     steps_per_epoch = math.ceil(plan.total_steps / options.epochs)
@@ -429,6 +423,9 @@ def finetune(source, train, output_dir, validation=None, options=None, **overrid
         preprocess=options.preprocess or Normalize(), random_flip=options.random_flip, seed=options.seed
     )
     model, plan = _build_model(source, train, plan, options, strategy)
+    shortfall = learning_shortfall(plan)  # after the load: a bad checkpoint is the first thing said
+    if shortfall:
+        warnings.warn(shortfall, ShortScheduleWarning, stacklevel=2)  # at finetune's caller
     run = _Run(options, output_dir, strategy, worker, plan, steps_per_epoch, epochs, pipeline)
     train_ds, val_ds = _pipelines(run, train, validation)
     callbacks = _callbacks(run, monitor="val_accuracy" if val_ds is not None else "accuracy")
@@ -444,7 +441,7 @@ def finetune(source, train, output_dir, validation=None, options=None, **overrid
 def _checked_data(train, validation):
     """`validation` labelled by the training classes (which must be at least 2), or None."""
     if train.num_classes < 2:
-        raise ValueError(
+        raise DataError(
             f"the training data has {train.num_classes} class {list(train.class_names)}: "
             "a classifier needs at least 2 classes to tell apart"
         )
@@ -453,7 +450,7 @@ def _checked_data(train, validation):
     try:
         return validation.relabeled(train.class_names)
     except ValueError as e:
-        raise ValueError(f"validation data: {e} of the training data") from None
+        raise DataError(f"validation data: {e} of the training data") from None
 
 
 def _refuse_completed_run(output_dir, overwrite):
@@ -466,22 +463,19 @@ def _refuse_completed_run(output_dir, overwrite):
 
 
 def _checked_plan(train, options, machines):
-    """The plan of `train` and `options`, with a `ShortScheduleWarning` when it teaches too little;
-    refused when one machine's share of a batch cannot fit in its memory (a mistyped
-    `--batch-size` would otherwise spend minutes building a pipeline that cannot run)."""
+    """The plan of `train` and `options`, refused when one machine's share of a batch cannot fit
+    in its memory (a mistyped `--batch-size` would otherwise spend minutes building a pipeline
+    that cannot run)."""
     plan = _plan(train, options)
     share = math.ceil(plan.batch_size / machines)
     pixels = share * plan.crop_size**2 * 3 * 4  # the float32 input batch alone
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if pixels > memory:
-        raise ValueError(
+        raise ConfigError(
             f"batch_size {plan.batch_size}: one batch of {plan.crop_size}x{plan.crop_size} training images is "
             f"{pixels / 2**30:.1f} GiB of float32 pixels{' per machine' if machines > 1 else ''}, more than "
             f"this machine's {memory / 2**30:.1f} GiB of memory"
         )
-    shortfall = learning_shortfall(plan)
-    if shortfall:
-        warnings.warn(shortfall, ShortScheduleWarning, stacklevel=3)  # at finetune's caller
     return plan
 
 

@@ -2,6 +2,7 @@
 
 import keras
 
+from tfbit.errors import ConfigError, ModelError
 from tfbit.models.bit import BitForImageClassification, copy_weights
 from tfbit.models.config import BitConfig
 
@@ -22,17 +23,17 @@ def with_new_head(model, num_labels=None, id2label=None, freeze_backbone=False):
     """
     if id2label is None:
         if num_labels is None:
-            raise ValueError("with_new_head needs num_labels or id2label")
+            raise ConfigError("with_new_head needs num_labels or id2label")
         id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
     config = BitConfig.from_dict(
         {**model.config.to_dict(), "id2label": dict(id2label), "label2id": None, "num_labels": None}
     )
     if config.num_labels < 1:
-        raise ValueError(f"a classifier needs at least one label, got {config.num_labels}")
+        raise ConfigError(f"a classifier needs at least one label, got {config.num_labels}")
     new = BitForImageClassification(config, standardize_weights=model.standardize_weights)
     missing = copy_weights(model, new, skip=("classifier",))
     if missing:
-        raise ValueError(
+        raise ModelError(
             f"{model.name} has no layer {missing[0]!r}: it does not hold the whole "
             "BiT body (a backbone built with fewer out_features?)"
         )
@@ -78,7 +79,7 @@ def classification_loss(labels, logits, num_labels=None, problem_type=None):
         return keras.ops.mean(
             keras.ops.binary_crossentropy(keras.ops.cast(labels, logits.dtype), logits, from_logits=True)
         )
-    raise ValueError(
+    raise ConfigError(
         f"unknown problem_type {problem_type!r}: use regression, single_label_classification "
         "or multi_label_classification"
     )

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 
+from tfbit.errors import ConfigError
 from tfbit.models.multi_worker_fit import WORKER_JOBS, is_multi_worker, worker_count
 
 
@@ -19,7 +20,7 @@ def multi_worker_strategy():
     TensorFlow op: collectives are configured when TensorFlow's runtime starts."""
     raw = os.environ.get("TF_CONFIG")
     if not raw:
-        raise ValueError(
+        raise ConfigError(
             "--distribute multi_worker needs TF_CONFIG in the environment of every worker, e.g. "
             'TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
             '"task": {"type": "worker", "index": 0}}\' (docs/scaling.md)'
@@ -27,18 +28,18 @@ def multi_worker_strategy():
     try:
         config = json.loads(raw)
     except ValueError as e:
-        raise ValueError(f"TF_CONFIG is not valid JSON ({e}): {raw[:200]}") from None
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({e}): {raw[:200]}") from None
     cluster = config.get("cluster") if isinstance(config, dict) else None
     task = config.get("task") if isinstance(config, dict) else None
     if not isinstance(cluster, dict) or not any(cluster.get(job) for job in WORKER_JOBS):
-        raise ValueError(f'TF_CONFIG has no "cluster" with "worker" (or "chief") addresses: {raw[:200]}')
+        raise ConfigError(f'TF_CONFIG has no "cluster" with "worker" (or "chief") addresses: {raw[:200]}')
     if (
         not isinstance(task, dict)
         or task.get("type") not in WORKER_JOBS
         or not isinstance(task.get("index"), int)
         or not 0 <= task["index"] < len(cluster.get(task["type"]) or ())
     ):
-        raise ValueError(
+        raise ConfigError(
             f"TF_CONFIG's \"task\" must name this process's job ({' or '.join(WORKER_JOBS)}) and its "
             f"index in the cluster's list: {raw[:200]}"
         )
@@ -105,7 +106,7 @@ def distribute(strategy, make_dataset, dataset, batch_size, shard):
     if not is_multi_worker(strategy):
         return make_dataset(dataset, batch_size)
     if batch_size % strategy.num_replicas_in_sync:
-        raise ValueError(
+        raise ConfigError(
             f"batch size {batch_size} does not split evenly across the "
             f"{strategy.num_replicas_in_sync} replicas of the cluster"
         )

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import keras
 
+from tfbit.errors import ConfigError
 from tfbit.models.config import BitConfig
 from tfbit.models.layers import DropPath, GroupNormActivation, StemMaxPool, WSConv2D, conv_padding
 from tfbit.models.multi_worker_fit import MultiWorkerFit
@@ -106,7 +107,7 @@ def bit_features(config, pixel_values, standardize_weights=True):
     if config.global_padding == "VALID":
         # HF accepts the value but no BiT runs with it: the padded-free 3x3 conv shrinks the
         # residual branch while the shortcut keeps its size, so every residual add fails.
-        raise ValueError(
+        raise ConfigError(
             "BitConfig.global_padding='VALID' cannot build a BiT model: unpadded 3x3 "
             "convolutions shrink the residual branch but not the shortcut (transformers' "
             "BitModel fails the same way at its first residual add); use None or 'SAME'"
@@ -175,14 +176,14 @@ class _BitBase(MultiWorkerFit, keras.Model):
         names = list(self.config.stage_names)
         if isinstance(through, str):
             if through not in names:
-                raise ValueError(
+                raise ConfigError(
                     f"freeze_stages: {through!r} is not a stage of this model: choose from {', '.join(names)}"
                 )
             last = names.index(through)
         else:
             last = int(through)
             if not 0 <= last < len(names):
-                raise ValueError(f"freeze_stages: stage index {through} is out of range: 0 (stem) to {len(names) - 1}")
+                raise ConfigError(f"freeze_stages: stage index {through} is out of range: 0 (stem) to {len(names) - 1}")
         stages = ("stem_",) + tuple(f"stage{i}_" for i in range(1, last + 1))
         frozen = [layer for layer in self.layers if layer.weights and layer.name.startswith(stages)]
         for layer in frozen:

@@ -4,6 +4,8 @@ import copy
 import json
 import os
 
+from tfbit.errors import ConfigError, MissingFileError
+
 LAYER_TYPES = ("preactivation", "bottleneck")
 PADDINGS = (None, "SAME", "VALID")
 ACTIVATIONS = ("relu", "gelu", "silu", "swish", "tanh", "sigmoid", "elu", "selu", "linear")
@@ -35,13 +37,13 @@ def read_json(path):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no settings file at {path}") from None
+        raise MissingFileError(f"no settings file at {path}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a UTF-8 text file") from None
+        raise ConfigError(f"{path} is not a UTF-8 text file") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, expected an object of settings")
+        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, expected an object of settings")
     return data
 
 
@@ -55,20 +57,20 @@ def make_div(value, divisor=8):
 
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"BitConfig.{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"BitConfig.{name} must be a positive integer, got {value!r}")
     return value
 
 
 def _label_ids(label2id):
     """`label2id` as {label: class id}; a config.json written by hand may hold anything."""
     if not isinstance(label2id, dict):
-        raise ValueError(f"BitConfig.label2id must be a dict of label: class id, got a {type(label2id).__name__}")
+        raise ConfigError(f"BitConfig.label2id must be a dict of label: class id, got a {type(label2id).__name__}")
     ids = {}
     for label, value in label2id.items():
         try:
             ids[str(label)] = int(value)
         except (TypeError, ValueError):
-            raise ValueError(f"BitConfig.label2id[{label!r}] must be an integer class id, got {value!r}") from None
+            raise ConfigError(f"BitConfig.label2id[{label!r}] must be an integer class id, got {value!r}") from None
     return ids
 
 
@@ -101,74 +103,74 @@ class BitConfig:
         for name in ("hidden_sizes", "depths"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not value:
-                raise ValueError(f"BitConfig.{name} must be a non-empty list, got {value!r}")
+                raise ConfigError(f"BitConfig.{name} must be a non-empty list, got {value!r}")
             for v in value:
                 _positive_int(name, v)
             setattr(self, name, list(value))
         if len(self.hidden_sizes) != len(self.depths):
-            raise ValueError(
+            raise ConfigError(
                 f"BitConfig.hidden_sizes ({len(self.hidden_sizes)} stages) and BitConfig.depths "
                 f"({len(self.depths)} stages) must have the same length"
             )
         if self.layer_type not in LAYER_TYPES:
-            raise ValueError(f"BitConfig.layer_type={self.layer_type!r} is not one of {', '.join(LAYER_TYPES)}")
+            raise ConfigError(f"BitConfig.layer_type={self.layer_type!r} is not one of {', '.join(LAYER_TYPES)}")
         if self.global_padding is not None:
             if not isinstance(self.global_padding, str) or self.global_padding.upper() not in PADDINGS:
-                raise ValueError(
+                raise ConfigError(
                     f"BitConfig.global_padding={self.global_padding!r} is not supported: use None, 'SAME' or 'VALID'"
                 )
             self.global_padding = self.global_padding.upper()
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"BitConfig.hidden_act={self.hidden_act!r} is not one of {', '.join(ACTIVATIONS)}")
+            raise ConfigError(f"BitConfig.hidden_act={self.hidden_act!r} is not one of {', '.join(ACTIVATIONS)}")
         if (
             isinstance(self.drop_path_rate, bool)
             or not isinstance(self.drop_path_rate, (int, float))
             or not 0.0 <= self.drop_path_rate < 1.0
         ):
-            raise ValueError(f"BitConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
+            raise ConfigError(f"BitConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
         if not isinstance(self.embedding_dynamic_padding, bool):
-            raise ValueError(
+            raise ConfigError(
                 f"BitConfig.embedding_dynamic_padding must be a bool, got {self.embedding_dynamic_padding!r}"
             )
         if isinstance(self.ws_eps, bool) or not isinstance(self.ws_eps, (int, float)) or not 0 < self.ws_eps < 1e-2:
-            raise ValueError(f"BitConfig.ws_eps must be a small positive number, got {self.ws_eps!r}")
+            raise ConfigError(f"BitConfig.ws_eps must be a small positive number, got {self.ws_eps!r}")
         self.ws_eps = float(self.ws_eps)
         if self.output_stride not in (8, 16, 32):
-            raise ValueError(f"BitConfig.output_stride must be 8, 16 or 32, got {self.output_stride!r}")
+            raise ConfigError(f"BitConfig.output_stride must be 8, 16 or 32, got {self.output_stride!r}")
         groups_of = {"embedding_size": self.embedding_size}
         groups_of.update({f"stage{i + 1} channels": c for i, c in enumerate(self.stage_channels)})
         groups_of.update({f"stage{i + 1} bottleneck channels": c for i, c in enumerate(self.mid_channels)})
         for what, channels in groups_of.items():
             if channels % self.num_groups:
-                raise ValueError(f"BitConfig.num_groups={self.num_groups} does not divide the {what} ({channels})")
+                raise ConfigError(f"BitConfig.num_groups={self.num_groups} does not divide the {what} ({channels})")
 
     def _align_outputs(self, out_features, out_indices):
         """Same rules as transformers' BackboneConfigMixin: default to the last stage."""
         names = self.stage_names
         if out_features is not None:
             if not isinstance(out_features, (list, tuple)):
-                raise ValueError(f"BitConfig.out_features must be a list, got {type(out_features).__name__}")
+                raise ConfigError(f"BitConfig.out_features must be a list, got {type(out_features).__name__}")
             out_features = list(out_features)
             unknown = [f for f in out_features if f not in names]
             if unknown:
-                raise ValueError(f"BitConfig.out_features must be a subset of stage_names {names}, got {unknown}")
+                raise ConfigError(f"BitConfig.out_features must be a subset of stage_names {names}, got {unknown}")
             if len(set(out_features)) != len(out_features):
-                raise ValueError(f"BitConfig.out_features must not contain duplicates, got {out_features}")
+                raise ConfigError(f"BitConfig.out_features must not contain duplicates, got {out_features}")
             if out_features != [f for f in names if f in out_features]:
-                raise ValueError(
+                raise ConfigError(
                     f"BitConfig.out_features must be in the order of stage_names {names}, got {out_features}"
                 )
         if out_indices is not None:
             if not isinstance(out_indices, (list, tuple)):
-                raise ValueError(f"BitConfig.out_indices must be a list, got {type(out_indices).__name__}")
+                raise ConfigError(f"BitConfig.out_indices must be a list, got {type(out_indices).__name__}")
             bad = [i for i in out_indices if not isinstance(i, int) or not -len(names) <= i < len(names)]
             if bad:
-                raise ValueError(f"BitConfig.out_indices must be valid indices for stage_names {names}, got {bad}")
+                raise ConfigError(f"BitConfig.out_indices must be valid indices for stage_names {names}, got {bad}")
             positive = [i % len(names) for i in out_indices]
             if len(set(positive)) != len(positive):
-                raise ValueError(f"BitConfig.out_indices must not contain duplicates, got {list(out_indices)}")
+                raise ConfigError(f"BitConfig.out_indices must not contain duplicates, got {list(out_indices)}")
             if positive != sorted(positive):
-                raise ValueError(f"BitConfig.out_indices must be in the order of stage_names, got {list(out_indices)}")
+                raise ConfigError(f"BitConfig.out_indices must be in the order of stage_names, got {list(out_indices)}")
             out_indices = list(out_indices)
         if out_features is None and out_indices is None:
             return [names[-1]], [len(names) - 1]
@@ -177,7 +179,7 @@ class BitConfig:
         if out_indices is None:
             return out_features, [names.index(f) for f in out_features]
         if out_features != [names[i] for i in out_indices]:
-            raise ValueError(
+            raise ConfigError(
                 "BitConfig.out_features and BitConfig.out_indices must name the same stages, "
                 f"got {out_features} and {out_indices}"
             )
@@ -186,18 +188,18 @@ class BitConfig:
     def _set_labels(self, num_labels, id2label, label2id):
         if id2label is not None:
             if not isinstance(id2label, dict):
-                raise ValueError(f"BitConfig.id2label must be a dict, got {type(id2label).__name__}")
+                raise ConfigError(f"BitConfig.id2label must be a dict, got {type(id2label).__name__}")
             id2label = {int(k): str(v) for k, v in id2label.items()}
             if sorted(id2label) != list(range(len(id2label))):
-                raise ValueError(f"BitConfig.id2label keys must be 0..N-1, got {sorted(id2label)[:10]}")
+                raise ConfigError(f"BitConfig.id2label keys must be 0..N-1, got {sorted(id2label)[:10]}")
             if num_labels is not None and num_labels != len(id2label):
-                raise ValueError(
+                raise ConfigError(
                     f"BitConfig.num_labels={num_labels} does not match the {len(id2label)} entries of id2label"
                 )
         else:
             n = 2 if num_labels is None else num_labels
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise ValueError(f"BitConfig.num_labels must be a non-negative integer, got {n!r}")
+                raise ConfigError(f"BitConfig.num_labels must be a non-negative integer, got {n!r}")
             id2label = {i: f"LABEL_{i}" for i in range(n)}
         self.id2label = id2label
         self.label2id = {v: k for k, v in id2label.items()} if label2id is None else _label_ids(label2id)
@@ -249,12 +251,12 @@ class BitConfig:
     @classmethod
     def from_dict(cls, config_dict):
         if not isinstance(config_dict, dict):
-            raise ValueError(f"BitConfig.from_dict expects a dict, got {type(config_dict).__name__}")
+            raise ConfigError(f"BitConfig.from_dict expects a dict, got {type(config_dict).__name__}")
         d = dict(config_dict)
         d.pop("stage_names", None)  # derived from depths
         model_type = d.pop("model_type", cls.model_type)
         if model_type != cls.model_type:
-            raise ValueError(f"config has model_type={model_type!r}, expected 'bit': this is not a BiT checkpoint")
+            raise ConfigError(f"config has model_type={model_type!r}, expected 'bit': this is not a BiT checkpoint")
         return cls(**d)
 
     def to_json_string(self):
@@ -270,7 +272,7 @@ class BitConfig:
         try:
             return cls.from_dict(data)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise ConfigError(f"{path}: {e}") from None
 
     @classmethod
     def from_pretrained(cls, path):
@@ -278,7 +280,7 @@ class BitConfig:
         path = os.fspath(path)
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
-            raise FileNotFoundError(f"no config.json in {path}")
+            raise MissingFileError(f"no config.json in {path}")
         return cls.from_json_file(file)
 
     @classmethod

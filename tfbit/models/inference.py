@@ -11,6 +11,7 @@ import copy
 import keras
 import numpy as np
 
+from tfbit.errors import ModelError
 from tfbit.models.layers import WSConv2D
 
 
@@ -64,7 +65,7 @@ def inference_model(model, dtype_policy=None, fold=True):
             `fold_weight_standardization` does). Training the result would train the
             standardized kernels directly: fine-tune the original model instead.
 
-    Returns `model` itself when there is nothing to change. Raises ValueError naming the layer
+    Returns `model` itself when there is nothing to change. Raises ModelError naming the layer
     when the model cannot be rebuilt from its config (a custom layer that is not registered
     for serialization, or whose `get_config` is incomplete).
     """
@@ -76,14 +77,14 @@ def inference_model(model, dtype_policy=None, fold=True):
     try:
         clone = keras.saving.deserialize_keras_object(config)
     except (TypeError, ValueError, KeyError) as e:
-        raise ValueError(
+        raise ModelError(
             f"{model.name} ({type(model).__name__}) cannot be rebuilt from its config for "
             f"export: {e}. A custom layer must be registered with "
             "@keras.saving.register_keras_serializable() and return every constructor "
             "argument from get_config()"
         ) from None
     if [tuple(w.shape) for w in clone.weights] != [tuple(w.shape) for w in model.weights]:
-        raise ValueError(
+        raise ModelError(
             f"{model.name} ({type(model).__name__}) rebuilt from its config has other weights "
             f"({len(clone.weights)}) than the model ({len(model.weights)}): a layer's "
             "get_config does not describe it completely"

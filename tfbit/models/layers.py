@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from tfbit.errors import ModelError
 from tfbit.private_api import conv_kernel, in_stateless_scope, watch_assignments
 
 _register = keras.saving.register_keras_serializable(package="tfbit")
@@ -210,7 +211,7 @@ class GroupNormActivation(keras.layers.Layer):
     def build(self, input_shape):
         channels = input_shape[-1]
         if channels is None or channels % self.groups:
-            raise ValueError(f"{self.name}: {channels} channels cannot be split into {self.groups} groups")
+            raise ModelError(f"{self.name}: {channels} channels cannot be split into {self.groups} groups")
         self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones")
         self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})

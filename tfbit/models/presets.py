@@ -15,6 +15,8 @@ import dataclasses
 import difflib
 import os
 
+from tfbit.errors import ConfigError, MissingFileError
+
 CACHE_ENV = "TFBIT_CACHE"
 NPZ_ROOT = "https://storage.googleapis.com/bit_models/"
 _CACHE_SUBDIR = "bit_models"
@@ -130,12 +132,12 @@ def is_preset(name):
 
 
 def get(name):
-    """The `Preset` called `name` (case-insensitive); ValueError listing close matches."""
+    """The `Preset` called `name` (case-insensitive); ConfigError listing close matches."""
     if not isinstance(name, str):
         raise TypeError(f"a preset name is a string, got {type(name).__name__}")
     if name.lower() in PRESETS:
         return PRESETS[name.lower()]
-    raise ValueError(f"unknown preset {name!r} ({suggest(name)})")
+    raise ConfigError(f"unknown preset {name!r} ({suggest(name)})")
 
 
 def suggest(name):
@@ -174,7 +176,7 @@ def fetch(preset):
             partial, preset.source, cache_dir=cache_dir(), cache_subdir=_CACHE_SUBDIR, force_download=True
         )
     except Exception as e:  # urllib's errors arrive re-raised as plain Exception by get_file
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"preset {preset.name}: {preset.source} could not be downloaded "
             f"({type(e).__name__}: {e}); to work offline, put the file at {path}"
         ) from None

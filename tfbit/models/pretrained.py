@@ -2,6 +2,7 @@
 
 import os
 
+from tfbit.errors import CheckpointError, ConfigError, MissingFileError, ModelError
 from tfbit.models import user_models
 from tfbit.models.bit import BitBackbone, BitForImageClassification, BitModel, copy_weights
 from tfbit.models.config import BitConfig
@@ -34,19 +35,19 @@ def _read_keras(path):
     import keras
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no .keras file at {path}")
+        raise MissingFileError(f"no .keras file at {path}")
     try:
         saved = keras.saving.load_model(path)
     except Exception as e:  # keras raises many types for a zip that is not a model
         unknown = _unknown_classes(path)
         if unknown:
             name, registered = unknown[0]
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} uses the layer class {name} (registered as {registered!r}), which this process "
                 "does not know: convert it from Python after importing the module that defines it "
                 f"(conversion.convert.convert({path!r}, ...))"
             ) from None
-        raise ValueError(f"{path} is not a loadable .keras model: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"{path} is not a loadable .keras model: {type(e).__name__}: {e}") from None
     if not isinstance(getattr(saved, "config", None), BitConfig):
         user_models.check_built_on_tfbit(saved, path)
     beside = os.path.join(os.path.dirname(os.path.abspath(path)), PREPROCESSOR_FILE)
@@ -95,7 +96,7 @@ def _load_keras(path, task, config, out_features):
     saved, checkpoint = _read_keras(path)
     if not isinstance(getattr(saved, "config", None), BitConfig):  # a user's model: as it is
         if config is not None or out_features is not None:
-            raise ValueError(
+            raise ModelError(
                 f"{path} holds a {type(saved).__name__} built on tfbit: it is exported as it is, "
                 "so a replacement config or out_features does not apply"
             )
@@ -107,7 +108,7 @@ def _load_keras(path, task, config, out_features):
         return saved, checkpoint
     missing = copy_weights(saved, model)
     if missing:
-        raise ValueError(f"{path} has no weights for {missing[0]} needed by task {task!r}")
+        raise CheckpointError(f"{path} has no weights for {missing[0]} needed by task {task!r}")
     return model, checkpoint
 
 
@@ -128,7 +129,7 @@ def load_model(source, task="classification", format=None, config=None, out_feat
             the config's.
     """
     if task not in TASKS:
-        raise ValueError(f"task={task!r} is not one of {', '.join(TASKS)}")
+        raise ConfigError(f"task={task!r} is not one of {', '.join(TASKS)}")
     source = os.fspath(source)
     if format is None and is_preset(source) and not os.path.exists(source):
         checkpoint = read_preset(source)

@@ -15,6 +15,7 @@ simplest such models, so every function here takes them too.
 
 import keras
 
+from tfbit.errors import ConfigError, ModelError
 from tfbit.models.config import BitConfig
 
 TASKS = ("classification", "features", "backbone")
@@ -42,15 +43,15 @@ def bit_body(model):
 
 
 def check_built_on_tfbit(model, what):
-    """ValueError unless `model` is or holds a tfbit model or layer, and has one image input."""
+    """ModelError unless `model` is or holds a tfbit model or layer, and has one image input."""
     if not (is_tfbit(model) or any(is_tfbit(layer) for layer in _nested_layers(model))):
-        raise ValueError(
+        raise ModelError(
             f"{what} holds a {type(model).__name__} with no tfbit model or layer inside: tfbit "
             "converts BiT models and Keras models built on them"
         )
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
         shapes = [tuple(i.shape) for i in model.inputs]
-        raise ValueError(
+        raise ModelError(
             f"{what}: the model takes {len(shapes)} input(s) {shapes}; tfbit exports models "
             "with one image input (batch, height, width, channels)"
         )
@@ -61,7 +62,7 @@ def split_preprocessing(model):
 
     A `BitPreprocessing` layer applied to the model's input is the export's preprocessing; the
     model returned starts at its output (float32 pixel values of the processor's crop size).
-    Anywhere else it cannot be taken out: ValueError naming the layer.
+    Anywhere else it cannot be taken out: ModelError naming the layer.
     """
     from tfbit.preprocessing.layer import BitPreprocessing
 
@@ -71,7 +72,7 @@ def split_preprocessing(model):
     layer = found[0]
     first = isinstance(model, keras.Sequential) and model.layers[0] is layer
     if len(found) > 1 or layer not in model.layers or not (first or layer.input is model.inputs[0]):
-        raise ValueError(
+        raise ModelError(
             f"BitPreprocessing layer {layer.name!r} of {model.name} is not applied to the "
             "model's input: exports move the preprocessing into the serving graph only when "
             "one BitPreprocessing layer takes the model's input directly"
@@ -104,9 +105,10 @@ def output_shapes(model):
 
 
 def check_task(model, task, what):
-    """ValueError unless `task` fits the outputs of `model` (pixel values -> outputs)."""
+    """ModelError unless `task` fits the outputs of `model` (pixel values -> outputs); ConfigError
+    for an unknown task."""
     if task not in TASKS:
-        raise ValueError(f"task={task!r} is not one of {', '.join(TASKS)}")
+        raise ConfigError(f"task={task!r} is not one of {', '.join(TASKS)}")
     outputs = model.output if len(model.outputs) > 1 else model.outputs[0]
     if task == "backbone":
         return
@@ -115,7 +117,7 @@ def check_task(model, task, what):
     if len(model.outputs) == 1 and len(model.outputs[0].shape) == 2:
         return
     single = "one (batch, classes) output" if task == "classification" else "one (batch, features) output"
-    raise ValueError(
+    raise ModelError(
         f"{what} has the outputs {', '.join(output_shapes(model))}: task {task!r} needs {single}; "
         "task 'backbone' exports every output under its name"
     )
@@ -146,7 +148,7 @@ def output_labels(model, id2label=None):
     width = model.outputs[0].shape[-1]
     if id2label is not None:
         if len(id2label) != width:
-            raise ValueError(f"{len(id2label)} labels given, but the model's output has {width} classes")
+            raise ConfigError(f"{len(id2label)} labels given, but the model's output has {width} classes")
         return dict(id2label)
     body = bit_body(model)
     if isinstance(body, BitForImageClassification) and body.config.num_labels == width:
@@ -172,14 +174,14 @@ def read_labels(path):
         with open(path, encoding="utf-8") as f:
             lines = [line.rstrip("\r\n") for line in f]
     except OSError as e:
-        raise ValueError(f"--labels {path}: {e.strerror or e}") from None
+        raise ConfigError(f"--labels {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:
-        raise ValueError(f"--labels {path}: not UTF-8 text (one label per line)") from None
+        raise ConfigError(f"--labels {path}: not UTF-8 text (one label per line)") from None
     while lines and not lines[-1].strip():
         lines.pop()
     empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
     if not lines or empty:
-        raise ValueError(
+        raise ConfigError(
             f"--labels {path}: "
             + (f"line {empty[0]} is empty" if empty else "the file is empty")
             + " (one label per line)"

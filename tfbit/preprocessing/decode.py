@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 from PIL import Image
 
+from tfbit.errors import FileError, ImageError, MissingFileError
+
 # Bound on decoded pixels, checked in the header before decoding. Pillow's own bound
 # (Image.MAX_IMAGE_PIXELS, 89.5 M: a warning, an error at twice that) let a 10000 x 10000 PNG of
 # 320 KB cost the serving graph 2.3 GB and seconds. The graph now needs 4.5-6.5 bytes a pixel (it
@@ -108,10 +110,10 @@ def _jpeg_header(data):
     pos, size, components, exif, xmp = 2, None, 0, None, b""
     for _ in range(MAX_BLOCKS):
         if pos + 4 > len(data):
-            raise ValueError(TRUNCATED.format("JPEG", len(data)))
+            raise ImageError(TRUNCATED.format("JPEG", len(data)))
         marker = data[pos + 1]
         if data[pos] != 0xFF or marker == 0xD9:
-            raise ValueError(CORRUPT.format("JPEG", pos))
+            raise ImageError(CORRUPT.format("JPEG", pos))
         if marker == 0xDA:  # start of scan: entropy-coded data follows
             break
         if marker == 0xFF or 0xD0 <= marker <= 0xD8 or marker == 0x01:  # fill byte, markers without a segment
@@ -127,13 +129,13 @@ def _jpeg_header(data):
             xmp = segment[len(XMP_PREFIX) :]
         pos = end
     else:
-        raise ValueError(TOO_MANY_BLOCKS.format("JPEG", MAX_BLOCKS))
+        raise ImageError(TOO_MANY_BLOCKS.format("JPEG", MAX_BLOCKS))
     if size is None:
-        raise ValueError(CORRUPT.format("JPEG", pos))
+        raise ImageError(CORRUPT.format("JPEG", pos))
     if components == 4:
-        raise ValueError(UNSUPPORTED_CMYK)
+        raise ImageError(UNSUPPORTED_CMYK)
     if data.find(b"\xff\xd9", pos) < 0:  # no end of image marker: truncated entropy-coded data
-        raise ValueError(TRUNCATED.format("JPEG", len(data)))
+        raise ImageError(TRUNCATED.format("JPEG", len(data)))
     present, orientation = _exif_orientation(exif or b"")
     if not present:  # PIL falls back to XMP only when EXIF has no orientation tag
         match = re.search(re.escape(XMP_ORIENTATION) + rb'(="|>)([0-9])', xmp)
@@ -143,15 +145,15 @@ def _jpeg_header(data):
 
 def _png_header(data):
     if len(data) < 33:
-        raise ValueError(TRUNCATED.format("PNG", len(data)))
+        raise ImageError(TRUNCATED.format("PNG", len(data)))
     width, height = _uint(data, 16, 4), _uint(data, 20, 4)
     if data[12:16] != b"IHDR" or max(width, height) >= 1 << 31:
-        raise ValueError(CORRUPT.format("PNG", 12))
+        raise ImageError(CORRUPT.format("PNG", 12))
     pos, exif = 8, b""
     for _ in range(MAX_BLOCKS):
         end = pos + 12 + _uint(data, pos, 4)
         if end > len(data):  # also without IEND, which PIL accepts and TF's decoder does not
-            raise ValueError(TRUNCATED.format("PNG", len(data)))
+            raise ImageError(TRUNCATED.format("PNG", len(data)))
         kind = data[pos + 4 : pos + 8]
         if kind == b"eXIf":  # PIL reads it before or after the image data; the last one wins
             exif = data[pos + 8 : end - 4]
@@ -168,7 +170,7 @@ def _png_header(data):
                 run += 1
             end += run * step
         pos = end
-    raise ValueError(TOO_MANY_BLOCKS.format("PNG", MAX_BLOCKS))
+    raise ImageError(TOO_MANY_BLOCKS.format("PNG", MAX_BLOCKS))
 
 
 def _color_table(flags):
@@ -177,13 +179,13 @@ def _color_table(flags):
 
 def _gif_header(data):
     if len(data) < 13:
-        raise ValueError(TRUNCATED.format("GIF", len(data)))
+        raise ImageError(TRUNCATED.format("GIF", len(data)))
     screen = _uint(data, 6, 2, True), _uint(data, 8, 2, True)
     pos, frames, pixels, in_blocks = 13 + _color_table(data[10]), 0, 0, False
     for _ in range(MAX_BLOCKS):
         if pos >= len(data):
             if in_blocks or pos > len(data) or not frames:
-                raise ValueError(TRUNCATED.format("GIF", len(data)))
+                raise ImageError(TRUNCATED.format("GIF", len(data)))
             break  # no trailer: PIL and TF's decoder read such files
         if in_blocks:  # data sub-blocks; encoders write 255-byte ones, skipped up to 64 per step
             run, size = 0, data[pos]
@@ -212,46 +214,46 @@ def _gif_header(data):
                 else left + width <= screen[0] and top + height <= screen[1]
             )
             if pos + 10 <= len(data) and not fits:
-                raise ValueError(UNSUPPORTED_GIF.format(frames, width, height, left, top, *screen))
+                raise ImageError(UNSUPPORTED_GIF.format(frames, width, height, left, top, *screen))
             frames, pixels = frames + 1, pixels + width * height
             pos, in_blocks = pos + 11 + _color_table(_uint(data, pos + 9, 1)), True
         else:
-            raise ValueError(CORRUPT.format("GIF", pos))
+            raise ImageError(CORRUPT.format("GIF", pos))
     else:
-        raise ValueError(TOO_MANY_BLOCKS.format("GIF", MAX_BLOCKS))
+        raise ImageError(TOO_MANY_BLOCKS.format("GIF", MAX_BLOCKS))
     if not frames:
-        raise ValueError(CORRUPT.format("GIF", pos))
+        raise ImageError(CORRUPT.format("GIF", pos))
     return (*screen, frames, pixels, 1)
 
 
 def _bmp_header(data):
     if len(data) < 54:
-        raise ValueError(TRUNCATED.format("BMP", len(data)))
+        raise ImageError(TRUNCATED.format("BMP", len(data)))
     header, bits, compression = _uint(data, 14, 4, True), _uint(data, 28, 2, True), _uint(data, 30, 4, True)
     width, height = (int.from_bytes(data[k : k + 4], "little", signed=True) for k in (18, 22))
     masks = tuple(_uint(data, 54 + 4 * k, 4, True) for k in range(3))
     if header < 40 or not (
         compression == 0 and bits in (8, 24, 32) or compression == 3 and bits == 32 and masks == BMP_MASKS
     ):
-        raise ValueError(UNSUPPORTED_BMP.format(bits, compression, header))
+        raise ImageError(UNSUPPORTED_BMP.format(bits, compression, header))
     if _uint(data, 10, 4, True) + (width * bits + 31) // 32 * 4 * abs(height) > len(data):
-        raise ValueError(TRUNCATED.format("BMP", len(data)))
+        raise ImageError(TRUNCATED.format("BMP", len(data)))
     return width, abs(height), 1, width * abs(height), 1
 
 
 def read_image_header(data, max_pixels=MAX_PIXELS):
     """Format, size and EXIF orientation of encoded image bytes, read as the serving graph reads
-    them; raises ``ValueError`` with the graph's message for data the graph refuses before
+    them; raises ``ImageError`` with the graph's message for data the graph refuses before
     decoding, including images of more than ``max_pixels`` decoded pixels."""
     kind = next((k for k, magic in MAGIC if data.startswith(magic)), None)
     if kind is None:
-        raise ValueError(NOT_AN_IMAGE.format(len(data), data[:8].hex(" ")))
+        raise ImageError(NOT_AN_IMAGE.format(len(data), data[:8].hex(" ")))
     width, height, frames, pixels, orientation = (_jpeg_header, _png_header, _gif_header, _bmp_header)[kind](data)
     if width <= 0 or height <= 0:
-        raise ValueError(ZERO_SIZE.format(FORMATS[kind], width, height))
+        raise ImageError(ZERO_SIZE.format(FORMATS[kind], width, height))
     if pixels > max_pixels:
         frames_text = f", {frames} frames" if frames > 1 else ""
-        raise ValueError(TOO_LARGE.format(width, height, frames_text, pixels, max_pixels))
+        raise ImageError(TOO_LARGE.format(width, height, frames_text, pixels, max_pixels))
     return ImageHeader(FORMATS[kind], width, height, frames, pixels, orientation if 1 <= orientation <= 8 else 1)
 
 
@@ -268,15 +270,15 @@ def exif_transpose(image, orientation):
 
 
 def read_file(path):
-    """The bytes of an image file; an OSError naming it with the system's reason when it cannot
-    be read (missing, a folder, a symbolic link loop, no permission)."""
+    """The bytes of an image file; a FileError (MissingFileError when missing) naming it with the
+    system's reason when it cannot be read (missing, a folder, a symbolic link loop, no permission)."""
     try:
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
+        raise MissingFileError(f"image file not found: {path}") from None
     except OSError as e:
-        raise OSError(f"cannot read {path}: {e.strerror}") from None
+        raise FileError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _png_as_libpng_reads(data):
@@ -291,7 +293,7 @@ def _png_as_libpng_reads(data):
         if zlib.crc32(chunk[4:-4]) != _uint(chunk, len(chunk) - 4, 4):
             if not chunk[4] & 0x20:  # bit 5 of the first letter: clear (upper case) for critical chunks
                 name = chunk[4:8].decode("latin-1")
-                raise ValueError(f"{UNDECODABLE.format('PNG')} (chunk {name} at byte {pos} fails its CRC check)")
+                raise ImageError(f"{UNDECODABLE.format('PNG')} (chunk {name} at byte {pos} fails its CRC check)")
             chunk = b""
         kept.append(chunk)
         if data[pos + 4 : pos + 8] == b"IEND":
@@ -303,7 +305,7 @@ def _png_as_libpng_reads(data):
 def load_image(path, max_pixels=MAX_PIXELS):
     """Open an image file as transformers' ``load_image`` does (PIL, EXIF transpose, RGB), within
     the serving graph's rules: files it refuses (other formats, more than ``max_pixels`` decoded
-    pixels, truncated data, ...) raise ``ValueError``, and the orientation is the EXIF tag it reads.
+    pixels, truncated data, ...) raise ``ImageError``, and the orientation is the EXIF tag it reads.
     """
     path = os.fspath(path)
     data = read_file(path)
@@ -311,10 +313,10 @@ def load_image(path, max_pixels=MAX_PIXELS):
         header = read_image_header(data, max_pixels)
         data = _png_as_libpng_reads(data) if header.format == "PNG" else data
     except ValueError as err:
-        raise ValueError(f"cannot read {path} as an image: {err}") from None
+        raise ImageError(f"cannot read {path} as an image: {err}") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # PIL decodes lazily: truncated data fails here
             return exif_transpose(image, header.orientation).convert("RGB")
     except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"cannot read {path} as an image: {UNDECODABLE.format(header.format)} ({err})") from None
+        raise ImageError(f"cannot read {path} as an image: {UNDECODABLE.format(header.format)} ({err})") from None

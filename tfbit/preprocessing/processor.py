@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tfbit.errors import ConfigError, ImageError, MissingFileError
 from tfbit.preprocessing.decode import load_image
 
 CONFIG_NAME = "preprocessor_config.json"
@@ -132,11 +133,11 @@ def _pil_resize(image, height, width, resample):
     if image.dtype != np.uint8:
         if np.allclose(image, image.astype(int)):
             if image.min() < 0 or image.max() > 255:
-                raise ValueError(f"pixel values must be in [0, 255], got [{image.min()}, {image.max()}]")
+                raise ImageError(f"pixel values must be in [0, 255], got [{image.min()}, {image.max()}]")
         elif image.min() >= 0 and image.max() <= 1:
             scaled = True
         else:
-            raise ValueError(
+            raise ImageError(
                 f"float pixel values must be in [0, 1] or integers in [0, 255], got [{image.min()}, {image.max()}]"
             )
     pixels = (image.astype(np.float64) * 255 if scaled else image).astype(np.uint8)
@@ -173,7 +174,7 @@ def _is_number(value):
 
 def _pixels(name, value):
     if not _is_number(value) or int(value) != value or value < 1:
-        raise ValueError(f"{name} must hold positive whole numbers of pixels, got {value!r}")
+        raise ConfigError(f"{name} must hold positive whole numbers of pixels, got {value!r}")
     return int(value)
 
 
@@ -187,7 +188,7 @@ def _size_dict(value, name, square):
     if isinstance(value, dict) and set(value) in allowed:
         return {k: _pixels(name, v) for k, v in value.items()}
     expected = "{'height', 'width'}" + ("" if square else " or {'shortest_edge'}")
-    raise ValueError(f"{name} must be an int, (height, width) or a dict with keys {expected}; got {value!r}")
+    raise ConfigError(f"{name} must be an int, (height, width) or a dict with keys {expected}; got {value!r}")
 
 
 def _channel_stats(value, name):
@@ -196,32 +197,32 @@ def _channel_stats(value, name):
         return [float(v) for v in value]
     if _is_number(value):
         return float(value)
-    raise ValueError(f"{name} must be a number or 3 numbers (one per RGB channel), got {value!r}")
+    raise ConfigError(f"{name} must be a number or 3 numbers (one per RGB channel), got {value!r}")
 
 
 def _number(name, value):
     if not _is_number(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ConfigError(f"{name} must be a number, got {value!r}")
     return value
 
 
 def _flag(name, value):
     # bool() would take the JSON string "false" for true
     if not isinstance(value, (bool, np.bool_)) and value not in (0, 1):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
     return bool(value)
 
 
 def read_config(file):
     """The settings of a preprocessor_config.json, checked: a value of the wrong type is an
-    error naming the file, the key and what it must be (ValueError)."""
+    error naming the file, the key and what it must be (ConfigError)."""
     from tfbit.models.config import read_json
 
     config = read_json(file)
     try:
         BitImageProcessor.from_dict(config)
     except ValueError as e:
-        raise ValueError(f"{file}: {e}") from None
+        raise ConfigError(f"{file}: {e}") from None
     return config
 
 
@@ -255,7 +256,7 @@ class BitImageProcessor:
         **extra,
     ):
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self.do_resize, self.do_center_crop = _flag("do_resize", do_resize), _flag("do_center_crop", do_center_crop)
         self.do_rescale, self.do_normalize = _flag("do_rescale", do_rescale), _flag("do_normalize", do_normalize)
@@ -264,7 +265,7 @@ class BitImageProcessor:
         self.crop_size = _size_dict(224 if crop_size is None else crop_size, "crop_size", square=True)
         self.resample = _number("resample", resample)
         if self.resample not in (FILTERS if backend == "torchvision" else range(6)):
-            raise ValueError(f"resample={self.resample!r} is not supported by the {backend} backend")
+            raise ConfigError(f"resample={self.resample!r} is not supported by the {backend} backend")
         self.resample = int(self.resample)
         self.rescale_factor = float(_number("rescale_factor", rescale_factor))
         self.image_mean = _channel_stats(OPENAI_CLIP_MEAN if image_mean is None else image_mean, "image_mean")
@@ -300,7 +301,7 @@ class BitImageProcessor:
         path = Path(path)
         file = path / CONFIG_NAME if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} at {file}")
+            raise MissingFileError(f"no {CONFIG_NAME} at {file}")
         return cls.from_dict(read_config(file), **kwargs)
 
     def save_pretrained(self, directory):
@@ -332,10 +333,10 @@ class BitImageProcessor:
         elif not isinstance(images, (list, tuple)):
             images = [images]
         if not images:
-            raise ValueError("no images given")
+            raise ImageError("no images given")
         out = [self.preprocess(image) for image in images]
         if len({x.shape for x in out}) > 1:
-            raise ValueError(
+            raise ImageError(
                 f"preprocessed images differ in shape {sorted({x.shape for x in out})}; "
                 "enable do_center_crop or resize to a fixed height and width"
             )
@@ -378,13 +379,13 @@ class BitImageProcessor:
         if image.ndim == 2:
             image = image[..., None]
         if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or 0 in image.shape:
-            raise ValueError(
+            raise ImageError(
                 f"expected an (H, W) or channels-last (H, W, C) image with C in 1, 3, 4 "
                 f"(or an (N, H, W, C) batch); got shape {image.shape}"
             )
         if image.dtype.kind in "iu" and image.dtype != np.uint8:
             if image.min() < 0 or image.max() > 255:
-                raise ValueError(f"integer pixel values must be in [0, 255], got [{image.min()}, {image.max()}]")
+                raise ImageError(f"integer pixel values must be in [0, 255], got [{image.min()}, {image.max()}]")
             image = image.astype(np.uint8)
         elif image.dtype.kind not in "uf":
             raise TypeError(f"unsupported image dtype {image.dtype}: expected uint8 or float")
@@ -397,7 +398,7 @@ class BitImageProcessor:
             return x
         is_float = x.dtype.kind == "f"
         if is_float and (x.min() < 0 or x.max() > 1):
-            raise ValueError(f"a float RGBA image must be in [0, 1] to composite its alpha, got [{x.min()}, {x.max()}]")
+            raise ImageError(f"a float RGBA image must be in [0, 1] to composite its alpha, got [{x.min()}, {x.max()}]")
         if self.backend == "pil":  # float64 blend, rounded back to the input dtype
             white = 1.0 if is_float else 255
             alpha = x[..., 3:] / white
@@ -411,7 +412,7 @@ class BitImageProcessor:
     def _rescale_normalize(self, x):
         mean, std = np.float32(self.image_mean), np.float32(self.image_std)
         if self.do_normalize and mean.size > 1 and x.shape[-1] != mean.size:
-            raise ValueError(f"image_mean/image_std have {mean.size} values but the image has {x.shape[-1]} channels")
+            raise ImageError(f"image_mean/image_std have {mean.size} values but the image has {x.shape[-1]} channels")
         if self.backend == "pil":
             if self.do_rescale:
                 x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)

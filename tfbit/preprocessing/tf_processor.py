@@ -21,6 +21,7 @@ from __future__ import annotations
 import PIL
 import tensorflow as tf
 
+from tfbit.errors import ConfigError, ImageError
 from tfbit.preprocessing import tf_decode
 from tfbit.preprocessing.decode import MAX_PIXELS
 from tfbit.preprocessing.processor import FILTERS, BitImageProcessor
@@ -184,7 +185,7 @@ def _output_spec(p):
         return tf.TensorSpec([p.crop_size["height"], p.crop_size["width"], 3], tf.float32)
     if p.do_resize and "height" in p.size:
         return tf.TensorSpec([p.size["height"], p.size["width"], 3], tf.float32)
-    raise ValueError("images of different sizes need do_center_crop (or a fixed height/width size) to be batched")
+    raise ConfigError("images of different sizes need do_center_crop (or a fixed height/width size) to be batched")
 
 
 def preprocess_images(images, processor):
@@ -202,7 +203,7 @@ def preprocess_images(images, processor):
     if images.dtype.is_integer and images.dtype != tf.uint8:
         images = tf.saturate_cast(images, tf.uint8)
     if images.shape.rank not in (3, 4) or images.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected (H, W, C) or (N, H, W, C) images with C in 1, 3, 4; got shape {images.shape}")
+        raise ImageError(f"expected (H, W, C) or (N, H, W, C) images with C in 1, 3, 4; got shape {images.shape}")
     return _preprocess_batch(images[None] if images.shape.rank == 3 else images, p)
 
 

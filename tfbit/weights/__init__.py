@@ -16,6 +16,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from tfbit.errors import ConfigError, MissingFileError
 from tfbit.models.config import BitConfig, read_json
 from tfbit.models.presets import fetch, suggest
 from tfbit.models.presets import get as get_preset
@@ -36,7 +37,7 @@ def _detect(path, format):
     """(format, the state dict when detection had to read it whole -- a pickle -- else None)."""
     if format is not None:
         if format not in FORMATS:
-            raise ValueError(f"format={format!r} is not one of {', '.join(FORMATS)}")
+            raise ConfigError(f"format={format!r} is not one of {', '.join(FORMATS)}")
         return format, None
     if os.path.isdir(path):
         return _directory_format(path), None
@@ -46,7 +47,7 @@ def _detect(path, format):
         return "timm", None
     if hub.is_repo_id(path):
         return "hf", None
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{path}: no such file or directory, and not a hub repo id "
         f"(owner/name, timm/<name> or hf-hub:<owner>/<name>) nor a preset ({suggest(path)})"
     )
@@ -55,7 +56,7 @@ def _detect(path, format):
 def _directory_format(path):
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
-        raise ValueError(
+        raise CheckpointError(
             f"{path} has no config.json: expected a transformers or timm checkpoint "
             "directory (or pass the weight file itself)"
         )
@@ -64,7 +65,7 @@ def _directory_format(path):
         return "hf"
     if "architecture" in config:  # timm hub repos describe themselves this way
         return "timm"
-    raise ValueError(f"{file} describes model_type={config.get('model_type')!r}, not a BiT checkpoint")
+    raise CheckpointError(f"{file} describes model_type={config.get('model_type')!r}, not a BiT checkpoint")
 
 
 def _file_format(path):
@@ -72,7 +73,7 @@ def _file_format(path):
     if suffix in (".npz", ".keras"):
         return suffix[1:], None
     if suffix not in _STATE_DICT_SUFFIXES:
-        raise ValueError(
+        raise CheckpointError(
             f"cannot tell the format of {path} from its extension: pass the format (one of {', '.join(FORMATS)})"
         )
     if suffix == ".safetensors":
@@ -82,11 +83,11 @@ def _file_format(path):
     if any(k.startswith(("stem.", "stages.")) for k in keys):
         return "timm", tensors
     if any(k.startswith(("bit.", "embedder.", "encoder.")) for k in keys):
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is a transformers BiT state dict, whose architecture lives in "
             "config.json: pass the checkpoint directory holding both"
         )
-    raise ValueError(
+    raise CheckpointError(
         f"{path} is neither a timm ResNetV2-BiT nor a transformers BiT state dict "
         f"(keys look like: {', '.join(sorted(keys)[:3])})"
     )
@@ -119,7 +120,7 @@ def read_checkpoint(source, format=None):
     source = os.fspath(source)
     format, tensors = _detect(source, format)
     if format == "keras":
-        raise ValueError(
+        raise CheckpointError(
             f"{source} is a .keras model, not a checkpoint: load it with keras.saving.load_model or tfbit.load_model"
         )
     if format == "timm":

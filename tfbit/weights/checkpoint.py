@@ -11,6 +11,9 @@ import re
 
 import numpy as np
 
+# defined in tfbit.errors, importable from here as before (tfbit.weights.checkpoint.CheckpointError)
+from tfbit.errors import CheckpointError
+
 TRANSFORMS = {
     None: lambda a: a,
     "oihw_to_hwio": lambda a: np.transpose(a, (2, 3, 1, 0)),  # torch conv kernel
@@ -20,10 +23,6 @@ TRANSFORMS = {
 }
 
 _LIST_LIMIT = 8
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message names every offending key."""
 
 
 def _listing(title, items):
@@ -63,12 +62,13 @@ def assign_checkpoint(model, tensors, table, *, source, index_base=0, unused=lam
             f"{source} is not a BiT checkpoint: none of its {len(tensors)} keys "
             f"is a BiT weight (keys look like: {example})"
         )
-    problems, mismatched, bad_values, filled, values = [], [], [], set(), {}
+    problems, mismatched, bad_values, filled, offered, values = [], [], [], set(), set(), {}
     for key, (target, transform) in mapped.items():
         if target not in variables:
             if not unused(target):
                 unexpected.append(f"{key} (-> {target}, not in this model)")
             continue
+        offered.add(target)  # a key for it, listed below when it cannot be used: not missing
         array = np.asarray(tensors[key])
         if not np.issubdtype(array.dtype, np.floating):
             bad_values.append(f"{key}: dtype {array.dtype}, expected a float type")
@@ -86,7 +86,7 @@ def assign_checkpoint(model, tensors, table, *, source, index_base=0, unused=lam
             continue
         filled.add(target)
         values[target] = array
-    missing = sorted(set(variables) - filled)
+    missing = sorted(set(variables) - filled - offered)
     for title, items in (
         ("unexpected keys", unexpected),
         ("missing weights", missing),

@@ -3,6 +3,7 @@ preprocessor_config.json) or a hub repo id."""
 
 import os
 
+from tfbit.errors import CheckpointError, MissingFileError
 from tfbit.models.config import BitConfig, read_json
 from tfbit.weights import hub
 from tfbit.weights.readers import read_safetensors, read_torch_bin
@@ -37,16 +38,16 @@ def checkpoint_dir(path_or_repo_id):
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
-        raise ValueError(f"{path} is a file; expected a checkpoint directory with config.json")
+        raise CheckpointError(f"{path} is a file; expected a checkpoint directory with config.json")
     if not hub.is_repo_id(path):
-        raise FileNotFoundError(f"no checkpoint directory {path}")
+        raise MissingFileError(f"no checkpoint directory {path}")
     return hub.snapshot(path)
 
 
 def read_config(directory):
     file = os.path.join(directory, "config.json")
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"no config.json in {directory}")
+        raise MissingFileError(f"no config.json in {directory}")
     return BitConfig.from_json_file(file)
 
 
@@ -54,7 +55,7 @@ def read_tensors(directory):
     """{key: array} of model.safetensors (+ shards) or pytorch_model.bin, "bit." prefix removed."""
     present = [f for f in WEIGHT_FILES if os.path.exists(os.path.join(directory, f))]
     if not present:
-        raise FileNotFoundError(f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}")
+        raise MissingFileError(f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}")
     first = os.path.join(directory, present[0])
     if first.endswith(".index.json"):
         tensors = {}

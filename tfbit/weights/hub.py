@@ -3,6 +3,8 @@
 
 import re
 
+from tfbit.errors import MissingFileError
+
 _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -32,13 +34,13 @@ def snapshot(repo_id):
             patterns.append("pytorch_model.bin")
         return huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns)
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{repo_id} is neither a local directory nor a reachable Hugging Face hub repo ({type(e).__name__}: {e})"
         ) from None
 
 
 def download(repo_id, filenames):
-    """Path of the first of `filenames` the repo has; FileNotFoundError listing each failure."""
+    """Path of the first of `filenames` the repo has; MissingFileError listing each failure."""
     import huggingface_hub
     from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError
 
@@ -48,7 +50,7 @@ def download(repo_id, filenames):
             return huggingface_hub.hf_hub_download(repo_id, filename)
         except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
             errors.append(f"{filename}: {type(e).__name__}: {e}")
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{repo_id}: none of {', '.join(filenames)} could be fetched from the "
         "Hugging Face hub:\n  " + "\n  ".join(errors)
     )

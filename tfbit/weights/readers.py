@@ -7,6 +7,8 @@ import struct
 
 import numpy as np
 
+from tfbit.errors import CheckpointError
+
 # safetensors dtype -> numpy; BF16 has no numpy type and is widened to float32 exactly.
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,
@@ -28,7 +30,7 @@ def read_safetensors(path):
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
     except TypeError:  # numpy has no bfloat16 (unless ml_dtypes is loaded): read the layout ourselves
         return _read_safetensors_widening_bf16(path)
     # With ml_dtypes loaded (TensorFlow loads it) bfloat16 arrives as its own type: widen it,
@@ -52,7 +54,7 @@ def _read_safetensors_widening_bf16(path):
         elif info["dtype"] in _SAFETENSORS_DTYPES:
             array = np.frombuffer(raw, np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<"))
         else:
-            raise ValueError(f"{path}: {key} has dtype {info['dtype']}, which tfbit cannot read")
+            raise CheckpointError(f"{path}: {key} has dtype {info['dtype']}, which tfbit cannot read")
         tensors[key] = array.reshape(info["shape"]).copy()
     return tensors
 
@@ -65,7 +67,7 @@ def safetensors_keys(path):
         with safe_open(path, framework="numpy") as f:
             return list(f.keys())
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
 
 
 def read_torch_bin(path):
@@ -79,12 +81,12 @@ def read_torch_bin(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe pickles
-        raise ValueError(f"{path} is not a loadable PyTorch state dict: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"{path} is not a loadable PyTorch state dict: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is not a flat state dict: {', '.join(map(str, not_tensors[:5]))} "
             "are not tensors (a training checkpoint? save its model state_dict instead)"
         )
@@ -103,10 +105,11 @@ def read_npz(path):
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
+            # caught below, which names its type in the message: "...: ValueError: it holds ..."
             raise ValueError("it holds a single array, not a keyed archive")
         with archive:
             return {key: archive[key] for key in archive.files}
     except FileNotFoundError:
         raise
     except Exception as e:  # zipfile, zlib and numpy all raise their own types for a bad archive
-        raise ValueError(f"{path} is not a readable .npz archive: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"{path} is not a readable .npz archive: {type(e).__name__}: {e}") from None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfbit.errors import CheckpointError, MissingFileError
 from tfbit.models.config import read_json
 from tfbit.preprocessing.processor import BitImageProcessor
 from tfbit.weights import hub
@@ -49,7 +50,7 @@ def _files(source):
     if os.path.isdir(source):
         weights = next((os.path.join(source, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(source, f))), None)
         if weights is None:
-            raise FileNotFoundError(f"no {' or '.join(WEIGHT_FILES)} in {source}")
+            raise MissingFileError(f"no {' or '.join(WEIGHT_FILES)} in {source}")
         return weights, _config(os.path.join(source, "config.json")), None
     if os.path.isfile(source):
         return source, _config(os.path.join(os.path.dirname(os.path.abspath(source)), "config.json")), None
@@ -70,7 +71,7 @@ def _config(path):
         return {}
     arch = config["architecture"]
     if not arch.split(".")[0].endswith("_bit"):
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: timm architecture {arch!r} is not a BiT ResNetV2 (resnetv2_*_bit); "
             "other timm ResNetV2 variants differ in stem, convolution or norm"
         )

@@ -14,6 +14,7 @@ import tempfile
 
 import numpy as np
 
+from tfbit.errors import FileError
 from tfbit.weights import hf, npz
 from tfbit.weights.checkpoint import CheckpointError, map_keys
 from tfbit.weights.readers import read_npz, read_safetensors
@@ -160,7 +161,7 @@ def _check_written(path, arrays, read):
     """Read the file back: the same keys and the same values, or nothing is published."""
     written = read(path)
     if set(written) != set(arrays) or any(not np.array_equal(written[k], v) for k, v in arrays.items()):
-        raise OSError(f"{path} does not read back as written: disk full or a failing filesystem?")
+        raise FileError(f"{path} does not read back as written: disk full or a failing filesystem?")
 
 
 def save_transformers(model, directory, preprocessor=None):
