@@ -107,15 +107,26 @@ def _model_handler_class():
 # -- pipeline steps --------------------------------------------------------------------------
 
 
-def _read(readable_file):
-    """(path, encoded bytes), or an error record for a file that cannot be read."""
-    from apache_beam import pvalue
+def _shown(key):
+    """A path key (bytes, as the file system has it) as text for a message."""
+    return key.decode("utf-8", "backslashreplace")
 
-    path = readable_file.metadata.path
-    try:
-        yield path, readable_file.read()
-    except OSError as e:  # deleted since it was matched, no permission, ...
-        yield pvalue.TaggedOutput(ERRORS, {"path": path, "error": f"cannot read {path}: {e}"})
+
+def _read(key):
+    """(path key, encoded bytes), or an error record for a file that cannot be read. Keys are the
+    path's bytes: Beam's coders carry text as UTF-8 only, and a Linux file name need not be."""
+    from apache_beam import pvalue
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    path = os.fsdecode(key)
+    if "://" in path or not os.path.isdir(path):  # a folder the glob matched is skipped, as by ReadMatches
+        try:
+            # image bytes as stored: AUTO would gunzip a file that happens to end in .gz
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                yield key, f.read()
+        except OSError as e:  # deleted since it was matched, no permission, ...
+            yield pvalue.TaggedOutput(ERRORS, {"path": key, "error": f"cannot read {_shown(key)}: {e}"})
 
 
 class _Records:
@@ -131,7 +142,7 @@ class _Records:
         path, result = keyed
         out = result.inference
         if isinstance(out, str):
-            yield pvalue.TaggedOutput(ERRORS, {"path": path, "error": f"cannot read {path} as an image: {out}"})
+            yield pvalue.TaggedOutput(ERRORS, {"path": path, "error": f"cannot read {_shown(path)} as an image: {out}"})
         elif self.task == "features":
             yield {"path": path, "features": _features(out["features"], self.normalize)}
         elif self.top_k == self.signature_k:
@@ -184,18 +195,26 @@ def _example(record):
     feature = {}
     for name, value in record.items():
         values = value if isinstance(value, list) else [value]
-        if isinstance(values[0], str):
-            feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() for v in values]))
+        if isinstance(values[0], (str, bytes)):
+            encoded = [v if isinstance(v, bytes) else v.encode() for v in values]
+            feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=encoded))
         else:
             feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=values))
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def json_line(record):
+    """A record as a JSON line; a path that is not UTF-8 keeps its bytes as Python's surrogate
+    escapes (\\udcXX), which `os.fsencode(json.loads(line)["path"])` turns back into the name."""
+    return json.dumps({**record, "path": os.fsdecode(record["path"])})
 
 
 def _write(records, output_format, prefix, task, num_shards):
     import apache_beam as beam
 
     suffix = f".{output_format}"
-    if output_format == "parquet":
+    if output_format == "parquet":  # names that are not UTF-8 are refused before (check_globs)
+        records |= "Path as text" >> beam.Map(lambda r: {**r, "path": r["path"].decode("utf-8")})
         return records | beam.io.WriteToParquet(
             prefix, _parquet_schema(task), file_name_suffix=suffix, num_shards=num_shards
         )
@@ -207,7 +226,7 @@ def _write(records, output_format, prefix, task, num_shards):
         )
     return (
         records
-        | "To JSON" >> beam.Map(json.dumps)
+        | "To JSON" >> beam.Map(json_line)
         | beam.io.WriteToText(prefix, file_name_suffix=suffix, num_shards=num_shards)
     )
 
@@ -215,18 +234,15 @@ def _write(records, output_format, prefix, task, num_shards):
 def build_pipeline(pipeline, globs, handler, records, args):
     """Match -> read -> RunInference (keyed by path, batched) -> records and error records -> files."""
     import apache_beam as beam
-    from apache_beam.io.fileio import MatchFiles, ReadMatches
-    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.fileio import MatchFiles
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
     matches = [pipeline | f"Match {i}" >> MatchFiles(pattern) for i, pattern in enumerate(globs)]
     files = (
         matches
         | "All matches" >> beam.Flatten()
-        | "Paths" >> beam.Map(lambda m: m.path)
+        | "Path keys" >> beam.Map(lambda m: os.fsencode(m.path))
         | "Each once" >> beam.Distinct()
-        # image bytes as stored: AUTO would gunzip a file that happens to end in .gz
-        | ReadMatches(compression=CompressionTypes.UNCOMPRESSED)
         | "Read" >> beam.FlatMap(_read).with_outputs(ERRORS, main="images")
     )
     predicted = (
@@ -246,7 +262,7 @@ def build_pipeline(pipeline, globs, handler, records, args):
         (files.errors, predicted.errors, links)
         | "All errors" >> beam.Flatten()
         | "Count skipped" >> beam.Map(_counted("skipped"))
-        | "Errors to JSON" >> beam.Map(json.dumps)
+        | "Errors to JSON" >> beam.Map(json_line)
         | "Write errors"
         >> beam.io.WriteToText(f"{args.output}-errors", file_name_suffix=".jsonl", num_shards=args.num_shards)
     )
@@ -263,7 +279,8 @@ def dead_links(globs):
             try:
                 os.stat(path)
             except OSError as e:
-                found.append({"path": path, "error": f"cannot read {path}: {e.strerror}"})
+                key = os.fsencode(path)
+                found.append({"path": key, "error": f"cannot read {_shown(key)}: {e.strerror}"})
     return found
 
 
@@ -283,23 +300,22 @@ def saved_model_of(artifact):
     return path, export_root(path)
 
 
-def check_globs(globs):
+def check_globs(globs, output_format):
     """ValueError naming an INPUT_GLOB that matches no file (Beam's MatchFiles would yield
-    nothing) or a file whose name Beam cannot carry."""
+    nothing), or, for Parquet records, a file whose name is not UTF-8 (a string column cannot
+    hold it; JSON lines and TFRecords keep its bytes)."""
     from apache_beam.io.filesystems import FileSystems
 
     for pattern, result in zip(globs, FileSystems.match(list(globs))):
         if not result.metadata_list:
             raise ValueError(f"no images matched the INPUT_GLOB {pattern}")
         for path in (m.path for m in result.metadata_list):
-            try:
-                path.encode("utf-8")
-            except UnicodeEncodeError:  # Beam's coders carry paths as UTF-8 text only
+            if output_format == "parquet" and os.fsencode(path) != path.encode("utf-8", "replace"):
                 pattern, path = (os.fsencode(p).decode("utf-8", "backslashreplace") for p in (pattern, path))
                 raise ValueError(
-                    f"INPUT_GLOB {pattern} matches {path}, whose name is not UTF-8 text, which Beam "
-                    "cannot carry: rename it, or predict it with python -m conversion.predict"
-                ) from None
+                    f"INPUT_GLOB {pattern} matches {path}, whose name is not UTF-8 text, which a "
+                    "Parquet string column cannot hold: use --format jsonl or tfrecord, or rename it"
+                )
 
 
 def check_tfrecord_writer():
@@ -484,7 +500,7 @@ def _pipeline(args, beam_args):
     if args.format == "tfrecord":
         check_tfrecord_writer()
     saved_model, root = saved_model_of(args.artifact)
-    check_globs(args.globs)
+    check_globs(args.globs, args.format)
     check_prefix_folder(args.output)
     claim_prefix(args.output, args.overwrite)
     import apache_beam as beam

@@ -108,10 +108,11 @@ CASES = [
         id="neighbours-jsonl-broken-line",
     ),
     pytest.param(
-        "batch_predict {export} photos/* --output preds/p",
+        "batch_predict {export} photos/* --output preds/p --format parquet",
         lambda cwd, export: images(os.path.join(cwd, "photos"), CAFE + b".jpg"),
         2,
-        "error: INPUT_GLOB photos/* matches photos/caf\\xe9.jpg, whose name is not UTF-8 text",
+        "error: INPUT_GLOB photos/* matches photos/caf\\xe9.jpg, whose name is not UTF-8 text, which a "
+        "Parquet string column cannot hold",
         id="batch-predict-non-utf8-name",
     ),
     pytest.param(
@@ -406,6 +407,34 @@ def test_predict_writes_names_that_are_not_utf8_recoverably(export, tmp_path):
     for written in (row["path"], record["path"]):
         assert os.fsencode(written) == b"photos/" + CAFE + b".jpg"
         assert os.path.isfile(os.path.join(os.fsencode(tmp_path), os.fsencode(written)))
+
+
+def test_batch_predict_writes_names_that_are_not_utf8_recoverably(export, tmp_path):
+    """JSON lines (records and errors) hold such a name as Python's surrogate escapes, TFRecords
+    as its bytes: both give the file back through os.fsencode."""
+    images(tmp_path / "photos", CAFE + b".jpg", "good.jpg")
+    _put(os.path.join(os.fsencode(tmp_path), b"photos", CAFE + b"-bad.jpg"), b"not an image")
+    for output_format in ("jsonl", "tfrecord"):
+        done = run(
+            ["batch_predict", export, "photos/*", "--output", f"{output_format}/p", "--format", output_format], tmp_path
+        )
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    (records,) = glob.glob(f"{tmp_path}/jsonl/p-0*")
+    (errors,) = glob.glob(f"{tmp_path}/jsonl/p-errors-*")
+    written = [json.loads(line)["path"] for f in (records, errors) for line in open(f)]
+    assert sorted(os.fsencode(w) for w in written) == [
+        b"photos/" + CAFE + b"-bad.jpg",
+        b"photos/" + CAFE + b".jpg",
+        b"photos/good.jpg",
+    ]
+    import tensorflow as tf
+
+    (tfrecords,) = glob.glob(f"{tmp_path}/tfrecord/p-0*")
+    paths = [
+        tf.train.Example.FromString(r).features.feature["path"].bytes_list.value[0]
+        for r in tf.data.TFRecordDataset(tfrecords).as_numpy_iterator()
+    ]
+    assert sorted(paths) == [b"photos/" + CAFE + b".jpg", b"photos/good.jpg"]
 
 
 def test_convert_takes_a_checkpoint_folder_whose_name_is_not_utf8(tmp_path):
