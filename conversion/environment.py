@@ -22,7 +22,7 @@ import importlib
 import os
 import re
 import sys
-import tempfile
+import threading
 
 ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
 LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"
@@ -83,31 +83,41 @@ def cli_logs_filtered():
 
 @contextlib.contextmanager
 def native_logs_filtered(enabled=True):
-    """Inside the block, what C++ code writes to file descriptor 2 is collected; afterwards every
-    line except native log records (see `_NATIVE_LOG_LINE`) is written back, so Python warnings,
-    tracebacks and anything unexpected still reach the user, only later."""
+    """Inside the block, what C++ code writes to file descriptor 2 goes through a pipe to a
+    thread that passes on every line except native log records (see `_NATIVE_LOG_LINE`), so
+    Python warnings, tracebacks and anything unexpected still reach the user, in order. A pipe,
+    not a temporary file: a file-size limit (`ulimit -f`) would cut a file's lines mid-record,
+    and the cut-off record would no longer look like one."""
     if not enabled:
         yield
         return
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as collected:
-        os.dup2(collected.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    relay = threading.Thread(target=_relay, args=(read_end, saved), name="native-log-filter", daemon=True)
+    relay.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last write end closes: the relay reads to the end and stops
+        # a child started inside the block may still hold the write end; it keeps its filter
+        relay.join(timeout=5)
+        if not relay.is_alive():
             os.close(saved)
-            collected.seek(0)
-            kept = [
-                line
-                for line in collected.read().decode("utf-8", "replace").splitlines(keepends=True)
-                if not _NATIVE_LOG_LINE.match(line)
-            ]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
+
+
+def _relay(read_end, target):
+    with os.fdopen(read_end, "rb") as pipe:
+        for line in pipe:
+            if not _NATIVE_LOG_LINE.match(line.decode("utf-8", "replace")):
+                try:
+                    while line:
+                        line = line[os.write(target, line) :]
+                except OSError:  # stderr closed: drain the pipe so that writers never block
+                    continue
 
 
 def require_tensorflow_backend(needs, command):

@@ -142,11 +142,13 @@ def test_convert_on_a_disk_filling_up_keeps_the_previous_export(world):
 
 
 def test_predict_output_on_a_full_disk_leaves_no_partial_file(world):
-    # a limit above the ~1 KB of TensorFlow's start-up lines, which the CLI collects in a file
+    # a limit far below the ~1 KB of TensorFlow's start-up lines, which the CLI filters out of
+    # its stderr: none of them may get through cut off
     done = run(
-        ["conversion.predict", "export", PHOTOS, "--top-k", "10", "--output", "preds.csv"], world, max_file_bytes=3000
+        ["conversion.predict", "export", PHOTOS, "--top-k", "10", "--output", "preds.csv"], world, max_file_bytes=100
     )
     _one_line_exit_2(done, "error: file too large for the file system or the process's file-size limit")
+    assert len(done.stderr.splitlines()) == 1, done.stderr
     assert sorted(os.listdir(world)) == ["data", "export", "photos"]
 
 
