@@ -1,7 +1,7 @@
 """Convert BiT weights (Hugging Face, timm, original .npz, tfbit .keras) into verified deployable
 artifacts.
 
-    python -m conversion.convert [SOURCE] [--output DIR] [--formats keras saved_model tflite]
+    python -m conversion.convert [SOURCE] [--output DIR] [--formats keras saved_model tflite keras_hub]
                                  [--task classification|features|backbone] ...
 
 Without SOURCE it converts the embedded digits checkpoint (the demo) and also prints each
@@ -34,7 +34,10 @@ DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "d
 # relative to the working directory: the repository's saved_models/ when run from its root, as
 # the README does, and never inside site-packages for a pip-installed tfbit
 DEFAULT_OUTPUT_ROOT = "saved_models"
-OUTPUT_FORMATS = ("keras", "saved_model", "tflite")
+DEFAULT_FORMATS = ("keras", "saved_model", "tflite")
+# keras_hub: a KerasHub preset folder (tfbit.kerashub); opt-in, as it needs the keras-hub extra
+OUTPUT_FORMATS = DEFAULT_FORMATS + ("keras_hub",)
+KERAS_HUB = "keras_hub"  # the preset's folder in the output: its config.json is not the export's
 TFLITE_INPUTS = ("float32", "uint8")
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
 
@@ -46,8 +49,8 @@ class ConversionError(TfbitError):
 @dataclasses.dataclass
 class Artifact:
     """One exported artifact: where it is (relative to the output folder), how to run it from
-    disk, which inputs it takes ("pixels" or "encoded") and whether it must be lossless. Both
-    SavedModel signatures are artifacts of one folder."""
+    disk, which inputs it takes ("pixels", "encoded" or the decoded "images") and whether it must
+    be lossless. Both SavedModel signatures are artifacts of one folder."""
 
     name: str
     path: str
@@ -69,7 +72,7 @@ class Request:
     source: str | None = None
     output: str | None = None
     name: str | None = None
-    formats: tuple = OUTPUT_FORMATS
+    formats: tuple = DEFAULT_FORMATS
     quantizations: tuple | None = None
     task: str = "classification"
     source_format: str | None = None
@@ -109,6 +112,13 @@ class Request:
                 f"unknown format(s) {unknown}: choose from {OUTPUT_FORMATS} and TFLite "
                 f"quantizations {TFLITE_QUANTIZATIONS}"
             )
+        if "keras_hub" in self.formats:
+            try:
+                import keras_hub  # noqa: F401
+            except ImportError as e:
+                raise ConversionError(
+                    f"--formats keras_hub needs KerasHub ({e}): pip install 'tfbit[keras-hub]'"
+                ) from None
         if self.tflite_input not in TFLITE_INPUTS:
             raise ConversionError(f"unknown TFLite input {self.tflite_input!r}: choose from {TFLITE_INPUTS}")
         if self.task not in TASKS:
@@ -281,6 +291,8 @@ def export_artifacts(source, request, inference, staging, version, images, log):
         serving_kit.write(staging, version, request.name, source.processor)  # warm-up, models.config, batching
     if "tflite" in request.formats:
         artifacts += _tflite_artifacts(source, request, inference, staging, images, log)
+    if "keras_hub" in request.formats:
+        artifacts += _keras_hub_artifacts(source, staging, log)
     return artifacts
 
 
@@ -323,6 +335,37 @@ def _saved_model_artifacts(source, request, inference, staging, version, log):
             lossless=False,
         ),
     ]
+
+
+def _keras_hub_artifacts(source, staging, log):
+    from tfbit import kerashub
+
+    log("      KerasHub preset")
+    kerashub.save_to_preset(source.pixel_model, os.path.join(staging, KERAS_HUB), source.processor)
+    # verified from the decoded images: the preset's own preprocessing is part of what it computes
+    return [Artifact("keras_hub", KERAS_HUB, lambda p: _keras_hub_runner(p, source), inputs="images")]
+
+
+def _keras_hub_runner(path, source):
+    """The preset as keras_hub loads it, preprocessor included: decoded images -> outputs."""
+    import keras
+    import keras_hub
+
+    from conversion import runners
+    from tfbit import kerashub  # also registers the classes the preset names
+
+    preprocessor = kerashub.TfbitImageClassifierPreprocessor.from_preset(path)
+    if os.path.isfile(os.path.join(path, "task.json")):
+        model = keras_hub.models.ImageClassifier.from_preset(path)
+    else:
+        backbone = keras_hub.models.Backbone.from_preset(path)
+        if source.task == "backbone":
+            output = {source.pixel_model.out_features[-1]: backbone.output}
+        else:  # the pooled features (or the identity head of a classifier without labels)
+            output = keras.layers.GlobalAveragePooling2D()(backbone.output)
+        model = keras.Model(backbone.input, output)
+    run = runners.model_runner(model, task=source.task)
+    return lambda images: run(preprocessor([np.asarray(image) for image in images]))
 
 
 def _tflite_artifacts(source, request, inference, staging, images, log):
@@ -405,7 +448,8 @@ def verify_artifacts(artifacts, staging, reference, pixel_values, images, crops=
     """`crops`: the raw uint8 crops of the images, for files taking them."""
     from conversion import verify
 
-    inputs = {"pixels": pixel_values, "encoded": np.array(images.encoded, dtype=object), "crops": crops}
+    encoded = np.array(images.encoded, dtype=object)
+    inputs = {"pixels": pixel_values, "encoded": encoded, "crops": crops, "images": images.images}
     rows = []
     for artifact in artifacts:
         if artifact.error:
@@ -516,6 +560,8 @@ def run(request, log=_log):
     started = time.perf_counter()
     log(f"[1/5] loading {'the embedded digits checkpoint' if request.demo else request.source}")
     loaded = load_source(request, log)
+    if "keras_hub" in request.formats:
+        _check_keras_hub_source(loaded)
     request.name = text_name(request.name or ("digits" if request.demo else loaded.checkpoint.name))
     request.output = os.path.abspath(request.output or os.path.join(DEFAULT_OUTPUT_ROOT, request.name))
     kind = (
@@ -537,9 +583,40 @@ def run(request, log=_log):
         raise ConversionError(str(e)) from e
 
 
+def _check_keras_hub_source(source):
+    """Refuses, before any export, a source that no KerasHub preset can hold or verify."""
+    from tfbit import kerashub
+
+    model = source.pixel_model
+    try:
+        kerashub.check_exportable(model)
+    except TfbitError as e:
+        raise ConversionError(f"--formats keras_hub: {e}") from None
+    last = model.config.stage_names[-1]
+    if source.task == "backbone" and model.config.out_features != [last]:
+        raise ConversionError(
+            f"--formats keras_hub: a KerasHub backbone returns one feature map, the last stage's, "
+            f"not {model.config.out_features}: pass --out-features {last}, or convert the others without keras_hub"
+        )
+
+
+def _check_no_stale_task(output, source):
+    """Publishing replaces files, never deletes them: a backbone preset over an earlier
+    classifier's would keep its task.json, which keras_hub would then load as this preset's."""
+    from tfbit import kerashub
+
+    planned = kerashub.preset_files(source.pixel_model)
+    stale = [f for f in kerashub.TASK_FILES if f not in planned and os.path.isfile(os.path.join(output, KERAS_HUB, f))]
+    if stale:
+        raise ConversionError(
+            f"{os.path.join(output, KERAS_HUB)} holds {' and '.join(stale)} of an earlier classifier preset, "
+            "which this one (no classification head) would not replace: remove them, or choose another --output"
+        )
+
+
 # bytes per weight each artifact stores at the least: float32 files hold every weight in 4 bytes,
 # fp16 in 2, the int8 ones in 1 (dynamic-range int8 keeps small tensors in float)
-_BYTES_PER_WEIGHT = {"keras": 4, "saved_model": 4, "fp32": 4, "fp16": 2, "dynamic_int8": 1, "int8": 1}
+_BYTES_PER_WEIGHT = {"keras": 4, "saved_model": 4, "keras_hub": 4, "fp32": 4, "fp16": 2, "dynamic_int8": 1, "int8": 1}
 
 
 def _check_space(request, weights):
@@ -560,7 +637,7 @@ def text_name(name):
     return os.fsencode(name).decode("utf-8", "replace").replace("\ufffd", "_")
 
 
-def _planned_files(request, version):
+def _planned_files(request, version, source):
     from conversion import serving_kit
 
     name = request.name
@@ -570,7 +647,15 @@ def _planned_files(request, version):
     planned += [
         tflite_path(name, q, request.tflite_input) for q in request.quantizations if "tflite" in request.formats
     ]
-    return planned
+    return planned + (_keras_hub_files(source) if "keras_hub" in request.formats else [])
+
+
+def _keras_hub_files(source):
+    """The preset's files: published one by one, so that files a user added to its folder (a
+    model card) stay, as everywhere in the output."""
+    from tfbit import kerashub
+
+    return [f"{KERAS_HUB}/{file}" for file in kerashub.preset_files(source.pixel_model)]
 
 
 def _report(loaded, request, images, version, outcome, export_seconds, started):
@@ -601,9 +686,14 @@ def _export_verify_publish(loaded, request, images, started, log):
 
     output = request.output
     version = publish.next_serving_version(output)
+    if "keras_hub" in request.formats:
+        _check_no_stale_task(output, loaded)
     # Refused before the slow export, not after it.
     publish.check_output(
-        output, _planned_files(request, version), source_paths=loaded.checkpoint.files, overwrite=request.overwrite
+        output,
+        _planned_files(request, version, loaded),
+        source_paths=loaded.checkpoint.files,
+        overwrite=request.overwrite,
     )
     with publish.staging_dir(output) as staging:
         log(f"[2/5] exporting into {staging}")
@@ -621,7 +711,8 @@ def _export_verify_publish(loaded, request, images, started, log):
         log(f"\nloading + export {report['export_seconds']} s, verification {report['verification_seconds']} s")
         published = outcome.published
         log(f"[4/5] publishing {len(published)} verified artifact{'s' if len(published) != 1 else ''} into {output}")
-        written = ["config.json", "preprocessor_config.json", *published, "report.json"]
+        files = [p for p in published if p != KERAS_HUB] + (_keras_hub_files(loaded) if KERAS_HUB in published else [])
+        written = ["config.json", "preprocessor_config.json", *files, "report.json"]
         written[-1:-1] = serving_kit.files_to_publish(published, version)  # after the version they name
         publish.publish(staging, output, written, source_paths=loaded.checkpoint.files, overwrite=request.overwrite)
     if outcome.failed:
@@ -655,6 +746,7 @@ def _failure_advice(request, outcome):
         "keras": f"{name}.keras" in failed,
         "tflite": not variants,
         "saved_model": any(p.startswith("serving") for p in failed),
+        "keras_hub": KERAS_HUB in failed,
     }
     keep = [f for f in formats if not dropped[f]]
     if not keep:
@@ -698,7 +790,14 @@ def build_parser():
 def _add_artifact_arguments(parser):
     from conversion.cli import TASKS, TFLITE_QUANTIZATIONS
 
-    parser.add_argument("--formats", nargs="+", default=list(OUTPUT_FORMATS), choices=OUTPUT_FORMATS)
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        default=list(DEFAULT_FORMATS),
+        choices=OUTPUT_FORMATS,
+        help="artifacts to write (default: keras saved_model tflite); keras_hub: a KerasHub preset "
+        "folder, keras_hub/ (needs pip install 'tfbit[keras-hub]')",
+    )
     parser.add_argument(
         "--tflite",
         nargs="+",

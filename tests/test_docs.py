@@ -40,6 +40,10 @@ ELSEWHERE = {
     ("docs/serving.md", "labels/stable:predict"): "tests/test_serving_kit.py",
     ("docs/serving.md", "prediction_service_pb2_grpc"): "tests/test_serving_kit.py",
     ("docs/models.md", "except tfbit.ConfigError"): "tests/test_api_errors.py",
+    ("docs/kerashub.md", "--formats keras_hub"): "tests/test_kerashub.py",
+    ("docs/kerashub.md", "tfbit.kerashub.save_to_preset(model"): "tests/test_kerashub.py",
+    ("docs/kerashub.md", "classifier.preprocessor(images)"): "tests/test_kerashub.py",
+    ("docs/kerashub.md", "classifier.fit(train"): "tests/test_kerashub.py",
 }
 # (page, a text the block holds) -> why no test machine can run it
 EXCUSED = {
@@ -55,6 +59,8 @@ EXCUSED = {
     ("docs/scaling.md", "DataflowRunner"): "needs Dataflow, Flink and Spark clusters",
     ("docs/serving.md", "docker run"): "needs docker and the tensorflow/serving image; "
     "tests/test_serving_kit.py parses the files it reads with TF Serving's protos",
+    ("docs/kerashub.md", "keras_hub.upload_preset("): "uploads to Kaggle and the Hugging Face hub "
+    "(network, credentials); tests/test_kerashub.py runs upload_preset's checks of the folder",
 }
 # lines of run blocks that are not run, and why
 SKIPPED_LINES = {

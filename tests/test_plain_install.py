@@ -37,6 +37,19 @@ def test_convert_works_on_a_plain_install(tmp_path, hf_checkpoint):
     report = json.loads((output / "report.json").read_text())
     assert report["reference"] == "keras" and report["images"] == "32 shipped photos"
     assert all(row["published"] for row in report["artifacts"])
+    done = subprocess.run(  # the KerasHub format without the keras-hub extra: refused before any work
+        [str(venv / "bin" / "tfbit-convert"), str(source), "--output", str(tmp_path / "hub"), "--formats", "keras_hub"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert done.stderr.splitlines() == [
+        "error: --formats keras_hub needs KerasHub (No module named 'keras_hub'): pip install 'tfbit[keras-hub]'"
+    ]
+    assert not (tmp_path / "hub").exists()
 
     # The newest Pillow (13 or later: the test extra's apache-beam holds the test environment at 12)
     # orders its two resize passes by shape; the serving graph's fixed-point resize must follow it.
