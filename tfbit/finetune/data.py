@@ -374,6 +374,10 @@ class PipelineOptions:
             reference; False gives plain bilinear like the upstream TF pipeline.
         shuffle_buffer: size of the training shuffle buffer; default min(examples, 10 000).
         seed: makes shuffling, crops, flips and MixUp reproducible.
+        evaluation_cache_bytes: an evaluation pipeline whose resized, preprocessed images
+            (float32 crops) fit in this many bytes keeps them in memory after its first pass:
+            Keras starts a new iterator for each validation pass, and the decoder's large graph
+            takes 1-2 s to instantiate in each one, besides decoding every image again. 0: never.
     """
 
     preprocess: Callable = dataclasses.field(default_factory=Normalize)
@@ -382,6 +386,7 @@ class PipelineOptions:
     antialias: bool = True
     shuffle_buffer: int | None = None
     seed: int | None = None
+    evaluation_cache_bytes: int = 512 * 2**20
 
 
 def _batch_and_mixup(plan, batch_size, training, options):
@@ -512,6 +517,8 @@ def make_pipeline(
             lambda image, label: (options.preprocess(_resized(image, crop, options)), label),
             num_parallel_calls=AUTOTUNE,
         )
+        if not repeat and image_dataset.num_examples * crop * crop * 3 * 4 <= options.evaluation_cache_bytes:
+            ds = ds.cache()
 
     num_classes = image_dataset.num_classes
     ds = ds.batch(batch_size, drop_remainder=repeat)
