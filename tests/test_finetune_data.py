@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import skimage.data
@@ -80,6 +82,22 @@ def test_image_folder_pipelines(photo_root):
     assert all(b[0].shape == (3, 32, 32, 3) for b in batches)
     assert all(b[1].shape == (3, 3) for b in batches)
     np.testing.assert_allclose(tf.reduce_sum(batches[0][1], axis=1), 1.0)
+
+
+def test_evaluation_pipeline_decodes_each_image_once_when_it_fits_in_memory(photo_root, tmp_path):
+    """A second pass over a small evaluation pipeline reads nothing from disk (Keras starts a new
+    iterator per validation pass); above `evaluation_cache_bytes` every pass decodes again."""
+    folder = tmp_path / "train"
+    shutil.copytree(photo_root / "train", folder)
+    ds = from_image_folder(folder)
+    cached = make_pipeline(ds, 32, batch_size=4)  # 8 crops of 32x32x3 float32: 98 KB
+    uncached = make_pipeline(ds, 32, batch_size=4, options=PipelineOptions(evaluation_cache_bytes=8 * 32 * 32 * 12 - 1))
+    first = np.concatenate([x for x, _ in cached])
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in uncached]), first)
+    shutil.rmtree(folder)
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in cached]), first)
+    with pytest.raises(tf.errors.NotFoundError):
+        list(uncached)
 
 
 def test_image_folder_errors(tmp_path):
