@@ -416,9 +416,13 @@ def build_parser():
 
 
 def _check_paths(args):
-    """What can be refused before the slow start: a missing artifact, outputs that cannot be written."""
+    """What can be refused before the slow start (TensorFlow's import): a missing or damaged
+    artifact, outputs that cannot be written."""
+    from conversion import runners
+
     if not os.path.exists(args.artifact):
         raise ValueError(f"no artifact at {args.artifact}")
+    runners.check_file(resolve_artifact(args.artifact))
     files = [(args.output, "--output")] if args.output else []
     files += [(args.confusion_matrix, "--confusion-matrix")] if args.evaluate else []
     if args.output and not args.output.endswith(OUTPUT_SUFFIXES):
@@ -463,7 +467,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         _check_paths(args)  # before the slow start
-    except ValueError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     environment.configure(args.verbose)  # before anything else imports TensorFlow

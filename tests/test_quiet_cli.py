@@ -54,6 +54,14 @@ def test_help_imports_no_tensorflow(module):
     assert seconds < 3, f"{module} --help took {seconds:.1f} s"  # importing TensorFlow alone takes 5-10 s
 
 
+@pytest.mark.parametrize("artifact, message", [("m.keras", "is damaged, not a .keras file"), ("m.tflite", "no TFL3")])
+def test_predict_refuses_a_damaged_artifact_before_importing_tensorflow(tmp_path, artifact, message):
+    (tmp_path / artifact).write_bytes(b"garbage" * 20)
+    done = run("-X", "importtime", "-m", "conversion.predict", tmp_path / artifact, os.path.join(ROOT, "README.md"))
+    assert done.returncode == 2 and message in done.stderr.splitlines()[-1], done.stderr[-2000:]
+    assert not {"tfbit", "tensorflow", "keras"} & imported_modules(done.stderr)
+
+
 @pytest.mark.parametrize("module", sorted(cli.COMMANDS))
 def test_console_commands_answer_help_at_once(module):
     """The console entry points pip installs (setup.cfg) next to `python -m`: same parser, named
