@@ -127,12 +127,7 @@ class TfbitImageConverter(keras_hub.layers.ImageConverter):
 
     @property
     def image_size(self):
-        p = self.processor
-        if p.do_center_crop:
-            return p.crop_size["height"], p.crop_size["width"]
-        if p.do_resize and "height" in p.size:
-            return p.size["height"], p.size["width"]
-        return None  # the resized shortest edge depends on each image's aspect ratio
+        return self.processor.fixed_output_size
 
     @image_size.setter
     def image_size(self, value):

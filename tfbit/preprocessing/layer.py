@@ -47,16 +47,8 @@ class BitPreprocessing(keras.layers.Layer):
         out = tf_processor.preprocess_images(images, self.processor)  # always a batch
         return out if len(images.shape) == 4 else out[0]
 
-    def _output_size(self):
-        p = self.processor
-        if p.do_center_crop:
-            return p.crop_size["height"], p.crop_size["width"]
-        if p.do_resize and "height" in p.size:
-            return p.size["height"], p.size["width"]
-        return None, None  # the resized shortest edge depends on each image's aspect ratio
-
     def compute_output_shape(self, input_shape):
-        height, width = self._output_size()
+        height, width = self.processor.fixed_output_size or (None, None)
         channels = 3 if self.processor.do_convert_rgb else input_shape[-1]
         return (*input_shape[:-3], height, width, channels)
 

@@ -351,6 +351,16 @@ class BitImageProcessor:
             x = center_crop(x, self.crop_size["height"], self.crop_size["width"], self.backend == "pil")
         return self._rescale_normalize(x)
 
+    @property
+    def fixed_output_size(self):
+        """The (height, width) of every preprocessed image whatever its size, or None when the
+        resized shortest edge leaves it to each image's aspect ratio (no center crop)."""
+        if self.do_center_crop:
+            return self.crop_size["height"], self.crop_size["width"]
+        if self.do_resize and "height" in self.size:
+            return self.size["height"], self.size["width"]
+        return None
+
     def output_size(self, height, width):
         """Resized (height, width): shortest edge to ``size``, long edge truncated like transformers."""
         if "shortest_edge" not in self.size:
