@@ -354,10 +354,11 @@ def _keras_hub_runner(path, source):
     from conversion import runners
     from tfbit import kerashub  # also registers the classes the preset names
 
-    preprocessor = kerashub.TfbitImageClassifierPreprocessor.from_preset(path)
     if os.path.isfile(os.path.join(path, "task.json")):
         model = keras_hub.models.ImageClassifier.from_preset(path)
+        preprocessor = model.preprocessor  # loaded with the task: reading it again would repeat the work
     else:
+        preprocessor = kerashub.TfbitImageClassifierPreprocessor.from_preset(path)
         backbone = keras_hub.models.Backbone.from_preset(path)
         if source.task == "backbone":
             output = {source.pixel_model.out_features[-1]: backbone.output}
