@@ -237,19 +237,54 @@ def _readme_block(marker):
     return found[0]
 
 
-def test_readme_litert_snippet_runs_as_written(uint8_export, tmp_path):
-    """docs/mobile.md's example: LiteRT, a raw image file, no tfbit code."""
+def _photos(folder, digit):
+    """The shipped photos, a digit, and the cases a phone's gallery holds: an EXIF-rotated photo,
+    a transparent PNG and a grayscale one."""
     from PIL import Image
 
+    os.makedirs(folder)
+    names = []
+    for name in sorted(os.listdir(os.path.join(ROOT, "conversion", "photos"))):
+        if name.endswith((".jpg", ".png")):
+            shutil.copy(os.path.join(ROOT, "conversion", "photos", name), folder)
+            names.append(name)
+    Image.fromarray(digit).resize((48, 40), Image.BICUBIC).save(os.path.join(folder, "digit.png"))
+    rocket = Image.open(os.path.join(folder, "rocket.jpg"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: viewers (and tfbit) turn it 90 degrees clockwise
+    rocket.transpose(Image.Transpose.ROTATE_90).save(os.path.join(folder, "rotated.jpg"), exif=exif)
+    coffee = Image.open(os.path.join(folder, "coffee.jpg")).convert("RGBA")
+    coffee.putalpha(Image.linear_gradient("L").resize(coffee.size))
+    coffee.save(os.path.join(folder, "transparent.png"))
+    Image.open(os.path.join(folder, "chelsea.jpg")).convert("L").save(os.path.join(folder, "gray.png"))
+    return names + ["digit.png", "rotated.jpg", "transparent.png", "gray.png"]
+
+
+def _top_labels(stdout):
+    """{image as given: top label} of `conversion.predict --top-k 1`'s output."""
+    lines = stdout.splitlines()
+    return {path: row.split()[-1] for path, row in zip(lines[::2], lines[1::2])}
+
+
+def test_readme_litert_snippet_is_the_processor(uint8_export, tmp_path):
+    """docs/mobile.md's example (LiteRT, a raw image file, no tfbit code) run as written, one
+    image at a time, answers as `predict` on the same file: it resizes (the long edge truncated),
+    crops, turns by EXIF and drops transparency exactly as tfbit's processor does."""
     output, _ = uint8_export
     snippet = _readme_block("digits_int8_uint8.tflite")
-    assert "tfbit" not in snippet and "conversion" not in snippet
+    assert "tfbit" not in snippet and "conversion" not in snippet and snippet.count('"photo.jpg"') == 1
     shutil.copytree(output, tmp_path / "saved_models" / "digits")
-    _, _, images, labels = load_digits_split()
-    # a larger, non-square photo of the digit: the snippet resizes and crops it itself
-    Image.fromarray(images[5]).resize((48, 40), Image.BICUBIC).save(tmp_path / "digit.png")
-    done = subprocess.run(
-        [sys.executable, "-c", snippet], capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=300
-    )
+    _, _, images, _ = load_digits_split()
+    names = _photos(tmp_path / "photos", images[5])
+    (tmp_path / "snippet.py").write_text(snippet)
+    each = "import sys\nfor name in sys.argv[2:]:\n    exec(open(sys.argv[1]).read().replace('photo.jpg', name), {})\n"
+    paths = [f"photos/{name}" for name in names]
+    run = dict(capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=600)
+    done = subprocess.run([sys.executable, "-c", each, "snippet.py", *paths], **run)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split()[-1] == str(labels[5])
+    answers = done.stdout.split()
+    model = "saved_models/digits/tflite/digits_int8_uint8.tflite"
+    predicted = subprocess.run([sys.executable, "-m", "conversion.predict", model, *paths, "--top-k", "1"], **run)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert len(answers) == len(paths) == 36
+    assert dict(zip(paths, answers)) == _top_labels(predicted.stdout)
