@@ -756,6 +756,12 @@ def _failure_advice(request, outcome):
     if "tflite" in keep and variants != list(quantizations):
         flags.append(f"--tflite {' '.join(variants)}")
     advice = f"left out; the verified artifacts are in {output}. "
+    if not (request.images or request.demo) and set(quantizations) - {"fp32"} - set(variants):
+        # a head confident on its own domain can sit on near-ties on photos of another
+        advice += (
+            "The lossy variants were verified on tfbit's shipped photos: verify them on photos "
+            "of your model's own domain with --images DIR first. "
+        )
     advice += "Publish the failed ones anyway with --keep-failed, or skip them" if kept else "Skip them"
     return advice + (f" with {' '.join(flags)}" if flags else "")
 
