@@ -29,6 +29,7 @@ import numpy as np
 
 from conversion import diskspace, environment
 from tfbit.errors import TfbitError
+from tfbit.filetypes import check_source
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_checkpoint")
 # relative to the working directory: the repository's saved_models/ when run from its root, as
@@ -553,6 +554,7 @@ def run(request, log=_log):
     """`convert` of a `Request` (which the command line builds from its arguments)."""
     from conversion import publish
 
+    _check_source_kind(request)
     try:
         environment.require_tensorflow_backend("exports need", "the converter")
     except ValueError as e:
@@ -582,6 +584,15 @@ def run(request, log=_log):
             return _export_verify_publish(loaded, request, images, started, log)
     except publish.OutputError as e:  # the output is locked, or publishing would lose a file
         raise ConversionError(str(e)) from e
+
+
+def _check_source_kind(request):
+    """Refuses a model file of a kind no reader takes in well under a second, before Keras loads."""
+    if request.source and not request.demo:
+        try:
+            check_source(request.source)
+        except TfbitError as e:
+            raise ConversionError(str(e)) from None
 
 
 def _check_keras_hub_source(source):
@@ -777,7 +788,7 @@ def build_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="SOURCE: a Hugging Face hub id (google/bit-50) or checkpoint directory, a timm "
         "name (timm/resnetv2_50x1_bit.goog_in21k) or state-dict file (.safetensors/.pth/"
-        ".bin), an original BiT .npz file, a .keras file (a tfbit model, or your own Keras model "
+        ".bin), an original BiT .npz or .h5 file, a .keras file (a tfbit model, or your own Keras model "
         "built on one), or a preset name (bit-m-r50x1, "
         "bit-s-r101x3, ...: tfbit.presets()). Omit it for the offline "
         "demo.\n\nExit codes: 0 all verified, 1 some artifacts failed verification (left out "
@@ -882,11 +893,16 @@ def _add_run_arguments(parser):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    # every option but --verbose is stored under the name of its Request field
+    request = Request(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Request)})
+    try:
+        _check_source_kind(request)  # in well under a second, before TensorFlow loads
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     environment.configure(args.verbose)  # before anything else imports TensorFlow
     from conversion import processes, runtime
 
-    # every option but --verbose is stored under the name of its Request field
-    request = Request(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Request)})
     request.threads = runtime.set_threads(args.threads)
     try:
         with processes.termination_as_exit():  # SIGTERM runs the clean-up of a normal exit

@@ -14,6 +14,8 @@ import sys
 import warnings
 
 from conversion import cli, diskspace, environment, processes, runtime
+from tfbit.errors import TfbitError
+from tfbit.filetypes import check_source
 
 
 def _dataset(spec, data_dir, download):
@@ -109,6 +111,11 @@ def main(argv=None):
         diskspace.check_writable(args.output)  # before minutes of loading and training
     except ValueError as e:
         print(f"error: --output {args.output}: {e}", file=sys.stderr)
+        return 2
+    try:
+        check_source(args.source)  # in well under a second: before TensorFlow loads
+    except TfbitError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     environment.configure(args.verbose, training=True)  # before anything else imports TensorFlow
     runtime.set_threads(args.threads)

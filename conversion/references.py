@@ -1,9 +1,9 @@
 """The PyTorch models a checkpoint came from, to verify exports against the source itself.
 
 transformers checkpoints are checked against transformers, timm state dicts against timm, and
-original `.npz` files against a timm ResNetV2 filled by timm's own `.npz` loader but with the
-original code's weight-standardization eps (1e-10), so that a conversion that used timm's eps
-would fail. Requires torch and that library; `torch_reference` returns None without them.
+original `.npz` (and `.h5`) files against a timm ResNetV2 filled by timm's own `.npz` loader but
+with the original code's weight-standardization eps (1e-10), so that a conversion that used
+timm's eps would fail. Requires torch and that library; `torch_reference` returns None without them.
 """
 
 import contextlib
@@ -79,16 +79,34 @@ def _timm(checkpoint, model):
     return reference.eval()
 
 
-def _original(checkpoint, model):
+def _original(checkpoint, model, path=None):
     from timm.models.resnetv2 import _load_weights as timm_load_npz
 
     classes = model.config.num_labels if isinstance(model, BitForImageClassification) else 0
     reference = timm_model(model.config, classes)
-    timm_load_npz(reference, checkpoint.path, npz.scope(checkpoint.tensors))
+    timm_load_npz(reference, path or checkpoint.path, npz.scope(checkpoint.tensors))
     return reference.eval()
 
 
-_BUILDERS = {"hf": (_transformers, "transformers"), "timm": (_timm, "timm"), "npz": (_original, "timm")}
+def _original_h5(checkpoint, model):
+    """An original `.h5` as the `.npz` of the same weights (its Dense head as the `.npz`'s 1x1
+    convolution), filled into timm by timm's `.npz` loader as an `.npz` is."""
+    tensors = dict(checkpoint.tensors)  # already under the .npz's keys (tfbit.weights.h5)
+    for name in ("kernel", "bias"):
+        if (dense := tensors.pop(f"resnet/head/dense/{name}", None)) is not None:
+            tensors[f"resnet/head/conv2d/{name}"] = dense[None, None] if name == "kernel" else dense
+    with tempfile.TemporaryDirectory(prefix="tfbit-reference-") as folder:
+        path = os.path.join(folder, "weights.npz")
+        np.savez(path, **tensors)
+        return _original(checkpoint, model, path)
+
+
+_BUILDERS = {
+    "hf": (_transformers, "transformers"),
+    "timm": (_timm, "timm"),
+    "npz": (_original, "timm"),
+    "h5": (_original_h5, "timm"),
+}
 
 
 def torch_reference(checkpoint, model):

@@ -8,9 +8,9 @@ environment, which TensorFlow reads once, at import."""
 
 __version__ = "0.1.0"
 
-# `from tfbit import errors` binds `tfbit.errors` also when a command line loaded it before tfbit
+# `from tfbit import errors, filetypes` binds them also when a command line loaded them before tfbit
 # (conversion/__init__.py), which leaves the package without the attribute
-from tfbit import errors
+from tfbit import errors, filetypes
 from tfbit.errors import (
     CheckpointError,
     CompletedRunError,
@@ -57,6 +57,7 @@ __all__ = [
     "BitImageProcessor",
     "BitPreprocessing",
     "errors",
+    "filetypes",
     "TfbitError",
     "ConfigError",
     "CheckpointError",

@@ -9,6 +9,8 @@ Formats (`detect_format` tells them apart):
 * ``timm``  -- a timm ``resnetv2_*_bit`` state dict, timm hub snapshot directory, or hub name
   ``timm/<name>`` / ``hf-hub:<owner>/<name>`` (`tfbit.weights.timm`).
 * ``npz``   -- an original BiT release file, e.g. ``BiT-M-R50x1.npz`` (`tfbit.weights.npz`).
+* ``h5``    -- an original BiT TF2 file, e.g. ``BiT-M-R50x1.h5`` (``.h5`` or ``.hdf5``): the Keras 2
+  ``save_weights`` of the original code's model, read with h5py (`tfbit.weights.h5`).
 * ``keras`` -- a tfbit ``.keras`` file; a whole model, loaded by `tfbit.models.pretrained`.
 """
 
@@ -17,19 +19,20 @@ import os
 from pathlib import Path
 
 from tfbit.errors import ConfigError, MissingFileError
+from tfbit.filetypes import check_source
 from tfbit.models.config import BitConfig, read_json
 from tfbit.models.presets import fetch, suggest
 from tfbit.models.presets import get as get_preset
-from tfbit.weights import hf, hub, npz, timm
+from tfbit.weights import h5, hf, hub, npz, timm
 from tfbit.weights.checkpoint import Checkpoint, CheckpointError
 from tfbit.weights.readers import read_state_dict, safetensors_keys
 
-FORMATS = ("hf", "timm", "npz", "keras")
+FORMATS = ("hf", "timm", "npz", "h5", "keras")
 _STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 def detect_format(source, format=None):
-    """'hf', 'timm', 'npz' or 'keras' for a directory, file or hub name; `format` overrides."""
+    """'hf', 'timm', 'npz', 'h5' or 'keras' for a directory, file or hub name; `format` overrides."""
     return _detect(os.fspath(source), format)[0]
 
 
@@ -54,6 +57,7 @@ def _detect(path, format):
 
 
 def _directory_format(path):
+    check_source(path)  # a SavedModel or Hub module folder is named as one
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise CheckpointError(
@@ -70,6 +74,9 @@ def _directory_format(path):
 
 def _file_format(path):
     suffix = Path(path).suffix.lower()
+    if suffix in h5.SUFFIXES:
+        return "h5", None  # its reader names an HDF5 file of another layout, and the .npz to read instead
+    check_source(path)  # a TFLite, ONNX, TorchScript or image file is named as one
     if suffix in (".npz", ".keras"):
         return suffix[1:], None
     if suffix not in _STATE_DICT_SUFFIXES:
@@ -114,7 +121,7 @@ def read_checkpoint(source, format=None):
     """A `Checkpoint` of any supported source except `.keras` files (whole models).
 
     Args:
-        source: a path (directory, weight file, `.npz`) or a hub name.
+        source: a path (directory, weight file, `.npz`, `.h5`) or a hub name.
         format: one of `FORMATS` to skip detection.
     """
     source = os.fspath(source)
@@ -125,7 +132,11 @@ def read_checkpoint(source, format=None):
         )
     if format == "timm":
         return timm.read(source, tensors)
-    return _read_hf(source) if format == "hf" else npz.read(source)
+    if format == "npz" and h5.is_hdf5(source):  # numpy would call it pickled data
+        raise CheckpointError(
+            f"{source} is an HDF5 file, not an .npz archive: read it as format h5 (--source-format h5)"
+        )
+    return {"hf": _read_hf, "npz": npz.read, "h5": h5.read}[format](source)
 
 
 # What a preset's checkpoint must agree on with the preset (padding and eps follow the source).
