@@ -554,7 +554,6 @@ def run(request, log=_log):
     """`convert` of a `Request` (which the command line builds from its arguments)."""
     from conversion import publish
 
-    _check_source_kind(request)
     try:
         environment.require_tensorflow_backend("exports need", "the converter")
     except ValueError as e:
@@ -587,7 +586,8 @@ def run(request, log=_log):
 
 
 def _check_source_kind(request):
-    """Refuses a model file of a kind no reader takes in well under a second, before Keras loads."""
+    """Refuses a model file of a kind no reader takes in well under a second, before the command
+    line loads TensorFlow; `run` needs no such check: loading the source names the same kinds."""
     if request.source and not request.demo:
         try:
             check_source(request.source)
