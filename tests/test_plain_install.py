@@ -59,11 +59,14 @@ def test_convert_works_on_a_plain_install(tmp_path, hf_checkpoint):
         [python, "-c", PILLOW_ORDER_CHECK], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    version, delta = done.stdout.split()[-2:]
+    version, delta, names_21k, first = done.stdout.splitlines()[-1].split("\t")
     assert int(version.split(".")[0]) >= 13 and float(delta) <= 1e-6, done.stdout
+    # label names ship as package data: the plain install has no timm to borrow them from
+    assert names_21k == "21843" and first.strip() == "tench, Tinca tinca", done.stdout
 
 
 PILLOW_ORDER_CHECK = """
+import importlib.util
 import numpy as np, PIL
 from conversion import images
 from tfbit.preprocessing import tf_processor
@@ -72,5 +75,7 @@ photo = np.asarray(images.photo_images().images[0].convert("RGB"))
 shapes = [np.tile(photo, (4, 1, 1))[:2000, :300], np.tile(photo, (1, 4, 1))[:300, :2000], photo]
 deltas = [np.abs(tf_processor.preprocess_images(x, p).numpy() - p(x)).max()
           for resample in (2, 3) for p in [BitImageProcessor(backend="pil", resample=resample)] for x in shapes]
-print(PIL.__version__, max(deltas))
+from tfbit.weights.labels import known_labels
+assert importlib.util.find_spec("timm") is None
+print(PIL.__version__, max(deltas), len(known_labels(21843)), known_labels(1000)[0], sep="\t")
 """
