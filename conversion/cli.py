@@ -62,7 +62,7 @@ def thread_count(text):
 
 TFLITE_QUANTIZATIONS = ("fp32", "fp16", "dynamic_int8", "int8")
 TASKS = ("classification", "features", "backbone")
-SOURCE_FORMATS = ("hf", "timm", "npz", "h5", "keras")
+SOURCE_FORMATS = ("hf", "timm", "npz", "h5", "savedmodel", "keras")
 
 
 def add_threads(parser):

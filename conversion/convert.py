@@ -423,6 +423,10 @@ def reference_outputs(source, pixel_values, log):
     from tfbit.models import user_models
 
     reference = None
+    if source.checkpoint.format == "savedmodel" and source.task != "backbone" and not source.user_model:
+        outputs = _saved_model_outputs(source, pixel_values, log)
+        if outputs is not None:
+            return outputs, "savedmodel"
     # timm and .npz references are headless: logits or pooled features, no stage maps
     backbone_maps = source.task == "backbone" and source.checkpoint.format == "hf"
     if (source.task == "classification" or backbone_maps) and not source.user_model:
@@ -444,6 +448,20 @@ def reference_outputs(source, pixel_values, log):
         model = tfbit.inference_model(model, dtype_policy="float32", fold=False)
     out = user_models.task_outputs(model, model.predict(pixel_values, verbose=0, batch_size=16), source.task)
     return {k: np.asarray(v) for k, v in out.items()}, "keras"
+
+
+def _saved_model_outputs(source, pixel_values, log):
+    """The outputs of the TF Hub / Kaggle SavedModel the source was read from, by its own call."""
+    from conversion.references import saved_model_reference
+
+    try:
+        run = saved_model_reference(source.checkpoint, source.model, source.processor)
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
+    if run is None:
+        return None
+    log(f"      reference: the SavedModel's own call ({source.checkpoint.path})")
+    return {"logits" if source.task == "classification" else "features": run(pixel_values)}
 
 
 def verify_artifacts(artifacts, staging, reference, pixel_values, images, crops=None):
@@ -491,7 +509,7 @@ class Outcome:
     """What verification found, and so what is published."""
 
     rows: list  # conversion.verify.Row of each artifact
-    reference: str  # what the artifacts were compared with: "pytorch" or "keras"
+    reference: str  # what the artifacts were compared with: "pytorch", "savedmodel" or "keras"
     failed: set  # paths of the artifacts that failed
     missing: set  # paths of the artifacts that could not be produced: nothing to publish
     published: list  # paths to publish
@@ -788,7 +806,9 @@ def build_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="SOURCE: a Hugging Face hub id (google/bit-50) or checkpoint directory, a timm "
         "name (timm/resnetv2_50x1_bit.goog_in21k) or state-dict file (.safetensors/.pth/"
-        ".bin), an original BiT .npz or .h5 file, a .keras file (a tfbit model, or your own Keras model "
+        ".bin), an original BiT .npz or .h5 file, a TF Hub / Kaggle BiT SavedModel folder or handle "
+        "(https://tfhub.dev/google/bit/m-r50x1/1, google/bit/tensorFlow2/m-r50x1/1), a .keras file "
+        "(a tfbit model, or your own Keras model "
         "built on one), or a preset name (bit-m-r50x1, "
         "bit-s-r101x3, ...: tfbit.presets()). Omit it for the offline "
         "demo.\n\nExit codes: 0 all verified, 1 some artifacts failed verification (left out "

@@ -4,6 +4,9 @@ transformers checkpoints are checked against transformers, timm state dicts agai
 original `.npz` (and `.h5`) files against a timm ResNetV2 filled by timm's own `.npz` loader but
 with the original code's weight-standardization eps (1e-10), so that a conversion that used
 timm's eps would fail. Requires torch and that library; `torch_reference` returns None without them.
+
+A TF Hub / Kaggle SavedModel is its own reference (`saved_model_reference`): TensorFlow runs the
+very module the user brought, on the same crops in the [0, 1] it takes.
 """
 
 import contextlib
@@ -117,3 +120,51 @@ def torch_reference(checkpoint, model):
     if builder is None or not _available(library):
         return None
     return builder(checkpoint, model)
+
+
+def saved_model_reference(checkpoint, model, processor):
+    """`pixel_values -> outputs` of the SavedModel a "savedmodel" checkpoint was read from: its own
+    `__call__` on the crops the preprocessed `pixel_values` came from, rescaled to [0, 1] (the
+    processor's normalization undone, exact to a float32 rounding); None when its output is not
+    what `model` computes (the logits of a classifier exported as features)."""
+    import tensorflow as tf
+
+    if not isinstance(model, BitForImageClassification) and checkpoint.has_head:
+        return None
+    module = tf.saved_model.load(checkpoint.path)
+    call = _module_call(module, checkpoint.path)
+    mean, std = np.asarray(processor.image_mean, np.float32), np.asarray(processor.image_std, np.float32)
+    scale = (processor.rescale_factor if processor.do_rescale else 1.0) * 255.0
+
+    def run(pixel_values):
+        pixels = (pixel_values * std + mean if processor.do_normalize else pixel_values) / scale
+        outputs = [_single(call(tf.constant(pixels[i : i + 16], tf.float32))) for i in range(0, len(pixels), 16)]
+        return np.concatenate(outputs)
+
+    return run
+
+
+def _module_call(module, path):
+    """The module's `__call__` as TF Hub's KerasLayer calls it (`training=False` when it takes
+    that argument), else its serving signature."""
+    if callable(module):
+
+        def call(images):
+            try:
+                return module(images, training=False)
+            except (TypeError, ValueError):  # a function traced without a training argument
+                return module(images)
+
+        return call
+    signatures = getattr(module, "signatures", {})
+    if "serving_default" in signatures:
+        return signatures["serving_default"]
+    raise ValueError(f"{path} has no __call__ nor a serving_default signature: tfbit cannot run it as the reference")
+
+
+def _single(output):
+    if isinstance(output, dict):
+        if len(output) != 1:
+            raise ValueError(f"the SavedModel returns {len(output)} outputs ({', '.join(output)}), not one")
+        output = next(iter(output.values()))
+    return np.asarray(output)

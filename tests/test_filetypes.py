@@ -29,11 +29,11 @@ def _tflite(path):
         f.write(tf.lite.TFLiteConverter.from_keras_model(_tiny_keras()).convert())
 
 
-def _saved_model(path):
+def _saved_model(path, name=None):
     import tensorflow as tf
 
     module = tf.Module()
-    module.v = tf.Variable(1.0)
+    module.v = tf.Variable(1.0, name=name)
     tf.saved_model.save(module, path)
 
 
@@ -74,7 +74,7 @@ def _write(data):
 KINDS = [
     ("model.tflite", _tflite, "a TFLite model (an export, not a checkpoint"),
     ("photo.jpg", lambda path: shutil.copy(PHOTO, path), "a JPEG image, not a checkpoint"),
-    ("exported", _saved_model, "a TensorFlow SavedModel folder"),
+    ("exported", _saved_model, "a TensorFlow SavedModel without BiT variables (its variables: Variable)"),
     ("module", _hub_module, "a TF1 Hub module (hub.Module, TensorFlow 1 format)"),
     ("scripted.pt", _torchscript, "a TorchScript program (torch.jit.save)"),
     ("model.onnx", _write(b"\x08\x07\x12\x07pytorch"), "an ONNX model"),
@@ -136,12 +136,26 @@ def test_the_python_api_raises_the_same_message(kinds):
 
 
 def test_the_kinds_tfbit_reads_pass(tmp_path):
-    """Every kind a reader takes, and a path that does not exist (the loaders name it), pass."""
+    """Every kind a reader takes, and a path that does not exist (the loaders name it), pass: a
+    SavedModel holding a BiT's stem under any prefix included (its reader checks the rest)."""
     import numpy as np
 
     from tfbit.filetypes import unreadable_kind
 
     np.savez(tmp_path / "weights.npz", a=np.zeros(2))
     shutil.copytree(os.path.join(ROOT, "conversion", "default_checkpoint"), tmp_path / "checkpoint")
-    for path in ["weights.npz", "checkpoint", "checkpoint/model.safetensors", "missing.pth", "google/bit-50"]:
-        assert unreadable_kind(str(tmp_path / path) if path != "google/bit-50" else path) is None, path
+    _saved_model(str(tmp_path / "hub"), "resnet/root_block/standardized_conv2d/kernel")
+    _saved_model(str(tmp_path / "wrapped"), "keras_layer/resnet/root_block/standardized_conv2d/kernel")
+    paths = ["weights.npz", "checkpoint", "checkpoint/model.safetensors", "missing.pth", "hub", "wrapped"]
+    for path in paths + ["google/bit-50", "https://tfhub.dev/google/bit/m-r50x1/1"]:
+        assert unreadable_kind(str(tmp_path / path) if path in paths else path) is None, path
+
+
+def test_a_damaged_saved_model_is_left_to_its_reader(tmp_path):
+    """A saved_model.pb that cannot be parsed here is not named from its bytes: loading it does."""
+    from tfbit.filetypes import saved_model_variable_names, unreadable_kind
+
+    _saved_model(str(tmp_path / "cut"))
+    pb = tmp_path / "cut" / "saved_model.pb"
+    pb.write_bytes(pb.read_bytes()[: pb.stat().st_size // 2])
+    assert saved_model_variable_names(str(tmp_path / "cut")) is None and unreadable_kind(str(tmp_path / "cut")) is None

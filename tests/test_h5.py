@@ -128,7 +128,7 @@ def test_h5_and_hdf5_files_are_detected_and_the_format_can_be_forced(bit_files, 
     assert detect_format(hdf5) == "h5"
     renamed = tmp_path / "bit_weights.bin5"
     renamed.write_bytes(h5_path.read_bytes())
-    with pytest.raises(ValueError, match="bit_weights.bin5.*pass the format.*npz, h5, keras"):
+    with pytest.raises(ValueError, match="bit_weights.bin5.*pass the format.*npz, h5, savedmodel, keras"):
         detect_format(renamed)
     loaded = load_source(renamed, format="h5")
     assert loaded.format == "h5" and loaded.name == "bit_weights"

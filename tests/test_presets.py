@@ -558,6 +558,25 @@ def test_from_preset_loads_each_source_from_its_cache(caches, tmp_path, torch_mo
     assert out["new_head"].shape == (1, 5) and str(out["new_labels"]) == "LABEL_4" and out["same_body"]
 
 
+def test_original_files_are_evaluated_at_the_presets_resolution(caches, tmp_path, monkeypatch):
+    """The .npz says nothing of its evaluation size: the distilled 160 px student (same
+    architecture as BiT-S R50x1, so its cached file can be the same weights) is read with a 160 px
+    whole-image resize, BiT-S with the pre-training 224."""
+    import shutil
+
+    from tfbit.weights import read_preset
+
+    _, download, _ = caches
+    cache = tmp_path / "cache"
+    (cache / "bit_models" / "distill").mkdir(parents=True)
+    shutil.copy(download / "bit_models" / "BiT-S-R50x1.npz", cache / "bit_models" / "BiT-S-R50x1.npz")
+    shutil.copy(download / "bit_models" / "BiT-S-R50x1.npz", cache / "bit_models" / "distill" / "R50x1_160.npz")
+    monkeypatch.setenv("TFBIT_CACHE", str(cache))
+    for name, size in (("bit-distilled-r50x1-160", 160), ("bit-s-r50x1", 224)):
+        processor = read_preset(name).preprocessor
+        assert processor["size"] == {"height": size, "width": size} and not processor["do_center_crop"], name
+
+
 def test_timm_reads_the_npz_tfbit_wrote(caches, torch_module):
     """The original-layout writer against the peer reader: timm's own .npz loader, into a timm
     ResNetV2 with the original eps, computes what the timm model the weights came from computes."""

@@ -3,17 +3,21 @@ the command lines refuse a model file of another kind in well under a second, na
 and what tfbit reads, where loading it would spend seconds importing TensorFlow first.
 
 Imports only the standard library, `tfbit.errors` and (for HDF5 files) h5py: conversion/__init__
-loads it on its own, as it does `tfbit.errors`.
+loads it on its own, as it does `tfbit.errors`. A SavedModel's variable names are read from its
+saved_model.pb with a protocol-buffer reader of a dozen lines, since the generated TensorFlow
+classes would import TensorFlow itself.
 """
 
 import os
+import re
 import zipfile
 
 from tfbit.errors import CheckpointError
 
 READS = (
     "tfbit reads a transformers or timm checkpoint (folder, hub id or .safetensors/.pth/.bin state "
-    "dict), an original BiT .npz or .h5 file, a tfbit .keras file, or a preset name"
+    "dict), an original BiT .npz or .h5 file, a TF Hub / Kaggle BiT SavedModel (folder or handle), a tfbit "
+    ".keras file, or a preset name"
 )
 _IMAGES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP"}
 _HDF5 = b"\x89HDF\r\n\x1a\n"
@@ -59,8 +63,75 @@ def _folder_kind(path):
     if "tfhub_module.pb" in names:
         return "a TF1 Hub module (hub.Module, TensorFlow 1 format)"
     if names & {"saved_model.pb", "saved_model.pbtxt"}:
-        return "a TensorFlow SavedModel folder"
+        return _saved_model_kind(path)
     return None
+
+
+# The stem every BiT has, under whatever prefix the exporting model gave it (`tfbit.weights.savedmodel`)
+BIT_STEM = re.compile(r"(?P<prefix>(?:.*/)?)root_block/standardized_conv2d/kernel(?::\d+)?")
+# Field numbers of TensorFlow's protos: SavedModel.meta_graphs, MetaGraphDef.object_graph_def,
+# SavedObjectGraph.nodes, SavedObject.variable and SavedVariable.name (tensorflow/core/protobuf)
+_META_GRAPHS, _OBJECT_GRAPH, _NODES, _VARIABLE, _VARIABLE_NAME = 2, 7, 1, 7, 6
+
+
+def _saved_model_kind(path):
+    """A SavedModel is read when a variable is named as a BiT's stem; one whose names cannot be
+    read here (a text saved_model.pbtxt, a damaged file) is left to the reader, which loads it."""
+    names = saved_model_variable_names(path)
+    if names is None or any(BIT_STEM.fullmatch(name) for name in names):
+        return None
+    held = f"its variables: {listing(names)}" if names else "it holds no variables"
+    return f"a TensorFlow SavedModel without BiT variables ({held})"
+
+
+def saved_model_variable_names(path):
+    """The names of the variables a SavedModel folder's saved_model.pb records (without `:0`),
+    or None when that file cannot be read without TensorFlow."""
+    try:
+        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+            data = memoryview(f.read())
+        return [
+            bytes(name).decode("utf8")
+            for meta in proto_fields(data, _META_GRAPHS)
+            for graph in proto_fields(meta, _OBJECT_GRAPH)
+            for node in proto_fields(graph, _NODES)
+            for variable in proto_fields(node, _VARIABLE)
+            for name in proto_fields(variable, _VARIABLE_NAME)
+        ]
+    except (OSError, ValueError, IndexError):  # missing, text or damaged: the reader names it
+        return None
+
+
+def proto_fields(data, number):
+    """The values of field `number` in a serialized protocol buffer message: ints for varints,
+    memoryviews for length-delimited fields (messages, strings)."""
+    values, position, end = [], 0, len(data)
+    while position < end:
+        key, position = _varint(data, position)
+        wire = key & 7
+        if wire == 0:
+            value, position = _varint(data, position)
+        elif wire == 2:
+            length, position = _varint(data, position)
+            value, position = data[position : position + length], position + length
+        elif wire in (1, 5):  # fixed 64 and 32 bits: no field read here has them
+            value, position = None, position + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"protocol buffer wire type {wire}: not a message")
+        if key >> 3 == number and value is not None:
+            values.append(value)
+    if position != end:
+        raise ValueError("a truncated protocol buffer")
+    return values
+
+
+def _varint(data, position):
+    value = shift = 0
+    while True:
+        byte = data[position]
+        value, position, shift = value | (byte & 0x7F) << shift, position + 1, shift + 7
+        if byte < 0x80:
+            return value, position
 
 
 def _hdf5_kind(path):

@@ -11,6 +11,9 @@ Formats (`detect_format` tells them apart):
 * ``npz``   -- an original BiT release file, e.g. ``BiT-M-R50x1.npz`` (`tfbit.weights.npz`).
 * ``h5``    -- an original BiT TF2 file, e.g. ``BiT-M-R50x1.h5`` (``.h5`` or ``.hdf5``): the Keras 2
   ``save_weights`` of the original code's model, read with h5py (`tfbit.weights.h5`).
+* ``savedmodel`` -- a TF Hub / Kaggle Models BiT SavedModel: its folder, or a handle
+  (``https://tfhub.dev/google/bit/m-r50x1/1``, ``google/bit/tensorFlow2/m-r50x1/1``, a Kaggle URL)
+  found in the kagglehub or tensorflow_hub cache, else downloaded (`tfbit.weights.savedmodel`).
 * ``keras`` -- a tfbit ``.keras`` file; a whole model, loaded by `tfbit.models.pretrained`.
 """
 
@@ -23,16 +26,16 @@ from tfbit.filetypes import check_source
 from tfbit.models.config import BitConfig, read_json
 from tfbit.models.presets import fetch, suggest
 from tfbit.models.presets import get as get_preset
-from tfbit.weights import h5, hf, hub, npz, timm
+from tfbit.weights import h5, hf, hub, npz, savedmodel, tfhub, timm
 from tfbit.weights.checkpoint import Checkpoint, CheckpointError
 from tfbit.weights.readers import read_state_dict, safetensors_keys
 
-FORMATS = ("hf", "timm", "npz", "h5", "keras")
+FORMATS = ("hf", "timm", "npz", "h5", "savedmodel", "keras")
 _STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 def detect_format(source, format=None):
-    """'hf', 'timm', 'npz', 'h5' or 'keras' for a directory, file or hub name; `format` overrides."""
+    """'hf', 'timm', 'npz', 'h5', 'savedmodel' or 'keras' for a directory, file or hub name; `format` overrides."""
     return _detect(os.fspath(source), format)[0]
 
 
@@ -46,18 +49,23 @@ def _detect(path, format):
         return _directory_format(path), None
     if os.path.isfile(path):
         return _file_format(path)
+    if tfhub.is_handle(path):
+        return "savedmodel", None
     if timm.is_hub_name(path):
         return "timm", None
     if hub.is_repo_id(path):
         return "hf", None
     raise MissingFileError(
         f"{path}: no such file or directory, and not a hub repo id "
-        f"(owner/name, timm/<name> or hf-hub:<owner>/<name>) nor a preset ({suggest(path)})"
+        f"(owner/name, timm/<name> or hf-hub:<owner>/<name>), a TF Hub / Kaggle Models handle "
+        f"(https://tfhub.dev/google/bit/m-r50x1/1, google/bit/tensorFlow2/m-r50x1/1) nor a preset ({suggest(path)})"
     )
 
 
 def _directory_format(path):
-    check_source(path)  # a SavedModel or Hub module folder is named as one
+    check_source(path)  # a SavedModel without BiT variables or a TF1 Hub module folder is named as one
+    if savedmodel.is_saved_model(path):
+        return "savedmodel"
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise CheckpointError(
@@ -121,7 +129,8 @@ def read_checkpoint(source, format=None):
     """A `Checkpoint` of any supported source except `.keras` files (whole models).
 
     Args:
-        source: a path (directory, weight file, `.npz`, `.h5`) or a hub name.
+        source: a path (directory, weight file, `.npz`, `.h5`, SavedModel folder), a hub name or a
+            TF Hub / Kaggle Models handle.
         format: one of `FORMATS` to skip detection.
     """
     source = os.fspath(source)
@@ -136,7 +145,7 @@ def read_checkpoint(source, format=None):
         raise CheckpointError(
             f"{source} is an HDF5 file, not an .npz archive: read it as format h5 (--source-format h5)"
         )
-    return {"hf": _read_hf, "npz": npz.read, "h5": h5.read}[format](source)
+    return {"hf": _read_hf, "npz": npz.read, "h5": h5.read, "savedmodel": savedmodel.read}[format](source)
 
 
 # What a preset's checkpoint must agree on with the preset (padding and eps follow the source).
@@ -157,7 +166,13 @@ def read_preset(name):
     ]
     if wrong:
         raise CheckpointError(f"{checkpoint.path} is not preset {preset.name}: " + ", ".join(wrong))
-    return dataclasses.replace(checkpoint, name=preset.name.rsplit("/", 1)[-1])
+    name = preset.name.rsplit("/", 1)[-1]
+    if preset.format in ("npz", "savedmodel"):
+        # the files say nothing of their evaluation size: the reader assumes the pre-training 224,
+        # the preset knows the fine-tune's (480 ILSVRC-2012, 128 CIFAR-10, 160 distilled, ...)
+        preprocessor = npz.original_preprocessor(preset.resolution).to_dict()
+        return dataclasses.replace(checkpoint, name=name, preprocessor=preprocessor)
+    return dataclasses.replace(checkpoint, name=name)
 
 
 __all__ = ["FORMATS", "Checkpoint", "CheckpointError", "detect_format", "read_checkpoint", "read_preset"]
