@@ -240,6 +240,35 @@ def test_a_handle_resolves_through_the_kagglehub_cache(saved, tmp_path, monkeypa
     )
 
 
+def test_a_tfhub_preset_is_the_full_size_module_in_the_kagglehub_cache(tmp_path, monkeypatch):
+    """`bit-m-r50x1-tfhub-feature-vector` names its module's handle: a full-size headless R50x1 in
+    kagglehub's cache passes the preset's architecture check, is evaluated at the preset's 224 and
+    computes the module's features; the ILSVRC-2012 preset of the same cache is refused, naming the
+    head it lacks."""
+    import tfbit
+    from tfbit.weights import read_preset
+
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub"))
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "tfhub"))
+    arrays = write_original_npz(tmp_path / "r50x1.npz", (3, 4, 6, 3))
+    module = write_bit_saved_model(tmp_path / "module", arrays, (3, 4, 6, 3), head=False)
+    kagglehub_cache(tmp_path / "kagglehub", module, KAGGLE)
+    checkpoint = read_preset("bit-m-r50x1-tfhub-feature-vector")
+    assert (checkpoint.format, checkpoint.name, checkpoint.preprocessor["size"]) == (
+        "savedmodel",
+        "bit-m-r50x1-tfhub-feature-vector",
+        {"height": 224, "width": 224},
+    )
+    model = tfbit.BitModel.from_preset("bit-m-r50x1-tfhub-feature-vector")
+    x = random_images01(1, 64, seed=2)
+    assert_parity(_output(model, x * 2 - 1), call_saved_model(module, x), "tfhub preset")
+    kagglehub_cache(tmp_path / "kagglehub", module, "google/bit/tensorFlow2/m-r50x1-ilsvrc2012-classification/1")
+    with pytest.raises(
+        CheckpointError, match="is not preset bit-m-r50x1-tfhub-ilsvrc2012: num_labels 0 .expected 1000."
+    ):
+        read_preset("bit-m-r50x1-tfhub-ilsvrc2012")
+
+
 def test_a_tfhub_handle_resolves_through_tensorflow_hubs_cache(saved, tmp_path, monkeypatch):
     """tensorflow_hub caches a module in a folder named by the sha1 of the handle as typed; an
     ILSVRC-2012 head has the ImageNet-1k names."""
