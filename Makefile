@@ -31,22 +31,41 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	PYTHONPATH=$(VENV)/jax TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -c "import jax.numpy"
 	touch $@
 
+# The LiteRT Task Library (tflite-support 0.4.4: the ImageClassifier an Android app runs, here
+# through its Python binding) for tests/test_task_library.py, in a venv of its own: it pins
+# protobuf 3, which TensorFlow 2.21 refuses, and installs on Python 3.11 only. It links
+# libusb-1.0.so.0, which a fresh machine lacks (Debian's libusb-1.0-0): PyPI's libusb-package
+# ships it, linked into $(TASKLIB)/libusb under that name for LD_LIBRARY_PATH (set by the test).
+# The import below fails here, not in a test. Pillow as in .venv, so both sides decode and resize
+# the photos alike.
+TASKLIB := .venv-tasklib
+PYTHON311 ?= $(shell command -v python3.11)
+$(TASKLIB)/.installed: $(VENV)/.installed
+	$(PYTHON311) -m venv $(TASKLIB)
+	$(TASKLIB)/bin/pip install --quiet tflite-support==0.4.4 libusb-package==1.0.30.0 \
+		pillow==$$($(BIN)/python -c "import PIL; print(PIL.__version__)")
+	mkdir -p $(TASKLIB)/libusb
+	ln -sf "$$($(TASKLIB)/bin/python -c "import libusb_package as p, os; print(os.path.dirname(p.__file__))")/libusb-1.0.so" \
+		$(TASKLIB)/libusb/libusb-1.0.so.0
+	LD_LIBRARY_PATH=$(TASKLIB)/libusb $(TASKLIB)/bin/python -c "from tflite_support.task import vision"
+	touch $@
+
 $(VENV)/.installed-bench: $(VENV)/.installed-test
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/pip uninstall --quiet --yes triton || true
 	touch $@
 
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test $(TASKLIB)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/python -m conversion.convert
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(TASKLIB)/.installed
 	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadscope --durations=25 $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_inference.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(TASKLIB) build *.egg-info

@@ -2,7 +2,7 @@
 variant, next to onnxruntime running transformers' model in fp32 and static int8.
 
     python benchmarks/bench_int8.py [--repeats N] [--calibration 2 8 16 32] [--views 4]
-                                    [--image-size 224] [--train-steps 0]
+                                    [--image-size 224] [--train-steps 0] [--recipes NAME ...]
     python benchmarks/bench_int8.py --layers   (only the per-layer error profile of full int8, below)
     python -m benchmarks.bench_int8 ...        (the same, from the repository root)
 
@@ -12,10 +12,14 @@ trained-body variant (the body trained end to end for N steps first; 200 steps a
 take ~7 min). Three subprocesses:
 
 1. tflite (TensorFlow): tfbit loads the checkpoint, `conversion.export` writes fp32, fp16,
-   dynamic-range int8 and full int8 (calibrated on N mirrored photos, as `conversion.convert`
-   does, for each N of --calibration), plus full int8 in the 16x8 mode (int16 activations) as
-   the alternative; the float model's logits are the reference (it equals transformers within
-   the project's 1e-4 contract, tests/test_parity_hf.py).
+   dynamic-range int8 and the published full int8 (`int8`: LiteRT's quantizer with
+   `conversion.quantize.DEFAULT_RECIPE`, calibrated on N mirrored photos, as `conversion.convert`
+   does, for each N of --calibration); then the alternatives, all calibrated on the default 16
+   photos: the TFLite converter's own full int8 (`converter_int8`, the published file until issue
+   23) and its 16x8 mode (`converter_int16x8`, int16 activations everywhere), and every recipe of
+   `conversion.quantize.RECIPES` (`aeq_<recipe>`, or those of --recipes) applied to the fp32
+   file; the float model's logits are the reference (it equals transformers within the
+   project's 1e-4 contract, tests/test_parity_hf.py).
 2. onnx (PyTorch): transformers loads the same checkpoint, exports ONNX (opset 17), and
    onnxruntime's static quantization (QDQ, per-channel weights) calibrates on the same images.
 3. measure (neither framework): every file runs on the evaluation set — the 32 photos and
@@ -24,7 +28,8 @@ take ~7 min). Three subprocesses:
    margin is at least a fifth of the logits' spread, i.e. not near-ties), max |delta logits| in
    units of the logits' per-image spread, and accuracy (the class of a view is its photo); then batch-1
    latency, interleaved over the systems --repeats times, 2 threads each (LiteRT with
-   XNNPACK, onnxruntime intra-op 2).
+   XNNPACK, onnxruntime intra-op 2). The table's "tensors" column counts each file's tensors by
+   type and its QUANTIZE ops (the edges' and the int8 <-> int16 requantizations).
 
 --layers: where full int8's error comes from. TensorFlow's QuantizationDebugger runs the full
 int8 model (the converter's settings, 16 calibration photos) on the evaluation set and compares
@@ -92,9 +97,10 @@ def _realistic(args):
 
 
 @contextlib.contextmanager
-def _int8_converter(tf, inference, processor, size):
-    """A TFLite converter set up as `conversion.export` sets up full int8 (16 calibration photos),
-    on a graph saved in a temporary folder that lives as long as the context."""
+def _int8_converter(tf, inference, size, calibration):
+    """A TFLite converter set up for the converter's own full int8 (the published `int8` until
+    issue 23: integer kernels only, float input and output), calibrated on `calibration`, on a
+    graph saved in a temporary folder that lives as long as the context."""
     from conversion import export
 
     with tempfile.TemporaryDirectory() as graph_dir:
@@ -104,7 +110,11 @@ def _int8_converter(tf, inference, processor, size):
             os.path.join(graph_dir, "graph"),
             {"serving_default": (lambda x: {"logits": inference(x, training=False)}, spec)},
         )
-        yield export._configure(export._converter(graph), "int8", processor(_calibration_photos(DEFAULT_CALIBRATION)))
+        converter = export._configure(export._converter(graph), "fp32")
+        converter.optimizations = {tf.lite.Optimize.DEFAULT}
+        converter.representative_dataset = lambda: ([x[None]] for x in calibration)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        yield converter
 
 
 def child_tflite(args):
@@ -142,25 +152,58 @@ def child_tflite(args):
                 started,
             )
 
-    # The alternative the issue names: int16 activations (statistics kept finer), int8 weights.
-    started = time.perf_counter()
-    with _int8_converter(tf, inference, processor, size) as converter:
-        converter.target_spec.supported_ops = [
-            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
-        ]
+    # The converter's own full int8 and its 16x8 mode (int16 activations everywhere).
+    calibration = processor(_calibration_photos(DEFAULT_CALIBRATION))
+    for name, ops in (
+        ("converter_int8", [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]),
+        ("converter_int16x8", [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]),
+    ):
+        started = time.perf_counter()
+        with _int8_converter(tf, inference, size, calibration) as converter:
+            converter.target_spec.supported_ops = ops
+            try:
+                write(name, converter.convert(), started)
+            except Exception as e:  # a failed alternative is a result, not a crash
+                print(f"{name} failed: {e}", file=sys.stderr)
+
+    # LiteRT's quantizer, every recipe, on the float file and the same calibration photos.
+    from conversion import quantize
+
+    with open(files["fp32"], "rb") as f:
+        float_flatbuffer = f.read()
+    for recipe in args.recipes or quantize.RECIPES:
+        started = time.perf_counter()
         try:
-            write("int16x8", converter.convert(), started)
-        except Exception as e:  # a failed alternative is a result, not a crash
-            print(f"int16x8 failed: {e}", file=sys.stderr)
+            write(f"aeq_{recipe}", quantize.quantize(float_flatbuffer, calibration, recipe), started)
+        except Exception as e:
+            print(f"aeq_{recipe} failed: {e}", file=sys.stderr)
 
     emit(
         {
             "files": files,
             "seconds": seconds,
             "float_ops": {name: len(tflite_graph.float_ops(open(p, "rb").read())) for name, p in files.items()},
+            "types": {name: _tensor_types(open(p, "rb").read()) for name, p in files.items()},
             "sizes_mb": {name: os.path.getsize(p) / 2**20 for name, p in files.items()},
         }
     )
+
+
+def _tensor_types(flatbuffer):
+    """ "int8 425, int16 14, ...": the file's tensors by type, and its QUANTIZE ops (the edges'
+    and the requantizations between int8 and int16 ops)."""
+    from tfbit.private_api import tflite_flatbuffer_utils, tflite_schema
+
+    schema = tflite_schema()
+    names = {code: name.lower() for name, code in vars(schema.TensorType).items() if not name.startswith("_")}
+    model = tflite_flatbuffer_utils().read_model_from_bytearray(bytearray(flatbuffer))
+    counts = {}
+    for tensor in model.subgraphs[0].tensors:
+        counts[names[tensor.type]] = counts.get(names[tensor.type], 0) + 1
+    quantize_code = schema.BuiltinOperator.QUANTIZE
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+    counts["QUANTIZE ops"] = sum(codes[op.opcodeIndex] == quantize_code for op in model.subgraphs[0].operators)
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 # Op types kept in float (the debugger's denylist; float kernels allowed for them) to see which
@@ -192,7 +235,8 @@ def child_layers(args):
     of full int8 with each group of KEEP_FLOAT left in float."""
     tf = setup_tf()
     inference, processor, evaluation, _ = _realistic(args)
-    with _int8_converter(tf, inference, processor, tuple(evaluation.shape[1:3])) as converter:
+    calibration = processor(_calibration_photos(DEFAULT_CALIBRATION))
+    with _int8_converter(tf, inference, tuple(evaluation.shape[1:3]), calibration) as converter:
         debugger = tf.lite.experimental.QuantizationDebugger(
             converter=converter, debug_dataset=lambda: ([x[None]] for x in evaluation)
         )
@@ -200,7 +244,7 @@ def child_layers(args):
     reference = inference.predict(evaluation, batch_size=16, verbose=0)
     keep_float = {}
     for name, ops in KEEP_FLOAT.items():
-        with _int8_converter(tf, inference, processor, tuple(evaluation.shape[1:3])) as converter:
+        with _int8_converter(tf, inference, tuple(evaluation.shape[1:3]), calibration) as converter:
             if ops:
                 converter.target_spec.supported_ops = [
                     tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
@@ -442,6 +486,9 @@ def main():
         default=0,
         help="the realistic model's trained-body variant (0: random body, head fitted)",
     )
+    parser.add_argument(
+        "--recipes", nargs="+", help="LiteRT quantizer recipes to measure (default: all of conversion.quantize.RECIPES)"
+    )
     parser.add_argument("--workdir", help="keep the files here")
     parser.add_argument("--layers", action="store_true", help="only the per-op error profile of full int8")
     parser.add_argument("--child", choices=["tflite", "onnx", "measure", "layers"], help=argparse.SUPPRESS)
@@ -474,7 +521,8 @@ def main():
         report_layers(out)
         print(f"\n# total {time.perf_counter() - started:.0f} s")
         return
-    tflite = run_child([__file__, "--child", "tflite", "--calibration", *map(str, args.calibration), *common])
+    recipes = ["--recipes", *args.recipes] if args.recipes else []
+    tflite = run_child([__file__, "--child", "tflite", "--calibration", *map(str, args.calibration), *recipes, *common])
     if "error" in tflite:
         sys.exit(f"tflite stage failed: {tflite['error']}")
     onnx = run_child([__file__, "--child", "onnx", *common], TORCH_ENV)
@@ -482,7 +530,9 @@ def main():
         print(f"onnx stage failed (the onnxruntime rows are missing; `make bench` installs it): {onnx['error']}")
         onnx = {"files": {}, "seconds": {}}
     files = {**tflite["files"], **onnx["files"]}
-    out = run_child([__file__, "--child", "measure", "--files", json.dumps(files), *common])
+    out = run_child(
+        [__file__, "--child", "measure", "--files", json.dumps(files), "--repeats", str(args.repeats), *common]
+    )
     if "error" in out:
         sys.exit(f"measure stage failed: {out['error']}")
 
@@ -509,6 +559,7 @@ def main():
                 f"{f['max_abs_diff']:.2f}",
                 f"{f['per_spread']:.3f}",
                 str(tflite["float_ops"].get(name, "–")),
+                tflite["types"].get(name, "–"),
                 f"{tflite['sizes_mb'][name]:.1f}" if name in tflite["sizes_mb"] else "–",
                 f"{(tflite['seconds'].get(name) or onnx['seconds'].get(name) or float('nan')):.0f}",
             ]
@@ -526,6 +577,7 @@ def main():
                 "max |Δ|",
                 "|Δ| / spread",
                 "float ops",
+                "tensors",
                 "MB",
                 "convert s",
             ],

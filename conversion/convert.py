@@ -59,6 +59,7 @@ class Artifact:
     inputs: str = "pixels"
     lossless: bool = True
     error: str = ""  # why it could not be produced (then it has no runner)
+    activation: str | None = None  # it outputs probabilities, this function of the logits
 
 
 def tflite_path(name, quantization, tflite_input="float32"):
@@ -380,8 +381,10 @@ def _tflite_artifacts(source, request, inference, staging, images, log):
     calib = None
     if images.calibration is not None:
         calib = runners.raw_crops(processor, images.calibration) if raw else processor(images.calibration)
+    # a classifier taking raw crops outputs probabilities (the mobile app's scores)
+    activation = export.activation_of(config) if raw and source.task == "classification" else None
     files = export.tflite_models(
-        inference, source.task, images.size, request.quantizations, calib, processor if raw else None
+        inference, source.task, images.size, request.quantizations, calib, processor if raw else None, activation
     )
     labels = [config.id2label[i] for i in range(config.num_labels)]
     artifacts = []
@@ -397,6 +400,7 @@ def _tflite_artifacts(source, request, inference, staging, images, log):
                 *tflite_metadata.pixel_normalization(processor),
                 name,
                 f"BiT image classifier ({q}) converted by tfbit",
+                activation,
             )
         with open(os.path.join(staging, path), "wb") as f:
             f.write(flatbuffer)
@@ -407,6 +411,7 @@ def _tflite_artifacts(source, request, inference, staging, images, log):
                 lambda p: runners.tflite_runner(p, request.threads),
                 inputs="crops" if raw else "pixels",
                 lossless=q == "fp32",
+                activation=activation,
             )
         )
     return artifacts
@@ -491,7 +496,10 @@ def verify_artifacts(artifacts, staging, reference, pixel_values, images, crops=
             )
             continue
         path = os.path.join(staging, artifact.path)
-        row = verify.compare(
+        judge = verify.compare
+        if artifact.activation:  # probabilities out: against the reference logits put through it
+            judge = functools.partial(verify.compare_probabilities, activation=artifact.activation)
+        row = judge(
             artifact.name,
             path,
             artifact.runner(path),
@@ -554,7 +562,8 @@ def convert(source=None, output=None, *, log=_log, **options):
             preprocessor: a preprocessor_config.json (or its folder) replacing the source's.
             labels: a text file of the classifier's labels, one per line, replacing the model's.
             tflite_input: "uint8" writes TFLite files taking raw RGB uint8 crops at batch 1,
-                which normalize inside (`tflite/<name>_<q>_uint8.tflite`).
+                which normalize inside (`tflite/<name>_<q>_uint8.tflite`); a classifier's
+                outputs probabilities (softmax; sigmoid for a multi-label head).
             saved_model_xla: compile the SavedModel's forward pass with XLA (TF Serving then
                 needs `--xla_cpu_compilation_enabled=true`; see `conversion.export.write_saved_model`).
             top_k, threads, source_format, name: see `python -m conversion.convert --help`.
@@ -848,8 +857,8 @@ def _add_artifact_arguments(parser):
         "--tflite-input",
         choices=TFLITE_INPUTS,
         default="float32",
-        help="float32: preprocessed pixel values [N, H, W, 3] (default); uint8: raw RGB "
-        "crops [1, H, W, 3], normalized inside (files named <name>_<q>_uint8.tflite)",
+        help="float32: preprocessed pixel values [N, H, W, 3] in, logits out (default); uint8: raw RGB "
+        "crops [1, H, W, 3], normalized inside, probabilities out (files named <name>_<q>_uint8.tflite)",
     )
     parser.add_argument(
         "--task",

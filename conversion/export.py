@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfbit
-from conversion import processes
+from conversion import processes, quantize, tflite_graph
 from tfbit.errors import TfbitError
 from tfbit.models import user_models
 from tfbit.preprocessing import tf_processor
@@ -29,9 +29,21 @@ def float32_inference_model(model):
     return tfbit.inference_model(model, dtype_policy="float32")
 
 
-def task_outputs(model, task, labels, top_k, forward=None):
+# how a classifier's logits become probabilities: each class on its own for a multi-label head
+# (transformers' problem_type, trained with a sigmoid loss), one distribution otherwise
+ACTIVATIONS = {"softmax": tf.nn.softmax, "sigmoid": tf.math.sigmoid}
+
+
+def activation_of(config):
+    """ "sigmoid" for a multi-label classifier's config (BitConfig), else "softmax"."""
+    problem_type = getattr(config, "problem_type", None) or config.extra.get("problem_type")
+    return "sigmoid" if problem_type == "multi_label_classification" else "softmax"
+
+
+def task_outputs(model, task, labels, top_k, forward=None, activation="softmax"):
     """fn(pixel_values) -> the output dict of a task's serving signature. `forward(x)` replaces
-    `model(x, training=False)` (an XLA-compiled call of the same model)."""
+    `model(x, training=False)` (an XLA-compiled call of the same model); `activation` (a key of
+    `ACTIVATIONS`) turns the logits into probabilities."""
     forward = forward or (lambda x: model(x, training=False))
 
     def named(pixel_values):
@@ -44,7 +56,7 @@ def task_outputs(model, task, labels, top_k, forward=None):
 
     def outputs(pixel_values):
         logits = named(pixel_values)["logits"]
-        probabilities = tf.nn.softmax(logits)
+        probabilities = ACTIVATIONS[activation](logits)
         top = tf.math.top_k(probabilities, k=k)
         return {
             "logits": logits,
@@ -112,27 +124,13 @@ def write_saved_model(model, task, processor, labels, path, top_k=5, xla=False):
     )
 
 
-def _configure(converter, quantization, representative_images=None):
-    """Set every option a quantization depends on, so one converter can serve them in turn."""
+def _configure(converter, quantization):
+    """Set every option a float quantization depends on, so one converter can serve them in turn
+    (full int8 is LiteRT's quantizer's, from the fp32 file: `_int8_worker_main`)."""
     # Builtins only: a Flex op would fail on the phone, so it must fail here instead.
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     converter.optimizations = set() if quantization == "fp32" else {tf.lite.Optimize.DEFAULT}
     converter.target_spec.supported_types = {tf.float16} if quantization == "fp16" else set()
-    converter.representative_dataset = None
-    converter.inference_input_type = tf.float32
-    if quantization == "int8":
-        data = np.asarray(representative_images)
-        if data.dtype == np.uint8:  # raw crops: the file's input is uint8 raw pixels
-            # Quantized with scale 1 and zero point 0 (the identity) only if calibration sees
-            # both 0 and 255: two pixels make sure it does.
-            data = data.copy()
-            data[0, 0, 0], data[0, -1, -1] = 0, 255
-            converter.inference_input_type = tf.uint8
-        converter.representative_dataset = lambda: ([x[None].astype(np.float32)] for x in data)
-        # Integer kernels only: phones' integer accelerators take a graph only when every op
-        # is integer, so an op with no int8 kernel must fail the variant here, not fall back
-        # to float. Input and output stay float (quantized at the edges).
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     return converter
 
 
@@ -146,10 +144,12 @@ class VariantError(TfbitError, RuntimeError):
 
 
 class _Int8Worker:
-    """Full int8 in a child process. TFLite's converter and calibrator run on one core and hold
-    the GIL, and int8 (calibration) is the longest variant, so it overlaps the float ones. The
-    child starts at once, importing TensorFlow while the graph is being saved, then reads the
-    graph's path from its stdin."""
+    """Full int8 in a child process: the float file of the int8 graph, quantized by LiteRT's
+    quantizer (`conversion.quantize`, its `DEFAULT_RECIPE`) and run once. TFLite's converter runs
+    on one core and holds the GIL, and int8 (a float conversion, then calibration) is the longest
+    variant, so it overlaps the float ones; a LiteRT kernel that aborts on the int8 graph takes
+    this process only. The child starts at once, importing TensorFlow while the graph is being
+    saved, then reads the graph's path from its stdin."""
 
     def __init__(self, representative_images, workdir):
         calibration = os.path.join(workdir, "calibration.npy")
@@ -210,13 +210,16 @@ class _Int8Worker:
         self.log.close()
 
 
-def tflite_models(model, task, image_size, quantizations, representative_images=None, input_processor=None):
+def tflite_models(
+    model, task, image_size, quantizations, representative_images=None, input_processor=None, activation="softmax"
+):
     """{quantization: builtin-ops-only TFLite flatbuffer}, each with a `serving_default` signature.
 
     Input `pixel_values` (dynamic batch, fixed image_size, preprocessed floats), or with
     `input_processor` (a BitImageProcessor) `image`: raw RGB uint8 crops [1, H, W, 3], rescaled
     and normalized inside as the processor does (`representative_images` are then raw uint8
-    crops too); outputs `logits` (classification), `features`, or one tensor per backbone stage.
+    crops too); outputs `logits` (classification; with `input_processor` `probabilities`, by
+    `activation`), `features`, or one tensor per backbone stage.
     The graph is saved once (raw input with full int8: twice, see `int8_graph`); the float
     variants share one converter while full int8 converts in parallel, in a child process that
     also runs the result once: a full int8 that cannot be produced or run is returned as a
@@ -225,7 +228,7 @@ def tflite_models(model, task, image_size, quantizations, representative_images=
     int8 cannot quantize as weights.
     """
     _check_tflite_request(model, image_size, quantizations, representative_images)
-    float_graph, int8_graph = _tflite_graphs(model, task, image_size, input_processor)
+    float_graph, int8_graph = _tflite_graphs(model, task, image_size, input_processor, activation)
     floats = [q for q in quantizations if q != "int8"]
     with tempfile.TemporaryDirectory() as workdir:
         worker = _Int8Worker(representative_images, workdir) if "int8" in quantizations else None
@@ -264,14 +267,17 @@ def _check_tflite_request(model, image_size, quantizations, representative_image
         )
 
 
-def _tflite_graphs(model, task, image_size, input_processor):
+def _tflite_graphs(model, task, image_size, input_processor, activation="softmax"):
     """(float variants' graph, full int8's graph), each as (fn, input spec) for `_save`; one
-    graph serves both unless the input is raw uint8 crops."""
-    outputs = task_outputs(model, task, {0: ""}, 1)
+    graph serves both unless the input is raw uint8 crops. A classifier taking raw crops outputs
+    `probabilities` (`activation` of the logits), what a phone app shows and the Task Library
+    reports as scores as they are; one taking preprocessed floats keeps `logits`."""
+    key = "logits" if input_processor is None else "probabilities"
+    outputs = task_outputs(model, task, {0: ""}, 1, activation=activation or "softmax")  # None: logits out
 
     def result(pixel_values):
         out = outputs(pixel_values)
-        return {"logits": out["logits"]} if task == "classification" else out
+        return {key: out[key]} if task == "classification" else out
 
     if input_processor is None:
 
@@ -288,7 +294,7 @@ def _tflite_graphs(model, task, image_size, input_processor):
         return result(tf_processor.preprocess_images(image, normalize))
 
     # Full int8 quantizes a float input of 0-255 values into uint8 with the identity
-    # (`_configure`): no float op is left for integer accelerators, unlike a uint8 -> float cast.
+    # (`conversion.quantize`): no float op is left for integer accelerators, unlike a uint8 -> float cast.
     return (
         (serve, tf.TensorSpec([1, *image_size, 3], tf.uint8, name="image")),
         (serve, tf.TensorSpec([1, *image_size, 3], tf.float32, name="image")),
@@ -305,11 +311,23 @@ def tflite_bytes(model, task, image_size, quantization, representative_images=No
 
 def _int8_worker_main(calibration, output, parent_pid):
     processes.die_with_parent(int(parent_pid))  # a converter killed with -9 takes its worker along
+    try:
+        quantize.quantizer_module()
+    except quantize.QuantizerMissing as e:  # before the graph is converted: the fix, at once
+        sys.exit(str(e))
     saved_model_dir = sys.stdin.readline().strip()
     if not saved_model_dir:
         sys.exit("no graph to convert: the parent process stopped before saving it")
     images = np.load(calibration)
-    flatbuffer = _configure(_converter(saved_model_dir), "int8", images).convert()
+    # Raw uint8 crops: the graph takes them as floats 0-255, the file as the uint8 pixels.
+    flatbuffer = quantize.quantize(
+        _configure(_converter(saved_model_dir), "fp32").convert(), images, uint8_input=images.dtype == np.uint8
+    )
+    # Integer accelerators take a graph only when every op is integer: an op the quantizer left
+    # in float must fail the variant here, not reach the phone.
+    left = tflite_graph.float_ops(flatbuffer)
+    if left:
+        sys.exit(f"full int8 left {len(left)} float ops (no int8 kernel for them): {', '.join(left[:5])}")
     # Some int8 graphs abort inside LiteRT's kernels (seen with 8-group GroupNorm at 224 px):
     # run it once here, where an abort costs this variant only, not the whole conversion.
     print("running the int8 file once in LiteRT (an abort here is a LiteRT kernel failure)", flush=True)

@@ -161,6 +161,7 @@ class Classifier:
         self.processor = None if self.encoded else self._processor(path, root, own_processor, preprocessor)
         # a `--tflite-input uint8` file takes the processor's crops unnormalized
         self.raw_crops = path.endswith(".tflite") and runners.tflite_takes_uint8(path)
+        self.probabilities = False  # its output: logits until it shows probabilities (`_output`)
 
     @staticmethod
     def _processor(path, root, own, preprocessor):
@@ -223,6 +224,10 @@ class Classifier:
             return [(None, f"cannot read {paths[0]} as an image: {decoder_message(e.message)}")]
 
     def _output(self, outputs):
+        # a `--tflite-input uint8` classifier outputs probabilities itself: ranked as they are
+        self.probabilities = "probabilities" in outputs and "logits" not in outputs
+        if self.probabilities:
+            return outputs["probabilities"]
         if "logits" not in outputs:  # a features or backbone export
             raise ValueError(f"{self.path} has no logits output: predict needs a classification export")
         return outputs["logits"]
@@ -241,14 +246,16 @@ def decoder_message(message):
     return f"could not decode image: {reasons[0]}" if reasons else lines[0]
 
 
-def ranked(logits, labels, k):
-    """The `k` most probable (label, probability) of one image's logits."""
+def ranked(scores, labels, k, probabilities=False):
+    """The `k` most probable (label, probability) of one image: `scores` are its logits, or its
+    probabilities when the model outputs them (`probabilities`)."""
     import numpy as np
 
-    probabilities = np.exp(logits - logits.max())
-    probabilities /= probabilities.sum()
-    best = np.argsort(-probabilities, kind="stable")[:k]
-    return [(labels[int(i)], float(probabilities[i])) for i in best]
+    if not probabilities:
+        scores = np.exp(scores - scores.max())
+        scores = scores / scores.sum()
+    best = np.argsort(-scores, kind="stable")[:k]
+    return [(labels[int(i)], float(scores[i])) for i in best]
 
 
 @dataclasses.dataclass
@@ -301,7 +308,7 @@ def _predictions(classifier, paths, options):
                     raise ValueError(message)
                 options.on_error(path, message)
             else:
-                yield path, ranked(logits, classifier.labels, options.top_k)
+                yield path, ranked(logits, classifier.labels, options.top_k, classifier.probabilities)
         if options.progress:
             options.progress(min(start + batch_size, len(paths)))
 

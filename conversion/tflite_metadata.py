@@ -56,8 +56,34 @@ def _table(builder, fields):
     return builder.EndObject()
 
 
-def _model_metadata(name, description, input_name, input_description, output_name, normalization, size):
-    """`normalization`: (mean, std) of the input; `size`: its (height, width)."""
+# what the output holds, by the activation the model applies (None: none, logits)
+OUTPUTS = {
+    None: ("logits", "Logits of the classes, not probabilities (softmax gives them)."),
+    "softmax": ("probabilities", "Probabilities of the classes (softmax of the logits): they sum to 1."),
+    "sigmoid": (
+        "probabilities",
+        "Probability of each class on its own (sigmoid of the logits, a multi-label head): they need not sum to 1.",
+    ),
+}
+
+
+def _output_metadata(b, activation, labels):
+    """The output's TensorMetadata. Probabilities get the value range [0, 1] as `stats`, as
+    tflite-support's own classifier writer records them (`ClassificationTensorMd`): the schema
+    has no other field for it, and the Task Library reports the output as its scores unchanged
+    (no ScoreCalibration here: that would apply a sigmoid on top)."""
+    name, description = OUTPUTS[activation]
+    features = _table(b, [])
+    content = _table(b, [(0, "byte", _FEATURE_PROPERTIES), (1, "offset", features)])
+    fields = [(0, "offset", b.CreateString(name)), (1, "offset", b.CreateString(description)), (3, "offset", content)]
+    if activation is not None:
+        fields.append((5, "offset", _table(b, [(0, "offset", _floats(b, [1.0])), (1, "offset", _floats(b, [0.0]))])))
+    return _table(b, fields + [(6, "offset", _vector(b, [labels]))])
+
+
+def _model_metadata(name, description, input_description, activation, normalization, size):
+    """`activation`: what the output holds (a key of `OUTPUTS`); `normalization`: (mean, std) of
+    the input; `size`: its (height, width)."""
     (mean, std), (height, width) = normalization, size
     b = flatbuffers.Builder(1024)
     labels = _table(
@@ -73,7 +99,7 @@ def _model_metadata(name, description, input_name, input_description, output_nam
     image_content = _table(b, [(0, "byte", _IMAGE_PROPERTIES), (1, "offset", image)])
     normalization = _table(b, [(0, "offset", _floats(b, mean)), (1, "offset", _floats(b, std))])
     unit = _table(b, [(0, "byte", _NORMALIZATION_OPTIONS), (1, "offset", normalization)])  # ProcessUnit
-    names = _strings(b, [input_name, input_description, output_name])
+    names = _strings(b, ["image", input_description])
     tensor_in = _table(
         b,
         [
@@ -83,18 +109,7 @@ def _model_metadata(name, description, input_name, input_description, output_nam
             (4, "offset", _vector(b, [unit])),
         ],
     )
-    features = _table(b, [])
-    output_content = _table(b, [(0, "byte", _FEATURE_PROPERTIES), (1, "offset", features)])
-    description_out = b.CreateString("Logits of the classes (softmax gives probabilities).")
-    tensor_out = _table(
-        b,
-        [
-            (0, "offset", names[2]),
-            (1, "offset", description_out),
-            (3, "offset", output_content),
-            (6, "offset", _vector(b, [labels])),
-        ],
-    )
+    tensor_out = _output_metadata(b, activation, labels)
     subgraph = _table(b, [(2, "offset", _vector(b, [tensor_in])), (3, "offset", _vector(b, [tensor_out]))])
     text = _strings(b, [name, description, MIN_PARSER_VERSION])
     root = _table(
@@ -105,7 +120,7 @@ def _model_metadata(name, description, input_name, input_description, output_nam
     return bytes(b.Output())
 
 
-def add_classifier_metadata(flatbuffer, labels, mean, std, name, description):
+def add_classifier_metadata(flatbuffer, labels, mean, std, name, description, activation=None):
     """`flatbuffer` (a one-signature image classifier) with metadata and `labels.txt` attached.
 
     Args:
@@ -113,6 +128,8 @@ def add_classifier_metadata(flatbuffer, labels, mean, std, name, description):
         mean, std: per-channel (or single) normalization on the 0-255 pixel scale: the model's
             float input is (pixel - mean) / std. For a uint8-input model the model applies it
             itself and the support library feeds raw pixels (it normalizes float inputs only).
+        activation: None when the output is logits; "softmax" or "sigmoid" when the model
+            turns them into probabilities itself.
     """
     from tfbit.private_api import tflite_flatbuffer_utils, tflite_schema
 
@@ -133,7 +150,7 @@ def add_classifier_metadata(flatbuffer, labels, mean, std, name, description):
         else "float32 RGB pixels normalized as (pixel - mean) / std"
     )
     metadata = _model_metadata(
-        name, description, "image", f"{height}x{width} {pixels}", "logits", (mean, std), (int(height), int(width))
+        name, description, f"{height}x{width} {pixels}", activation, (mean, std), (int(height), int(width))
     )
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(metadata, np.uint8)
@@ -190,8 +207,9 @@ def _float_vector(table, slot):
 
 
 def read_classifier_metadata(data):
-    """{name, description, min_parser_version, input/output tensor names, mean, std, image_size,
-    labels} from a `.tflite` file's bytes (or path); None when it has no metadata."""
+    """{name, description, min_parser_version, input/output tensor names, output_description,
+    output_range ((min, max) of probabilities, else None), mean, std, image_size, labels} from a
+    `.tflite` file's bytes (or path); None when it has no metadata."""
     from flatbuffers import number_types as types
     from flatbuffers.table import Table
 
@@ -219,6 +237,7 @@ def read_classifier_metadata(data):
         raise ValueError("the input's process unit is not NormalizationOptions")
     normalization = _sub_table(unit, 1)
     size = _sub_table(_sub_table(_sub_table(tensor_in, 3), 1), 1)
+    stats = _sub_table(tensor_out, 5)
     files = {_string(f, 0): _scalar(f, 2, types.Int8Flags) for f in _tables(tensor_out, 6)}
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         packed = {n: archive.read(n).decode() for n in archive.namelist()}
@@ -228,6 +247,8 @@ def read_classifier_metadata(data):
         "min_parser_version": _string(root, 7),
         "input": _string(tensor_in, 0),
         "output": _string(tensor_out, 0),
+        "output_description": _string(tensor_out, 1),
+        "output_range": None if stats is None else (*_float_vector(stats, 1), *_float_vector(stats, 0)),
         "mean": _float_vector(normalization, 0),
         "std": _float_vector(normalization, 1),
         "image_size": (_scalar(size, 1, types.Uint32Flags), _scalar(size, 0, types.Uint32Flags)),

@@ -22,6 +22,12 @@ the reference (the PyTorch source when torch is installed, else the Keras model)
     number of agreements must not be significantly low (one-sided binomial test at 5%). With 32
     images one disagreement passes and two fail; with 100 images three pass. A fixed
     percentage would fail a good variant on a small sample and pass a bad one on a large one;
+* A classifier file that outputs probabilities (`--tflite-input uint8`: softmax, or sigmoid for
+  a multi-label head) is compared with the reference's logits put through the same function,
+  under the logits' tolerance times the function's Lipschitz bound, so the criterion is the
+  logits' one, neither looser nor tighter: softmax moves p_i by p_i (dz_i - sum_j p_j dz_j),
+  at most p_i (1 - p_i) (max dz - min dz) <= max |dz| / 2; sigmoid's slope is at most 1/4.
+  Top-1 is the argmax of either, the same class.
   Where labels are known each artifact's accuracy is reported beside the reference's; it can
   only drop by as many images as disagree, so the agreement test bounds its change too.
 """
@@ -31,6 +37,7 @@ import math
 import os
 import statistics
 import time
+import typing
 
 import numpy as np
 
@@ -49,6 +56,7 @@ LOSSY_FACTOR = {
     "tflite_dynamic_int8": 0.3,
     "tflite_int8": 0.5,
 }
+BATCH = 16  # images per call of an artifact's runner (a TFLite runner runs them one at a time)
 TARGET_AGREEMENT = 0.99
 SIGNIFICANCE = 0.05
 
@@ -109,7 +117,44 @@ def spread(output):
     return float(np.mean(flat.max(-1) - flat.min(-1)))
 
 
-def compare(name, path, run, inputs, reference, labels=None, *, lossless, batch=16):
+def _softmax(logits):
+    exp = np.exp(logits - logits.max(-1, keepdims=True))
+    return exp / exp.sum(-1, keepdims=True)
+
+
+def _sigmoid(logits):
+    return 1 / (1 + np.exp(-logits))
+
+
+# logits -> probabilities, and the most a logit error of e moves a probability (module docstring)
+ACTIVATIONS = {"softmax": (_softmax, 0.5), "sigmoid": (_sigmoid, 0.25)}
+
+
+class Rule(typing.NamedTuple):
+    """How an artifact is judged: {output: max |Δ| allowed}, the criterion's name, lossless."""
+
+    tolerances: dict
+    criterion: str
+    lossless: bool
+
+
+def _rule(name, reference, lossless):
+    if lossless:  # each output on its own scale
+        tolerances = {k: LOSSLESS_FACTOR * max(1.0, float(np.abs(ref).max())) for k, ref in reference.items()}
+        return Rule(tolerances, "parity", True)
+    factor = lossy_factor(name)  # each output (a backbone has several) against its own spread
+    return Rule({k: factor * spread(ref) for k, ref in reference.items()}, f"{factor:g} x spread", False)
+
+
+def as_probabilities(reference, tolerances, activation):
+    """The reference logits and their tolerance as probabilities by `activation` (a key of
+    `ACTIVATIONS`): the logits' criterion carried through the function (module docstring)."""
+    function, bound = ACTIVATIONS[activation]
+    logits = np.asarray(reference["logits"], np.float64)
+    return {"probabilities": function(logits)}, {"probabilities": bound * tolerances["logits"]}
+
+
+def compare(name, path, run, inputs, reference, labels=None, *, lossless, batch=BATCH):
     """Run one artifact on `inputs` and judge it against `reference` (same output keys).
 
     Args:
@@ -119,27 +164,39 @@ def compare(name, path, run, inputs, reference, labels=None, *, lossless, batch=
         lossless: hold the artifact to the parity contract instead of the lossy criteria.
     """
     outputs = _batched(run, inputs, batch)
+    return _judge(name, path, run, inputs, outputs, reference, labels, _rule(name, reference, lossless))
+
+
+def compare_probabilities(name, path, run, inputs, reference, labels=None, *, lossless, activation):
+    """`compare` for an artifact that outputs `probabilities`, `activation` ("softmax" or
+    "sigmoid") of the logits the reference holds, judged by the logits' criterion carried
+    through it (module docstring)."""
+    rule = _rule(name, reference, lossless)
+    reference, tolerances = as_probabilities(reference, rule.tolerances, activation)
+    rule = Rule(tolerances, f"{rule.criterion} through {activation}", lossless)
+    return _judge(name, path, run, inputs, _batched(run, inputs, BATCH), reference, labels, rule)
+
+
+def _judge(name, path, run, inputs, outputs, reference, labels, rule):
+    """The report row of an artifact whose `outputs` on `inputs` are judged by `rule`."""
     missing = sorted(set(reference) - set(outputs))
     if missing:
         raise KeyError(f"{name} has no output {missing[0]!r} (has {sorted(outputs)})")
     diffs = {k: float(np.abs(outputs[k].astype(np.float64) - ref).max()) for k, ref in reference.items()}
-    if lossless:  # each output on its own scale
-        tolerances = {k: LOSSLESS_FACTOR * max(1.0, float(np.abs(ref).max())) for k, ref in reference.items()}
-        criterion = "parity"
-    else:  # each output (a backbone has several) against its own spread
-        factor = lossy_factor(name)
-        tolerances = {k: factor * spread(ref) for k, ref in reference.items()}
-        criterion = f"{factor:g} x spread"
+    tolerances = rule.tolerances
     worst = max(reference, key=lambda k: diffs[k] / tolerances[k] if tolerances[k] else np.inf)
     max_diff, tolerance = diffs[worst], tolerances[worst]
     where = f" in {worst}" if len(reference) > 1 else ""
-    failures = [] if max_diff <= tolerance else [f"max |Δ| {max_diff:.3g}{where} above {tolerance:.3g} ({criterion})"]
+    failures = (
+        [] if max_diff <= tolerance else [f"max |Δ| {max_diff:.3g}{where} above {tolerance:.3g} ({rule.criterion})"]
+    )
     top1 = accuracy = reference_accuracy = None
-    if "logits" in reference:
-        predicted, expected = outputs["logits"].argmax(-1), reference["logits"].argmax(-1)
+    scores = next((k for k in ("logits", "probabilities") if k in reference), None)
+    if scores:
+        predicted, expected = outputs[scores].argmax(-1), reference[scores].argmax(-1)
         agree, n = int((predicted == expected).sum()), len(expected)
         top1 = agree / n
-        if not lossless and not agreement_is_plausible(agree, n):
+        if not rule.lossless and not agreement_is_plausible(agree, n):
             failures.append(f"top-1 agreement {agree}/{n} is significantly below {TARGET_AGREEMENT:.0%}")
         if labels is not None:
             accuracy = float((predicted == labels).mean())
@@ -150,7 +207,7 @@ def compare(name, path, run, inputs, reference, labels=None, *, lossless, batch=
         disk_size(path),
         max_diff,
         tolerance,
-        criterion,
+        rule.criterion,
         top1,
         accuracy,
         reference_accuracy,

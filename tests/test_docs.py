@@ -34,7 +34,11 @@ ELSEWHERE = {
     ("docs/models.md", "tfbit.BitModel(config, output_hidden_states=True)"): "tests/test_readme.py",
     ("docs/own-model.md", "base.freeze_stages"): "tests/test_readme.py",
     ("docs/own-model.md", "python -m conversion.convert mine.keras"): "tests/test_readme.py",
-    ("docs/mobile.md", "digits_int8_uint8.tflite"): "tests/test_tflite_uint8.py",
+    ("docs/mobile.md", "digits_int8_uint8.tflite"): "tests/test_task_library.py",
+    ("docs/mobile.md", "ImageClassifier.create_from_file"): "tests/test_task_library.py",
+    ("docs/conversion.md", "python -m conversion.convert https://tfhub.dev/google/bit/m-r50x1/1"): (
+        "tests/test_savedmodel.py"
+    ),
     ("docs/models.md", "BitPreprocessing.from_pretrained"): "tests/test_preprocessing_layer.py",
     ("docs/finetuning.md", "load_digits_split"): "tests/test_short_finetune.py",
     ("docs/serving.md", "labels/stable:predict"): "tests/test_serving_kit.py",
@@ -52,6 +56,8 @@ EXCUSED = {
     ("docs/models.md", 'from_preset("bit-m-r101x3")'): "downloads the released weights (network)",
     ("docs/models.md", 'os.environ["KERAS_BACKEND"] = "jax"'): "the full HyperRule run under JAX; "
     "tests/test_backends.py runs finetune under JAX with the same distribution",
+    ("docs/mobile.md", "ImageClassifier.createFromFile(context"): "Kotlin needs an Android build; the "
+    "Python block beside it makes the same Task Library calls and is run by tests/test_task_library.py",
     ("docs/scaling.md", "on host1 (worker 0"): "needs two hosts",
     ("docs/scaling.md", "localhost_tf_configs(2)"): "a full HyperRule run on two workers; "
     "tests/test_multi_worker.py runs two localhost workers with the same TF_CONFIGs",

@@ -269,6 +269,28 @@ def test_a_tfhub_preset_is_the_full_size_module_in_the_kagglehub_cache(tmp_path,
         read_preset("bit-m-r50x1-tfhub-ilsvrc2012")
 
 
+def test_every_source_of_the_docs_block_is_read(saved, tmp_path, monkeypatch):
+    """docs/conversion.md's TF Hub block as typed: each SOURCE is read as a BiT SavedModel, its module
+    in kagglehub's cache under the Kaggle handle the source names (the folder of the last line in a
+    home folder, expanded as the shell would). The converter itself runs on a handle below."""
+    import re
+
+    page = open(os.path.join(ROOT, "docs", "conversion.md"), encoding="utf-8").read()
+    (body,) = re.findall(r"```bash\n(python -m conversion.convert https://tfhub.dev/.*?)```", page, re.S)
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub"))
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "tfhub"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    sources = [line.split()[3] for line in body.splitlines()]
+    assert len(sources) == 5 and sources[-1].startswith("~/"), sources
+    for source in sources:
+        if source.startswith("~/"):
+            shutil.copytree(saved.features, os.path.expanduser(source))
+        else:
+            kagglehub_cache(tmp_path / "kagglehub", saved.features, str(tfhub.kaggle_handle(source)))
+        loaded = load_source(os.path.expanduser(source))
+        assert (loaded.format, loaded.config.depths) == ("savedmodel", list(DEPTHS)), source
+
+
 def test_a_tfhub_handle_resolves_through_tensorflow_hubs_cache(saved, tmp_path, monkeypatch):
     """tensorflow_hub caches a module in a folder named by the sha1 of the handle as typed; an
     ILSVRC-2012 head has the ImageNet-1k names."""
