@@ -60,6 +60,8 @@ SLOW_FIRST = (
     "test_batch_predict",
     "test_convert",
     "test_docs",
+    "test_task_library",
+    "test_savedmodel",
 )
 
 
