@@ -166,7 +166,7 @@ def test_release_file_names_resolutions_and_the_cache_layout():
     presets = tfbit.presets()
     vtab = presets["bit-m-r101x3-vtab-oxford_iiit_pet-run2"]
     assert vtab.source == R + "vtab/BiT-M-R101x3-run2-oxford_iiit_pet.npz" and vtab.num_labels == 37
-    assert vtab.labels == "vtab-oxford_iiit_pet" and vtab.label_names is None
+    assert vtab.labels == "vtab-oxford_iiit_pet" and vtab.label_names[0] == "Abyssinian"
     assert (
         presets["bit-teacher-r152x2-384-npz"].resolution == 384
         and presets["bit-teacher-r152x2-224-npz"].resolution == 224
@@ -373,12 +373,14 @@ def test_shipped_label_files_are_what_the_tool_writes(tmp_path):
             "NOTICE.md",
             "imagenet-1k.tsv.gz",
             "imagenet-21k.tsv.gz",
+            "vtab.json",
         ]
     )
     for name in os.listdir(shipped):
         assert (tmp_path / name).read_bytes() == open(os.path.join(shipped, name), "rb").read(), name
     notice = (tmp_path / "NOTICE.md").read_text()
     assert "Apache License 2.0" in notice and "WordNet 3.0 Copyright 2006 by Princeton University" in notice
+    assert "tensorflow_datasets" in notice and "google-research/task_adaptation" in notice
 
 
 def test_known_labels_by_head_size_and_presets_label_names():
@@ -402,6 +404,62 @@ def test_unknown_label_sets_are_named():
         label_names("imagenet-22k")
     with pytest.raises(tfbit.ConfigError, match="unknown label set 'cifar10': one of imagenet-1k, imagenet-21k$"):
         wordnet_ids("cifar10")
+    with pytest.raises(
+        tfbit.ConfigError,
+        match="unknown label set 'vtab-dmlab': one of imagenet-1k, imagenet-21k, cifar10, vtab-<task> with <task> "
+        "one of caltech101, cifar100, .*, smallnorb-elevation$",
+    ):
+        label_names("vtab-dmlab")
+
+
+# VTAB tasks whose names are tfds' ClassLabel names: (tfds dataset, its label feature), the control
+# read through tfds' own API (builder info, no download) rather than the files the tool reads
+TFDS_NAMED = {
+    "caltech101": ("caltech101", "label"),
+    "dtd": ("dtd", "label"),
+    "oxford_flowers102": ("oxford_flowers102", "label"),
+    "oxford_iiit_pet": ("oxford_iiit_pet", "label"),
+    "sun397": ("sun397", "label"),
+    "eurosat": ("eurosat", "label"),
+    "resisc45": ("resisc45", "label"),
+}
+
+
+def test_vtab_label_names_follow_tfds_and_task_adaptation(tmp_path):
+    """Every VTAB task but dmlab has names, as many as its head has classes, unique, in every
+    preset of the task; tfds-named tasks equal tfds' ClassLabel names; the derived ones follow
+    task_adaptation's rules (tfbit/weights/label_data/NOTICE.md)."""
+    import tensorflow_datasets as tfds
+
+    from tfbit.models.presets import VTAB_TASKS
+    from tfbit.weights.labels import LABEL_SETS, label_names
+
+    for task, (classes, _) in VTAB_TASKS.items():
+        runs = tfbit.presets(task=f"vtab-{task}").values()
+        if task == "dmlab":  # no source states its class order
+            assert "vtab-dmlab" not in LABEL_SETS and {p.label_names for p in runs} == {None}
+            continue
+        names = label_names(f"vtab-{task}")
+        assert LABEL_SETS[f"vtab-{task}"] == len(names) == len(set(names)) == classes, task
+        assert all(p.label_names == names for p in runs), task
+    for task, (dataset, feature) in TFDS_NAMED.items():
+        assert label_names(f"vtab-{task}") == tfds.builder(dataset, data_dir=str(tmp_path)).info.features[feature].names
+    assert label_names("vtab-oxford_iiit_pet")[:2] == ["Abyssinian", "american_bulldog"]
+    assert label_names("vtab-sun397")[0] == "/a/abbey" and label_names("vtab-caltech101")[4] == "background_google"
+    cifar100 = label_names("vtab-cifar100")  # the archive's fine_label_names.txt is alphabetical
+    assert cifar100 == sorted(cifar100) and cifar100[:2] == ["apple", "aquarium_fish"] and "crab" in cifar100
+    assert label_names("vtab-svhn") == [str(d) for d in range(10)]
+    assert label_names("vtab-diabetic_retinopathy")[::4] == ["No DR", "Proliferative DR"]
+    assert label_names("vtab-patch_camelyon") == ["no metastatic tissue", "metastatic tissue"]
+    assert label_names("vtab-clevr-count")[::7] == ["3 objects", "10 objects"]
+    assert label_names("vtab-clevr-distance")[::5] == ["closest object depth 0-8", "closest object depth 10-100"]
+    assert label_names("vtab-kitti-distance")[::3] == ["closest vehicle up to 8 m", "no vehicle"]
+    assert label_names("vtab-smallnorb-azimuth")[:2] == ["0\u00b0", "20\u00b0"]
+    assert label_names("vtab-smallnorb-elevation")[::8] == ["30\u00b0", "70\u00b0"]
+    # dsprites.py: class floor(v / (values / 16)) of tfds value v
+    for task, what, values in (("dsprites-xpos", "x positions", 32), ("dsprites-orientation", "orientations", 40)):
+        groups = [[v for v in range(values) if v * 16 // values == c] for c in range(16)]
+        assert label_names(f"vtab-{task}") == [f"{what} {g[0]}-{g[-1]} of 0-{values - 1}" for g in groups]
 
 
 NO_TIMM_RUN = """
@@ -575,6 +633,35 @@ def test_original_files_are_evaluated_at_the_presets_resolution(caches, tmp_path
     for name, size in (("bit-distilled-r50x1-160", 160), ("bit-s-r50x1", 224)):
         processor = read_preset(name).preprocessor
         assert processor["size"] == {"height": size, "width": size} and not processor["do_center_crop"], name
+
+
+def test_vtab_presets_read_from_the_cache_are_named_by_their_task(tmp_path, monkeypatch):
+    """A VTAB .npz names no class and its head's size does not tell the task (SVHN and EuroSAT
+    both have 10): the preset gives the config its task's names, dmlab keeps LABEL_<i>. One
+    full-size R50x1 file per head size, cached under each preset's path."""
+    from tfbit.models.presets import cached_path
+    from tfbit.models.presets import get as get_preset
+    from tfbit.weights import read_preset
+    from tfbit.weights.labels import label_names
+    from tfbit.weights.writers import save_original_npz
+
+    monkeypatch.setenv("TFBIT_CACHE", str(tmp_path / "cache"))
+    tasks = {10: ("svhn", "eurosat"), 6: ("clevr-distance", "dmlab")}
+    for num_labels, names in tasks.items():
+        presets = [get_preset(f"bit-m-r50x1-vtab-{task}-run1") for task in names]
+        model = tfbit.BitForImageClassification(tfbit.BitConfig(**presets[0].architecture))
+        for preset in presets:
+            os.makedirs(os.path.dirname(cached_path(preset)), exist_ok=True)
+        save_original_npz(model, cached_path(presets[0]))
+        os.link(cached_path(presets[0]), cached_path(presets[1]))
+    for task in ("svhn", "eurosat", "clevr-distance"):
+        config = read_preset(f"bit-m-r50x1-vtab-{task}-run1").config
+        assert config.id2label == dict(enumerate(label_names(f"vtab-{task}"))), task
+        assert config.label2id == {name: i for i, name in config.id2label.items()}, task
+    assert read_preset("bit-m-r50x1-vtab-dmlab-run1").config.id2label == {i: f"LABEL_{i}" for i in range(6)}
+    assert read_preset("bit-m-r50x1-vtab-eurosat-run1").config.id2label[9] == "SeaLake"
+    model = tfbit.BitForImageClassification.from_preset("bit-m-r50x1-vtab-clevr-distance-run1")
+    assert model.config.id2label[5] == "closest object depth 10-100"  # what predict prints
 
 
 def test_timm_reads_the_npz_tfbit_wrote(caches, torch_module):

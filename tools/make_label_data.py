@@ -1,20 +1,29 @@
-"""Rebuild tfbit/weights/label_data/: the ImageNet-1k and ImageNet-21k class names tfbit ships.
+"""Rebuild tfbit/weights/label_data/: the ImageNet-1k, ImageNet-21k and VTAB-1k class names tfbit ships.
 
     python tools/make_label_data.py [--output tfbit/weights/label_data]
 
-Dev-only (needs timm installed; tfbit itself never imports it). Each file is gzipped UTF-8 text,
-one class a line in the head's class-index order, `<WordNet id>\t<lemmas>`:
+Dev-only (needs timm and tensorflow_datasets installed, read as files, never imported; tfbit
+itself reads neither). The ImageNet files are gzipped UTF-8 text, one class a line in the head's
+class-index order, `<WordNet id>\t<lemmas>`:
 - imagenet-1k.tsv.gz: timm's `imagenet_synsets.txt` (ILSVRC-2012 order, 1000 classes);
 - imagenet-21k.tsv.gz: timm's `imagenet21k_goog_synsets.txt` (Google's ImageNet-21k order, the
   order of the BiT-M heads, 21843 classes);
 the lemmas taken from timm's `imagenet_synset_to_lemma.txt`. gzip's header timestamp is zeroed so
 that a rebuild from the same timm files is byte-identical.
+
+vtab.json maps each VTAB-1k task (as `tfbit.models.presets.VTAB_TASKS` spells it) to its class
+names in the label order of the VTAB fine-tunes, which is google-research/task_adaptation's
+(`task_adaptation/data/*.py`, `scripts/run_all_tasks.sh`): the tfds ClassLabel names of the label
+feature it reads, read from tfds' names files and builders' sources, or names built from the rule
+that derives VTAB's own labels (`VTAB_RULES`); dmlab is left out (see NOTICE below).
 """
 
 import argparse
+import ast
 import gzip
 import importlib.metadata
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -56,6 +65,50 @@ University, used under the WordNet 3.0 license:
     distribution of the software and/or database. Title to copyright in this software, database
     and any associated documentation shall at all times remain with Princeton University and
     LICENSEE agrees to preserve same.
+
+## VTAB-1k: `vtab.json`
+
+Task -> class names, in the label order the BiT VTAB-1k fine-tunes were trained with: the one of
+google-research/task_adaptation (https://github.com/google-research/task_adaptation, Apache
+License 2.0; `task_adaptation/data/*.py` read the labels, `scripts/run_all_tasks.sh` chooses the
+19 tasks). Names come from tensorflow_datasets {tfds_version}
+(https://github.com/tensorflow/datasets, Apache License 2.0), as its ClassLabel features name
+them, unchanged:
+
+- caltech101, dtd, sun397: tfds' names files (`image_classification/caltech101_labels.txt`,
+  `dtd_key_attributes.txt`, `sun397_labels.txt`);
+- oxford_flowers102, oxford_iiit_pet, eurosat, resisc45: the name lists of the tfds builders
+  (`_NAMES`, `_LABEL_CLASSES`, `_LABELS`, `_LABELS`);
+- cifar100: tfds takes the names from the CIFAR-100 archive's `fine_label_names.txt`
+  (https://www.cs.toronto.edu/~kriz/cifar.html) at download time, so no tfds file holds them:
+  listed as huggingface/datasets' `datasets/cifar100/cifar100.py` (Apache License 2.0) lists
+  the archive's names, with its "cra" written "crab" as the archive has it.
+
+Where tfds' feature has numbered classes only, the names say what the number means:
+
+- svhn (tfds svhn_cropped): the digit (tfds stores digit 0 as 0, not SVHN's 10);
+- patch_camelyon: "binary label indicating presence of metastatic tissue" (tfds' README);
+- diabetic_retinopathy: the grades of the Kaggle competition the labels come from
+  (https://www.kaggle.com/c/diabetic-retinopathy-detection/data: 0 No DR, 1 Mild, 2 Moderate,
+  3 Severe, 4 Proliferative DR);
+- smallnorb-azimuth and -elevation: the angles in tfds' README ("18 azimuths (0 to 340 every 20
+  degrees)", "9 elevations (30 to 70 degrees every 5 degrees)"), in increasing order as the
+  labels (tfds divides the stored azimuths 0, 2, ..., 34 by 2).
+
+VTAB's own labels are named after the rule that makes them (task_adaptation):
+
+- clevr-count (`data/clevr.py`, count_all): the number of objects minus 3, 8 classes;
+- clevr-distance (closest_object_distance): the depth (tfds `pixel_coords` z) of the closest
+  object, binned by the thresholds 0, 8, 8.5, 9, 9.5, 10, 100 (a class is (lower, upper]);
+- kitti-distance (`data/kitti.py`, closest_vehicle_distance): the depth in metres of the closest
+  car, van or truck, binned by -100, 8, 20, 999, a missing vehicle counting as 1000 m;
+- dsprites-xpos and dsprites-orientation (`data/dsprites.py`): tfds' 32 x positions and 40
+  orientations regrouped into 16 classes by floor(value / (32 / 16)) and floor(value / (40 / 16)),
+  named by the tfds values each class holds.
+
+dmlab is left out: its 6 classes are "{{close, far, very far}} x {{positive reward, negative
+reward}}" (tfds' and task_adaptation's description), but no source read says which index is
+which, so its heads keep LABEL_<i>.
 """
 
 
@@ -74,6 +127,95 @@ def rows(info, synsets_file):
     return [f"{wnid}\t{lemmas[wnid]}\n" for wnid in (info / synsets_file).read_text("utf-8").splitlines()]
 
 
+# tfds files holding the ClassLabel names of a task's label feature: a names file (one a line) or
+# a builder's module-level list
+TFDS_NAMES = {
+    "caltech101": "image_classification/caltech101_labels.txt",
+    "dtd": "image_classification/dtd_key_attributes.txt",
+    "oxford_flowers102": ("datasets/oxford_flowers102/oxford_flowers102_dataset_builder.py", "_NAMES"),
+    "oxford_iiit_pet": ("datasets/oxford_iiit_pet/oxford_iiit_pet_dataset_builder.py", "_LABEL_CLASSES"),
+    "sun397": "image_classification/sun397_labels.txt",
+    "eurosat": ("image_classification/eurosat.py", "_LABELS"),
+    "resisc45": ("datasets/resisc45/resisc45_dataset_builder.py", "_LABELS"),
+}
+# tfds sets them from the downloaded archive's fine_label_names.txt, so it ships no copy (NOTICE.md)
+CIFAR100 = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
+    "castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin "
+    "elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster "
+    "man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck "
+    "pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk "
+    "skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger "
+    "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
+).split()
+# task_adaptation/data/clevr.py, _closest_object_preprocess_fn: label k when edge k < depth <= edge k+1
+CLEVR_DEPTHS = (0.0, 8.0, 8.5, 9.0, 9.5, 10.0, 100.0)
+
+
+def regrouped(what, values, classes):
+    """task_adaptation's dsprites regrouping: tfds value v into class floor(v / (values / classes))."""
+    groups = [[] for _ in range(classes)]
+    for value in range(values):
+        groups[int(value // (values / classes))].append(value)
+    return [f"{what} {group[0]}-{group[-1]} of 0-{values - 1}" for group in groups]
+
+
+VTAB_RULES = {
+    "cifar100": lambda: list(CIFAR100),
+    "svhn": lambda: [str(digit) for digit in range(10)],
+    "patch_camelyon": lambda: ["no metastatic tissue", "metastatic tissue"],
+    "diabetic_retinopathy": lambda: ["No DR", "Mild", "Moderate", "Severe", "Proliferative DR"],
+    "clevr-count": lambda: [f"{count} objects" for count in range(3, 11)],
+    "clevr-distance": lambda: [f"closest object depth {lo:g}-{hi:g}" for lo, hi in zip(CLEVR_DEPTHS, CLEVR_DEPTHS[1:])],
+    "dsprites-xpos": lambda: regrouped("x positions", 32, 16),
+    "dsprites-orientation": lambda: regrouped("orientations", 40, 16),
+    # kitti.py, _closest_vehicle_distance_pp: edges -100, 8, 20, 999 m; no vehicle counts as 1000 m
+    "kitti-distance": lambda: [
+        "closest vehicle up to 8 m",
+        "closest vehicle 8-20 m",
+        "closest vehicle over 20 m",
+        "no vehicle",
+    ],
+    "smallnorb-azimuth": lambda: [f"{degrees}\u00b0" for degrees in range(0, 341, 20)],
+    "smallnorb-elevation": lambda: [f"{degrees}\u00b0" for degrees in range(30, 71, 5)],
+}
+# VTAB_TASKS' order; dmlab has no names (NOTICE.md)
+VTAB_ORDER = (
+    "caltech101 cifar100 dtd oxford_flowers102 oxford_iiit_pet sun397 svhn patch_camelyon eurosat resisc45 "
+    "diabetic_retinopathy clevr-count clevr-distance dsprites-xpos dsprites-orientation kitti-distance "
+    "smallnorb-azimuth smallnorb-elevation"
+).split()
+
+
+def tfds_root():
+    """tensorflow_datasets' package folder, found without importing it (its import is slow)."""
+    spec = importlib.util.find_spec("tensorflow_datasets")
+    if spec is None:
+        raise SystemExit("tensorflow_datasets is not installed: pip install tensorflow-datasets")
+    return Path(spec.submodule_search_locations[0])
+
+
+def builder_list(path, name):
+    """The literal list bound to `name` at the top of a builder's source."""
+    for node in ast.parse(path.read_text("utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise SystemExit(f"{path} has no {name}: tensorflow_datasets' layout changed")
+
+
+def vtab_names(root):
+    names = {}
+    for task in VTAB_ORDER:
+        source = TFDS_NAMES.get(task)
+        if isinstance(source, str):
+            names[task] = [line for line in (root / source).read_text("utf-8").splitlines() if line]
+        elif source is not None:
+            names[task] = builder_list(root / source[0], source[1])
+        else:
+            names[task] = VTAB_RULES[task]()
+    return names
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=OUTPUT)
@@ -84,9 +226,12 @@ def main():
         data = "".join(rows(info, synsets_file)).encode("utf-8")
         with open(os.path.join(args.output, f"{name}.tsv.gz"), "wb") as f:
             f.write(gzip.compress(data, compresslevel=9, mtime=0))
+    with open(os.path.join(args.output, "vtab.json"), "w", encoding="utf-8") as f:
+        f.write(json.dumps(vtab_names(tfds_root()), indent=1, ensure_ascii=False) + "\n")
     with open(os.path.join(args.output, "NOTICE.md"), "w", encoding="utf-8") as f:
-        f.write(NOTICE.format(version=importlib.metadata.version("timm")))
-    print(f"wrote {', '.join(SETS)} to {args.output}")
+        versions = {"version": "timm", "tfds_version": "tensorflow_datasets"}
+        f.write(NOTICE.format(**{key: importlib.metadata.version(name) for key, name in versions.items()}))
+    print(f"wrote {', '.join(SETS)}, vtab to {args.output}")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ VTAB_TASKS = {
 }
 VTAB_RUNS = (0, 1, 2)
 FAMILIES = ("bit-s", "bit-m", "bit-distilled", "bit-teacher")
-# task -> the label set of its head (the rest: "vtab-<task>", names not shipped)
+# task -> the label set of its head (the rest: "vtab-<task>")
 _LABEL_SETS = {"ilsvrc2012": "imagenet-1k", "imagenet21k": "imagenet-21k", "cifar10": "cifar10", "feature-vector": ""}
 _ORIGINAL_FORMATS = ("npz", "h5", "savedmodel")  # the original code's eps and evaluation resize
 
@@ -135,12 +135,13 @@ class Preset:
     @property
     def labels(self):
         """The label set of the head: "imagenet-1k", "imagenet-21k", "cifar10", "vtab-<task>"
-        (`num_labels` classes, names not shipped) or "" (no head)."""
+        (`num_labels` classes) or "" (no head)."""
         return _LABEL_SETS.get(self.task, self.task)
 
     @property
     def label_names(self):
-        """The class names of the head when tfbit ships them (ImageNet-1k, -21k, CIFAR-10), else None."""
+        """The class names of the head when tfbit ships them (ImageNet-1k, -21k, CIFAR-10, the
+        VTAB-1k tasks but dmlab, whose class order no source states), else None."""
         from tfbit.weights.labels import LABEL_SETS, label_names
 
         return label_names(self.labels) if self.labels in LABEL_SETS else None

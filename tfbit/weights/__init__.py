@@ -152,6 +152,18 @@ def read_checkpoint(source, format=None):
 _PRESET_FIELDS = ("num_channels", "embedding_size", "stage_channels", "depths", "layer_type", "num_labels")
 
 
+def _with_preset_labels(checkpoint, preset):
+    """The preset's class names in place of the LABEL_<i> a file without names gets: a head's size
+    tells ImageNet apart, not one VTAB task's from another's (a 10-class head is SVHN or EuroSAT)."""
+    names = preset.label_names
+    config = checkpoint.config
+    if names is None or config.id2label != {i: f"LABEL_{i}" for i in range(config.num_labels)}:
+        return checkpoint
+    fields = {**config.to_dict(), "id2label": dict(enumerate(names))}
+    del fields["label2id"]  # derived from the new names
+    return dataclasses.replace(checkpoint, config=BitConfig.from_dict(fields))
+
+
 def read_preset(name):
     """A `Checkpoint` of a named preset (`tfbit.models.presets`): its source fetched (hub or cached
     download) and read, refused when its architecture is not the preset's, named after it
@@ -166,6 +178,7 @@ def read_preset(name):
     ]
     if wrong:
         raise CheckpointError(f"{checkpoint.path} is not preset {preset.name}: " + ", ".join(wrong))
+    checkpoint = _with_preset_labels(checkpoint, preset)
     name = preset.name.rsplit("/", 1)[-1]
     if preset.format in ("npz", "savedmodel"):
         # the files say nothing of their evaluation size: the reader assumes the pre-training 224,
