@@ -39,9 +39,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 # The import below fails here, not in a test. Pillow as in .venv, so both sides decode and resize
 # the photos alike.
 TASKLIB := .venv-tasklib
-PYTHON311 ?= $(shell command -v python3.11)
 $(TASKLIB)/.installed: $(VENV)/.installed
-	$(PYTHON311) -m venv $(TASKLIB)
+	$(PYTHON) -m venv $(TASKLIB)
 	$(TASKLIB)/bin/pip install --quiet tflite-support==0.4.4 libusb-package==1.0.30.0 \
 		pillow==$$($(BIN)/python -c "import PIL; print(PIL.__version__)")
 	mkdir -p $(TASKLIB)/libusb
