@@ -144,3 +144,21 @@ def load_source(source, **kwargs):
 
 def random_images(n, h, w, c=3, seed=0):
     return np.random.RandomState(seed).uniform(-1, 1, (n, h, w, c)).astype("float32")
+
+
+def run_convert(*args, env=None, timeout=900):
+    """The converter as a user starts it, offline: TensorFlow's log level is its own default, not
+    the suite's; `env` adds to the environment."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"} | {"HF_HUB_OFFLINE": "1"} | (env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "conversion.convert", *map(str, args)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -3,15 +3,14 @@
 (bitwise the same outputs) and as timm's `.npz` loader reads that; every refusal by its message,
 and the converter on one as a user types it."""
 
+import functools
 import json
 import os
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
-from conftest import assert_parity, load_source, random_images, run_torch
+from conftest import assert_parity, load_source, random_images, run_convert, run_torch
 from test_timm_parity import SMALL_NPZ, timm_from_npz, write_original_npz
 
 from tfbit.weights import CheckpointError, detect_format
@@ -334,17 +333,7 @@ def test_an_h5_read_as_npz_is_named_hdf5(bit_files):
 # -- the converter, as typed ---------------------------------------------------------------------------
 
 
-def convert(*args):
-    """The converter as a user starts it: TensorFlow's log level is its own default, not the suite's."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"} | {"HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "conversion.convert", *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+convert = functools.partial(run_convert, timeout=600)
 
 
 def test_the_converter_exports_an_h5(bit_files, tmp_path):

@@ -8,13 +8,12 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import types
 
 import numpy as np
 import pytest
 from conftest import assert_parity, load_source
+from conftest import run_convert as convert
 from savedmodel_fixture import call_saved_model, dense_head, kagglehub_cache, random_images01, write_bit_saved_model
 from test_timm_parity import SMALL_NPZ, write_original_npz
 
@@ -338,19 +337,6 @@ def test_a_handle_in_no_cache_is_downloaded_by_kagglehub_and_its_failure_named(t
 
 
 # -- the converter, as typed ---------------------------------------------------------------------------
-
-
-def convert(*args, env=None):
-    """The converter as a user starts it, offline: TensorFlow's log level is its own default."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"} | {"HF_HUB_OFFLINE": "1"} | (env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "conversion.convert", *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
 
 
 def _report(output):
