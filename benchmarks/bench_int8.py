@@ -91,7 +91,7 @@ def _realistic(args):
     processor = BitImageProcessor.from_dict(checkpoint.preprocessor)
     photos = real.photo_images().images
     rng = np.random.RandomState(EVAL_SEED)
-    augmented = [realistic_model._augment(p, rng) for p in photos for _ in range(args.views)]
+    augmented = [realistic_model.augment(p, rng) for p in photos for _ in range(args.views)]
     labels = list(range(len(photos))) + [i for i in range(len(photos)) for _ in range(args.views)]
     return export.float32_inference_model(model), processor, processor(photos + augmented), labels
 

@@ -102,7 +102,7 @@ def _read_images(paths):
     return images
 
 
-def _augment(image, rng):
+def augment(image, rng):
     """A random crop (35-100% of the area, aspect 3/4-4/3), flip and brightness/contrast change."""
     from PIL import Image, ImageEnhance
 
@@ -161,7 +161,7 @@ def _train_body(model, photos, processor, steps, log):
     model.train()
     for step in range(steps):
         chosen = rng.randint(0, len(photos), TRAIN_BATCH)
-        pixel_values = processor([_augment(photos[i], rng) for i in chosen], return_tensors="pt")["pixel_values"]
+        pixel_values = processor([augment(photos[i], rng) for i in chosen], return_tensors="pt")["pixel_values"]
         for group in optimizer.param_groups:
             group["lr"] = TRAIN_LR * min(1.0, (step + 1) / TRAIN_WARMUP)
         loss = torch.nn.functional.cross_entropy(model(pixel_values).logits, torch.from_numpy(chosen))
@@ -176,7 +176,7 @@ def _train_body(model, photos, processor, steps, log):
     return {"first_10_loss": float(np.mean(losses[:10])), "last_10_loss": float(np.mean(losses[-10:]))}
 
 
-def _fit_head(features, labels, num_labels, l2):
+def fit_head(features, labels, num_labels, l2):
     """L2-regularized multinomial logistic regression on centered, globally scaled features;
     returns (weight (num_labels, 2048), bias) acting on the raw pooled features."""
     import torch
@@ -241,14 +241,14 @@ def build(path, image_size=IMAGE_SIZE, log=print, train_steps=0):
     photos = _read_images(paths)
     training = _train_body(model, photos, processor, train_steps, log) if train_steps else None
     rng = np.random.RandomState(SEED)
-    views = photos + [_augment(im, rng) for _ in range(AUGMENTATIONS) for im in photos]
+    views = photos + [augment(im, rng) for _ in range(AUGMENTATIONS) for im in photos]
     targets = np.tile(np.arange(len(photos)), AUGMENTATIONS + 1)
     log(
         f"pooled features of {len(photos)} photos and {len(views) - len(photos)} augmented views "
         f"at {image_size} px (R50x1, torch)"
     )
     features = _pooled_features(model, processor, views)
-    weight, bias = _fit_head(features, targets, len(labels), L2)
+    weight, bias = fit_head(features, targets, len(labels), L2)
     classifier = model.classifier[1]
     with torch.no_grad():
         classifier.weight.copy_(torch.from_numpy(weight).float())
